@@ -1,0 +1,199 @@
+"""Qwen25VLConfig: the numbers that define one Qwen2.5-VL checkpoint, read from its config.json.
+
+Two frozen dataclasses, the vision tower's and the whole model's. Fields keep the names of the
+Hugging Face config.json so that a reader can match them line by line; derived sizes (head_dim,
+kv groups) are computed once here and validated, never overwritten.
+
+Hub config.json files are "flat" (text fields at the top level, `vision_config` nested); transformers
+v5 writes a nested `text_config`. Both are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A config.json field has the wrong type, or the sizes it gives cannot work together."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_chans: int = 3
+    out_hidden_size: int = 3584
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2
+    rms_norm_eps: float = 1e-6  # hard-coded in the reference vision tower, not read from config.json
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        _check_types(self, "vision_config")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vision_config.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ConfigError(f"vision head_dim {self.head_dim} must be a multiple of 4 (2D rotary splits it into row and column halves)")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"vision_config.fullatt_block_indexes {list(self.fullatt_block_indexes)} has blocks outside 0..{self.depth - 1}: {bad}")
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit:
+            raise ConfigError(f"vision_config.window_size {self.window_size} is not a multiple of patch_size*spatial_merge_size = {unit}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel_values row: C * temporal_patch_size * patch_size**2 (1176)."""
+        return self.in_chans * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def window_units(self) -> int:
+        """Side of one attention window in merged tokens (112 / 14 / 2 = 4)."""
+        return self.window_size // (self.patch_size * self.spatial_merge_size)
+
+
+@dataclass(frozen=True)
+class Qwen25VLConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+    hidden_act: str = "silu"
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    def __post_init__(self):
+        _check_types(self, "config")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
+            raise ConfigError(
+                f"rope_scaling.mrope_section {list(self.mrope_section)} must be three sections summing to head_dim/2 = {self.head_dim // 2}")
+        if self.vision.out_hidden_size != self.hidden_size:
+            raise ConfigError(
+                f"vision_config.out_hidden_size {self.vision.out_hidden_size} must equal hidden_size {self.hidden_size}")
+        if self.hidden_act != "silu" or self.vision.hidden_act != "silu":
+            raise ConfigError(f"hidden_act must be 'silu' (text {self.hidden_act!r}, vision {self.vision.hidden_act!r})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads served by one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict, *, source: str = "config") -> "Qwen25VLConfig":
+        return _parse(raw, source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Qwen25VLConfig":
+        """Read a config.json file, or the config.json inside a checkpoint folder."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return _parse(raw, path)
+
+    def to_dict(self) -> dict:
+        """The flat hub layout of config.json (what make_tiny_checkpoint writes)."""
+        text = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("vision", "mrope_section")}
+        vision = {f.name: getattr(self.vision, f.name) for f in fields(self.vision) if f.name != "rms_norm_eps"}
+        vision["fullatt_block_indexes"] = list(self.vision.fullatt_block_indexes)
+        vision["spatial_patch_size"] = self.vision.patch_size
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            **text,
+            "vision_token_id": 151654,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "torch_dtype": "bfloat16",
+            "vision_config": vision,
+        }
+
+
+def _check_types(obj, where: str) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        expected = f.type if isinstance(f.type, str) else f.type.__name__
+        if expected == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"{where}.{f.name} must be an integer, got {value!r}")
+        if expected == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ConfigError(f"{where}.{f.name} must be a number, got {value!r}")
+        if expected == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{f.name} must be true or false, got {value!r}")
+        if expected.startswith("tuple") and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}.{f.name} must be a list of integers, got {list(value)!r}")
+        if expected in ("int", "float") and value <= 0 and f.name not in ("bos_token_id", "pad_token_id"):
+            raise ConfigError(f"{where}.{f.name} must be positive, got {value!r}")
+
+
+def _pick(raw: dict, cls) -> dict:
+    """Keep the fields of `cls` that `raw` sets; lists become tuples."""
+    names = {f.name for f in fields(cls)}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
+
+
+def _parse(raw: dict, source: str) -> Qwen25VLConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    text = dict(raw)
+    text.update(raw.get("text_config") or {})  # transformers v5 nests the text fields
+    vision_raw = raw.get("vision_config")
+    if not isinstance(vision_raw, dict):
+        raise ConfigError(f"{source}: 'vision_config' is missing or not an object")
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    if "mrope_section" in rope:
+        text["mrope_section"] = rope["mrope_section"]
+    if "rope_theta" in rope and "rope_theta" not in raw:
+        text["rope_theta"] = rope["rope_theta"]
+    if isinstance(text.get("eos_token_id"), list):  # generation-style list: the first is <|im_end|>
+        text["eos_token_id"] = text["eos_token_id"][0]
+    if text.get("pad_token_id") is None:
+        text.pop("pad_token_id", None)
+    vision_fields = _pick(vision_raw, VisionConfig)
+    if "out_hidden_size" not in vision_fields and "hidden_size" in text:
+        vision_fields["out_hidden_size"] = text["hidden_size"]
+    try:
+        vision = VisionConfig(**vision_fields)
+        return Qwen25VLConfig(**_pick(text, Qwen25VLConfig), vision=vision)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
