@@ -12,3 +12,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 TOKENIZER_DIR = os.path.join(SHARED, "qwen2_tokenizer")
 MODEL_CONFIG_DIR = os.path.join(TOKENIZER_DIR, "model_config")
+
+
+# --- tiny random checkpoints (tools/make_tiny_checkpoint.py), built once per test session ---
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Folder of the tiny untied checkpoint, hub key layout, bfloat16, seed 0."""
+    from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_tied(tmp_path_factory):
+    """Folder of the tiny checkpoint with tie_word_embeddings (no lm_head.weight stored)."""
+    from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_tied", tied=True)

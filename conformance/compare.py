@@ -1,0 +1,347 @@
+"""Metrics and verdicts: how a port's value is judged against the golden value of a stage.
+
+Every comparison checks, in this order: kind (tensor or not), shape, dtype class (integer vs
+floating), NaN/Inf, then values (onnx's assert_similar_outputs order), and says where the worst
+difference sits. Float stages use the error-ratio rule
+
+    rel_err(port, golden) <= ALPHA * rel_err(spec control in the port's dtype, golden) + FLOOR[dtype]
+
+with rel_err the relative Frobenius norm ||x - g|| / ||g||. The control is the spec itself run in
+that dtype, measured when the fixture was made, so error accumulated over depth is budgeted stage
+by stage; FLOOR is the output-rounding noise of the dtype (u / sqrt(3), u = unit roundoff).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ALPHA = 2.0
+FLOOR = {"float64": 1e-6, "float32": 1e-6, "float16": 2.8e-4, "bfloat16": 2.3e-3}
+KL_FLOOR = {"float64": 1e-9, "float32": 1e-9, "float16": 1e-5, "bfloat16": 1e-4}
+TOP1_SLACK = 0.02  # a port may lose this much top-1 agreement beyond the control's (near-ties)
+PIXELS_MAX_ABS = 1e-5
+COS_SIN_MAX_ABS = 5e-3
+TOPK = 5
+
+
+@dataclass
+class Verdict:
+    status: str  # "pass" | "fail" | "error"
+    metric: str = ""
+    tolerance: str = ""
+    where: str = ""  # worst coordinates, or the first differing item
+    values: dict = field(default_factory=dict)
+
+
+def _error(msg: str, tolerance: str = "") -> Verdict:
+    return Verdict("error", msg, tolerance)
+
+
+# ---------------------------------------------------------------- exact
+
+
+def to_plain(x):
+    """Tensors, arrays and tuples -> nested lists of Python ints/floats/strs (what JSON holds)."""
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (list, tuple)):
+        return [to_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: to_plain(v) for k, v in x.items()}
+    return x
+
+
+def first_difference(expected, got, path: str = "") -> str | None:
+    """Where two plain values first differ ('[2][0]: expected 3, got 4'), or None when equal.
+    Integers compare by value and type class: 3 and 3.0 differ, since a float index is a bug."""
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            return f"{path or 'value'}: expected a dict, got {type(got).__name__}"
+        for k in expected:
+            if k not in got:
+                return f"{path}.{k}: missing"
+            d = first_difference(expected[k], got[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(expected, list):
+        if not isinstance(got, list):
+            return f"{path or 'value'}: expected a list of {len(expected)}, got {_short(got)}"
+        if len(expected) != len(got):
+            return f"{path or 'value'}: expected length {len(expected)}, got {len(got)}"
+        for i, (e, g) in enumerate(zip(expected, got)):
+            d = first_difference(e, g, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if isinstance(expected, int) and not isinstance(expected, bool):
+        same = isinstance(got, int) and not isinstance(got, bool) and got == expected
+    elif isinstance(expected, float):
+        same = isinstance(got, (int, float)) and not isinstance(got, bool) and got == expected
+    else:  # str, bool, None
+        same = type(got) is type(expected) and got == expected
+    if not same:
+        return f"{path or 'value'}: expected {_short(expected)}, got {_short(got)}"
+    return None
+
+
+def _short(x, n: int = 80) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def exact(expected, got) -> Verdict:
+    """One exact value (int, str, nested lists, int tensor)."""
+    if isinstance(got, torch.Tensor) and got.is_floating_point():
+        return _error(f"wrong dtype: {got.dtype}, an integer stage", "equal")
+    d = first_difference(to_plain(expected), to_plain(got))
+    if d is None:
+        return Verdict("pass", "equal", "equal")
+    return Verdict("fail", "differs", "equal", where=d)
+
+
+def item_difference(expected, got, tol: float = 0.0, path: str = "") -> str | None:
+    """first_difference for values that hold tensors: an integer tensor must be equal (and integer),
+    a float tensor within max |diff| <= tol (tol 0: equal)."""
+    where = path or "value"
+    if isinstance(expected, torch.Tensor):
+        try:
+            g = got if isinstance(got, torch.Tensor) else torch.as_tensor(np.asarray(got))
+        except (TypeError, ValueError, RuntimeError):
+            return f"{where}: expected a tensor {list(expected.shape)}, got {_short(got)}"
+        if tuple(g.shape) != tuple(expected.shape):
+            return f"{where}: expected shape {list(expected.shape)}, got {list(g.shape)}"
+        if expected.is_floating_point():
+            d = (g.double() - expected.double()).abs()
+            d = torch.where(torch.isnan(d), torch.inf, d)
+            if d.numel() and d.max().item() > tol:
+                idx = [int(i) for i in (d == d.max()).nonzero()[0]]
+                return (f"{where}: max |diff| {d.max().item():.3g} > {tol:g} at {idx} "
+                        f"(expected {expected[tuple(idx)].item():.6g}, got {g[tuple(idx)].item():.6g})")
+            return None
+        if g.is_floating_point() or g.dtype == torch.bool:
+            return f"{where}: wrong dtype {g.dtype}, expected integers"
+        ne = g.long() != expected.long()
+        if ne.any():
+            idx = [int(i) for i in ne.nonzero()[0]]
+            return f"{where}{idx}: expected {int(expected[tuple(idx)])}, got {int(g[tuple(idx)])} ({int(ne.sum())} differ)"
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(got, dict):
+            return f"{where}: expected a dict, got {_short(got)}"
+        for k in expected:
+            if k not in got:
+                return f"{path}.{k}: missing"
+            d = item_difference(expected[k], got[k], tol, f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(expected, list) and isinstance(got, (list, tuple)) and any(
+            isinstance(v, (torch.Tensor, dict, list)) for v in expected):
+        if len(expected) != len(got):
+            return f"{where}: expected length {len(expected)}, got {len(got)}"
+        for i, (e, g) in enumerate(zip(expected, got)):
+            d = item_difference(e, g, tol, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return first_difference(to_plain(expected), to_plain(got), path)
+
+
+def exact_items(expected: list, got: list, inputs: list | None = None, tol: float = 0.0) -> Verdict:
+    """A table of items (one function call each): all must be equal. `where` names the first bad item
+    and its inputs, so the report shows the call that went wrong."""
+    if not isinstance(got, list) or len(got) != len(expected):
+        return _error(f"expected {len(expected)} item results, got {_short(got)}", "equal")
+    bad = []
+    for k, (e, g) in enumerate(zip(expected, got)):
+        d = item_difference(e, g, tol)
+        if d:
+            bad.append((k, d))
+    n = len(expected)
+    tol_text = "equal" if tol == 0 else f"ints equal, floats max_abs <= {tol:g}"
+    if not bad:
+        return Verdict("pass", f"{n}/{n} items equal", tol_text, values={"items": n, "bad": 0})
+    k, d = bad[0]
+    where = f"item {k}" + (f" {_short(inputs[k], 160)}" if inputs else "") + f": {d}"
+    return Verdict("fail", f"{n - len(bad)}/{n} items equal", tol_text, where=where,
+                   values={"items": n, "bad": len(bad), "first_bad": k})
+
+
+# ---------------------------------------------------------------- floats
+
+
+def check_tensor(golden: torch.Tensor, got, *, floating: bool) -> tuple[torch.Tensor | None, str | None]:
+    """Kind, shape, dtype class, NaN/Inf. Returns (got as a tensor, None) or (None, why it is bad)."""
+    if isinstance(got, np.ndarray):
+        got = torch.from_numpy(got)
+    if not isinstance(got, torch.Tensor):
+        return None, f"expected a tensor, got {type(got).__name__}"
+    if tuple(got.shape) != tuple(golden.shape):
+        return None, f"wrong shape: expected {list(golden.shape)}, got {list(got.shape)}"
+    if floating and not got.is_floating_point():
+        return None, f"wrong dtype: expected a floating dtype, got {got.dtype}"
+    if not floating and (got.is_floating_point() or got.is_complex() or got.dtype == torch.bool):
+        return None, f"wrong dtype: expected an integer dtype, got {got.dtype}"
+    if floating:
+        bad = ~torch.isfinite(got)
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            return None, f"{int(bad.sum())} non-finite values (NaN/Inf), first at {list(idx)}"
+    return got, None
+
+
+def _masked(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None):
+    g, x = golden.double(), got.double()
+    if mask is not None:  # [B, L] applies to the leading dims of a text stage
+        m = mask.bool()
+        while m.dim() < g.dim():
+            m = m.unsqueeze(-1)
+        m = m.expand_as(g)
+        g, x = torch.where(m, g, 0.0), torch.where(m, x, 0.0)
+    return g, x
+
+
+def float_errors(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """rel (relative Frobenius), max_abs, cosine and the worst coordinate of |got - golden|."""
+    g, x = _masked(golden, got, mask)
+    diff = (x - g).abs()
+    gn = g.norm().item()
+    rel = (x - g).norm().item() / gn if gn > 0 else (0.0 if diff.max().item() == 0 else math.inf)
+    flat = int(diff.argmax()) if diff.numel() else 0
+    worst = list(np.unravel_index(flat, tuple(g.shape))) if diff.numel() else []
+    xn = x.norm().item()
+    cos = float((x * g).sum().item() / (gn * xn)) if gn > 0 and xn > 0 else 1.0
+    return {"rel": rel, "max_abs": diff.max().item() if diff.numel() else 0.0, "cosine": cos,
+            "worst": [int(i) for i in worst],
+            "worst_golden": float(g.reshape(-1)[flat]) if diff.numel() else 0.0,
+            "worst_got": float(x.reshape(-1)[flat]) if diff.numel() else 0.0}
+
+
+def float_budget(control: dict | None, dtype: str) -> tuple[float, str]:
+    """Allowed rel_err for a port running in `dtype`, and the words that say where it came from.
+    `control` maps dtype -> the spec's own rel_err in that dtype. float16 borrows the bfloat16
+    control when none was measured (a looser budget, stated in the tolerance text)."""
+    floor = FLOOR.get(dtype, FLOOR["bfloat16"])
+    control = control or {}
+    if dtype == "float64":
+        c, src = 0.0, "float64"
+    elif dtype in control:
+        c, src = control[dtype], dtype
+    elif dtype == "float16" and "bfloat16" in control:
+        c, src = control["bfloat16"], "bfloat16"
+    else:
+        c, src = control.get("bfloat16", 0.0), "bfloat16"
+    return ALPHA * c + floor, f"{ALPHA:g}x{c:.2e} ({src} control) + {floor:.1e}"
+
+
+def floats(golden: torch.Tensor, got, *, control: dict | None, dtype: str,
+           mask: torch.Tensor | None = None) -> Verdict:
+    got, why = check_tensor(golden, got, floating=True)
+    budget, tol = float_budget(control, dtype)
+    if why:
+        return _error(why, f"rel <= {tol}")
+    e = float_errors(golden, got, mask)
+    ok = e["rel"] <= budget
+    return Verdict("pass" if ok else "fail", f"rel {e['rel']:.2e} max_abs {e['max_abs']:.2e} cos {e['cosine']:.6f}",
+                   f"rel <= {budget:.2e} = {tol}", where=f"worst at {e['worst']}: golden {e['worst_golden']:.6g}, "
+                   f"got {e['worst_got']:.6g}", values={**e, "budget": budget})
+
+
+def max_abs(golden: torch.Tensor, got, *, limit: float, mask=None) -> Verdict:
+    """pixels / cos_sin classes: every element within `limit`."""
+    got, why = check_tensor(golden, got, floating=True)
+    if why:
+        return _error(why, f"max_abs <= {limit:g}")
+    e = float_errors(golden, got, mask)
+    ok = e["max_abs"] <= limit
+    return Verdict("pass" if ok else "fail", f"max_abs {e['max_abs']:.2e} rel {e['rel']:.2e}", f"max_abs <= {limit:g}",
+                   where=f"worst at {e['worst']}: golden {e['worst_golden']:.6g}, got {e['worst_got']:.6g}",
+                   values=e)
+
+
+def exact_tensor(golden: torch.Tensor, got, mask=None) -> Verdict:
+    got, why = check_tensor(golden, got, floating=False)
+    if why:
+        return _error(why, "equal")
+    g, x = golden.long(), got.long()
+    diff = g != x
+    if mask is not None:  # broadcastable to golden's shape
+        diff &= mask.bool().expand_as(g)
+    n = int(diff.sum())
+    if n == 0:
+        return Verdict("pass", "equal", "equal")
+    idx = [int(i) for i in diff.nonzero()[0]]
+    return Verdict("fail", f"{n} of {g.numel()} differ", "equal",
+                   where=f"first at {idx}: golden {int(g[tuple(idx)])}, got {int(x[tuple(idx)])}",
+                   values={"n_diff": n, "first": idx})
+
+
+# ---------------------------------------------------------------- logits and tokens
+
+
+def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """KL(golden || got) per position (nats) over [B, L, V] logits, and top-1 agreement, on valid positions."""
+    lp = torch.log_softmax(golden.double(), -1)
+    lq = torch.log_softmax(got.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # [B, L]
+    same = golden.argmax(-1) == got.argmax(-1)
+    m = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
+    kl_v, same_v = kl[m], same[m]
+    worst = [int(i) for i in (torch.where(m, kl, -1.0) == kl_v.max()).nonzero()[0]] if kl_v.numel() else []
+    return {"mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0, "max_kl": kl_v.max().item() if kl_v.numel() else 0.0,
+            "top1": same_v.double().mean().item() if same_v.numel() else 1.0, "worst": worst}
+
+
+def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=None) -> Verdict:
+    """Mean KL within ALPHA x the control's + KL_FLOOR, top-1 agreement at least the control's - TOP1_SLACK."""
+    got, why = check_tensor(golden, got, floating=True)
+    control = control or {}
+    src = dtype if dtype in control else "bfloat16"
+    c = control.get(src, {"mean_kl": 0.0, "top1": 1.0}) if dtype != "float64" else {"mean_kl": 0.0, "top1": 1.0}
+    kl_budget = ALPHA * c["mean_kl"] + KL_FLOOR.get(dtype, KL_FLOOR["bfloat16"])
+    top1_min = max(0.0, c["top1"] - TOP1_SLACK)
+    tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
+    if why:
+        return _error(why, tol)
+    s = logit_stats(golden, got, mask)
+    ok = s["mean_kl"] <= kl_budget and s["top1"] >= top1_min
+    return Verdict("pass" if ok else "fail", f"mean_kl {s['mean_kl']:.2e} max_kl {s['max_kl']:.2e} top1 {s['top1']:.3f}",
+                   tol, where=f"worst KL at (batch, token) {s['worst']}", values=s)
+
+
+def tokens(golden: torch.Tensor, golden_topk: torch.Tensor, got, got_topk=None) -> Verdict:
+    """Greedy tokens [B, n]: equal until the first divergence; there the port's pick must be in the
+    golden top-5 and (when the port gives its own top-5) the golden pick in the port's top-5.
+    After a divergence the two continuations see different prefixes and are not compared."""
+    tol = f"equal until a divergence where each pick is in the other's top-{TOPK}"
+    got, why = check_tensor(golden, got, floating=False)
+    if why:
+        return _error(why, tol)
+    if got_topk is not None:
+        got_topk = torch.as_tensor(got_topk)
+        if tuple(got_topk.shape[:2]) != tuple(golden.shape):
+            return _error(f"wrong top-k shape: expected {list(golden.shape)} + [k], got {list(got_topk.shape)}", tol)
+    notes, failed = [], []
+    for b in range(golden.shape[0]):
+        diff = (golden[b] != got[b]).nonzero()
+        if not len(diff):
+            continue
+        s = int(diff[0])
+        g_tok, p_tok = int(golden[b, s]), int(got[b, s])
+        ok = p_tok in golden_topk[b, s, :TOPK].tolist()
+        if got_topk is not None:
+            ok = ok and g_tok in got_topk[b, s, :TOPK].tolist()
+        (notes if ok else failed).append(f"row {b} diverges at step {s}: golden {g_tok}, got {p_tok}")
+    if failed:
+        return Verdict("fail", failed[0], tol, where="; ".join(failed), values={"failed": len(failed)})
+    metric = "identical" if not notes else f"{len(notes)} row(s) diverge within top-{TOPK}"
+    return Verdict("pass", metric, tol, where="; ".join(notes))

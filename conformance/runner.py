@@ -1,0 +1,555 @@
+"""Run fixture cases against an adapter and judge every stage.
+
+For each case: check the fixture files (sha256), then
+  exact case   call each fn.* stage's function on its item table and compare item by item;
+  model case   build the inputs from the request (preprocess.*), run the model end to end with
+               every stage captured (vision.*, text.*, logits), generate greedily (generate.tokens),
+               and run the first failing float stage again teacher-forced (fed the golden output of
+               the stage before it) to tell "this stage is wrong" from "drift from upstream".
+Every stage gets a status: pass, fail, error (the port raised, hung, returned NaN or a wrong shape or
+dtype, or the fixture is bad), not_covered (the port does not expose it), and after the port's
+expectations file: xfail (a known, explained divergence) or xpass. One stage's trouble never stops
+the others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import json
+import multiprocessing
+import re
+import signal
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import compare, stages
+from .adapters.base import Adapter, NotCovered
+from .fixtures import FixtureError, find_cases, load_case, sha256_file
+
+BAD = ("fail", "error")
+
+
+@dataclass
+class StageResult:
+    case: str
+    stage: str
+    status: str  # pass | fail | error | not_covered | xfail | xpass
+    metric: str = ""
+    tolerance: str = ""
+    where: str = ""
+    mode: str = ""  # items | e2e | teacher
+    note: str = ""
+    seconds: float = 0.0
+    values: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class StageTimeout(BaseException):
+    """A port call ran past the per-stage timeout (BaseException so a port's `except Exception` cannot eat it)."""
+
+
+def call_with_timeout(fn, timeout: float | None):
+    """fn() with a wall-clock limit. In the main thread SIGALRM interrupts Python code; elsewhere the
+    call runs in a daemon thread that is abandoned when it overruns."""
+    if not timeout or timeout <= 0:
+        return fn()
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
+        def on_alarm(signum, frame):
+            raise StageTimeout(f"timed out after {timeout:g} s")
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the caller below
+            box["error"] = e
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise StageTimeout(f"timed out after {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _describe_exc(e: BaseException) -> str:
+    if isinstance(e, StageTimeout):
+        return str(e)
+    tb = traceback.extract_tb(e.__traceback__)
+    at = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"port raised {type(e).__name__}: {str(e)[:300]}{at}"
+
+
+# ------------------------------------------------------------------------- targets
+
+
+def make_adapter(target: str, *, dtype: str | None = None, device: str | None = None) -> Adapter:
+    """'impl' | 'spec' | 'transformers' | 'files:DIR' | 'package.module:Class'."""
+    if target.startswith("files:"):
+        from .adapters.files import FilesAdapter
+        return FilesAdapter(target[len("files:"):], dtype=dtype)
+    builtin = {"impl": ("qwen25vl.conformance.adapters.impl", "ImplAdapter"),
+               "spec": ("qwen25vl.conformance.adapters.spec", "SpecAdapter"),
+               "transformers": ("qwen25vl.conformance.adapters.transformers", "TransformersAdapter")}
+    if target in builtin:
+        mod, cls = builtin[target]
+    elif ":" in target:
+        mod, cls = target.split(":", 1)
+    else:
+        raise ValueError(f"target {target!r} is not one of impl, spec, transformers, files:DIR, module:Class")
+    try:
+        klass = getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"target {target!r}: cannot import {mod}.{cls}: {e}") from None
+    kwargs = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+    return klass(**kwargs)
+
+
+# ------------------------------------------------------------------------- expectations
+
+
+def load_expectations(path: str | Path | None) -> list[dict]:
+    """An expectations file: {"port": ..., "expectations": [{"case": regex, "stage": regex,
+    "status": "fail"|"error"|"not_covered", "reason": ...}]}; regexes match the whole name."""
+    if not path:
+        return []
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    out = data.get("expectations", [])
+    for k, e in enumerate(out):
+        for key in ("case", "stage", "reason"):
+            if key not in e:
+                raise ValueError(f"{path}: expectation {k} lacks {key!r}")
+    return out
+
+
+def apply_expectations(results: list[StageResult], expectations: list[dict]) -> None:
+    """Known divergences become xfail (with their reason); an expected failure that passed is xpass."""
+    for r in results:
+        for e in expectations:
+            if re.fullmatch(e["case"], r.case) and re.fullmatch(e["stage"], r.stage):
+                want = e.get("status", "fail")
+                want = [want] if isinstance(want, str) else want
+                if r.status in BAD and r.status in want:
+                    r.status, r.note = "xfail", f"expected: {e['reason']}"
+                elif r.status == "pass":
+                    r.status, r.note = "xpass", f"expected to fail ({e['reason']}) but passed"
+                break
+
+
+# ------------------------------------------------------------------------- one case
+
+
+def _resolve(obj, tensors):
+    """{"$tensor": name} -> the tensor `name` of the case's tensors file, recursively."""
+    if isinstance(obj, dict):
+        if set(obj) == {"$tensor"}:
+            return tensors[obj["$tensor"]]
+        return {k: _resolve(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(v, tensors) for v in obj]
+    return obj
+
+
+_CHECKPOINT_OK: dict[str, str | None] = {}
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """The checkpoint folder's own manifest.json lists the sha256 of its files; None when they match."""
+    key = str(folder)
+    if key not in _CHECKPOINT_OK:
+        problem = None
+        try:
+            with open(folder / "manifest.json", encoding="utf-8") as f:
+                files = json.load(f)["files"]
+            for name, digest in files.items():
+                fp = folder / name
+                if not fp.is_file():
+                    problem = f"checkpoint file {fp} is missing"
+                elif sha256_file(fp) != digest:
+                    problem = f"checkpoint file {fp}: sha256 mismatch (tampered or stale)"
+                if problem:
+                    break
+        except (OSError, ValueError, KeyError) as e:
+            problem = f"checkpoint {folder}: cannot read its manifest.json ({e})"
+        _CHECKPOINT_OK[key] = problem
+    return _CHECKPOINT_OK[key]
+
+
+class CaseRunner:
+    def __init__(self, adapter: Adapter, *, timeout: float | None = 120.0, teacher: str = "first",
+                 only_stages: str | None = None):
+        self.adapter = adapter
+        self.timeout = timeout
+        self.teacher = teacher  # "first" (the first failing float stage), "all" or "none"
+        self.only = re.compile(only_stages) if only_stages else None
+        self._prepared: str | None = None
+
+    @property
+    def dtype(self) -> str:
+        return str(self.adapter.describe().get("dtype", "float32")).replace("torch.", "")
+
+    def run(self, path) -> list[StageResult]:
+        try:
+            case = load_case(path)
+        except FixtureError as e:
+            return [StageResult(Path(path).name, "manifest", "error", str(e))]
+        try:
+            self.adapter.begin_case(case)
+        except Exception as e:
+            return [StageResult(case.name, s, "error", _describe_exc(e)) for s in case.stages]
+        results = self._exact(case) if case.kind == "exact" else self._model(case)
+        return [r for r in results if self.only is None or self.only.search(r.stage)]
+
+    def _wanted(self, stage: str) -> bool:
+        return self.only is None or bool(self.only.search(stage))
+
+    # exact cases
+    def _exact(self, case) -> list[StageResult]:
+        out = []
+        tok = case.manifest.get("tokenizer")
+        tokenizer_dir = str((case.path / tok).resolve()) if tok else None
+        for stage, entry in case.stages.items():
+            if not self._wanted(stage):
+                continue
+            t0 = time.perf_counter()
+            problem = case.stage_problem(stage)
+            if problem:
+                out.append(StageResult(case.name, stage, "error", problem, mode="items"))
+                continue
+            tensors = case.tensors(entry["tensors"]) if entry.get("tensors") else {}
+            table = _resolve(case.json(entry["items"])["items"], tensors)
+            inputs = [it["inputs"] for it in table]
+            labels = [it.get("label", "") for it in table]
+            expected = [it["expected"] for it in table]
+            try:
+                got = call_with_timeout(lambda: self.adapter.run_items(stage, inputs, tokenizer_dir=tokenizer_dir),
+                                        self.timeout)
+            except NotCovered as e:
+                out.append(StageResult(case.name, stage, "not_covered", str(e), mode="items"))
+                continue
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                out.append(StageResult(case.name, stage, "error", _describe_exc(e), mode="items",
+                                       seconds=time.perf_counter() - t0))
+                continue
+            tol = {"pixels": compare.PIXELS_MAX_ABS, "cos_sin": compare.COS_SIN_MAX_ABS}.get(entry["tolerance"], 0.0)
+            v = compare.exact_items(expected, got, labels, tol=tol)
+            out.append(StageResult(case.name, stage, v.status, v.metric, v.tolerance, v.where, "items",
+                                   seconds=time.perf_counter() - t0, values=v.values))
+        return out
+
+    # model cases
+    def _model(self, case) -> list[StageResult]:
+        out: list[StageResult] = []
+        name = case.name
+        ck = case.checkpoint()
+        ck_problem = checkpoint_problem(ck) if ck else "the manifest names no checkpoint"
+        req_problem = next((f"fixture file {f}: {case.bad_files[f]}" for f in
+                            (case.manifest["request"], case.manifest["inputs"]) if f in case.bad_files), None)
+        if req_problem or ck_problem:
+            return [StageResult(name, s, "error", req_problem or ck_problem) for s in case.stages if self._wanted(s)]
+        request = case.json(case.manifest["request"])
+        inputs = dict(case.tensors(case.manifest["inputs"]))
+        golden = case.tensors("golden.safetensors") if "golden.safetensors" not in case.bad_files else {}
+        mask = inputs["attention_mask"]
+        names = [s for s in case.stages if self._wanted(s)]
+
+        # preprocessing, from the request (conversation + media files)
+        pre = [s for s in names if s.startswith("preprocess.")]
+        if pre:
+            out += self._preprocess(case, request, inputs, pre)
+
+        # the model, end to end
+        model_names = [s for s in names if not s.startswith("preprocess.") and s != "generate.tokens"]
+        if model_names or "generate.tokens" in names:
+            try:
+                self._prepare(ck)
+            except NotCovered as e:
+                return out + [StageResult(name, s, "not_covered", f"prepare: {e}") for s in names if s not in pre]
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                return out + [StageResult(name, s, "error", f"prepare: {_describe_exc(e)}") for s in names
+                              if s not in pre]
+        if model_names:
+            capture = [s for s in case.stages if s in stages.STAGES or stages.is_known(s)]
+            capture = [s for s in capture if not s.startswith(("preprocess.", "generate."))]
+            t0 = time.perf_counter()
+            captured, failure = None, None
+            try:
+                captured = call_with_timeout(lambda: self.adapter.run(dict(inputs), capture=list(capture)), self.timeout)
+                if not isinstance(captured, dict):
+                    failure = ("error", f"run returned {type(captured).__name__}, not a dict of stage tensors")
+            except NotCovered as e:
+                failure = ("not_covered", f"run: {e}")
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failure = ("error", _describe_exc(e))
+            secs = time.perf_counter() - t0
+            for s in model_names:
+                if failure:
+                    out.append(StageResult(name, s, failure[0], failure[1], mode="e2e"))
+                    continue
+                problem = case.stage_problem(s)
+                if problem:
+                    out.append(StageResult(name, s, "error", problem, mode="e2e"))
+                elif s not in captured or captured[s] is None:
+                    out.append(StageResult(name, s, "not_covered", "the port does not capture this stage", mode="e2e"))
+                else:
+                    v = self._judge(case, s, golden, captured[s], mask, ck)
+                    out.append(StageResult(name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs,
+                                           values=v.values))
+                    secs = 0.0
+            self._teacher_forced(case, out, inputs, golden, mask, ck)
+
+        if "generate.tokens" in names:
+            out.append(self._generate(case, request, inputs))
+        return sorted(out, key=lambda r: (stages.order_key(r.stage), r.mode == "teacher"))
+
+    def _prepare(self, ck: Path) -> None:
+        if self._prepared != str(ck):
+            call_with_timeout(lambda: self.adapter.prepare(str(ck), dtype=self.dtype, device=self.adapter.device),
+                              self.timeout)
+            self._prepared = str(ck)
+
+    def _preprocess(self, case, request, inputs, names) -> list[StageResult]:
+        media = case.path
+        images = [str(media / p) for p in request.get("images", [])]
+        videos = [{**v, "frames": [str(media / p) for p in v["frames"]]} for v in request.get("videos", [])]
+        t0 = time.perf_counter()
+        try:
+            got = call_with_timeout(lambda: self.adapter.build_inputs(
+                request["conversations"], images, videos, tokenizer_dir=str(case.checkpoint()),
+                options=request.get("options", {})), self.timeout)
+        except NotCovered as e:
+            return [StageResult(case.name, s, "not_covered", f"build_inputs: {e}", mode="e2e") for s in names]
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return [StageResult(case.name, s, "error", _describe_exc(e), mode="e2e") for s in names]
+        secs = time.perf_counter() - t0
+        out = []
+        for s in names:
+            key = s[len("preprocess."):]
+            problem = case.stage_problem(s)
+            if problem:
+                out.append(StageResult(case.name, s, "error", problem, mode="e2e"))
+                continue
+            g, x = inputs.get(key), got.get(key) if isinstance(got, dict) else None
+            if g is None:
+                v = compare.Verdict("pass", "absent on both sides", "absent") if x is None else \
+                    compare.Verdict("fail", f"the port returned {key}, the spec has none", "absent")
+            elif x is None:
+                v = compare.Verdict("fail", f"the port returned no {key}", "equal")
+            elif key == "second_per_grid_ts":
+                v = compare.max_abs(g, torch.as_tensor(x, dtype=torch.float64), limit=1e-9)
+            elif stages.info(s).tolerance == "pixels":
+                v = compare.max_abs(g, x, limit=compare.PIXELS_MAX_ABS)
+            else:
+                v = compare.exact_tensor(g, x)
+            out.append(StageResult(case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs,
+                                   values=v.values))
+            secs = 0.0
+        return out
+
+    def _golden(self, case, stage, golden, ck) -> torch.Tensor:
+        if stage == "logits":  # derived: stored as text.norm; logits = text.norm @ lm_head^T (FORMAT.md)
+            return golden_logits(golden["text.norm"], ck)
+        return golden[stage]
+
+    def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
+        entry = case.stages[stage]
+        tol = entry["tolerance"]
+        if isinstance(got, torch.Tensor) and got.is_floating_point() and tol == "exact":
+            return compare.Verdict("error", f"wrong dtype: {got.dtype} for an integer stage", "equal")
+        try:
+            g = self._golden(case, stage, golden, ck)
+        except Exception as e:
+            return compare.Verdict("error", f"golden value unreadable: {e}")
+        if tol == "exact":
+            m = mask[None] if stage == "text.position_ids" else None
+            return compare.exact_tensor(g, got, mask=m)
+        if tol == "logits":
+            return compare.logits(g, got, control=entry.get(control_key), dtype=self.dtype, mask=mask)
+        m = mask if stage.startswith("text.") else None
+        return compare.floats(g, got, control=entry.get(control_key), dtype=self.dtype, mask=m)
+
+    def _teacher_forced(self, case, out, inputs, golden, mask, ck) -> None:
+        if self.teacher == "none":
+            return
+        depth = int(case.manifest["depth"]["vision"])
+        layers = int(case.manifest["depth"]["text"])
+        float_bad = [r for r in out if r.mode == "e2e" and r.status in BAD and
+                     case.stages.get(r.stage, {}).get("tolerance") in ("float", "logits")]
+        todo = [r for r in out if r.mode == "e2e" and r.stage in case.stages and
+                case.stages[r.stage]["tolerance"] in ("float", "logits")] if self.teacher == "all" else float_bad[:1]
+        for r in todo:
+            prev = stages.previous(r.stage, depth) if r.stage != "text.norm" else f"text.layer.{layers - 1}"
+            feeds = dict(inputs)
+            if prev is not None:
+                feeds["hidden"] = golden[prev]
+            feeds["position_ids"] = golden.get("text.position_ids")
+            try:
+                got = call_with_timeout(lambda: self.adapter.run_stage(r.stage, feeds), self.timeout)
+            except NotCovered:
+                if self.teacher == "all":
+                    out.append(StageResult(case.name, r.stage, "not_covered", "run_stage", mode="teacher"))
+                continue
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                v = compare.Verdict("error", _describe_exc(e))
+            else:
+                v = self._judge(case, r.stage, golden, got, mask, ck, control_key="control_teacher")
+            if self.teacher == "all":
+                out.append(StageResult(case.name, r.stage, v.status, v.metric, v.tolerance, v.where, "teacher",
+                                       values=v.values))
+            else:
+                verdict = ("the stage itself is wrong: it fails fed with the golden input too"
+                           if v.status in BAD else "drift from upstream: fed the golden input it passes")
+                r.note = f"teacher-forced: {v.status} ({v.metric}); {verdict}"
+
+    def _generate(self, case, request, inputs) -> StageResult:
+        s = "generate.tokens"
+        problem = case.stage_problem(s)
+        if problem:
+            return StageResult(case.name, s, "error", problem, mode="e2e")
+        gen = case.json("generate.json")
+        g_tokens = torch.tensor(gen["tokens"], dtype=torch.int64)
+        g_topk = torch.tensor(gen["topk"], dtype=torch.int64)
+        t0 = time.perf_counter()
+        try:
+            got = call_with_timeout(lambda: self.adapter.generate(
+                dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]), self.timeout)
+        except NotCovered as e:
+            return StageResult(case.name, s, "not_covered", f"generate: {e}", mode="e2e")
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e")
+        topk = None
+        if isinstance(got, tuple):
+            got, topk = got
+        v = compare.tokens(g_tokens, g_topk, got, topk)
+        return StageResult(case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e",
+                           seconds=time.perf_counter() - t0, values=v.values)
+
+
+_LM_HEAD: dict[str, torch.Tensor] = {}
+
+
+def golden_logits(norm: torch.Tensor, checkpoint: Path) -> torch.Tensor:
+    """Golden logits [B, L, V] in float64 from the stored golden text.norm and the checkpoint's LM head
+    (lm_head.weight, or the embedding when tied). Stored logits would be L x 600 KB per case."""
+    key = str(checkpoint)
+    if key not in _LM_HEAD:
+        with open(checkpoint / "config.json", encoding="utf-8") as f:
+            tied = bool(json.load(f).get("tie_word_embeddings", False))
+        found = None
+        for fp in sorted(checkpoint.glob("*.safetensors")):
+            with safe_open(str(fp), "pt") as f:
+                names = set(f.keys())
+                for k in (["lm_head.weight"] if not tied else []) + ["model.embed_tokens.weight",
+                                                                      "model.language_model.embed_tokens.weight"]:
+                    if k in names:
+                        found = f.get_tensor(k).double()
+                        break
+            if found is not None:
+                break
+        if found is None:
+            raise FixtureError(f"no LM head in {checkpoint}")
+        _LM_HEAD[key] = found
+    return norm.double() @ _LM_HEAD[key].T
+
+
+# ------------------------------------------------------------------------- the suite
+
+
+@dataclass
+class SuiteOptions:
+    target: str = "impl"
+    dtype: str | None = None
+    device: str | None = None
+    timeout: float | None = 120.0
+    teacher: str = "first"
+    only_stages: str | None = None
+
+
+_WORKER: dict = {}
+
+
+def _run_one(path: str, opts: SuiteOptions) -> tuple[dict, list[dict]]:
+    """One case in a worker process (the adapter is built once per process)."""
+    torch.set_num_threads(1)
+    if "adapter" not in _WORKER:
+        _WORKER["adapter"] = make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
+    adapter = _WORKER["adapter"]
+    runner = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages)
+    return adapter.describe(), [r.to_dict() for r in runner.run(path)]
+
+
+def select_cases(fixtures: str | Path, only: str | None = None) -> list[Path]:
+    paths = find_cases(fixtures)
+    if only:
+        rx = re.compile(only)
+        paths = [p for p in paths if rx.search(p.name)]
+    return paths
+
+
+def run_suite(paths: list[Path], opts: SuiteOptions, *, jobs: int = 1,
+              expectations: list[dict] | None = None, adapter: Adapter | None = None) -> tuple[dict, list[StageResult]]:
+    """Run every case; returns (the adapter's description, results in case then data-flow order)."""
+    results: list[StageResult] = []
+    if jobs > 1 and adapter is None and len(paths) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_one, str(p), opts) for p in paths]
+            desc = {}
+            for p, fut in zip(paths, futures):
+                try:
+                    desc, rows = fut.result()
+                except Exception as e:  # the worker died (a port that crashes the interpreter)
+                    rows = [StageResult(p.name, "manifest", "error", f"worker failed: {e}").to_dict()]
+                results += [StageResult(**r) for r in rows]
+    else:
+        adapter = adapter or make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
+        runner = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages)
+        for p in paths:
+            results += runner.run(p)
+        desc = adapter.describe()
+    apply_expectations(results, expectations or [])
+    return desc, results
+
+
+def first_divergence(results: list[StageResult]) -> StageResult | None:
+    """The earliest unexpected failure in data-flow order (exact function stages first, then the model)."""
+    bad = [r for r in results if r.status in BAD]
+    if not bad:
+        return None
+
+    def key(r):
+        try:
+            return stages.order_key(r.stage)
+        except KeyError:
+            return (-1, 0)
+    return min(bad, key=key)

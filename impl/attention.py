@@ -1,0 +1,146 @@
+"""Attention for impl: every vision segment in one call, and the text decoder's prefill and decode.
+
+Vision (non-causal, inside each cu_seqlens segment; segments are windows of <= 64 patches or whole
+frames). Backends, by name:
+  "flash_attn"  flash_attn_varlen_func (CUDA, fp16/bf16; when the package is installed)
+  "varlen"      torch.nn.attention.varlen.varlen_attn (torch >= 2.10, CUDA, fp16/bf16)
+  "dense"       segments gathered into a padded [S, Lmax, N, D] batch and one SDPA call with a key
+                padding mask; when every segment has the same length (all windows of an image whose
+                sides are multiples of 8 patches, or a single frame) the batch is a free view and
+                no mask is needed. Exact: padded keys are masked, padded queries are dropped.
+  "blockmask"   one SDPA call over all P patches with a [P, P] block-diagonal mask (for comparison).
+"auto" picks, per segment list: flash_attn if installed; else dense when the segments are uniform;
+else varlen on CUDA with half precision; else dense. `SegmentPlan.backend` records what ran.
+
+Text: prefill uses SDPA with a causal + padding mask (a padding query sees only itself, so no row is
+all -inf); decode attends one new query per row over the whole preallocated cache with a key mask,
+so its shapes never change (CUDA-graph friendly).
+
+Shapes: P patches, S segments, N heads, K kv heads, G = N/K, D head dim, B batch, L tokens, T cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+VISION_BACKENDS = ("auto", "flash_attn", "varlen", "dense", "blockmask")
+
+
+def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError when vision attention backend `name` cannot run on device/dtype."""
+    if name not in VISION_BACKENDS:
+        raise ValueError(f"attention must be one of {VISION_BACKENDS}, got {name!r}")
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name == "flash_attn" and (flash_attn_varlen_func is None or device.type != "cuda" or not half):
+        raise ValueError(f"attention='flash_attn' needs the flash-attn package, a CUDA device and fp16/bf16 "
+                         f"(installed: {flash_attn_varlen_func is not None}, device {device.type}, dtype {dtype})")
+    if name == "varlen" and (varlen_attn is None or device.type != "cuda" or not half):
+        raise ValueError(f"attention='varlen' needs torch >= 2.10 with torch.nn.attention.varlen, a CUDA device and "
+                         f"fp16/bf16 (available: {varlen_attn is not None}, device {device.type}, dtype {dtype})")
+
+
+class SegmentPlan:
+    """How to run attention over the segments of one cu_seqlens list; built once per forward.
+
+    cu_seqlens int [S+1] (CPU or device; zero-length segments are allowed and ignored).
+    """
+
+    def __init__(self, cu_seqlens: torch.Tensor, P: int, device: torch.device, dtype: torch.dtype, backend: str = "auto"):
+        cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
+        assert int(cu[0]) == 0 and int(cu[-1]) == P, f"cu_seqlens must run 0..{P}, got {cu[0]}..{cu[-1]}"
+        lengths = cu.diff()
+        cu = torch.cat([cu[:1], cu[1:][lengths > 0]])
+        lengths = lengths[lengths > 0]
+        self.P, self.n, self.max_len = P, len(lengths), int(lengths.max()) if len(lengths) else 0
+        self.uniform = bool((lengths == self.max_len).all()) if len(lengths) else True
+        half = dtype in (torch.float16, torch.bfloat16) and device.type == "cuda"
+        if backend == "auto":
+            if flash_attn_varlen_func is not None and half:
+                backend = "flash_attn"
+            elif self.uniform or not (half and varlen_attn is not None):
+                backend = "dense"
+            else:
+                backend = "varlen"
+        self.backend = backend
+        if backend in ("flash_attn", "varlen"):
+            self.cu = cu.to(device=device, dtype=torch.int32)
+        elif backend == "dense" and not self.uniform:
+            # row r of segment s sits at packed row cu[s] + r; pads point at row 0 and are masked/dropped
+            r = torch.arange(self.max_len)
+            valid = r[None, :] < lengths[:, None]  # [S, Lmax]
+            self.gather = torch.where(valid, cu[:-1, None] + r[None, :], 0).reshape(-1).to(device)  # [S*Lmax]
+            self.key_mask = valid[:, None, None, :].to(device)  # [S, 1, 1, Lmax]
+            self.scatter = torch.nonzero(valid.reshape(-1)).flatten().to(device)  # [P] padded slot of each packed row
+        elif backend == "blockmask":
+            seg = torch.repeat_interleave(torch.arange(self.n), lengths)
+            self.mask = (seg[:, None] == seg[None, :]).to(device)[None, None]  # [1, 1, P, P]
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}-uniform" if self.backend == "dense" and self.uniform else self.backend
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(D)) v inside each segment: q, k, v [P, N, D] (unit stride on D) -> [P, N, D]."""
+    P, N, D = q.shape
+    if plan.backend == "flash_attn":
+        return flash_attn_varlen_func(q, k, v, plan.cu, plan.cu, plan.max_len, plan.max_len)
+    if plan.backend == "varlen":
+        return varlen_attn(q, k, v, plan.cu, plan.cu, plan.max_len, plan.max_len)
+    if plan.backend == "blockmask":
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           attn_mask=plan.mask)  # [1, N, P, D]
+        return o[0].transpose(0, 1)
+    if plan.uniform:
+        S, Lw = plan.n, plan.max_len
+        qs, ks, vs = (t.reshape(S, Lw, N, D).transpose(1, 2) for t in (q, k, v))  # [S, N, Lw, D]
+        return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(P, N, D)
+    S, Lm = plan.n, plan.max_len
+    qs, ks, vs = (t.index_select(0, plan.gather).view(S, Lm, N, D).transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=plan.key_mask)  # [S, N, Lm, D]
+    return o.transpose(1, 2).reshape(S * Lm, N, D).index_select(0, plan.scatter)
+
+
+def prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """attention_mask int [B, L] -> bool [B, 1, L, L] (causal, padding keys hidden, each query sees
+    itself), or None when there is no padding (then SDPA's own causal path is used)."""
+    if bool(attention_mask.bool().all()):
+        return None
+    L = attention_mask.shape[1]
+    idx = torch.arange(L, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # [L, L]
+    allowed = (causal[None] & attention_mask.bool()[:, None, :]) | (idx[None, :] == idx[:, None])[None]
+    return allowed[:, None]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal GQA: q [B, N, L, D], k, v [B, K, L, D], mask from `prefill_mask` -> [B, N, L, D]."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """One query per row over the whole cache: q [B, N, D], caches [B, K, T, D], key_valid bool [B, T]
+    -> [B, N, D]. Scores and softmax in float32."""
+    B, N, D = q.shape
+    K = k_cache.shape[1]
+    qg = q.view(B, K, N // K, D)  # query heads of one kv head are consecutive
+    scores = (qg @ k_cache.transpose(2, 3)).float() * D**-0.5  # [B, K, G, T]
+    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    w = torch.softmax(scores, dim=-1).to(v_cache.dtype)
+    return (w @ v_cache).view(B, N, D)

@@ -1,0 +1,74 @@
+"""The preallocated key/value cache of the text decoder: fixed shapes, set up by an explicit call.
+
+k and v are each one tensor [layers, B, K, T, D]; the prompt fills slots 0..L-1 and decode step s
+writes slot L+s in place (index_copy_ with a device-side index, so a captured CUDA graph can replay
+it). Before allocating, `check_cache_fits` compares the bytes needed with the free memory of the
+device and refuses with the numbers rather than failing inside the allocator.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+GiB = 1024**3
+
+
+def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of k and v for `batch` rows of `max_len` tokens: 2 * layers * B * K * T * D * itemsize."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * max_len * config.head_dim * item
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA mem_get_info, or MemAvailable of /proc/meminfo on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_cache_fits(config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                     *, extra_bytes: int = 0, headroom: float = 0.9) -> int:
+    """Raise ValueError when the cache (plus `extra_bytes` of working memory) would not fit in
+    `headroom` of the free memory; else return the cache's bytes."""
+    if max_len > config.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} tokens exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    need = cache_bytes(config, batch, max_len, dtype)
+    free = free_bytes(device)
+    if need + extra_bytes > headroom * free:
+        raise ValueError(
+            f"KV cache for batch {batch} x {max_len} tokens needs {need / GiB:.2f} GiB "
+            f"(+ {extra_bytes / GiB:.2f} GiB working memory) but {device.type} has {free / GiB:.2f} GiB free "
+            f"(limit {headroom:.0%} of it); lower the batch size or max_new_tokens")
+    return need
+
+
+class KVCache:
+    """k, v [layers, B, K, T, D] in the model dtype on the model device, zero-filled."""
+
+    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.max_len = batch, max_len
+
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, K, L, D] -> slots 0..L-1 of layer `layer`."""
+        L = k.shape[2]
+        assert L <= self.max_len, f"prompt of {L} tokens does not fit a cache of {self.max_len}"
+        self.k[layer, :, :, :L] = k
+        self.v[layer, :, :, :L] = v
+
+    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
+        """k, v [B, K, 1, D] -> slot `slot` (int64 tensor [1], on the device) of layer `layer`."""
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)

@@ -1,0 +1,164 @@
+"""Greedy generation for impl: prefill once into a preallocated cache, then a fixed-shape decode step.
+
+The decode step reads and writes only persistent tensors (`DecodeState`): the token to feed, a
+device-side step counter, the precomputed MRoPE tables of every decode position, the key mask, the
+output buffer and the finished flags. Nothing in it depends on Python values that change per step,
+so on CUDA it is captured once as a CUDA graph and replayed (one launch per token); on the CPU it
+runs eagerly. The host looks at the finished flags only every `sync_every` steps (or every step
+when a streaming callback is given).
+
+Semantics equal spec.generate.generate_greedy: argmax (first index on ties), a row keeps its eos
+and is padded with config.pad_token_id after it, stop when every row has stopped or after
+max_new_tokens. Positions of new tokens: spec.mrope.decode_positions from rope_deltas.
+
+Shapes: B batch, L prompt length, n new tokens, T = L + max_new_tokens cache length, V vocab.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen25vl.spec.mrope import decode_positions
+
+from .cache import KVCache, check_cache_fits
+from .model import mrope_half_tables
+
+
+class DecodeState:
+    """Persistent tensors of one generation (all on the model device)."""
+
+    def __init__(self, model, first: torch.Tensor, mask: torch.Tensor, rope_deltas: torch.Tensor, L: int,
+                 max_new: int, eos: torch.Tensor, cache: KVCache):
+        dev, cfg = model.device_, model.config
+        B, T = first.shape[0], cache.max_len
+        self.L, self.cache = L, cache
+        self.tok = first.clone()  # [B] token fed at the next step
+        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.out = torch.full((B, max_new), cfg.pad_token_id, dtype=torch.int64, device=dev)
+        self.out[:, 0] = first
+        self.eos = eos.to(dev)
+        self.finished = (first[:, None] == self.eos[None]).any(-1)
+        steps = max(max_new - 1, 1)
+        pos = decode_positions(rope_deltas, L, steps)  # [3, B, steps]
+        cos, sin = mrope_half_tables(pos, cfg, dev)  # [B*steps, D/2]
+        self.cos, self.sin = cos.view(B, steps, -1), sin.view(B, steps, -1)
+        key_valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+        key_valid[:, :L] = mask.bool().to(dev)
+        self.key_valid = key_valid
+        self.key_index = torch.arange(T, device=dev)
+        self.pad = torch.tensor(cfg.pad_token_id, device=dev)
+
+
+def decode_step(model, st: DecodeState) -> None:
+    """Feed st.tok at cache slot L + step, write the argmax into st.out[:, step + 1]; all in place."""
+    slot = st.step + st.L  # [1]
+    cos = st.cos.index_select(1, st.step)[:, 0]  # [B, D/2]
+    sin = st.sin.index_select(1, st.step)[:, 0]
+    valid = st.key_valid & (st.key_index <= slot)[None]  # [B, T]
+    x = F.embedding(st.tok, model.text.embed)  # [B, C]
+    for layer in model.text.layers:
+        x = layer.decode(x, cos, sin, valid, st.cache, slot)
+    logits = model.text.lm_head(model.text.final(x))  # [B, V]
+    nxt = torch.where(st.finished, st.pad, logits.argmax(-1))
+    st.out.index_copy_(1, st.step + 1, nxt[:, None])
+    st.finished |= (nxt[:, None] == st.eos[None]).any(-1)
+    st.tok.copy_(nxt)
+    st.step += 1
+
+
+def _capture_graph(model, st: DecodeState):
+    """Warm up (compiles Triton kernels), capture one decode step as a CUDA graph, reset the state."""
+    saved = (st.tok.clone(), st.out.clone(), st.finished.clone())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            decode_step(model, st)
+    torch.cuda.current_stream().wait_stream(stream)
+    st.step.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_step(model, st)
+    # warm-up steps wrote cache slots L, L+1: the real steps overwrite them before reading them
+    st.step.zero_()
+    st.tok.copy_(saved[0])
+    st.out.copy_(saved[1])
+    st.finished.copy_(saved[2])
+    return graph
+
+
+def check_generate_args(model, inputs: dict, max_new_tokens, eos_token_id) -> torch.Tensor:
+    cfg = model.config
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64)
+    if eos.numel() == 0 or ((eos < 0) | (eos >= cfg.vocab_size)).any():
+        raise ValueError(f"eos_token_id must be one id or a list of ids in 0..{cfg.vocab_size - 1}, got {eos_token_id!r}")
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is not None and mask.dim() == 2 and (mask[:, -1] == 0).any():
+        raise ValueError("inputs['attention_mask'] has padding at the end of a row: generation needs left padding")
+    return eos
+
+
+@torch.inference_mode()
+def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, cuda_graph: bool | None = None,
+                    sync_every: int = 16, on_token=None) -> torch.Tensor:
+    """Greedy continuation: model inputs -> int64 [B, n] on the CPU (see module doc).
+
+    cuda_graph: None = on for CUDA models. on_token(ids: list[int] of length B) is called once per
+    generated position, in order (forces a sync per step). Timings land in model.last_stats.
+    """
+    eos = check_generate_args(model, inputs, max_new_tokens, eos_token_id)
+    ids = inputs["input_ids"]
+    B, L = ids.shape
+    T = L + max_new_tokens
+    V, C = model.config.vocab_size, model.config.hidden_size
+    item = torch.empty((), dtype=model.dtype_).element_size()
+    work = B * L * (4 * C + 2 * model.config.intermediate_size) * item + B * V * 4  # rough prefill activations
+    check_cache_fits(model.config, B, T, model.dtype_, model.device_, extra_bytes=work)
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(torch.int64)
+
+    stats = model.last_stats
+    stats.clear()
+    sync = (lambda: torch.cuda.synchronize(model.device_)) if model.device_.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    cache = KVCache(model.config, B, T, model.dtype_, model.device_)
+    logits, rope_deltas = model._prefill(inputs, cache, captured={}, wanted=set(), all_logits=False)
+    first = logits.argmax(-1)  # [B]
+    st = DecodeState(model, first, mask, rope_deltas, L, max_new_tokens, eos, cache)
+    sync()
+    t1 = time.perf_counter()
+    stats.update(prefill_s=t1 - t0, batch=B, prompt_tokens=L)
+    if on_token is not None:
+        on_token(first.tolist())
+    use_graph = model.device_.type == "cuda" if cuda_graph is None else cuda_graph
+    graph = None
+    if use_graph and max_new_tokens > 1:
+        graph = _capture_graph(model, st)
+    t2 = time.perf_counter()
+    stats["graph_capture_s"] = t2 - t1
+    stats["cuda_graph"] = graph is not None
+    n = 1
+    if not bool(st.finished.all()):
+        for s in range(1, max_new_tokens):
+            graph.replay() if graph is not None else decode_step(model, st)
+            n = s + 1
+            if on_token is not None:
+                on_token(st.out[:, s].tolist())
+            if (on_token is not None or s % sync_every == 0 or s == max_new_tokens - 1) and bool(st.finished.all()):
+                break
+    sync()
+    t3 = time.perf_counter()
+    out = st.out[:, :n].cpu()
+    # rows all stopped before the last check: trim columns after the last row's eos
+    is_eos = (out[:, :, None] == eos[None, None]).any(-1)
+    if bool(is_eos.any(1).all()):
+        n = int(is_eos.int().argmax(1).max()) + 1
+        out = out[:, :n]
+    stats.update(decode_s=t3 - t2, new_tokens=out.shape[1],
+                 decode_tok_per_s=(out.shape[1] - 1) / (t3 - t2) if out.shape[1] > 1 and t3 > t2 else None)
+    return out

@@ -1,0 +1,173 @@
+"""int4 weight-only quantization of linear layers: group size 128, asymmetric, zero point in the float domain.
+
+Formula (the one the packed kernels are judged against; tinygemm's convention). For each output row n and
+each group g of 128 consecutive input columns, with lo, hi the group's min and max:
+    scale = (hi - lo) / 15,     zero = lo + 8 * scale             (both rounded to the model dtype)
+    q     = clamp(round((w - (zero - 8 * scale)) / scale), 0, 15)   (uint4)
+    w_hat = (q - 8) * scale + zero                                  -- `dequantize_int4`
+Storage ("plain" packing, documented and device independent): q as uint8 [N, K/2], column 2j in the
+high nibble and 2j+1 in the low nibble; scale and zero [N, K/128] in the model dtype.
+Runtime kernels (they take their own opaque layout, converted once at load):
+  CUDA  torch.ops.aten._weight_int4pack_mm        (tinygemm; bfloat16; K % 128 == 0, N % 8 == 0)
+  CPU   torch.ops.aten._weight_int4pack_mm_for_cpu (float32 / bfloat16; K % 128 == 0, N % 16 == 0)
+Both take scales_and_zeros [K/128, N, 2] and compute (q - 8) * scale + zero (verified in the tests).
+A layer the kernel cannot take keeps the plain packing and runs dequantize-then-matmul; `quantize_model`
+warns and lists those layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GROUP_SIZE = 128
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype: torch.dtype = torch.bfloat16):
+    """w [N, K] (K % group_size == 0) -> (q uint8 [N, K] in 0..15, scale [N, K/G], zero [N, K/G] in scale_dtype)."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 quantization needs in_features % {group_size} == 0, got in_features {K}")
+    wg = w.detach().float().reshape(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).to(scale_dtype)
+    zero = (lo + 8 * scale.float()).to(scale_dtype)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    q = torch.clamp(torch.round((wg - (z - 8 * s)) / s), 0, 15).to(torch.uint8)
+    return q.reshape(N, K), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """The formula: q uint8 [N, K], scale, zero [N, K/G] -> w_hat float32 [N, K] = (q - 8) * scale + zero."""
+    N, K = q.shape
+    qg = q.float().reshape(N, K // group_size, group_size)
+    return ((qg - 8) * scale.float()[..., None] + zero.float()[..., None]).reshape(N, K)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (0..15, K even) -> uint8 [N, K/2]: column 2j in the high nibble, 2j+1 in the low one."""
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> q uint8 [N, K]; inverse of `pack_int4`."""
+    return torch.stack((packed >> 4, packed & 15), dim=-1).reshape(packed.shape[0], -1)
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
+               group_size: int = GROUP_SIZE) -> tuple[str | None, str]:
+    """Which packed kernel can run this layer: ('cuda' | 'cpu' | None, reason when None)."""
+    if in_features % group_size:
+        return None, f"in_features {in_features} is not a multiple of {group_size}"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return None, f"the CUDA int4 kernel takes bfloat16 activations, not {dtype}"
+        if out_features % 8:
+            return None, f"out_features {out_features} is not a multiple of 8"
+        return "cuda", ""
+    if device.type == "cpu":
+        if dtype not in (torch.float32, torch.bfloat16):
+            return None, f"the CPU int4 kernel takes float32 or bfloat16 activations, not {dtype}"
+        if out_features % 16:
+            return None, f"out_features {out_features} is not a multiple of 16"
+        return "cpu", ""
+    return None, f"no int4 kernel for device {device.type}"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w_hat^T + b with w_hat from `dequantize_int4`; x [..., K] -> [..., N]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype,
+                 group_size: int = GROUP_SIZE, allow_fallback: bool = True):
+        super().__init__()
+        N, K = weight.shape
+        self.in_features, self.out_features, self.group_size = K, N, group_size
+        self.kernel, self.reason = kernel_for(weight.device, dtype, N, K, group_size)
+        if self.kernel is None and not allow_fallback:
+            raise ValueError(f"int4 layer [{N}, {K}] cannot use a packed kernel: {self.reason}")
+        pad = (-K) % group_size  # fallback layers are quantized over a zero-padded width
+        w = F.pad(weight, (0, pad)) if pad else weight
+        q, scale, zero = quantize_int4(w, group_size, dtype)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        if self.kernel == "cuda":
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(pack_int4(q).contiguous(), 8))
+        elif self.kernel == "cpu":
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        else:
+            self.register_buffer("packed", pack_int4(q))
+        if self.kernel is None:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero", zero)
+        else:
+            self.register_buffer("scales_and_zeros", torch.stack((scale.t(), zero.t()), dim=-1).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernel == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        elif self.kernel == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        else:
+            w = dequantize_int4(unpack_int4(self.packed), self.scale, self.zero, self.group_size)
+            y = x2 @ w[:, : self.in_features].to(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, kernel={self.kernel or 'dequant-fallback'}"
+
+
+def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.dtype) -> dict:
+    """Swap every nn.Linear whose qualified name passes `include` for an Int4Linear, in place.
+
+    Returns a report {"quantized": [names], "fallback": {name: reason}}; warns once if any layer fell back.
+    """
+    report = {"quantized": [], "fallback": {}}
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and include(n)]
+    for name, lin in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        q = Int4Linear(lin.weight, lin.bias, dtype=dtype)
+        setattr(parent, attr, q)
+        if q.kernel is None:
+            report["fallback"][name] = q.reason
+        else:
+            report["quantized"].append(name)
+    if report["fallback"]:
+        names = ", ".join(f"{n} ({r})" for n, r in report["fallback"].items())
+        warnings.warn(f"int4: {len(report['fallback'])} layer(s) use the dequantize-then-matmul fallback: {names}",
+                      stacklevel=2)
+    return report
+
+
+def apply_int4(model: nn.Module, mode: str = "int4", *, vision: bool = False) -> dict:
+    """Quantize a built impl.model.Qwen25VL from outside: the text decoder's linear layers (q|k|v,
+    o, gate|up, down of every layer; embeddings and lm_head stay in the model dtype), and with
+    vision=True the vision tower's too. Stores and returns the report (model.quant_report)."""
+    if mode != "int4":
+        raise ValueError(f"quantize must be 'int4', got {mode!r}")
+    prefixes = ("text.layers.",) + (("visual.",) if vision else ())
+    report = quantize_model(model, include=lambda n: n.startswith(prefixes), dtype=model.dtype_)
+    model.quant_report = report
+    return report
+
+
+def linear_weight_bytes(model: nn.Module, prefix: str = "text.layers.") -> int:
+    """Bytes held by the linear layers under `prefix` (weights, packed weights, scales; biases excluded)."""
+    total = 0
+    for name, m in model.named_modules():
+        if not name.startswith(prefix):
+            continue
+        if isinstance(m, Int4Linear):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+        elif isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+    return total

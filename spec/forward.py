@@ -1,0 +1,180 @@
+"""The whole model, prompt to logits, with every stage on request (capture).
+
+    pixel rows -> vision tower (images then videos, one call) -> merged features
+    input_ids  -> embeddings, features scattered over the pad tokens -> MRoPE positions
+               -> decoder layers -> final norm -> LM head -> logits
+
+`forward` works in the dtype of `params` (load with dtype=torch.float64 for the oracle); pixel
+values are cast to it. The stage names it can return are `stage_names(config)`, the one list the
+conformance harness imports. `precision_profile` measures how far a float32 or bfloat16 run drifts
+from float64, stage by stage.
+
+Shapes: B batch, L tokens, P patches (pixel_values rows), C hidden, V vocab, (t, h, w) grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen25vl.spec import text
+from qwen25vl.spec.mrope import mrope_cos_sin, rope_index
+from qwen25vl.spec.vision import check_pixel_values, vision_encoder
+
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+              "video_grid_thw", "second_per_grid_ts")
+
+
+def stage_names(config) -> list[str]:
+    """Every stage `forward` can capture, in the order the data flows (docs/INTERFACES.md)."""
+    return (["vision.patch_embed"] + [f"vision.block.{i}" for i in range(config.vision.depth)] + ["vision.merger"]
+            + ["text.inputs_embeds", "text.position_ids", "text.rope_deltas"]
+            + [f"text.layer.{i}" for i in range(config.num_hidden_layers)] + ["text.norm", "logits"])
+
+
+def select_stages(config, capture) -> set[str]:
+    """capture: () -> none; "all" -> every stage; a list of names or prefixes ("vision.block", "text")
+    -> the stages equal to one of them or below it. An entry that matches nothing is an error."""
+    names = stage_names(config)
+    if capture == "all":
+        return set(names)
+    if isinstance(capture, str):
+        capture = [capture]
+    chosen = set()
+    for entry in capture:
+        hits = {n for n in names if n == entry or n.startswith(entry.rstrip(".") + ".")}
+        if not hits:
+            raise ValueError(f"capture entry {entry!r} names no stage; stages are {names[0]} .. {names[-1]} "
+                             f"(see stage_names(config))")
+        chosen |= hits
+    return chosen
+
+
+def check_inputs(config, inputs: dict) -> None:
+    """Reject model inputs that cannot work together, before any compute, naming the input and the limit."""
+    if not isinstance(inputs, dict):
+        raise TypeError(f"inputs must be the model-inputs dict of build_inputs, got {type(inputs).__name__}")
+    unknown = set(inputs) - set(INPUT_KEYS)
+    if unknown:
+        raise ValueError(f"inputs has unknown keys {sorted(unknown)}; known keys are {list(INPUT_KEYS)}")
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.ndim != 2:
+        raise TypeError(f"inputs['input_ids'] must be an int64 tensor [B, L], got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"inputs['attention_mask'] has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}: "
+                             "they must be equal")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("inputs['attention_mask'] must hold only 0 (padding) and 1 (token)")
+    for pixels_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        pixels, grid = inputs.get(pixels_key), inputs.get(grid_key)
+        if (pixels is None) != (grid is None):
+            raise ValueError(f"inputs['{pixels_key}'] and inputs['{grid_key}'] must be given together")
+        if pixels is None:
+            continue
+        try:
+            check_pixel_values(config, pixels, grid)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"inputs['{pixels_key}'] / inputs['{grid_key}']: {e}") from None
+
+
+def vision_features(params: dict, config, inputs: dict, dtype: torch.dtype, captured: dict | None):
+    """Run the vision tower ONCE over the images followed by the videos; split its output back.
+
+    Returns (image_feats [n_image_tokens, C] | None, video_feats [n_video_tokens, C] | None). Packing
+    is exact: the tower never attends across two frames, so one call equals one call per item.
+    """
+    pixels = [inputs[k] for k in ("pixel_values", "pixel_values_videos") if inputs.get(k) is not None]
+    if not pixels:
+        return None, None
+    grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
+    merged = vision_encoder(params, config, torch.cat(pixels).to(dtype), torch.cat(grids), capture=captured)  # [P/4, C]
+    image_grid = inputs.get("image_grid_thw")
+    n_image = 0 if image_grid is None else int(image_grid.prod(-1).sum()) // config.vision.spatial_merge_size**2
+    image_feats = merged[:n_image] if image_grid is not None else None
+    video_feats = merged[n_image:] if inputs.get("video_grid_thw") is not None else None
+    return image_feats, video_feats
+
+
+def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_index):
+    """Everything up to the final norm: (hidden [B, L, C], captured, cache, rope_deltas int64 [B, 1]).
+
+    Generation needs the cache (one (k, v) per layer, each [B, K, L, D]) and rope_deltas, and the
+    logits of the last position only. rope_rule: the position rule, spec.mrope.rope_index
+    (training-time, the default) or a named variant with the same signature.
+    """
+    check_inputs(config, inputs)
+    wanted = select_stages(config, capture)
+    dtype = params["model.embed_tokens.weight"].dtype
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.to(torch.int64)
+    captured: dict[str, torch.Tensor] = {}
+
+    x = text.embed(params, ids)  # [B, L, C]; checks the vocabulary before the costly vision tower
+    vision_captured = {} if any(n.startswith("vision.") for n in wanted) else None
+    image_feats, video_feats = vision_features(params, config, inputs, dtype, vision_captured)
+    captured.update({k: v for k, v in (vision_captured or {}).items() if k in wanted})
+    x = text.scatter_vision_features(x, ids, image_feats, video_feats, config)
+
+    position_ids, rope_deltas = rope_rule(ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                          inputs.get("second_per_grid_ts"), mask, config=config)
+    # angles in float64, then rounded once to the working dtype
+    cos, sin = mrope_cos_sin(position_ids, head_dim=config.head_dim, theta=config.rope_theta,
+                             mrope_section=config.mrope_section, dtype=torch.float64)
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    stages = {"text.inputs_embeds": x, "text.position_ids": position_ids, "text.rope_deltas": rope_deltas}
+    captured.update({k: v for k, v in stages.items() if k in wanted})
+
+    cache = []
+    for i in range(config.num_hidden_layers):
+        x, layer_cache = text.decoder_layer(params, config, i, x, cos, sin, mask)
+        cache.append(layer_cache)
+        if f"text.layer.{i}" in wanted:
+            captured[f"text.layer.{i}"] = x
+    x = text.final_norm(params, config, x)
+    if "text.norm" in wanted:
+        captured["text.norm"] = x
+    return x, captured, cache, rope_deltas
+
+
+def forward(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_index):
+    """Model inputs (spec.tokens.build_inputs) -> (logits [B, L, V], captured: dict name -> tensor).
+
+    capture: () for none, "all", or a list of stage names / prefixes (see stage_names). Vision stages
+    are in pixel_values row order; text stages include padded positions (compare only where
+    attention_mask is 1). rope_rule: see prefill.
+    """
+    hidden, captured, _, _ = prefill(params, config, inputs, capture=capture, rope_rule=rope_rule)
+    logits = text.lm_head(params, hidden)
+    if "logits" in select_stages(config, capture):
+        captured["logits"] = logits
+    return logits, captured
+
+
+def precision_profile(params: dict, config, inputs: dict, dtype: torch.dtype, *, rope_rule=rope_index) -> dict:
+    """How far a run in `dtype` drifts from float64, stage by stage.
+
+    Both runs cast the same params (and pixels) from whatever dtype they are stored in, so the only
+    difference is the arithmetic. Returns {stage: {"max_abs": float, "rel": float}} in stage order,
+    where rel = max_abs / max |float64 value|; text stages are measured on real tokens only.
+    """
+    _, ref = forward({k: v.to(torch.float64) for k, v in params.items()}, config, inputs,
+                              capture="all", rope_rule=rope_rule)
+    _, low = forward({k: v.to(dtype) for k, v in params.items()}, config, inputs, capture="all", rope_rule=rope_rule)
+    mask = inputs.get("attention_mask")
+    real = torch.ones_like(inputs["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+    profile = {}
+    for name in stage_names(config):
+        if name not in ref:
+            continue  # no vision input: no vision stages
+        a, b = ref[name], low[name]
+        if not name.startswith("vision.") and a.ndim == 3 and a.shape[:2] == real.shape:  # [B, L, ...]
+            a, b = a[real], b[real]
+        elif name == "text.position_ids":
+            a, b = a[:, real], b[:, real]
+        err = (a.to(torch.float64) - b.to(torch.float64)).abs().max().item()
+        scale = a.to(torch.float64).abs().max().item()
+        profile[name] = {"max_abs": err, "rel": err / scale if scale else err}
+    return profile

@@ -1,0 +1,98 @@
+"""Shared pieces of the impl tests: the device, THE tolerance rule, the interpreted kernels, inputs.
+
+Device: QWEN25VL_TEST_DEVICE (default "cpu"; tools/gpu_check.sh sets "cuda"). On the CPU the Triton
+kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before the kernel modules are
+imported, in a private copy of each module so the model's own kernels stay untouched); on CUDA they
+are compiled for real.
+
+Tolerance rule (the one place it is stated): a result `actual` of impl computed in dtype `dt` is
+compared with the float64 oracle `expected` (spec, or a formula written in the test) by
+    rel = max|actual - expected| / max(max|expected|, 1e-30)   <=   TOL[kind][dt]
+kind "kernel": one fused op (a couple of roundings): float32 1e-6, bfloat16 1.6e-2 (two bf16 ulps).
+kind "stage" : a model stage after several layers:   float32 5e-5, bfloat16 6e-2.
+Text stages are compared on real tokens only (attention_mask 1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+DEVICE = torch.device(os.environ.get("QWEN25VL_TEST_DEVICE", "cpu"))
+TOL = {
+    "kernel": {torch.float32: 1e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3},
+    "stage": {torch.float32: 5e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2},
+}
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "impl" / "kernels"
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), "non-finite values in the result"
+    if a.numel() == 0:
+        return 0.0
+    return (a - e).abs().max().item() / max(e.abs().max().item(), 1e-30)
+
+
+def assert_close(actual, expected, dtype, kind="kernel", what=""):
+    err = rel_err(actual, expected)
+    tol = TOL[kind][dtype]
+    assert err <= tol, f"{what}: rel error {err:.3g} > {tol:.3g} ({kind}, {dtype})"
+
+
+def kernel_module(name: str):
+    """impl/kernels/<name>.py, interpreted by Triton on the CPU, the installed module on CUDA."""
+    if DEVICE.type == "cuda":
+        return importlib.import_module(f"qwen25vl.impl.kernels.{name}")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated (and by triton's lazy imports)
+    spec = importlib.util.spec_from_file_location(f"qwen25vl.impl.kernels._interpreted_{name}", KERNEL_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def left_padded(rows: list[list[int]], pad: int = 151643) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids int64 [B, L], attention_mask int64 [B, L]) left padded."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad, dtype=torch.int64)
+    mask = torch.zeros(len(rows), L, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r):] = torch.tensor(r, dtype=torch.int64)
+        mask[b, L - len(r):] = 1
+    return ids, mask
+
+
+def vision_inputs(config, rows_text: list[list[int]], image_grids, video_grids, seed: int = 0, spgt=None) -> dict:
+    """Model inputs: row b = rows_text[b] prefix + its vision spans (items given as (row, kind, grid)).
+
+    image_grids / video_grids: lists of (row, (t, h, w)). Each span is vision_start + pads + vision_end,
+    appended to its row in the order given; random pixel values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = [list(r) for r in rows_text]
+    m2 = config.vision.spatial_merge_size**2
+    items = [(r, "image", gr) for r, gr in image_grids] + [(r, "video", gr) for r, gr in video_grids]
+    for r, kind, (t, h, w) in items:
+        pad = config.image_token_id if kind == "image" else config.video_token_id
+        rows[r] += [config.vision_start_token_id] + [pad] * (t * h * w // m2) + [config.vision_end_token_id, 13]
+    ids, mask = left_padded(rows, config.pad_token_id)
+    # pad runs are consumed in flattened (row, position) order: sort each kind's grids by row
+    imgs = sorted(image_grids, key=lambda x: x[0])
+    vids = sorted(video_grids, key=lambda x: x[0])
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": None, "image_grid_thw": None,
+              "pixel_values_videos": None, "video_grid_thw": None, "second_per_grid_ts": None}
+    pd = config.vision.patch_dim
+    if imgs:
+        grid = torch.tensor([gr for _, gr in imgs], dtype=torch.int64)
+        inputs["image_grid_thw"] = grid
+        inputs["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), pd, generator=g)
+    if vids:
+        grid = torch.tensor([gr for _, gr in vids], dtype=torch.int64)
+        inputs["video_grid_thw"] = grid
+        inputs["pixel_values_videos"] = torch.randn(int(grid.prod(-1).sum()), pd, generator=g)
+        inputs["second_per_grid_ts"] = torch.tensor(spgt or [1.0] * len(vids), dtype=torch.float64)
+    return inputs

@@ -1,0 +1,96 @@
+"""Each Triton kernel (interpreted on the CPU, compiled on CUDA) and its PyTorch fallback against a
+float64 formula from spec, over random shapes, in float32 and bfloat16 (tolerance: helpers.TOL)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qwen25vl.spec.mrope import apply_mrope, mrope_cos_sin
+from qwen25vl.spec.norms import rms_norm as spec_rms_norm
+from qwen25vl.spec.windows import apply_vision_rotary, vision_rotary_cos_sin
+
+from .helpers import DEVICE, assert_close, kernel_module
+
+rmsnorm, rotary, swiglu = (kernel_module(n) for n in ("rmsnorm", "rotary", "swiglu"))
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rand(shape, seed, dtype, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@given(rows=st.integers(0, 9), width=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_rms_norm(dtype, impl, rows, width, seed):
+    x, w = _rand((rows, width), seed, dtype, 3.0), _rand((width,), seed + 1, dtype)
+    fn = rmsnorm.rms_norm_triton if impl == "triton" else rmsnorm.rms_norm_torch
+    y = fn(x.to(DEVICE), w.to(DEVICE), 1e-6)
+    assert y.dtype == dtype
+    assert_close(y, spec_rms_norm(x.double(), w.double(), 1e-6), dtype, what="rms_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@given(B=st.integers(1, 3), L=st.integers(1, 7), kv=st.integers(1, 3), groups=st.integers(1, 4),
+       sections=st.sampled_from([(2, 3, 3), (16, 24, 24), (1, 1, 2)]), seed=st.integers(0, 2**16))
+def test_mrope_rotary(dtype, impl, B, L, kv, groups, sections, seed):
+    """MRoPE on the q and k heads of a fused q|k|v buffer; v must come back untouched."""
+    D, N = 2 * sum(sections), kv * groups
+    pos = torch.randint(0, 5000, (3, B, L), generator=torch.Generator().manual_seed(seed))
+    cos, sin = mrope_cos_sin(pos, head_dim=D, theta=1e6, mrope_section=sections)  # float64 [B, L, D]
+    qkv = _rand((B * L, N + 2 * kv, D), seed, dtype)
+    fn = rotary.rotary_triton if impl == "triton" else rotary.rotary_torch
+    half = lambda t: t[..., : D // 2].reshape(B * L, D // 2).float().to(DEVICE)  # noqa: E731
+    out = fn(qkv.clone().to(DEVICE), half(cos), half(sin), N + kv).cpu()
+    q = qkv[:, :N].double().view(B, L, N, D).transpose(1, 2)
+    k = qkv[:, N:N + kv].double().view(B, L, kv, D).transpose(1, 2)
+    q_ref, k_ref = apply_mrope(q, k, cos, sin)
+    assert_close(out[:, :N].view(B, L, N, D).transpose(1, 2), q_ref, dtype, what="q")
+    assert_close(out[:, N:N + kv].view(B, L, kv, D).transpose(1, 2), k_ref, dtype, what="k")
+    assert torch.equal(out[:, N + kv:], qkv[:, N + kv:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@given(P=st.integers(0, 40), N=st.integers(1, 3), D=st.sampled_from([8, 16, 80]), seed=st.integers(0, 2**16))
+def test_vision_rotary(dtype, impl, P, N, D, seed):
+    pos = torch.randint(0, 200, (P, 2), generator=torch.Generator().manual_seed(seed))
+    cos, sin = vision_rotary_cos_sin(pos, D)  # float64 [P, D]
+    qkv = _rand((P, 3 * N, D), seed, dtype)
+    fn = rotary.rotary_triton if impl == "triton" else rotary.rotary_torch
+    out = fn(qkv.clone().to(DEVICE), cos[:, : D // 2].float().to(DEVICE), sin[:, : D // 2].float().to(DEVICE), 2 * N).cpu()
+    assert_close(out[:, :N], apply_vision_rotary(qkv[:, :N].double(), cos, sin), dtype, what="q")
+    assert_close(out[:, N:2 * N], apply_vision_rotary(qkv[:, N:2 * N].double(), cos, sin), dtype, what="k")
+    assert torch.equal(out[:, 2 * N:], qkv[:, 2 * N:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@given(rows=st.integers(0, 6), I=st.integers(1, 2100), seed=st.integers(0, 2**16))
+def test_swiglu(dtype, impl, rows, I, seed):
+    gu = _rand((rows, 2 * I), seed, dtype, 2.0)
+    fn = swiglu.swiglu_triton if impl == "triton" else swiglu.swiglu_torch
+    y = fn(gu.to(DEVICE))
+    g, u = gu.double().chunk(2, -1)
+    assert_close(y, F.silu(g) * u, dtype, what="swiglu")
+
+
+def test_rotary_strided_rows():
+    """The kernel honours row strides: a [T, H, D] view cut out of a wider buffer."""
+    buf = _rand((5, 7, 16), 0, torch.float32)
+    view = buf[:, 1:5]  # rows of stride 7*16, heads 1..4
+    cos, sin = _rand((5, 8), 1, torch.float32), _rand((5, 8), 2, torch.float32)
+    expected = rotary.rotary_torch(view.clone(), cos, sin, 3)
+    b = buf.clone().to(DEVICE)
+    rotary.rotary_triton(b[:, 1:5], cos.to(DEVICE), sin.to(DEVICE), 3)
+    assert_close(b[:, 1:5].cpu(), expected, torch.float32)
+    assert torch.equal(b[:, 0].cpu(), buf[:, 0]) and torch.equal(b[:, 5:].cpu(), buf[:, 5:])
+
+
+def test_dispatch_uses_fallback_on_cpu():
+    from qwen25vl.impl.kernels import triton_ok
+    assert not triton_ok(torch.zeros(1))

@@ -1,0 +1,187 @@
+"""Write a tiny, deterministic, random Qwen2.5-VL checkpoint in Hugging Face layout.
+
+    python -m qwen25vl.tools.make_tiny_checkpoint OUT_DIR [--tied] [--layout hub|v5] [--seed N]
+
+The folder holds config.json, generation_config.json, model.safetensors and the real Qwen2 tokenizer
+and preprocessor files, so transformers, the spec and every port can load it like a real checkpoint.
+The shapes are THE tiny config (`tiny_config()`); the real vocabulary is kept so the real tokenizer
+and its special token ids work. `make_random_params` builds the same kind of weights for any config
+(real 3B/7B shapes for benchmarks) without writing files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qwen25vl.spec.checkpoint import expected_shapes, to_v5_key
+from qwen25vl.spec.config import Qwen25VLConfig, VisionConfig
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "qwen2_tokenizer"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json")
+MODEL_CONFIG_FILES = ("preprocessor_config.json", "generation_config.json")
+
+
+def tiny_config(*, tied: bool = False) -> Qwen25VLConfig:
+    """The tiny config every test uses: real vocabulary, 2 text layers, 4 vision blocks, width 32."""
+    return Qwen25VLConfig(
+        vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1,  # GQA: 2 query heads share one kv head
+        mrope_section=(2, 3, 3),  # head_dim 16 -> 8 frequencies
+        rope_theta=1_000_000.0, tie_word_embeddings=tied,
+        vision=VisionConfig(
+            depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
+            fullatt_block_indexes=(1, 3), window_size=112, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, out_hidden_size=32, tokens_per_second=2))
+
+
+def _init_std(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) of the random init of one tensor, chosen so activations stay O(1).
+
+    Norm weights sit near 1; matrices get std 1/sqrt(fan_in) so each projection keeps the scale of
+    its input (halved for the projections that write into the residual stream); biases are small.
+    Embeddings are small (std 0.1) so the layers' updates dominate the residual stream: with tied
+    embeddings a large embedding would make "repeat the current token" the greedy answer everywhere.
+    """
+    if "norm" in key or "ln_q" in key:
+        return 1.0, 0.1
+    if key.endswith(".bias"):
+        return 0.0, 0.05
+    if "embed_tokens" in key:
+        return 0.0, 0.1
+    fan_in = math.prod(shape[1:])
+    scale = 0.5 if key.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight")) else 1.0
+    return 0.0, scale / math.sqrt(fan_in)
+
+
+def _key_seed(seed: int, key: str) -> int:
+    """A per-tensor seed from (seed, key), stable across runs and Python versions (no hash())."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
+
+
+def make_random_params(config: Qwen25VLConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                       *, device: str | torch.device = "cpu", prefixes: tuple[str, ...] | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Random params (hub names, `expected_shapes(config)` order) for any config, deterministic in seed.
+
+    Drawn in float32 from one torch.Generator on `device`, then cast to dtype; with
+    tie_word_embeddings, lm_head.weight is the embedding tensor itself. prefixes: make only the keys
+    that start with one of them (e.g. ("visual.blocks.0.",) for one real-size block); every tensor
+    is seeded from (seed, its key), so a subset holds the same values as the full set.
+    """
+    params = {}
+    for key, shape in expected_shapes(config).items():
+        if prefixes is not None and not key.startswith(tuple(prefixes)):
+            continue
+        # a tied lm_head is the embedding: same tensor, or the same draw when only the head is asked for
+        source = "model.embed_tokens.weight" if key == "lm_head.weight" and config.tie_word_embeddings else key
+        if source in params:
+            params[key] = params[source]
+            continue
+        mean, std = _init_std(source, shape)
+        gen = torch.Generator(device=device).manual_seed(_key_seed(seed, source))
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        params[key] = (t.mul_(std).add_(mean)).to(dtype)
+    return params
+
+
+def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
+    raw = config.to_dict()
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    raw["vision_config"]["in_channels"] = config.vision.in_chans  # the name transformers v5 reads
+    raw["vision_config"]["model_type"] = "qwen2_5_vl_vision"
+    raw["initializer_range"] = 0.02
+    raw["use_cache"] = True
+    return raw
+
+
+def make_tiny_checkpoint(folder: str | os.PathLike, *, seed: int = 0, tied: bool = False, layout: str = "hub",
+                         dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
+                         config: Qwen25VLConfig | None = None) -> Path:
+    """Write a checkpoint folder and return its path.
+
+    layout "hub" stores visual.* / model.* / lm_head.weight; "v5" stores transformers v5 in-memory
+    names (model.visual.*, model.language_model.*). tied: tie_word_embeddings, lm_head not stored.
+    The folder is built in a temporary sibling and renamed into place, so it is never half-written;
+    an existing non-empty folder is an error unless overwrite. config: another config (default tiny).
+    """
+    if layout not in ("hub", "v5"):
+        raise ValueError(f"layout must be 'hub' or 'v5', got {layout!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if config is None:
+        config = tiny_config(tied=tied)
+    elif config.tie_word_embeddings != tied:
+        raise ValueError(f"tied={tied} disagrees with config.tie_word_embeddings={config.tie_word_embeddings}")
+    folder = Path(folder).resolve()
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not overwrite)):
+        raise ValueError(f"output folder {str(folder)!r} exists and is not empty (pass overwrite=True to replace it)")
+    missing = [f for f in TOKENIZER_FILES if not (TOKENIZER_DIR / f).is_file()]
+    missing += [f for f in MODEL_CONFIG_FILES if not (TOKENIZER_DIR / "model_config" / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer files {missing} not found under {TOKENIZER_DIR}")
+
+    params = make_random_params(config, seed, dtype)
+    if tied:
+        del params["lm_head.weight"]  # as in the published 3B checkpoint
+    rename = to_v5_key if layout == "v5" else (lambda k: k)
+    tensors = {rename(k): t.contiguous() for k, t in params.items()}
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(_config_json(config, dtype), indent=2) + "\n", encoding="utf-8")
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(TOKENIZER_DIR / name, tmp / name)
+        for name in MODEL_CONFIG_FILES:
+            shutil.copyfile(TOKENIZER_DIR / "model_config" / name, tmp / name)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is meant to be shared
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if folder.exists():  # empty, or overwrite: move the old one aside, then swap in the new one
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.rename(folder, old / "x")
+            os.rename(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen25vl.tools.make_tiny_checkpoint", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
+    parser.add_argument("--tied", action="store_true", help="tie_word_embeddings (lm_head not stored)")
+    parser.add_argument("--layout", choices=("hub", "v5"), default="hub", help="tensor key names (default hub)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    args = parser.parse_args(argv)
+    try:
+        path = make_tiny_checkpoint(args.out_dir, seed=args.seed, tied=args.tied, layout=args.layout,
+                                    dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
