@@ -161,8 +161,12 @@ def exact_items(expected: list, got: list, inputs: list | None = None, tol: floa
     and its inputs, so the report shows the call that went wrong."""
     if not isinstance(got, list) or len(got) != len(expected):
         return _error(f"expected {len(expected)} item results, got {_short(got)}", "equal")
-    bad = []
+    bad, crashes = [], 0
     for k, (e, g) in enumerate(zip(expected, got)):
+        if isinstance(g, dict) and "crash" in g and not (isinstance(e, dict) and e.get("error") == g.get("error")):
+            bad.append((k, f"port raised {g['error']}: {g['crash']}"))
+            crashes += 1
+            continue
         d = item_difference(e, g, tol)
         if d:
             bad.append((k, d))
@@ -172,8 +176,13 @@ def exact_items(expected: list, got: list, inputs: list | None = None, tol: floa
         return Verdict("pass", f"{n}/{n} items equal", tol_text, values={"items": n, "bad": 0})
     k, d = bad[0]
     where = f"item {k}" + (f" {_short(inputs[k], 160)}" if inputs else "") + f": {d}"
-    return Verdict("fail", f"{n - len(bad)}/{n} items equal", tol_text, where=where,
-                   values={"items": n, "bad": len(bad), "first_bad": k})
+    if len(bad) > 1:
+        where += f" (and {len(bad) - 1} more: items {[j for j, _ in bad[1:21]]})"
+    status = "error" if crashes == len(bad) else "fail"  # only crashes: the port broke, it did not disagree
+    return Verdict(status, f"{n - len(bad)}/{n} items equal" + (f", {crashes} raised" if crashes else ""), tol_text,
+                   where=where,
+                   values={"items": n, "bad": len(bad), "first_bad": k, "bad_items": [j for j, _ in bad],
+                           "bad_labels": [inputs[j] for j, _ in bad] if inputs else []})
 
 
 # ---------------------------------------------------------------- floats

@@ -94,10 +94,10 @@ class SegmentPlan:
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
     """Softmax(q k^T / sqrt(D)) v inside each segment: q, k, v [P, N, D] (unit stride on D) -> [P, N, D]."""
     P, N, D = q.shape
-    if plan.backend == "flash_attn":
-        return flash_attn_varlen_func(q, k, v, plan.cu, plan.cu, plan.max_len, plan.max_len)
-    if plan.backend == "varlen":
-        return varlen_attn(q, k, v, plan.cu, plan.cu, plan.max_len, plan.max_len)
+    if plan.backend in ("flash_attn", "varlen"):
+        fn = flash_attn_varlen_func if plan.backend == "flash_attn" else varlen_attn
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the packed kernels want dense [P, N, D]
+        return fn(q, k, v, plan.cu, plan.cu, plan.max_len, plan.max_len)
     if plan.backend == "blockmask":
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                            attn_mask=plan.mask)  # [1, N, P, D]

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 class _Streamer:
     """Prints the text of a growing token list as it becomes valid UTF-8 (one row)."""
 
-    def __init__(self, tokenizer, stop_ids, out=sys.stdout):
+    def __init__(self, tokenizer, stop_ids, out=None):
         from qwen25vl.spec.tokens import decode
         self.decode, self.tokenizer, self.stop, self.out = decode, tokenizer, set(stop_ids), out
         self.ids, self.printed, self.done = [], 0, False
@@ -47,8 +47,9 @@ class _Streamer:
         text = self.decode(self.tokenizer, self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # a multi-byte character is still incomplete
-        self.out.write(text[self.printed:])
-        self.out.flush()
+        out = self.out or sys.stdout  # looked up late: tests and callers may swap sys.stdout
+        out.write(text[self.printed:])
+        out.flush()
         self.printed = len(text)
 
 

@@ -72,21 +72,24 @@ def decode_step(model, st: DecodeState) -> None:
 def _capture_graph(model, st: DecodeState):
     """Warm up (compiles Triton kernels), capture one decode step as a CUDA graph, reset the state."""
     saved = (st.tok.clone(), st.out.clone(), st.finished.clone())
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_step(model, st)
+        torch.cuda.current_stream().wait_stream(stream)
+        st.step.zero_()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             decode_step(model, st)
-    torch.cuda.current_stream().wait_stream(stream)
-    st.step.zero_()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode_step(model, st)
-    # warm-up steps wrote cache slots L, L+1: the real steps overwrite them before reading them
-    st.step.zero_()
-    st.tok.copy_(saved[0])
-    st.out.copy_(saved[1])
-    st.finished.copy_(saved[2])
+    finally:
+        # warm-up steps wrote cache slots L, L+1: the real steps overwrite them before reading them
+        torch.cuda.synchronize()
+        st.step.zero_()
+        st.tok.copy_(saved[0])
+        st.out.copy_(saved[1])
+        st.finished.copy_(saved[2])
     return graph
 
 
@@ -105,13 +108,17 @@ def check_generate_args(model, inputs: dict, max_new_tokens, eos_token_id) -> to
 
 @torch.inference_mode()
 def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, cuda_graph: bool | None = None,
-                    sync_every: int = 16, on_token=None) -> torch.Tensor:
+                    sync_every: int = 16, on_token=None, ignore_eos: bool = False) -> torch.Tensor:
     """Greedy continuation: model inputs -> int64 [B, n] on the CPU (see module doc).
 
-    cuda_graph: None = on for CUDA models. on_token(ids: list[int] of length B) is called once per
-    generated position, in order (forces a sync per step). Timings land in model.last_stats.
+    cuda_graph: None = on for CUDA models (if capture fails, decoding runs eagerly and
+    last_stats["cuda_graph_error"] says why). on_token(ids: list[int] of length B) is called once per
+    generated position, in order (forces a sync per step). ignore_eos: always produce max_new_tokens
+    (benchmarks). Timings land in model.last_stats.
     """
     eos = check_generate_args(model, inputs, max_new_tokens, eos_token_id)
+    if ignore_eos:
+        eos = torch.tensor([-1])  # matches no token
     ids = inputs["input_ids"]
     B, L = ids.shape
     T = L + max_new_tokens
@@ -138,7 +145,11 @@ def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, c
     use_graph = model.device_.type == "cuda" if cuda_graph is None else cuda_graph
     graph = None
     if use_graph and max_new_tokens > 1:
-        graph = _capture_graph(model, st)
+        try:
+            graph = _capture_graph(model, st)
+        except RuntimeError as e:  # run eagerly rather than fail; say so
+            stats["cuda_graph_error"] = f"{type(e).__name__}: {e}"
+            graph = None
     t2 = time.perf_counter()
     stats["graph_capture_s"] = t2 - t1
     stats["cuda_graph"] = graph is not None

@@ -89,7 +89,9 @@ def vision_features(params: dict, config, inputs: dict, dtype: torch.dtype, capt
     if not pixels:
         return None, None
     grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
-    merged = vision_encoder(params, config, torch.cat(pixels).to(dtype), torch.cat(grids), capture=captured)  # [P/4, C]
+    device = params["model.embed_tokens.weight"].device
+    merged = vision_encoder(params, config, torch.cat(pixels).to(device=device, dtype=dtype), torch.cat(grids),
+                            capture=captured)  # [P/4, C]
     image_grid = inputs.get("image_grid_thw")
     n_image = 0 if image_grid is None else int(image_grid.prod(-1).sum()) // config.vision.spatial_merge_size**2
     image_feats = merged[:n_image] if image_grid is not None else None
@@ -106,24 +108,26 @@ def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_in
     """
     check_inputs(config, inputs)
     wanted = select_stages(config, capture)
-    dtype = params["model.embed_tokens.weight"].dtype
+    table = params["model.embed_tokens.weight"]
+    dtype, device = table.dtype, table.device  # the working dtype and device are those of params
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(torch.int64)
     captured: dict[str, torch.Tensor] = {}
 
-    x = text.embed(params, ids)  # [B, L, C]; checks the vocabulary before the costly vision tower
+    x = text.embed(params, ids.to(device))  # [B, L, C]; checks the vocabulary before the costly vision tower
     vision_captured = {} if any(n.startswith("vision.") for n in wanted) else None
     image_feats, video_feats = vision_features(params, config, inputs, dtype, vision_captured)
     captured.update({k: v for k, v in (vision_captured or {}).items() if k in wanted})
-    x = text.scatter_vision_features(x, ids, image_feats, video_feats, config)
+    x = text.scatter_vision_features(x, ids.to(device), image_feats, video_feats, config)
 
     position_ids, rope_deltas = rope_rule(ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
                                           inputs.get("second_per_grid_ts"), mask, config=config)
     # angles in float64, then rounded once to the working dtype
     cos, sin = mrope_cos_sin(position_ids, head_dim=config.head_dim, theta=config.rope_theta,
                              mrope_section=config.mrope_section, dtype=torch.float64)
-    cos, sin = cos.to(dtype), sin.to(dtype)
+    cos, sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+    mask = mask.to(device)
     stages = {"text.inputs_embeds": x, "text.position_ids": position_ids, "text.rope_deltas": rope_deltas}
     captured.update({k: v for k, v in stages.items() if k in wanted})
 
@@ -160,8 +164,8 @@ def precision_profile(params: dict, config, inputs: dict, dtype: torch.dtype, *,
     difference is the arithmetic. Returns {stage: {"max_abs": float, "rel": float}} in stage order,
     where rel = max_abs / max |float64 value|; text stages are measured on real tokens only.
     """
-    _, ref = forward({k: v.to(torch.float64) for k, v in params.items()}, config, inputs,
-                              capture="all", rope_rule=rope_rule)
+    _, ref = forward({k: v.to(torch.float64) for k, v in params.items()}, config, inputs, capture="all",
+                     rope_rule=rope_rule)
     _, low = forward({k: v.to(dtype) for k, v in params.items()}, config, inputs, capture="all", rope_rule=rope_rule)
     mask = inputs.get("attention_mask")
     real = torch.ones_like(inputs["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
@@ -170,10 +174,11 @@ def precision_profile(params: dict, config, inputs: dict, dtype: torch.dtype, *,
         if name not in ref:
             continue  # no vision input: no vision stages
         a, b = ref[name], low[name]
-        if not name.startswith("vision.") and a.ndim == 3 and a.shape[:2] == real.shape:  # [B, L, ...]
-            a, b = a[real], b[real]
+        r = real.to(a.device)
+        if not name.startswith("vision.") and a.ndim == 3 and a.shape[:2] == r.shape:  # [B, L, ...]
+            a, b = a[r], b[r]
         elif name == "text.position_ids":
-            a, b = a[:, real], b[:, real]
+            a, b = a[:, r], b[:, r]
         err = (a.to(torch.float64) - b.to(torch.float64)).abs().max().item()
         scale = a.to(torch.float64).abs().max().item()
         profile[name] = {"max_abs": err, "rel": err / scale if scale else err}

@@ -27,11 +27,11 @@ def decode_step(params: dict, config, tokens: torch.Tensor, position_ids: torch.
 
     attention_mask [B, S] covers the cache and the new token; cache holds one (k, v) per layer.
     """
-    dtype = params["model.embed_tokens.weight"].dtype
-    x = text.embed(params, tokens)
+    dtype, device = params["model.embed_tokens.weight"].dtype, params["model.embed_tokens.weight"].device
+    x = text.embed(params, tokens.to(device))
     cos, sin = mrope_cos_sin(position_ids, head_dim=config.head_dim, theta=config.rope_theta,
                              mrope_section=config.mrope_section, dtype=torch.float64)
-    cos, sin = cos.to(dtype), sin.to(dtype)
+    cos, sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
     new_cache = []
     for i in range(config.num_hidden_layers):
         x, layer_cache = text.decoder_layer(params, config, i, x, cos, sin, attention_mask, cache[i])
@@ -60,8 +60,10 @@ def generate_greedy(params: dict, config, inputs: dict, max_new_tokens: int, *, 
     hidden, _, cache, rope_deltas = prefill(params, config, inputs, rope_rule=rope_rule)
     logits = text.lm_head(params, hidden[:, -1:])  # [B, 1, V]: only the last position is needed
     B, L = inputs["input_ids"].shape
-    mask = torch.ones(B, L, dtype=torch.int64) if mask is None else mask.to(torch.int64)
-    done = torch.zeros(B, dtype=torch.bool)
+    device = hidden.device
+    mask = torch.ones(B, L, dtype=torch.int64, device=device) if mask is None else mask.to(device, torch.int64)
+    eos = eos.to(device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens = []
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)  # [B]; first maximal index on ties
@@ -70,7 +72,7 @@ def generate_greedy(params: dict, config, inputs: dict, max_new_tokens: int, *, 
         done = done | torch.isin(token, eos)
         if done.all() or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)  # [B, L + step + 1]
-        positions = decode_positions(rope_deltas, L + step, 1)  # [3, B, 1]
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64, device=device)], dim=1)  # [B, L + step + 1]
+        positions = decode_positions(rope_deltas, L + step, 1).to(device)  # [3, B, 1]
         logits, cache = decode_step(params, config, token[:, None], positions, mask, cache)
     return torch.stack(tokens, dim=1)

@@ -76,9 +76,9 @@ def attention_allowed(attention_mask: torch.Tensor, n_new: int) -> torch.Tensor:
     see no key at all, so it is let see itself: its output is never used, and this keeps softmax
     free of NaN.
     """
-    S = attention_mask.shape[1]
-    query_index = torch.arange(S - n_new, S)[:, None]  # [L, 1]
-    key_index = torch.arange(S)[None, :]  # [1, S]
+    S, device = attention_mask.shape[1], attention_mask.device
+    query_index = torch.arange(S - n_new, S, device=device)[:, None]  # [L, 1]
+    key_index = torch.arange(S, device=device)[None, :]  # [1, S]
     causal = key_index <= query_index  # [L, S]
     allowed = causal[None] & attention_mask.bool()[:, None, :]  # [B, L, S]
     allowed = allowed | (key_index == query_index)[None]

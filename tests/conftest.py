@@ -2,7 +2,14 @@
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
+
+# Under pytest-xdist every worker is its own process; torch's default of one thread per core would
+# oversubscribe the 2-core CI machine several times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -15,7 +22,6 @@ MODEL_CONFIG_DIR = os.path.join(TOKENIZER_DIR, "model_config")
 
 
 # --- tiny random checkpoints (tools/make_tiny_checkpoint.py), built once per test session ---
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -129,6 +129,8 @@ class Adapter:
                 raise
             except (ValueError, TypeError) as e:
                 out.append({"error": "ValueError" if isinstance(e, ValueError) else "TypeError"})
+            except Exception as e:  # a crash on one item is that item's result; the table goes on
+                out.append({"error": type(e).__name__, "crash": str(e)[:200]})
         return out
 
 

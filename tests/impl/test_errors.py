@@ -47,7 +47,7 @@ def test_cache_too_large_is_refused_with_numbers(model):
     cfg = model.config
     inputs = vision_inputs(cfg, [[1, 2, 3]] * 4096, [], [], seed=0)
     need = cache_bytes(cfg, 4096, 3 + 100_000, torch.float32)
-    assert need > 100 * 1024**3  # far beyond this machine
+    assert need > 64 * 1024**3  # far beyond this machine (and the GPU machine's host)
     with pytest.raises(ValueError, match=r"KV cache for batch 4096 x 100003 tokens needs [0-9.]+ GiB .* GiB free"):
         model.generate_from_inputs(inputs, 100_000, [151645])
 
@@ -86,8 +86,8 @@ def test_bad_inputs(model):
     bad["input_ids"][0, 0] = 10**6
     with pytest.raises(ValueError, match="outside the vocabulary 0..152063"):
         model.forward(bad)
-    bad = dict(inputs, image_grid_thw=torch.tensor([[1, 2, 8]]))  # same rows, wrong token count
-    with pytest.raises(ValueError, match="image"):
+    bad = dict(inputs, image_grid_thw=torch.tensor([[1, 4, 8]]), pixel_values=torch.zeros(32, 1176))
+    with pytest.raises(ValueError, match="image"):  # 8 image tokens needed, the prompt has 4
         model.forward(bad)
 
 

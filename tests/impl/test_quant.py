@@ -116,11 +116,12 @@ def _kl_top1(a, b):
     return kl.mean().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
 
-def test_tiny_model_int4_falls_back_and_says_so(tiny_checkpoint):
+def test_tiny_model_int4_falls_back_and_says_so(tiny_params):
     """Tiny hidden 32 < group 128: every text linear falls back, one warning lists them."""
     from qwen25vl.impl.model import Qwen25VL
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     with pytest.warns(UserWarning, match=r"int4: 8 layer\(s\) use the dequantize-then-matmul fallback"):
-        m = Qwen25VL.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", quantize="int4")
+        m = Qwen25VL.from_params(*tiny_params, dtype=dtype, device=DEVICE, quantize="int4")
     assert m.quant_report["quantized"] == []
     assert m.quant_report["fallback"]["text.layers.0.qkv"] == "in_features 32 is not a multiple of 128"
 

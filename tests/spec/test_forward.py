@@ -152,7 +152,8 @@ def test_input_ids_out_of_vocab(good):
     config, params, inputs = good
     ids = inputs["input_ids"].clone()
     ids[0, 0] = config.vocab_size
-    with pytest.raises(ValueError, match=rf"token id {config.vocab_size}, outside the vocabulary 0\.\.{config.vocab_size - 1}"):
+    V = config.vocab_size
+    with pytest.raises(ValueError, match=rf"token id {V}, outside the vocabulary 0\.\.{V - 1}"):
         forward(params, config, {**inputs, "input_ids": ids})
 
 

@@ -20,8 +20,8 @@ from qwen25vl.spec.forward import prefill
 from qwen25vl.spec.generate import generate_greedy
 from qwen25vl.spec.mrope import rope_index, rope_index_transformers_v53
 from qwen25vl.spec.tokens import build_inputs
-from tests.spec.hf_oracle import (gradient_image, hf_generate, image_part, load_hf, load_spec, noise_image, tokenizer,
-                                  user)
+from tests.spec.hf_oracle import (gradient_image, hf_generate, hf_kwargs, image_part, load_hf, load_spec, noise_image,
+                                  tokenizer, user)
 
 NEW = 32
 VIDEO_OPTIONS = {"min_pixels": 3136, "max_pixels": 112 * 112}  # 112 x 112 frames: 8 x 8 patches each
@@ -80,9 +80,14 @@ def test_video_odd_frames_equal_transformers_under_its_position_rule(tiny_checkp
     end = int((inputs["input_ids"][0] == config.video_token_id).nonzero()[-1]) + 1
     assert torch.equal(training[:, :, :end], v53[:, :, :end])  # the video itself is placed alike
     assert training[0, 0, end] == v53[0, 0, end] + 1  # text after it: 1 + max (t reaches 4) vs s + 8/2
+    model = load_hf(folder)
+    kw = hf_kwargs(inputs, config)
+    hf_positions, _ = model.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], None, kw["video_grid_thw"],
+                                                 kw["second_per_grid_ts"], kw["attention_mask"])
+    assert torch.equal(hf_positions, v53)  # transformers 5.24 follows the v53 rule here
     eos = [config.eos_token_id, config.pad_token_id]
     got = generate_greedy(params, config, inputs, NEW, eos_token_id=eos, rope_rule=rope_index_transformers_v53)
-    want = hf_generate(load_hf(folder), config, inputs, NEW, eos)
+    want = hf_generate(model, config, inputs, NEW, eos)
     assert got.tolist() == want.tolist()
 
 

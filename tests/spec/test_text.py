@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qwen25vl.spec import text
 from qwen25vl.spec.config import Qwen25VLConfig, VisionConfig
@@ -168,11 +170,34 @@ def test_cache_continuation_equals_one_pass():
     assert cache[0].shape == (2, 2, 4, cfg.head_dim)
     outs = [first]
     for s in range(4, 7):  # one token at a time, as decoding does
-        o, cache = text.decoder_layer(params, cfg, 0, x[:, s:s + 1], cos[:, s:s + 1], sin[:, s:s + 1], mask[:, :s + 1], cache)
+        step = slice(s, s + 1)
+        o, cache = text.decoder_layer(params, cfg, 0, x[:, step], cos[:, step], sin[:, step], mask[:, :s + 1], cache)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1)[mask.bool()], full[mask.bool()], rtol=0, atol=1e-12)
     torch.testing.assert_close(cache[0], full_cache[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(cache[1], full_cache[1], rtol=0, atol=1e-12)
+
+
+@given(pads=st.lists(st.integers(0, 4), min_size=1, max_size=3), length=st.integers(1, 6),
+       split=st.integers(0, 6), seed=st.integers(0, 2**16))
+def test_attention_property_loop_and_cache(pads, length, split, seed):
+    """Any left padding, any prefix/rest split: one pass = the per-head loop = prefix + cached rest."""
+    cfg = tiny_config(heads=4, kv_heads=2)
+    params = random_params(cfg, seed=seed % 7)
+    B, L = len(pads), length + max(pads)
+    mask = torch.tensor([[0] * p + [1] * (L - p) for p in pads])  # row b: pads[b] leading padding slots
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, 32, generator=g, dtype=torch.float64)
+    cos, sin = random_rotation(B, L, cfg.head_dim, seed=seed)
+    full, _ = text.attention(params, cfg, 0, x, cos, sin, mask)
+    want = loop_attention(params, cfg, 0, x, cos, sin, mask)
+    real = mask.bool()
+    torch.testing.assert_close(full[real], want[real], rtol=0, atol=1e-12)
+    split = min(split, L)
+    if 0 < split < L:
+        first, cache = text.attention(params, cfg, 0, x[:, :split], cos[:, :split], sin[:, :split], mask[:, :split])
+        rest, _ = text.attention(params, cfg, 0, x[:, split:], cos[:, split:], sin[:, split:], mask, cache)
+        torch.testing.assert_close(torch.cat([first, rest], 1)[real], full[real], rtol=0, atol=1e-12)
 
 
 def test_left_padding_does_not_change_real_tokens():
@@ -183,7 +208,8 @@ def test_left_padding_does_not_change_real_tokens():
     alone, _ = text.decoder_layer(params, cfg, 0, x, cos, sin, torch.ones(1, 5, dtype=torch.int64))
     junk = torch.randn(1, 3, 32, dtype=torch.float64) * 100
     xp = torch.cat([junk, x], 1)
-    cp, sp = torch.cat([torch.ones(1, 3, cfg.head_dim, dtype=torch.float64), cos], 1), torch.cat([torch.zeros(1, 3, cfg.head_dim, dtype=torch.float64), sin], 1)
+    pad_cos = torch.ones(1, 3, cfg.head_dim, dtype=torch.float64)  # any rotation: padding is never seen
+    cp, sp = torch.cat([pad_cos, cos], 1), torch.cat([0 * pad_cos, sin], 1)
     padded, _ = text.decoder_layer(params, cfg, 0, xp, cp, sp, torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
     torch.testing.assert_close(padded[:, 3:], alone, rtol=0, atol=1e-12)
 

@@ -4,14 +4,17 @@ Expected values come from hf_reference.md §3 (worked examples), from the rules 
 from qwen-vl-utils 0.0.11 itself (its vision_process.py, loaded with torchvision stubbed: tests/spec/videos.py).
 """
 
+import io
 import math
 from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from PIL import Image
 
 from qwen25vl.spec.image import CLIP_MEAN, CLIP_STD
 from qwen25vl.spec.resize import resize_bicubic
@@ -162,7 +165,7 @@ def test_frame_size_matches_qwen_vl_utils(qvu, height, width, nframes, min_pixel
     else:  # too small: lifted to min_pixels, which may pass the cap (both references do this)
         assert h * w >= min_pixels
     exact = budget_by_hand(nframes, min_pixels, max_pixels, total_pixels, floor=False)
-    theirs = qvu.smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=exact if exact != cap else cap)
+    theirs = qvu.smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=exact)
     if 0 in theirs:  # qwen-vl-utils' unclamped floor branch; the reference keeps a 28 side (transformers rule)
         assert min(h, w) == 28
     elif exact == cap:  # budget integral (always true for n <= 300 with the default total)
@@ -242,7 +245,7 @@ def test_pipeline_matches_qwen_vl_utils_fetch_video(qvu, tmp_path, ele):
 # ------------------------------------------------------------------------------------------------------
 # layout and frame lists
 
-def expected_rows(frames, fps_pad_to=2):
+def expected_rows(frames):
     """Hand-built pixel_values for uint8 frames [T, H, W, 3] already at a valid size (hf_reference.md §2):
     value[c*392 + tau*196 + y*14 + x] = norm(frame[2t + tau])[c, 14*row + y, 14*col + x], rows ordered
     t, block row, block col, (0,0) (0,1) (1,0) (1,1)."""
@@ -273,8 +276,6 @@ def test_frame_list_layout_and_padding(count):
 
 
 def test_frame_list_fps_and_kinds(tmp_path):
-    from PIL import Image
-
     frames = pattern_frames(3, 56, 56)
     path = tmp_path / "f.png"
     Image.fromarray(frames[1]).save(path)
@@ -319,20 +320,14 @@ def test_corrupt_and_truncated_bytes(tmp_path):
 
 
 def _opens_without_frames(data):
-    import av
-
     try:
-        with av.open(__import__("io").BytesIO(data)) as c:
+        with av.open(io.BytesIO(data)) as c:
             return bool(c.streams.video) and sum(1 for _ in c.decode(c.streams.video[0])) == 0
     except av.error.FFmpegError:
         return False
 
 
 def test_no_video_stream():
-    import io
-
-    import av
-
     buf = io.BytesIO()
     with av.open(buf, "w", format="wav") as out:
         stream = out.add_stream("pcm_s16le", rate=8000)

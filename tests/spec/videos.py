@@ -14,6 +14,7 @@ import io
 import os
 import sys
 import types
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -60,8 +61,6 @@ def lossless_video(frames, fps):
 
 def rateless_one_frame_video():
     """A NUT file with one frame and no frame rate: PyAV reports average_rate None."""
-    from fractions import Fraction
-
     buf = io.BytesIO()
     with av.open(buf, "w", format="nut") as out:
         stream = out.add_stream("ffv1")

@@ -1,0 +1,238 @@
+"""Hugging Face transformers (5.x) as a target: the most used implementation, judged like any port.
+
+Every stage calls transformers' own code: `smart_resize` of the PIL image processor, the processor
+(default backend, as users get it) for image preprocessing and prompts, `vision_utils` for the
+vision positions and windows, `get_rope_index` for MRoPE positions, the rotary embedding module for
+the text tables, and the model with forward hooks for the captured stages. The only glue written
+here is what transformers does inline (un-permuting window order for the block captures, the
+section pick of `apply_multimodal_rotary_pos_emb`), each marked. Known divergences are explained in
+conformance/expectations/transformers.json.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Adapter, NotCovered
+from .spec import torch_dtype
+
+
+class TransformersAdapter(Adapter):
+    name = "transformers"
+
+    def __init__(self, dtype: str = "float32", device: str = "cpu"):
+        import transformers
+        self.tf = transformers
+        self.dtype, self.device = str(dtype), device
+        self.model = None
+        self._processors: dict = {}
+
+    def describe(self) -> dict:
+        return {"name": "transformers", "version": self.tf.__version__, "dtype": self.dtype, "device": self.device,
+                "attention": "eager"}
+
+    def processor(self, folder: str):
+        """The Qwen2.5-VL processor on the PIL image path. AutoProcessor also builds the video processor,
+        which needs torchvision (not installed here): the processor is assembled from its PIL image
+        processor and tokenizer instead, and video preprocessing is not covered."""
+        if folder not in self._processors:
+            import json
+            from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+            tok = AutoTokenizer.from_pretrained(folder)
+            tok.padding_side = "left"
+            proc = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
+            proc.image_processor, proc.tokenizer, proc.video_processor = \
+                Qwen2VLImageProcessorPil.from_pretrained(folder), tok, None
+            proc.chat_template = json.loads((Path(folder) / "chat_template.json").read_text())["chat_template"]
+            proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
+            proc.image_token_id = tok.convert_tokens_to_ids(proc.image_token)
+            proc.video_token_id = tok.convert_tokens_to_ids(proc.video_token)
+            self._processors[folder] = proc
+        return self._processors[folder]
+
+    # ---- exact-stage functions
+    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def resize_bicubic(self, image, size):
+        from PIL import Image  # the PIL processor path: Image.resize with BICUBIC
+        return np.asarray(Image.fromarray(np.asarray(image)).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+
+    def preprocess_image(self, image, *, min_pixels, max_pixels):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        key = ("image", min_pixels, max_pixels)
+        if key not in self._processors:
+            self._processors[key] = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+        out = self._processors[key](images=[np.asarray(image)], return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def vision_rotary_positions(self, grid_thw, *, merge_size):
+        from transformers.vision_utils import get_vision_position_ids
+        return get_vision_position_ids(torch.as_tensor(grid_thw), merge_size)
+
+    def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+        grid = torch.as_tensor(grid_thw)
+        wi, cw = get_vision_window_index(grid, spatial_merge_size=merge_size, window_size=window_size,
+                                         patch_size=patch_size)
+        return wi, cw.long(), get_vision_cu_seqlens(grid).long()
+
+    def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
+        proc = self.processor(str(Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"))
+        return proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                        add_vision_id=add_vision_id)
+
+    def tokenize(self, text, *, tokenizer_dir):
+        return self.processor(tokenizer_dir).tokenizer.encode(text, add_special_tokens=False)
+
+    def rope_index(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
+        from transformers import Qwen2_5_VLConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+        cfg = Qwen2_5_VLConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
+        host = types.SimpleNamespace(config=cfg)  # get_rope_index reads only self.config and this helper
+        host.get_vision_position_ids = types.MethodType(Qwen2_5_VLModel.get_vision_position_ids, host)
+        types_ = torch.zeros_like(input_ids, dtype=torch.int32)
+        types_[input_ids == config["image_token_id"]] = 1
+        types_[input_ids == config["video_token_id"]] = 2
+        pos, deltas = Qwen2_5_VLModel.get_rope_index(host, input_ids, types_, image_grid_thw=image_grid_thw,
+                                                     video_grid_thw=video_grid_thw,
+                                                     second_per_grid_ts=second_per_grid_ts,
+                                                     attention_mask=attention_mask)
+        return pos, self._canonical_deltas(deltas, attention_mask, input_ids.shape[1])
+
+    @staticmethod
+    def _canonical_deltas(deltas, attention_mask, L):
+        """transformers counts decode positions from the number of real tokens (attention_mask.cumsum)
+        and its delta is relative to that; the canonical delta (docs/INTERFACES.md) is relative to the
+        padded length L. Same decode positions: subtract each row's left padding."""
+        deltas = deltas.reshape(-1, 1).cpu()
+        if attention_mask is None:
+            return deltas
+        pads = (L - attention_mask.sum(-1)).reshape(-1, 1).to(deltas.dtype).cpu()
+        return deltas - pads
+
+    def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
+        from transformers import Qwen2_5_VLTextConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+        N = 2
+        cfg = Qwen2_5_VLTextConfig(hidden_size=head_dim * N, num_attention_heads=N, num_key_value_heads=N,
+                                   rope_parameters={"rope_type": "default", "rope_theta": theta,
+                                                    "mrope_section": list(mrope_section)})
+        emb = Qwen2_5_VLRotaryEmbedding(cfg)
+        return emb(torch.zeros(1, dtype=torch.float32), position_ids)  # sectioned [B, L, D] float32 since 5.x
+
+    # ---- the model
+    def prepare(self, checkpoint, *, dtype, device):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=torch_dtype(self.dtype), attn_implementation="eager").to(self.device).eval()
+        self.checkpoint = checkpoint
+
+    def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
+        from PIL import Image
+        if videos:
+            raise NotCovered("transformers' video processor needs torchvision, which is not installed")
+        proc = self.processor(tokenizer_dir)
+        texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        imgs = [Image.open(p).convert("RGB") for p in images] or None
+        vids = [[np.asarray(Image.open(f).convert("RGB")) for f in v["frames"]] for v in videos] or None
+        kwargs = {}
+        if options.get("min_pixels"):
+            kwargs["min_pixels"] = options["min_pixels"]
+        if options.get("max_pixels"):
+            kwargs["max_pixels"] = options["max_pixels"]
+        if vids:
+            vo = options.get("video_options", {})
+            kwargs["videos_kwargs"] = {k: v for k, v in {"fps": videos[0].get("fps"), "do_sample_frames": False,
+                                                         "min_pixels": vo.get("min_pixels"),
+                                                         "max_pixels": vo.get("max_pixels")}.items() if v is not None}
+        out = proc(text=texts, images=imgs, videos=vids, padding=True, return_tensors="pt", **kwargs)
+        res = {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                                   "pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in out}
+        if "second_per_grid_ts" in res:
+            res["second_per_grid_ts"] = torch.as_tensor(res["second_per_grid_ts"], dtype=torch.float64)
+        return res
+
+    def run(self, inputs, *, capture):
+        m = self.model
+        vis, lm = m.model.visual, m.model.language_model
+        got: dict = {}
+        hooks = []
+        grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]) \
+            if any(inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw")) else None
+        restore = None
+        if grid is not None:
+            from transformers.vision_utils import get_vision_window_index
+            v = m.config.vision_config
+            wi, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
+                                            patch_size=v.patch_size)
+            m2 = v.spatial_merge_size**2
+            restore = torch.argsort((wi[:, None] * m2 + torch.arange(m2)).reshape(-1))  # window order -> row order
+        merged: list = []
+
+        def keep(name, fn=lambda o: o):
+            def hook(mod, args, out):
+                got[name] = fn(out[0] if isinstance(out, tuple) else out).detach().float().cpu()
+            return hook
+        hooks.append(vis.patch_embed.register_forward_hook(keep("vision.patch_embed")))
+        for i, blk in enumerate(vis.blocks):
+            hooks.append(blk.register_forward_hook(keep(f"vision.block.{i}", lambda o: o[restore])))
+        hooks.append(vis.register_forward_hook(lambda mod, a, out: merged.append(out.pooler_output.detach().float())))
+
+        def pre(mod, args, kwargs):
+            got["text.inputs_embeds"] = kwargs["inputs_embeds"].detach().float().cpu()
+            if kwargs.get("position_ids") is not None:
+                got["text.position_ids"] = kwargs["position_ids"].detach().cpu()
+        hooks.append(lm.register_forward_pre_hook(pre, with_kwargs=True))
+        for i, layer in enumerate(lm.layers):
+            hooks.append(layer.register_forward_hook(keep(f"text.layer.{i}")))
+        hooks.append(lm.norm.register_forward_hook(keep("text.norm")))
+        model_inputs = {k: v for k, v in inputs.items() if v is not None}
+        if "second_per_grid_ts" in model_inputs:
+            model_inputs["second_per_grid_ts"] = model_inputs["second_per_grid_ts"].tolist()
+        model_inputs["mm_token_type_ids"] = self._types(inputs["input_ids"])
+        try:
+            m.model.rope_deltas = None
+            with torch.no_grad():
+                out = m(**model_inputs, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        got["logits"] = out.logits.detach().float().cpu()
+        if merged:
+            got["vision.merger"] = torch.cat(merged).cpu()
+        if m.model.rope_deltas is not None:
+            got["text.rope_deltas"] = self._canonical_deltas(m.model.rope_deltas.detach(), inputs.get("attention_mask"),
+                                                             inputs["input_ids"].shape[1])
+        if "text.position_ids" in got and got["text.position_ids"].dim() == 3 and got["text.position_ids"].shape[0] == 4:
+            got["text.position_ids"] = got["text.position_ids"][1:]  # v5 prepends the text positions row
+        return {k: v for k, v in got.items() if k in capture}
+
+    def _types(self, ids):
+        cfg = self.model.config
+        t = torch.zeros_like(ids, dtype=torch.int32)
+        t[ids == cfg.image_token_id] = 1
+        t[ids == cfg.video_token_id] = 2
+        return t
+
+    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        model_inputs = {k: v for k, v in inputs.items() if v is not None}
+        if "second_per_grid_ts" in model_inputs:
+            model_inputs["second_per_grid_ts"] = model_inputs["second_per_grid_ts"].tolist()
+        model_inputs["mm_token_type_ids"] = self._types(inputs["input_ids"])
+        self.model.model.rope_deltas = None
+        with torch.no_grad():
+            out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      repetition_penalty=1.0, eos_token_id=eos_token_id,
+                                      pad_token_id=self.model.config.pad_token_id if hasattr(self.model.config, "pad_token_id") else 151643,
+                                      output_scores=True, return_dict_in_generate=True)
+        L = inputs["input_ids"].shape[1]
+        tokens = out.sequences[:, L:].cpu()
+        topk = torch.stack([s.topk(5, dim=-1).indices for s in out.scores], dim=1).cpu()
+        return tokens, topk

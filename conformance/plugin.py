@@ -1,0 +1,106 @@
+"""pytest plugin: every (case, stage) of the fixtures becomes one test item.
+
+    pytest -p qwen25vl.conformance.plugin fixtures/ --conform-target spec
+    pytest -p qwen25vl.conformance.plugin fixtures/ -n 2 --dist loadfile     (pytest-xdist, one case per worker)
+
+Each case's manifest.json is collected as a file; its stages are the items. A case runs once per
+process (the first of its items runs it; the rest read the cached results), so `--dist loadfile`
+keeps a case on one worker. not_covered -> skipped, an expected divergence -> xfailed, fail/error
+-> failed with the harness's explanation (metric, tolerance, worst coordinates, spec function).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from . import report, runner, stages
+from .fixtures import FORMAT, load_case
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("qwen25vl conform")
+    g.addoption("--conform-target", default="impl", help="impl (default), spec, transformers, files:DIR, module:Class")
+    g.addoption("--conform-dtype", default=None, help="dtype of the target (default: the adapter's)")
+    g.addoption("--conform-device", default=None, help="device of the target")
+    g.addoption("--conform-timeout", type=float, default=120.0, help="seconds per port call")
+    g.addoption("--conform-expectations", default=None,
+                help="expectations file (default: conformance/expectations/<target>.json when it exists)")
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.name != "manifest.json":
+        return None
+    try:
+        fmt = json.loads(file_path.read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError):
+        return None
+    if fmt != FORMAT:
+        return None  # e.g. the checkpoint folder's own manifest
+    return CaseFile.from_parent(parent, path=file_path)
+
+
+class CaseFile(pytest.File):
+    def collect(self):
+        case = load_case(self.path.parent, verify=False)
+        for stage in sorted(case.stages, key=stages.order_key):
+            yield StageItem.from_parent(self, name=stage, stage=stage)
+
+
+class ConformanceFailure(Exception):
+    def __init__(self, result):
+        super().__init__(result.metric)
+        self.result = result
+
+
+_STATE: dict = {}
+
+
+def _results(config, case_dir) -> dict:
+    """Run the case once in this process; {stage: StageResult}."""
+    key = str(case_dir)
+    if key not in _STATE:
+        if "adapter" not in _STATE:
+            opt = config.getoption
+            target = opt("--conform-target")
+            _STATE["adapter"] = runner.make_adapter(target, dtype=opt("--conform-dtype"), device=opt("--conform-device"))
+            exp = opt("--conform-expectations")
+            if exp is None:
+                from .cli import EXPECTATIONS
+                default = EXPECTATIONS / f"{target.split(':')[0]}.json"
+                exp = default if default.is_file() else None
+            _STATE["expectations"] = runner.load_expectations(exp)
+            _STATE["timeout"] = opt("--conform-timeout")
+        rows = runner.CaseRunner(_STATE["adapter"], timeout=_STATE["timeout"]).run(case_dir)
+        runner.apply_expectations(rows, _STATE["expectations"])
+        _STATE[key] = {}
+        for r in rows:
+            _STATE[key].setdefault(r.stage, r)  # the end-to-end result; a teacher-forced rerun is in its note
+    return _STATE[key]
+
+
+class StageItem(pytest.Item):
+    def __init__(self, *, stage: str, **kwargs):
+        super().__init__(**kwargs)
+        self.stage = stage
+
+    def runtest(self):
+        rows = _results(self.config, self.path.parent)
+        r = rows.get(self.stage) or rows.get("manifest")
+        if r is None:
+            pytest.skip(f"not run: {self.stage}")
+        if r.status == "not_covered":
+            pytest.skip(f"not covered: {r.metric}")
+        if r.status == "xfail":
+            pytest.xfail(r.note)
+        if r.status in runner.BAD:
+            raise ConformanceFailure(r)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ConformanceFailure):
+            return report.explain(excinfo.value.result)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, 0, f"{self.path.parent.name}::{self.stage}"

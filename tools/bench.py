@@ -1,0 +1,371 @@
+"""Benchmark impl against transformers in the same process, on the same random weights.
+
+    python -m qwen25vl.tools.bench --size 3b [--size 7b] [--device cuda] [--out bench.jsonl]
+    python -m qwen25vl.tools.bench --size cpu --device cpu          (small shapes for a laptop CPU)
+
+Weights come from tools.make_random_params (real 3B/7B shapes on the GPU); transformers' model is
+built from the same config and given the very same tensors (load_state_dict with assign=True), and
+impl's model is built from that dict (fused copies where it fuses). Measured, each as the median of
+several timed runs after a warm-up:
+  vision   the vision encoder on one image (1008x1008 -> 5184 patches; smaller on "cpu")
+  prefill  vision + the whole prompt (1346 tokens with that image), logits of the last position
+  decode   greedy tokens per second at batch 1 and 8 after that prompt (transformers: time of
+           generate(N+1) minus generate(1); impl: its decode loop, CUDA graph captured beforehand)
+  int4     impl decode with int4 text linears, and the int4/bf16 ratio of linear-weight bytes
+  peak     peak allocated memory of a prefill + decode run (weights included)
+Every record is appended to --out as one JSON line the moment it is measured (flushed), then a
+table with impl/transformers ratios is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from qwen25vl.spec.checkpoint import to_v5_key
+from qwen25vl.spec.config import Qwen25VLConfig, VisionConfig
+
+VISION_REAL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=(7, 15, 23, 31))
+SIZES = {
+    "3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, vision=VISION_REAL),
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, vision=VISION_REAL),
+    # CPU: the real vocabulary, head dims and window geometry, narrower and shallower elsewhere
+    "cpu": dict(vocab_size=151936, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                vision=dict(depth=8, hidden_size=320, intermediate_size=864, num_heads=4, fullatt_block_indexes=(3, 7))),
+}
+IMAGE_SIDE = {"3b": 1008, "7b": 1008, "cpu": 448}
+
+
+def make_config(size: str) -> Qwen25VLConfig:
+    s = dict(SIZES[size])
+    vision = VisionConfig(**s.pop("vision"), out_hidden_size=s["hidden_size"])
+    return Qwen25VLConfig(**s, vision=vision)
+
+
+def make_inputs(config, side: int, batch: int = 1, text_tokens: int = 50, seed: int = 0) -> dict:
+    """A prompt of `text_tokens` text tokens around one side x side image, repeated `batch` times."""
+    g = torch.Generator().manual_seed(seed)
+    gh = side // 14
+    n_img = gh * gh // 4
+    pre = torch.randint(0, 150000, (text_tokens // 2,), generator=g).tolist()
+    post = torch.randint(0, 150000, (text_tokens - text_tokens // 2 - 2,), generator=g).tolist()
+    row = pre + [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id] + post
+    ids = torch.tensor([row] * batch, dtype=torch.int64)
+    pv = torch.randn(gh * gh, config.vision.patch_dim, generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pv.repeat(batch, 1),
+            "image_grid_thw": torch.tensor([[1, gh, gh]] * batch), "pixel_values_videos": None,
+            "video_grid_thw": None, "second_per_grid_ts": None}
+
+
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def median(self, fn, reps: int, warmup: int = 1) -> float:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+
+def build_hf(config, params, device, dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    raw = config.to_dict()
+    raw["vision_config"]["in_channels"] = config.vision.in_chans
+    raw["vision_config"]["model_type"] = "qwen2_5_vl_vision"
+    hfc = Qwen2_5_VLConfig(**raw)
+    try:
+        hfc._attn_implementation = "sdpa"
+    except Exception:
+        pass
+    with torch.device(device):
+        try:
+            model = Qwen2_5_VLForConditionalGeneration._from_config(hfc, dtype=dtype, attn_implementation="sdpa")
+        except TypeError:
+            model = Qwen2_5_VLForConditionalGeneration._from_config(hfc, torch_dtype=dtype, attn_implementation="sdpa")
+    state = {to_v5_key(k): v for k, v in params.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def hf_kwargs(model, inputs, device):
+    kw = {k: v.to(device) for k, v in inputs.items() if v is not None}
+    ids = kw["input_ids"]
+    mm = torch.zeros_like(ids)
+    mm[ids == model.config.image_token_id] = 1
+    kw["mm_token_type_ids"] = mm
+    kw["pixel_values"] = kw["pixel_values"].to(model.dtype)
+    return kw
+
+
+def param_bytes(module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen and t.device.type != "meta":
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.device = args, torch.device(args.device)
+        self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.timer = Timer(self.device)
+        self.records = []
+        self.out = open(args.out, "a") if args.out else None
+
+    def emit(self, **rec):
+        rec = {"device": self.device_name(), "dtype": str(self.dtype).removeprefix("torch."), **rec}
+        self.records.append(rec)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if self.out:
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def device_name(self):
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu x{torch.get_num_threads()} threads"
+
+    def guarded(self, what, fn):
+        try:
+            return fn()
+        except Exception as e:  # one failed measurement must not lose the others
+            self.emit(size=self.size, what=what, error=f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+            return None
+
+    def peak(self, fn, weights: int):
+        if self.device.type != "cuda":
+            fn()
+            return None
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base + weights) / 2**30
+
+    def run_size(self, size: str):
+        from qwen25vl.impl.cache import KVCache
+        from qwen25vl.impl.model import Qwen25VL
+        from qwen25vl.tools.make_tiny_checkpoint import make_random_params
+
+        a, dev, dt, T = self.args, self.device, self.dtype, self.timer
+        self.size = size
+        config = make_config(size)
+        side = IMAGE_SIDE[size]
+        t0 = time.perf_counter()
+        params = make_random_params(config, 0, dt, device=dev)
+        self.emit(size=size, what="setup.params", seconds=time.perf_counter() - t0)
+        inputs1 = make_inputs(config, side, 1)
+        inputs8 = make_inputs(config, side, 8)
+        P = int(inputs1["image_grid_thw"].prod())
+        L = inputs1["input_ids"].shape[1]
+        N = a.decode_tokens
+        impl = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention)
+        hf = None
+        if not a.no_transformers and size not in a.skip_hf:
+            hf = self.guarded("setup.transformers", lambda: build_hf(config, params, dev, dt))
+        reps = a.reps
+
+        # 1. vision encoder
+        pv, grid = inputs1["pixel_values"].to(dev), inputs1["image_grid_thw"]
+        with torch.inference_mode():
+            s = T.median(lambda: impl.visual(pv, grid, a.attention), reps)
+        self.emit(size=size, what="vision", impl_ms=s * 1e3, patches=P, backend=impl.visual(pv, grid, a.attention)[1])
+        if hf is not None:
+            def hf_vision():
+                with torch.inference_mode():
+                    return T.median(lambda: hf.model.visual(pv.to(dt), grid.to(dev)), reps)
+            s_hf = self.guarded("vision.transformers", hf_vision)
+            if s_hf:
+                self.emit(size=size, what="vision", transformers_ms=s_hf * 1e3, ratio=s_hf / s)
+
+        # 2. prefill (vision + prompt), last-position logits
+        def impl_prefill():
+            cache = KVCache(config, 1, L + 1, dt, dev)
+            impl._prefill(inputs1, cache, captured={}, wanted=set(), all_logits=False)
+        with torch.inference_mode():
+            s = T.median(impl_prefill, reps)
+        self.emit(size=size, what="prefill", impl_ms=s * 1e3, tokens=L)
+        if hf is not None:
+            kw = hf_kwargs(hf, inputs1, dev)
+
+            def hf_prefill():
+                with torch.inference_mode():
+                    return T.median(lambda: hf(**kw, use_cache=False, logits_to_keep=1), reps)
+            s_hf = self.guarded("prefill.transformers", hf_prefill)
+            if s_hf:
+                self.emit(size=size, what="prefill", transformers_ms=s_hf * 1e3, ratio=s_hf / s)
+
+        # 3. decode at batch 1 and 8
+        for B, inputs in ((1, inputs1), (8, inputs8)):
+            if B > 1 and size == "cpu" and not a.cpu_batch8:
+                continue
+            impl.generate_from_inputs(inputs, 3, [0], ignore_eos=True)  # warm-up (kernels, allocator)
+            weights = param_bytes(impl)
+            peak = self.peak(lambda: impl.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True), weights)
+            st = dict(impl.last_stats)
+            self.emit(size=size, what=f"decode.b{B}", impl_tok_s=st["decode_tok_per_s"] * B, per_row_tok_s=st["decode_tok_per_s"],
+                      new_tokens=st["new_tokens"], cuda_graph=st.get("cuda_graph"), graph_error=st.get("cuda_graph_error"),
+                      impl_peak_gib=peak, prefill_ms=st["prefill_s"] * 1e3)
+            if hf is not None:
+                kw = hf_kwargs(hf, inputs, dev)
+
+                def gen(n):
+                    with torch.inference_mode():
+                        hf.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                                    repetition_penalty=1.0, pad_token_id=config.pad_token_id)
+
+                def hf_decode():
+                    gen(2)
+                    hw = param_bytes(hf)
+                    t1 = T.median(lambda: gen(1), 1, warmup=0)
+                    peak_hf = self.peak(lambda: gen(N + 1), hw)
+                    tn = T.median(lambda: gen(N + 1), 1, warmup=0)
+                    return N / (tn - t1), peak_hf
+                res = self.guarded(f"decode.b{B}.transformers", hf_decode)
+                if res:
+                    rate = res[0] / 1.0 * B
+                    self.emit(size=size, what=f"decode.b{B}", transformers_tok_s=rate, transformers_peak_gib=res[1],
+                              ratio=st["decode_tok_per_s"] * B / rate)
+
+        # 4. int4
+        if a.int4 and size in a.int4:
+            del hf
+            hf = None
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            self.guarded("int4", lambda: self.run_int4(config, params, impl, inputs1, N))
+        if hf is not None and a.hf_static:
+            kw = hf_kwargs(hf, inputs1, dev)
+
+            def static():
+                def gen(n):
+                    with torch.inference_mode():
+                        hf.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                                    repetition_penalty=1.0, pad_token_id=config.pad_token_id, cache_implementation="static")
+                gen(N + 1)
+                t1 = T.median(lambda: gen(1), 1, warmup=1)
+                tn = T.median(lambda: gen(N + 1), 1, warmup=0)
+                return N / (tn - t1)
+            r = self.guarded("decode.b1.transformers_static", static)
+            if r:
+                self.emit(size=size, what="decode.b1", transformers_static_tok_s=r)
+        del impl, hf, params
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run_int4(self, config, params, impl, inputs1, N):
+        from qwen25vl.impl.model import Qwen25VL
+        from qwen25vl.impl.quant import linear_weight_bytes
+        dev, dt = self.device, self.dtype
+        bf_bytes = linear_weight_bytes(impl)
+        bf_rate = impl.last_stats.get("decode_tok_per_s")
+        impl.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True)
+        bf_rate = impl.last_stats["decode_tok_per_s"]
+        t0 = time.perf_counter()
+        q = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=self.args.attention, quantize="int4")
+        setup = time.perf_counter() - t0
+        q.generate_from_inputs(inputs1, 3, [0], ignore_eos=True)
+        peak = self.peak(lambda: q.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True), param_bytes(q))
+        st = q.last_stats
+        self.emit(size=self.size, what="int4.decode.b1", int4_tok_s=st["decode_tok_per_s"], bf16_tok_s=bf_rate,
+                  ratio=st["decode_tok_per_s"] / bf_rate, linear_bytes_ratio=linear_weight_bytes(q) / bf_bytes,
+                  int4_prefill_ms=st["prefill_s"] * 1e3, int4_peak_gib=peak, quantize_s=setup,
+                  fallback_layers=len(q.quant_report["fallback"]), cuda_graph=st.get("cuda_graph"),
+                  graph_error=st.get("cuda_graph_error"))
+
+
+def table(records) -> str:
+    rows = ["| size | stage | impl | transformers | impl / transformers speed-up |", "|---|---|---|---|---|"]
+    merged = {}
+    for r in records:
+        if "error" in r:
+            continue
+        merged.setdefault((r.get("size"), r["what"]), {}).update(r)
+    for (size, what), r in merged.items():
+        if what.startswith("setup"):
+            continue
+        if "impl_ms" in r:
+            hf = f"{r['transformers_ms']:.1f} ms" if "transformers_ms" in r else "-"
+            rows.append(f"| {size} | {what} | {r['impl_ms']:.1f} ms | {hf} | {r.get('ratio', float('nan')):.2f}x |")
+        elif "impl_tok_s" in r:
+            hf = f"{r['transformers_tok_s']:.1f} tok/s" if "transformers_tok_s" in r else "-"
+            if "transformers_static_tok_s" in r:
+                hf += f" (static cache {r['transformers_static_tok_s']:.1f})"
+            rows.append(f"| {size} | {what} | {r['impl_tok_s']:.1f} tok/s | {hf} | {r.get('ratio', float('nan')):.2f}x |")
+        elif "int4_tok_s" in r:
+            rows.append(f"| {size} | int4 decode b1 | {r['int4_tok_s']:.1f} tok/s (bf16 {r['bf16_tok_s']:.1f}) | - | "
+                        f"{r['ratio']:.2f}x vs bf16; linear bytes {r['linear_bytes_ratio']:.3f}x |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen25vl.tools.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--size", action="append", choices=sorted(SIZES), help="repeatable; default 3b on CUDA, cpu on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--int4", action="append", default=[], choices=sorted(SIZES), help="sizes to also run int4 decode on")
+    p.add_argument("--skip-hf", action="append", default=[], choices=sorted(SIZES), help="sizes without transformers")
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--hf-static", action="store_true", help="also transformers' static-cache decode (slow to compile)")
+    p.add_argument("--cpu-batch8", action="store_true", help="also batch-8 decode on the CPU preset")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.size = a.size or (["3b"] if a.device.startswith("cuda") else ["cpu"])
+    b = Bench(a)
+    for size in a.size:
+        b.guarded_size = size
+        b.size = size
+        try:
+            b.run_size(size)
+        except Exception as e:
+            b.emit(size=size, what="run", error=f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+    print(table(b.records), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
