@@ -149,6 +149,8 @@ def apply_expectations(results: list[StageResult], expectations: list[dict]) -> 
                 want = [want] if isinstance(want, str) else want
                 if r.status in BAD and r.status in want:
                     r.status, r.note = "xfail", f"expected: {e['reason']}"
+                elif r.status == "not_covered" and "not_covered" in want:
+                    r.note = f"known: {e['reason']}"
                 elif r.status == "pass":
                     r.status, r.note = "xpass", f"expected to fail ({e['reason']}) but passed"
                 break
@@ -242,7 +244,8 @@ class CaseRunner:
         out = []
         tok = case.manifest.get("tokenizer")
         tokenizer_dir = str((case.path / tok).resolve()) if tok else None
-        for stage, entry in case.stages.items():
+        for stage in sorted(case.stages, key=stages.order_key):
+            entry = case.stages[stage]
             if not self._wanted(stage):
                 continue
             t0 = time.perf_counter()
@@ -336,7 +339,10 @@ class CaseRunner:
                     out.append(StageResult(name, s, "not_covered", "the port does not capture this stage", mode="e2e"))
                 else:
                     v = self._judge(case, s, golden, captured[s], mask, ck)
-                    out.append(StageResult(name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs,
+                    where = v.where
+                    if v.status in BAD and v.values.get("worst") is not None:
+                        where += locate(s, v.values["worst"], inputs)
+                    out.append(StageResult(name, s, v.status, v.metric, v.tolerance, where, "e2e", seconds=secs,
                                            values=v.values))
                     secs = 0.0
             self._teacher_forced(case, out, inputs, golden, mask, ck)
@@ -473,6 +479,36 @@ class CaseRunner:
         v = compare.tokens(g_tokens, g_topk, got, topk)
         return StageResult(case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e",
                            seconds=time.perf_counter() - t0, values=v.values)
+
+
+def locate(stage: str, worst: list[int], inputs: dict) -> str:
+    """Say what the worst coordinate is: for a vision stage the item, frame, patch (row, col) and
+    whether it sits on a window edge; for a text stage the token and whether it is a vision pad."""
+    try:
+        if stage.startswith("vision.") and stage != "vision.merger":
+            from qwen25vl.spec.windows import vision_rotary_positions
+            grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
+            grid = torch.cat(grids)
+            p = worst[0]
+            sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
+            item, start = 0, 0
+            while p >= start + sizes[item]:
+                start += sizes[item]
+                item += 1
+            t, h, w = grid[item].tolist()
+            frame = (p - start) // (h * w)
+            row, col = vision_rotary_positions(grid[item:item + 1])[p - start].tolist()
+            edge = row % 8 in (0, 7) or col % 8 in (0, 7) or row == h - 1 or col == w - 1
+            return (f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid"
+                    + (", on a window edge" if edge else ", inside a window"))
+        if stage.startswith("text.") or stage == "logits":
+            b, tok = worst[0], worst[1]
+            tid = int(inputs["input_ids"][b, tok])
+            kind = {151655: "an image pad", 151656: "a video pad"}.get(tid, "a text token")
+            return f" = row {b} token {tok} (id {tid}, {kind})"
+    except (IndexError, KeyError, ValueError, RuntimeError):
+        pass
+    return ""
 
 
 _LM_HEAD: dict[str, torch.Tensor] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import statistics
 import sys
@@ -43,8 +44,12 @@ SIZES = {
     "cpu": dict(vocab_size=151936, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                 vision=dict(depth=8, hidden_size=320, intermediate_size=864, num_heads=4, fullatt_block_indexes=(3, 7))),
+    # the tests' tiny config (tools.make_tiny_checkpoint.tiny_config): framework overhead dominates
+    "tiny": dict(vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, mrope_section=(2, 3, 3), tie_word_embeddings=False,
+                 vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=(1, 3))),
 }
-IMAGE_SIDE = {"3b": 1008, "7b": 1008, "cpu": 448}
+IMAGE_SIDE = {"3b": 1008, "7b": 1008, "cpu": 448, "tiny": 448}
 
 
 def make_config(size: str) -> Qwen25VLConfig:
@@ -75,6 +80,23 @@ class Timer:
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
+
+    def interleaved(self, fns: dict, reps: int, warmup: int = 1, timed_by_fn: bool = False) -> dict:
+        """Median seconds of each fn, runs alternating between them (fair under a varying machine load).
+        timed_by_fn: each fn returns its own measured seconds instead of being timed here."""
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for fn in fns.values():
+                    fn()
+            times = {k: [] for k in fns}
+            for _ in range(reps):
+                for k, fn in fns.items():
+                    self.sync()
+                    t = time.perf_counter()
+                    r = fn()
+                    self.sync()
+                    times[k].append(r if timed_by_fn else time.perf_counter() - t)
+        return {k: statistics.median(v) for k, v in times.items()}
 
     def median(self, fn, reps: int, warmup: int = 1) -> float:
         for _ in range(warmup):
@@ -119,9 +141,10 @@ def build_hf(config, params, device, dtype):
 def hf_kwargs(model, inputs, device):
     kw = {k: v.to(device) for k, v in inputs.items() if v is not None}
     ids = kw["input_ids"]
-    mm = torch.zeros_like(ids)
-    mm[ids == model.config.image_token_id] = 1
-    kw["mm_token_type_ids"] = mm
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # transformers >= 5.x wants it
+        mm = torch.zeros_like(ids)
+        mm[ids == model.config.image_token_id] = 1
+        kw["mm_token_type_ids"] = mm
     kw["pixel_values"] = kw["pixel_values"].to(model.dtype)
     return kw
 
@@ -156,6 +179,13 @@ class Bench:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return f"cpu x{torch.get_num_threads()} threads"
+
+    @staticmethod
+    def versus(t: dict, a: str, b: str, unit: str, scale: float) -> dict:
+        """transformers' number and the speed-up of impl (time_b / time_a), when b ran."""
+        if b not in t:
+            return {}
+        return {f"transformers_{unit}": t[b] * scale, "ratio": t[b] / t[a]}
 
     def guarded(self, what, fn):
         try:
@@ -200,69 +230,87 @@ class Bench:
             hf = self.guarded("setup.transformers", lambda: build_hf(config, params, dev, dt))
         reps = a.reps
 
-        # 1. vision encoder
+        # 1. vision encoder; impl and transformers runs alternate so both see the same machine load
         pv, grid = inputs1["pixel_values"].to(dev), inputs1["image_grid_thw"]
-        with torch.inference_mode():
-            s = T.median(lambda: impl.visual(pv, grid, a.attention), reps)
-        self.emit(size=size, what="vision", impl_ms=s * 1e3, patches=P, backend=impl.visual(pv, grid, a.attention)[1])
+        backend = impl.visual(pv, grid, a.attention)[1]
+        fns = {"impl": lambda: impl.visual(pv, grid, a.attention)}
         if hf is not None:
-            def hf_vision():
-                with torch.inference_mode():
-                    return T.median(lambda: hf.model.visual(pv.to(dt), grid.to(dev)), reps)
-            s_hf = self.guarded("vision.transformers", hf_vision)
-            if s_hf:
-                self.emit(size=size, what="vision", transformers_ms=s_hf * 1e3, ratio=s_hf / s)
+            fns["transformers"] = lambda: hf.model.visual(pv.to(dt), grid.to(dev))
+        t = self.guarded("vision", lambda: T.interleaved(fns, reps))
+        if t:
+            self.emit(size=size, what="vision", impl_ms=t["impl"] * 1e3, patches=P, backend=backend,
+                      **self.versus(t, "impl", "transformers", "ms", 1e3))
 
         # 2. prefill (vision + prompt), last-position logits
         def impl_prefill():
             cache = KVCache(config, 1, L + 1, dt, dev)
             impl._prefill(inputs1, cache, captured={}, wanted=set(), all_logits=False)
-        with torch.inference_mode():
-            s = T.median(impl_prefill, reps)
-        self.emit(size=size, what="prefill", impl_ms=s * 1e3, tokens=L)
+        fns = {"impl": impl_prefill}
         if hf is not None:
-            kw = hf_kwargs(hf, inputs1, dev)
+            kw1 = hf_kwargs(hf, inputs1, dev)
+            fns["transformers"] = lambda: hf(**kw1, use_cache=False, logits_to_keep=1)
+        t = self.guarded("prefill", lambda: T.interleaved(fns, reps))
+        if t:
+            self.emit(size=size, what="prefill", impl_ms=t["impl"] * 1e3, tokens=L,
+                      **self.versus(t, "impl", "transformers", "ms", 1e3))
 
-            def hf_prefill():
-                with torch.inference_mode():
-                    return T.median(lambda: hf(**kw, use_cache=False, logits_to_keep=1), reps)
-            s_hf = self.guarded("prefill.transformers", hf_prefill)
-            if s_hf:
-                self.emit(size=size, what="prefill", transformers_ms=s_hf * 1e3, ratio=s_hf / s)
-
-        # 3. decode at batch 1 and 8
+        # 3. decode at batch 1 and 8 (tokens per second summed over the batch)
         for B, inputs in ((1, inputs1), (8, inputs8)):
-            if B > 1 and size == "cpu" and not a.cpu_batch8:
+            if B > 1 and size in ("cpu", "tiny") and not a.cpu_batch8:
                 continue
             impl.generate_from_inputs(inputs, 3, [0], ignore_eos=True)  # warm-up (kernels, allocator)
-            weights = param_bytes(impl)
-            peak = self.peak(lambda: impl.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True), weights)
+            peak = self.peak(lambda: impl.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True), param_bytes(impl))
             st = dict(impl.last_stats)
-            self.emit(size=size, what=f"decode.b{B}", impl_tok_s=st["decode_tok_per_s"] * B, per_row_tok_s=st["decode_tok_per_s"],
-                      new_tokens=st["new_tokens"], cuda_graph=st.get("cuda_graph"), graph_error=st.get("cuda_graph_error"),
-                      impl_peak_gib=peak, prefill_ms=st["prefill_s"] * 1e3)
+
+            def impl_decode():
+                impl.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True)
+                return impl.last_stats["decode_s"] / N  # seconds per step, prefill and capture excluded
+            fns = {"impl": impl_decode}
+            peak_hf = None
             if hf is not None:
                 kw = hf_kwargs(hf, inputs, dev)
 
                 def gen(n):
-                    with torch.inference_mode():
-                        hf.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                                    repetition_penalty=1.0, pad_token_id=config.pad_token_id)
+                    hf.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                                repetition_penalty=1.0, pad_token_id=config.pad_token_id)
 
                 def hf_decode():
-                    gen(2)
-                    hw = param_bytes(hf)
-                    t1 = T.median(lambda: gen(1), 1, warmup=0)
-                    peak_hf = self.peak(lambda: gen(N + 1), hw)
-                    tn = T.median(lambda: gen(N + 1), 1, warmup=0)
-                    return N / (tn - t1), peak_hf
-                res = self.guarded(f"decode.b{B}.transformers", hf_decode)
-                if res:
-                    rate = res[0] / 1.0 * B
-                    self.emit(size=size, what=f"decode.b{B}", transformers_tok_s=rate, transformers_peak_gib=res[1],
-                              ratio=st["decode_tok_per_s"] * B / rate)
+                    t1 = time.perf_counter()
+                    gen(1)
+                    T.sync()
+                    t2 = time.perf_counter()
+                    gen(N + 1)
+                    T.sync()
+                    return ((time.perf_counter() - t2) - (t2 - t1)) / N
+                fns["transformers"] = hf_decode
+                self.guarded(f"decode.b{B}.transformers.warmup", lambda: gen(2))
+                peak_hf = self.guarded(f"decode.b{B}.transformers.peak", lambda: self.peak(lambda: gen(N + 1), param_bytes(hf)))
+            t = self.guarded(f"decode.b{B}", lambda: T.interleaved(fns, max(1, reps // 2), timed_by_fn=True))
+            if t:
+                rates = {k: B / v for k, v in t.items()}
+                rec = dict(size=size, what=f"decode.b{B}", impl_tok_s=rates["impl"], new_tokens=st["new_tokens"],
+                           cuda_graph=st.get("cuda_graph"), graph_error=st.get("cuda_graph_error"), impl_peak_gib=peak,
+                           prefill_ms=st["prefill_s"] * 1e3)
+                if "transformers" in rates:
+                    rec.update(transformers_tok_s=rates["transformers"], transformers_peak_gib=peak_hf,
+                               ratio=rates["impl"] / rates["transformers"])
+                self.emit(**rec)
 
-        # 4. int4
+        # 4. vision attention backends on an image whose windows are not all full (varlen vs padded dense)
+        if a.vision_backends:
+            g = torch.Generator().manual_seed(1)
+            grid_nu = torch.tensor([[1, 74, 50]])  # 37 x 25 merge units: partial windows on two sides
+            pv_nu = torch.randn(74 * 50, config.vision.patch_dim, generator=g).to(dev)
+            for backend in a.vision_backends:
+                def one(backend=backend):
+                    with torch.inference_mode():
+                        return T.median(lambda: impl.visual(pv_nu, grid_nu, backend), reps)
+                t = self.guarded(f"vision.backend.{backend}", one)
+                if t:
+                    self.emit(size=size, what=f"vision.backend.{backend}", impl_ms=t * 1e3, patches=74 * 50,
+                              backend=impl.visual(pv_nu, grid_nu, backend)[1])
+
+        # 5. int4
         if a.int4 and size in a.int4:
             del hf
             hf = None
@@ -349,10 +397,12 @@ def main(argv=None) -> int:
     p.add_argument("--hf-static", action="store_true", help="also transformers' static-cache decode (slow to compile)")
     p.add_argument("--cpu-batch8", action="store_true", help="also batch-8 decode on the CPU preset")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--vision-backends", nargs="*", default=[], help="also time these vision backends on a ragged image")
     p.add_argument("--out", default=None, help="append JSON lines here")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    # set explicitly even when unchanged: on the 2-core CI box, runs that left the OpenMP pool at its
+    # default were ~50x slower on small ops (both impl and transformers), runs that set it were not
+    torch.set_num_threads(a.threads or torch.get_num_threads())
     a.size = a.size or (["3b"] if a.device.startswith("cuda") else ["cpu"])
     b = Bench(a)
     for size in a.size:

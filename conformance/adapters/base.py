@@ -153,7 +153,7 @@ def _t(x, dtype=torch.int64):
 def _np(x):
     if isinstance(x, torch.Tensor):
         return x
-    return torch.from_numpy(np.asarray(x))
+    return torch.from_numpy(np.array(x))  # a copy: the port's array may be read-only
 
 
 def _ints(x):

@@ -1,0 +1,95 @@
+"""The console command, the file exchange for ports in other languages, and the pytest plugin."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qwen25vl.conformance import cli, runner
+from qwen25vl.conformance.adapters.base import ITEM_CALLS
+from qwen25vl.conformance.adapters.spec import SpecAdapter
+from qwen25vl.conformance.compare import to_plain
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "fixtures"
+
+
+def test_usage_and_bad_arguments(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["nope"]) == 2
+    assert cli.main(["conform", "--target", "no_such_port"]) == 2
+    assert "not one of impl, spec" in capsys.readouterr().err
+    assert cli.main(["conform", "--cases", "zzz"]) == 2
+
+
+def test_list_cases(capsys):
+    assert cli.main(["conform", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "exact_windows" in out and "model_image" in out
+
+
+def _write_outputs_like_a_port(inputs_dir: Path, out_dir: Path, skip=()):
+    """What a port in another language does: read IN/<case>, write OUT/<case>. Here the 'port' is the spec."""
+    spec = SpecAdapter("float32")
+    for case_dir in sorted(p for p in inputs_dir.iterdir() if p.is_dir()):
+        info = json.loads((case_dir / "case.json").read_text())
+        dst = out_dir / case_dir.name
+        dst.mkdir(parents=True)
+        if info["kind"] == "exact":
+            tensors = {}
+            if (case_dir / "inputs.safetensors").is_file():
+                from safetensors.torch import load_file
+                tensors = load_file(str(case_dir / "inputs.safetensors"))
+            for stage in info["stages"]:
+                if stage in skip:
+                    continue
+                items = json.loads((case_dir / f"{stage}.inputs.json").read_text())["items"]
+                resolved = runner._resolve([it["inputs"] for it in items], tensors)
+                outs = spec.run_items(stage, resolved, tokenizer_dir=info.get("tokenizer"))
+                (dst / f"{stage}.json").write_text(json.dumps({"items": to_plain(outs)}))
+        else:
+            from safetensors.torch import load_file
+            spec.prepare(info["checkpoint"], dtype="float32", device="cpu")
+            inputs = load_file(str(case_dir / "inputs.safetensors"))
+            stages = [s for s in info["stages"] if not s.startswith(("preprocess.", "generate."))]
+            out = {k: v.contiguous() for k, v in spec.run(inputs, capture=stages).items()}
+            save_file(out, str(dst / "outputs.safetensors"))
+            tokens, topk = spec.generate(inputs, max_new_tokens=info["max_new_tokens"], eos_token_id=info["eos_token_id"])
+            (dst / "generate.tokens.json").write_text(json.dumps({"tokens": tokens.tolist(), "topk": topk.tolist()}))
+
+
+def test_export_inputs_then_judge_a_port_from_its_files(tmp_path, capsys):
+    assert cli.main(["conform", "--cases", "exact_(windows|resize|positions)|model_image",
+                     "--export-inputs", str(tmp_path / "in")]) == 0
+    exported = json.loads((tmp_path / "in" / "exact_resize" / "fn.smart_resize.inputs.json").read_text())
+    assert "expected" not in exported["items"][0]  # no golden values leak to the port
+    _write_outputs_like_a_port(tmp_path / "in", tmp_path / "out", skip={"fn.resize_bicubic"})
+    code = cli.main(["conform", "--target", f"files:{tmp_path / 'out'}", "--cases",
+                     "exact_(windows|resize|positions)|model_image", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    res = {(r["case"], r["stage"]): r["status"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert res[("exact_windows", "fn.window_partition")] == "pass"
+    assert res[("model_image", "vision.block.3")] == "pass"
+    assert res[("model_image", "generate.tokens")] == "pass"
+    assert res[("exact_resize", "fn.resize_bicubic")] == "not_covered"  # the port wrote no file for it
+    assert res[("model_image", "preprocess.input_ids")] == "not_covered"
+
+
+def test_jobs_run_cases_in_processes(capsys, tmp_path):
+    code = cli.main(["conform", "--target", "spec", "--cases", "exact_(windows|video)", "--jobs", "2",
+                     "--junit", str(tmp_path / "r.xml")])
+    assert code == 0
+    assert (tmp_path / "r.xml").read_text().count("<testcase") == 2
+
+
+def test_pytest_plugin_items_per_stage(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "qwen25vl.conformance.plugin",
+                           str(FIXTURES / "exact_windows"), str(FIXTURES / "exact_resize"), "--conform-target", "spec",
+                           "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 passed" in proc.stdout

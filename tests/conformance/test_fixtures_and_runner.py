@@ -1,0 +1,216 @@
+"""Fixture format, sha256 checks, the runner's statuses and the reports, on synthetic cases and toy adapters."""
+
+import json
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen25vl.conformance import report, runner, stages
+from qwen25vl.conformance.adapters.base import Adapter, NotCovered
+from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, sha256_file, write_case
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
+
+def toy_case(root: Path, name="toy") -> Path:
+    """A two-stage exact case written by hand (expected values computed by hand)."""
+    items = {"items": [
+        {"label": "70x70", "inputs": {"height": 70, "width": 70, "factor": 28, "min_pixels": 3136,
+                                      "max_pixels": 12845056}, "expected": [56, 56]},
+        {"label": "ratio 201", "inputs": {"height": 28, "width": 5628, "factor": 28, "min_pixels": 3136,
+                                          "max_pixels": 12845056}, "expected": {"error": "ValueError"}}]}
+    frames = {"items": [{"label": "4 frames", "inputs": {"total_frames": 4, "video_fps": 2.0, "fps": 2.0,
+                                                         "min_frames": 4, "max_frames": 768, "nframes": None},
+                         "expected": [0, 1, 2, 3]}]}
+    manifest = {"case": name, "kind": "exact", "description": "toy", "stages": {
+        "fn.smart_resize": {"tolerance": "exact", "items": "a.json", "files": ["a.json"]},
+        "fn.sample_frame_indices": {"tolerance": "exact", "items": "b.json", "files": ["b.json"]}}}
+    write_case(root / name, manifest, {"a.json": items, "b.json": frames})
+    return root / name
+
+
+class Toy(Adapter):
+    name = "toy"
+
+    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError("ratio")
+        return (56, 56)
+
+
+def run(adapter, paths, **kw):
+    return runner.run_suite([Path(p) for p in paths], runner.SuiteOptions(**kw), adapter=adapter)[1]
+
+
+def test_write_case_hashes_every_file_and_round_trips(tmp_path):
+    path = toy_case(tmp_path)
+    case = load_case(path)
+    assert case.bad_files == {}
+    assert case.manifest["files"]["a.json"] == sha256_file(path / "a.json")
+    assert find_cases(tmp_path) == [path]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_not_covered_is_not_a_failure(tmp_path):
+    res = run(Toy(), [toy_case(tmp_path)])
+    by = {r.stage: r for r in res}
+    assert by["fn.smart_resize"].status == "pass"
+    assert by["fn.sample_frame_indices"].status == "not_covered"
+    assert report.exit_code(res) == 0
+
+
+def test_tampered_and_missing_files_error_only_their_stage(tmp_path):
+    path = toy_case(tmp_path)
+    (path / "a.json").write_text((path / "a.json").read_text().replace("56", "57"))
+    res = {r.stage: r for r in run(Toy(), [path])}
+    assert res["fn.smart_resize"].status == "error" and "sha256 mismatch" in res["fn.smart_resize"].metric
+    assert res["fn.sample_frame_indices"].status == "not_covered"  # the other stage still ran
+    (path / "b.json").unlink()
+    res = {r.stage: r for r in run(Toy(), [path])}
+    assert res["fn.sample_frame_indices"].status == "error" and "missing" in res["fn.sample_frame_indices"].metric
+
+
+def test_no_manifest_is_reported_not_raised(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = runner.CaseRunner(Toy()).run(tmp_path / "empty")
+    assert res[0].status == "error" and "no manifest.json" in res[0].metric
+
+
+def test_a_port_that_hangs_times_out_and_the_run_goes_on(tmp_path):
+    class Hangs(Toy):
+        def smart_resize(self, *a, **k):
+            time.sleep(30)
+
+        def sample_frame_indices(self, *a, **k):
+            return [0, 1, 2, 3]
+    t0 = time.perf_counter()
+    res = {r.stage: r for r in run(Hangs(), [toy_case(tmp_path)], timeout=0.5)}
+    assert time.perf_counter() - t0 < 10
+    assert res["fn.smart_resize"].status == "error" and "timed out" in res["fn.smart_resize"].metric
+    assert res["fn.sample_frame_indices"].status == "pass"
+
+
+def test_timeout_outside_the_main_thread():
+    with pytest.raises(runner.StageTimeout):
+        import threading
+        box = {}
+
+        def go():
+            try:
+                runner.call_with_timeout(lambda: time.sleep(5), 0.2)
+            except runner.StageTimeout as e:
+                box["e"] = e
+        th = threading.Thread(target=go)
+        th.start()
+        th.join()
+        raise box["e"]
+
+
+def test_expectations_turn_known_failures_into_xfail(tmp_path):
+    class Wrong(Toy):
+        def smart_resize(self, *a, **k):
+            return (84, 84)
+    res = run(Wrong(), [toy_case(tmp_path)])
+    assert report.exit_code(res) == 1
+    exp = [{"case": "toy", "stage": r"fn\.smart_resize", "status": "fail", "reason": "round half up"}]
+    res = run(Wrong(), [toy_case(tmp_path)])
+    runner.apply_expectations(res, exp)
+    r = next(r for r in res if r.stage == "fn.smart_resize")
+    assert r.status == "xfail" and "round half up" in r.note
+    assert report.exit_code(res) == 0
+    res = run(Toy(), [toy_case(tmp_path)])
+    runner.apply_expectations(res, exp)
+    assert next(r for r in res if r.stage == "fn.smart_resize").status == "xpass"
+
+
+def test_reports_json_junit_table(tmp_path):
+    class Wrong(Toy):
+        def smart_resize(self, *a, **k):
+            return (84, 84)
+    res = run(Wrong(), [toy_case(tmp_path)])
+    desc = {"name": "toy", "dtype": "float32"}
+    data = json.loads(report.to_json(desc, res, 1.0))
+    assert data["summary"]["fail"] == 1 and data["first_divergence"]["stage"] == "fn.smart_resize"
+    root = ET.fromstring(report.to_junit(desc, res))
+    cases = root.findall(".//testcase")
+    assert len(cases) == 2
+    assert root.find(".//testcase[@name='fn.smart_resize']/failure") is not None
+    assert root.find(".//testcase[@name='fn.sample_frame_indices']/skipped") is not None
+    text = report.render(desc, res)
+    assert "FIRST DIVERGENCE" in text and "spec/resize.py: smart_resize" in text and text.endswith("RESULT: FAIL")
+
+
+def test_stage_order_and_teacher_forcing_inputs():
+    assert stages.order_key("fn.smart_resize") < stages.order_key("preprocess.input_ids") < stages.order_key(
+        "vision.patch_embed") < stages.order_key("vision.block.2") < stages.order_key("vision.block.10") < \
+        stages.order_key("vision.merger") < stages.order_key("text.layer.0") < stages.order_key("logits")
+    assert stages.info("vision.block.7").read.startswith("spec/vision.py")
+    assert stages.previous("vision.block.0", 4) == "vision.patch_embed"
+    assert stages.previous("text.layer.3", 4) == "text.layer.2"
+    assert stages.previous("vision.merger", 4) == "vision.block.3"
+    assert stages.model_stages(2, 1)[-3:] == ["text.layer.0", "text.norm", "logits"]
+
+
+def test_bundled_fixtures_are_intact_and_small():
+    total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
+    assert total < 40e6, f"bundled fixtures are {total / 1e6:.1f} MB"
+    for path in find_cases(FIXTURES):
+        case = load_case(path)
+        assert case.bad_files == {}, (path, case.bad_files)
+        for stage, entry in case.stages.items():
+            assert stages.is_known(stage), stage
+            assert entry["tolerance"] == stages.info(stage).tolerance
+    assert runner.checkpoint_problem(FIXTURES / "checkpoints" / "tiny") is None
+
+
+def test_fixture_errors_name_the_file(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(FixtureError, match="not valid JSON"):
+        load_case(tmp_path / "bad")
+    with pytest.raises(FixtureError, match="not found"):
+        find_cases(tmp_path / "nope")
+
+
+def test_bad_model_outputs_are_reported_per_stage(tmp_path):
+    """NaN, wrong dtype, wrong shape, a missing capture and a raising generate, in one run of a real
+    model case: each is reported on its own stage and every other stage is still judged."""
+    from qwen25vl.conformance.adapters.spec import SpecAdapter
+
+    class Broken(SpecAdapter):
+        def run(self, inputs, *, capture):
+            out = super().run(inputs, capture=capture)
+            out["vision.block.0"] = torch.full_like(out["vision.block.0"], float("nan"))
+            out["text.position_ids"] = out["text.position_ids"].float()
+            out["text.layer.0"] = out["text.layer.0"][:, :-1]
+            del out["text.norm"]
+            return out
+
+        def generate(self, inputs, **kw):
+            raise RuntimeError("decoder exploded")
+    res = {r.stage: r for r in runner.CaseRunner(Broken("float32")).run(FIXTURES / "model_image")}
+    assert res["vision.block.0"].status == "error" and "non-finite" in res["vision.block.0"].metric
+    assert res["text.position_ids"].status == "error" and "dtype" in res["text.position_ids"].metric
+    assert res["text.layer.0"].status == "error" and "wrong shape" in res["text.layer.0"].metric
+    assert res["text.norm"].status == "not_covered"
+    assert res["generate.tokens"].status == "error" and "decoder exploded" in res["generate.tokens"].metric
+    assert res["vision.block.1"].status == "pass" and res["logits"].status == "pass"
+    assert res["preprocess.input_ids"].status == "pass"
+
+
+def test_a_tampered_model_case_errors_every_stage_that_reads_the_file(tmp_path):
+    dst = tmp_path / "model_image"
+    shutil.copytree(FIXTURES / "model_image", dst)
+    (tmp_path / "checkpoints").symlink_to(FIXTURES / "checkpoints")
+    data = bytearray((dst / "golden.safetensors").read_bytes())
+    data[-1] ^= 1
+    (dst / "golden.safetensors").write_bytes(bytes(data))
+    from qwen25vl.conformance.adapters.spec import SpecAdapter
+    res = {r.stage: r for r in runner.CaseRunner(SpecAdapter("float32")).run(dst)}
+    assert res["vision.block.0"].status == "error" and "sha256" in res["vision.block.0"].metric
+    assert res["preprocess.input_ids"].status == "pass"  # reads other files
+    assert res["generate.tokens"].status == "pass"
