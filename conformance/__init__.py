@@ -1,0 +1,6 @@
+"""The conformance harness: judge a Qwen2.5-VL implementation stage by stage against the spec.
+
+stages.py (names, order, tolerance classes), fixtures.py (case folders, sha256), compare.py
+(metrics and verdicts), adapters/ (the protocol; spec, impl, transformers, files), runner.py,
+report.py, cli.py (`qwen25vl conform`), plugin.py (pytest). README section "Conformance harness".
+"""

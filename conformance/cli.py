@@ -65,7 +65,11 @@ def conform(argv: list[str]) -> int:
         return 0
     if args.export_inputs:
         from .adapters.files import export_inputs
-        names = export_inputs(paths, args.export_inputs)
+        try:
+            names = export_inputs(paths, args.export_inputs)
+        except (ValueError, OSError) as e:
+            print(f"qwen25vl conform: {e}", file=sys.stderr)
+            return 2
         print(f"wrote the inputs of {len(names)} cases under {args.export_inputs} "
               "(output layout: conformance/adapters/files.py, fixtures/FORMAT.md)")
         return 0

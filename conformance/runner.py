@@ -115,7 +115,16 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
     else:
         raise ValueError(f"target {target!r} is not one of impl, spec, transformers, files:DIR, module:Class")
     try:
-        klass = getattr(importlib.import_module(mod), cls)
+        try:
+            module = importlib.import_module(mod)
+        except ImportError:
+            import os
+            import sys
+            if os.getcwd() in sys.path:
+                raise
+            sys.path.insert(0, os.getcwd())  # a port's adapter module in the current folder, as `python -m` finds it
+            module = importlib.import_module(mod)
+        klass = getattr(module, cls)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"target {target!r}: cannot import {mod}.{cls}: {e}") from None
     kwargs = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
@@ -130,9 +139,14 @@ def load_expectations(path: str | Path | None) -> list[dict]:
     "status": "fail"|"error"|"not_covered", "reason": ...}]}; regexes match the whole name."""
     if not path:
         return []
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    out = data.get("expectations", [])
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"expectations file {path}: {e}") from None
+    out = data.get("expectations", []) if isinstance(data, dict) else None
+    if not isinstance(out, list):
+        raise ValueError(f"expectations file {path}: expected {{\"expectations\": [...]}}")
     for k, e in enumerate(out):
         for key in ("case", "stage", "reason"):
             if key not in e:

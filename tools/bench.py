@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -400,9 +401,14 @@ def main(argv=None) -> int:
     p.add_argument("--vision-backends", nargs="*", default=[], help="also time these vision backends on a ragged image")
     p.add_argument("--out", default=None, help="append JSON lines here")
     a = p.parse_args(argv)
-    # set explicitly even when unchanged: on the 2-core CI box, runs that left the OpenMP pool at its
-    # default were ~50x slower on small ops (both impl and transformers), runs that set it were not
-    torch.set_num_threads(a.threads or torch.get_num_threads())
+    if not a.device.startswith("cuda") and "GOMP_SPINCOUNT" not in os.environ:
+        # Measured on the 2-vCPU VM this was written on: an idle OpenMP worker took ~4-8 ms to wake, so
+        # every small parallel op cost a scheduler tick (50x slowdowns, varying run to run). Spinning
+        # workers avoid it; libgomp reads the setting at start-up, hence the re-exec.
+        os.environ["GOMP_SPINCOUNT"] = "100000000"
+        os.execv(sys.executable, [sys.executable, "-m", "qwen25vl.tools.bench", *(sys.argv[1:] if argv is None else argv)])
+    if a.threads:
+        torch.set_num_threads(a.threads)
     a.size = a.size or (["3b"] if a.device.startswith("cuda") else ["cpu"])
     b = Bench(a)
     for size in a.size:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import platform
 import re
 import sys
@@ -29,7 +28,6 @@ from qwen25vl.conformance import compare, stages
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.fixtures import dump_json, sha256_file, write_case
 from qwen25vl.spec.config import Qwen25VLConfig
-from qwen25vl.spec.forward import forward
 from qwen25vl.spec.generate import generate_greedy
 
 CHECKPOINT = "checkpoints/tiny"
@@ -53,9 +51,17 @@ def versions() -> dict:
     return out
 
 
-def deterministic() -> None:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+class deterministic:
+    """Single-threaded torch with deterministic algorithms inside the block; the caller's settings after."""
+
+    def __enter__(self):
+        self.saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+        torch.set_num_threads(1)
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved[0])
+        torch.use_deterministic_algorithms(self.saved[1])
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -492,8 +498,11 @@ def write_checkpoint(out: Path) -> Path:
 
 def generate(out: str | Path, only: str | None = None) -> list[str]:
     """Write the cases selected by `only` ('exact', 'model', a case name, a regex, or None: all) under `out`."""
-    deterministic()
-    out = Path(out)
+    with deterministic():
+        return _generate(Path(out), only)
+
+
+def _generate(out: Path, only: str | None) -> list[str]:
     names = list(EXACT_CASES) + list(MODEL_CASES)
     if only == "exact":
         names = list(EXACT_CASES)

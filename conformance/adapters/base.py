@@ -119,18 +119,22 @@ class Adapter:
     def run_items(self, stage: str, items: list[dict], *, tokenizer_dir=None) -> list:
         """Call the function of `stage` once per item; returns one plain result per item.
         A ValueError/TypeError raised by the port is a result ({"error": "ValueError"}), since some
-        items expect a refusal; NotCovered from the first item makes the whole stage not covered."""
+        items expect a refusal; NotCovered on some items leaves those out of the comparison, on every
+        item makes the whole stage not covered."""
         call = ITEM_CALLS[stage]
-        out = []
+        out, uncovered = [], None
         for item in items:
             try:
                 out.append(call(self, item, tokenizer_dir))
-            except NotCovered:
-                raise
+            except NotCovered as e:  # this item only (a port may cover still images but not videos)
+                out.append({"not_covered": str(e)})
+                uncovered = e
             except (ValueError, TypeError) as e:
                 out.append({"error": "ValueError" if isinstance(e, ValueError) else "TypeError"})
             except Exception as e:  # a crash on one item is that item's result; the table goes on
                 out.append({"error": type(e).__name__, "crash": str(e)[:200]})
+        if uncovered is not None and all(isinstance(o, dict) and "not_covered" in o for o in out):
+            raise uncovered
         return out
 
 

@@ -35,6 +35,14 @@ class ImplAdapter(SpecAdapter):
         self.attention = attention
         self.model = None
 
+    def run_items(self, stage, items, *, tokenizer_dir=None):
+        _impl()  # no impl, nothing of it passes: the fn.* stages are not covered either
+        return super().run_items(stage, items, tokenizer_dir=tokenizer_dir)
+
+    def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
+        _impl()
+        return super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
+
     def describe(self) -> dict:
         return {"name": "impl", "version": "qwen25vl.impl", "dtype": self.dtype, "device": self.device,
                 "attention": self.attention}
@@ -94,6 +102,17 @@ class ImplAdapter(SpecAdapter):
                 with torch.inference_mode():
                     out = model.visual.blocks[i](hidden.index_select(0, perm), cos, sin, plan)
                 return out.index_select(0, torch.argsort(perm)).cpu()
+            if stage == "vision.patch_embed":
+                pixels = torch.cat([feeds[k] for k in ("pixel_values", "pixel_values_videos") if feeds.get(k) is not None])
+                with torch.inference_mode():
+                    return model.visual.patch_embed(pixels.to(device=dev, dtype=dt)).cpu()
+            if stage == "vision.merger":  # rows in pixel_values order already group each merge block
+                vt = model.visual
+                P = hidden.shape[0]
+                with torch.inference_mode():
+                    x = m.rms_norm(hidden, vt.ln_q, v.rms_norm_eps, use_triton=vt.use_triton)
+                    x = x.view(P // v.spatial_merge_size**2, -1)
+                    return vt.mlp2(torch.nn.functional.gelu(vt.mlp0(x))).cpu()
             if stage.startswith("text.layer."):
                 i = int(stage.rsplit(".", 1)[1])
                 cos, sin = m.mrope_half_tables(feeds["position_ids"], self.config, dev)

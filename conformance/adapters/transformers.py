@@ -64,6 +64,16 @@ class TransformersAdapter(Adapter):
         from PIL import Image  # the PIL processor path: Image.resize with BICUBIC
         return np.asarray(Image.fromarray(np.asarray(image)).resize((size[1], size[0]), Image.Resampling.BICUBIC))
 
+    def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
+        """The image processor's patchify: one still image (T = 1). Frame stacks go through the video
+        processor, which needs torchvision (not installed): those items are not covered."""
+        if frames.shape[0] != 1:
+            raise NotCovered("patchify of several frames is in transformers' video processor (needs torchvision)")
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        pv, gh, gw = Qwen2VLImageProcessorPil.patchify(None, frames[0].numpy(), patch_size=patch_size,
+                                                       merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+        return torch.from_numpy(np.array(pv)), torch.tensor([[1, gh, gw]])
+
     def preprocess_image(self, image, *, min_pixels, max_pixels):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         key = ("image", min_pixels, max_pixels)
@@ -87,6 +97,20 @@ class TransformersAdapter(Adapter):
         proc = self.processor(str(Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"))
         return proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                         add_vision_id=add_vision_id)
+
+    def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
+        """The processor's own placeholder expansion (replace_*_token + get_text_with_replacements)."""
+        proc = self.processor(str(Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"))
+        imgs = [] if image_grid_thw is None else [
+            proc.replace_image_token({"image_grid_thw": image_grid_thw}, i) for i in range(len(image_grid_thw))]
+        saved = proc.video_processor
+        proc.video_processor = types.SimpleNamespace(merge_size=merge_size)  # replace_video_token reads only this
+        try:
+            vids = [] if video_grid_thw is None else [
+                proc.replace_video_token({"video_grid_thw": video_grid_thw}, i) for i in range(len(video_grid_thw))]
+        finally:
+            proc.video_processor = saved
+        return proc.get_text_with_replacements(list(texts), imgs, vids)[0]
 
     def tokenize(self, text, *, tokenizer_dir):
         return self.processor(tokenizer_dir).tokenizer.encode(text, add_special_tokens=False)

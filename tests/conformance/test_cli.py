@@ -5,11 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from qwen25vl.conformance import cli, runner
-from qwen25vl.conformance.adapters.base import ITEM_CALLS
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.compare import to_plain
 
@@ -23,6 +21,14 @@ def test_usage_and_bad_arguments(capsys):
     assert cli.main(["conform", "--target", "no_such_port"]) == 2
     assert "not one of impl, spec" in capsys.readouterr().err
     assert cli.main(["conform", "--cases", "zzz"]) == 2
+    assert cli.main(["conform", "--fixtures", "/nonexistent/folder"]) == 2
+    assert "fixture folder not found" in capsys.readouterr().err
+
+
+def test_bad_expectations_file(tmp_path, capsys):
+    (tmp_path / "e.json").write_text("{bad")
+    assert cli.main(["conform", "--target", "spec", "--expectations", str(tmp_path / "e.json")]) == 2
+    assert "expectations file" in capsys.readouterr().err
 
 
 def test_list_cases(capsys):

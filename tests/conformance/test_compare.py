@@ -136,3 +136,9 @@ def test_tokens_rule():
 def test_rel_error_of_identical_tensors_is_zero(values):
     t = torch.tensor(values, dtype=torch.float32)
     assert compare.float_errors(t, t.clone())["rel"] == 0.0
+
+
+def test_items_a_port_does_not_cover_are_left_out():
+    v = compare.exact_items([[1], [2], [3]], [[1], {"not_covered": "video"}, [4]])
+    assert v.status == "fail" and v.metric == "1/2 items equal (1 not covered)"
+    assert compare.exact_items([[1], [2]], [[1], {"not_covered": "x"}]).status == "pass"

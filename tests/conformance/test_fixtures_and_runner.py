@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen25vl.conformance import report, runner, stages
-from qwen25vl.conformance.adapters.base import Adapter, NotCovered
+from qwen25vl.conformance.adapters.base import Adapter
 from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, sha256_file, write_case
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

@@ -32,3 +32,14 @@ def test_transformers_passes_with_explained_expectations(capsys, tmp_path):
     assert xfail and all(r["note"].startswith("expected: ") for r in xfail)
     passed = {(r["case"], r["stage"]) for r in data["results"] if r["status"] == "pass"}
     assert ("model_image", "logits") in passed and ("exact_windows", "fn.window_partition") in passed
+
+
+def test_impl_missing_is_not_covered_never_passed(monkeypatch):
+    import sys
+    from qwen25vl.conformance.adapters.impl import ImplAdapter
+    import qwen25vl.impl as pkg
+    monkeypatch.delattr(pkg, "model", raising=False)
+    monkeypatch.setitem(sys.modules, "qwen25vl.impl.model", None)  # import fails
+    _, results = runner.run_suite(runner.select_cases(FIXTURES, "exact_windows|model_image"),
+                                  runner.SuiteOptions(), adapter=ImplAdapter("float32", "cpu"))
+    assert results and all(r.status == "not_covered" for r in results)
