@@ -15,12 +15,18 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
     def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, C, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < C
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+        # tl.reduce with our own combine rather than tl.sum: tl.sum is a jit function of triton's library, and
+        # under the interpreter it only works if triton itself was imported with TRITON_INTERPRET=1
+        inv = 1.0 / tl.sqrt(tl.reduce(x * x, 0, _add) / C + eps)
         normed = (x * inv).to(y_ptr.dtype.element_ty)
         # the bf16*bf16 product is exact in float32, so one rounding here equals the reference's
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
