@@ -134,13 +134,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """One query per row over the whole cache: q [B, N, D], caches [B, K, T, D], key_valid bool [B, T]
-    -> [B, N, D]. Scores and softmax in float32."""
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over the whole cache: q [B, N, D], caches [B, K, T, D], key_mask [B, T]
+    (bool: True = attend; or additive float: 0 / -inf, in q's dtype) -> [B, N, D].
+
+    The G = N/K query heads of one kv head are handed to SDPA as G query positions of that head
+    (same keys, same mask, no causality among them), so GQA costs one fused call without
+    repeating the cache.
+    """
     B, N, D = q.shape
     K = k_cache.shape[1]
-    qg = q.view(B, K, N // K, D)  # query heads of one kv head are consecutive
-    scores = (qg @ k_cache.transpose(2, 3)).float() * D**-0.5  # [B, K, G, T]
-    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    w = torch.softmax(scores, dim=-1).to(v_cache.dtype)
-    return (w @ v_cache).view(B, N, D)
+    qg = q.reshape(B, K, N // K, D)  # query heads of one kv head are consecutive
+    o = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=key_mask[:, None, None, :])  # [B, K, G, D]
+    return o.reshape(B, N, D)

@@ -50,6 +50,8 @@ class DecodeState:
         self.key_valid = key_valid
         self.key_index = torch.arange(T, device=dev)
         self.pad = torch.tensor(cfg.pad_token_id, device=dev)
+        self.zero = torch.tensor(0.0, dtype=model.dtype_, device=dev)
+        self.neg_inf = torch.tensor(float("-inf"), dtype=model.dtype_, device=dev)
 
 
 def decode_step(model, st: DecodeState) -> None:
@@ -58,9 +60,10 @@ def decode_step(model, st: DecodeState) -> None:
     cos = st.cos.index_select(1, st.step)[:, 0]  # [B, D/2]
     sin = st.sin.index_select(1, st.step)[:, 0]
     valid = st.key_valid & (st.key_index <= slot)[None]  # [B, T]
+    bias = torch.where(valid, st.zero, st.neg_inf)  # additive mask, built once for all layers
     x = F.embedding(st.tok, model.text.embed)  # [B, C]
     for layer in model.text.layers:
-        x = layer.decode(x, cos, sin, valid, st.cache, slot)
+        x = layer.decode(x, cos, sin, bias, st.cache, slot)
     logits = model.text.lm_head(model.text.final(x))  # [B, V]
     nxt = torch.where(st.finished, st.pad, logits.argmax(-1))
     st.out.index_copy_(1, st.step + 1, nxt[:, None])
@@ -121,11 +124,11 @@ def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, c
         eos = torch.tensor([-1])  # matches no token
     ids = inputs["input_ids"]
     B, L = ids.shape
-    T = L + max_new_tokens
+    T = -(-(L + max_new_tokens) // 16) * 16  # rounded up: SDPA's fused kernels want an aligned mask
     V, C = model.config.vocab_size, model.config.hidden_size
     item = torch.empty((), dtype=model.dtype_).element_size()
     work = B * L * (4 * C + 2 * model.config.intermediate_size) * item + B * V * 4  # rough prefill activations
-    check_cache_fits(model.config, B, T, model.dtype_, model.device_, extra_bytes=work)
+    check_cache_fits(model.config, B, L + max_new_tokens, model.dtype_, model.device_, extra_bytes=work, alloc_len=T)
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(torch.int64)
 

@@ -170,14 +170,15 @@ class DecoderLayer(nn.Module):
         o = prefill_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, N * D)
         return self._mlp(x + self.o_proj(o))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_valid: torch.Tensor, cache,
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor, cache,
                slot: torch.Tensor) -> torch.Tensor:
-        """One token per row: x [B, C]; cos, sin [B, D/2]; key_valid bool [B, T]; slot int64 [1] -> [B, C]."""
+        """One token per row: x [B, C]; cos, sin [B, D/2]; key_mask [B, T] (see decode_attention);
+        slot int64 [1] -> [B, C]."""
         B = x.shape[0]
         N, K, D = self.N, self.K, self.D
         qkv = self._qkv(x, cos, sin)  # [B, N+2K, D]
         cache.write_step(self.i, qkv[:, N:N + K, None], qkv[:, N + K:, None], slot)
-        o = decode_attention(qkv[:, :N], cache.k[self.i], cache.v[self.i], key_valid)  # [B, N, D]
+        o = decode_attention(qkv[:, :N], cache.k[self.i], cache.v[self.i], key_mask)  # [B, N, D]
         return self._mlp(x + self.o_proj(o.reshape(B, N * D)))
 
 

@@ -8,7 +8,8 @@ are compiled for real.
 Tolerance rule (the one place it is stated): a result `actual` of impl computed in dtype `dt` is
 compared with the float64 oracle `expected` (spec, or a formula written in the test) by
     rel = max|actual - expected| / max(max|expected|, 1e-30)   <=   TOL[kind][dt]
-kind "kernel": one fused op (a couple of roundings): float32 1e-6, bfloat16 1.6e-2 (two bf16 ulps).
+kind "kernel": one fused op or attention call:      float32 4e-6 (~32 ulps: softmax and sums over up
+              to a few hundred terms), bfloat16 1.6e-2 (two bf16 ulps).
 kind "stage" : a model stage after several layers:   float32 5e-5, bfloat16 6e-2.
 Text stages are compared on real tokens only (attention_mask 1).
 """
@@ -23,7 +24,7 @@ import torch
 
 DEVICE = torch.device(os.environ.get("QWEN25VL_TEST_DEVICE", "cpu"))
 TOL = {
-    "kernel": {torch.float32: 1e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3},
+    "kernel": {torch.float32: 4e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3},
     "stage": {torch.float32: 5e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2},
 }
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "impl" / "kernels"
