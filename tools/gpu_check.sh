@@ -17,11 +17,10 @@ elapsed() { echo $(( $(date +%s) - START )); }
 note() { echo "[$(elapsed)s] $*" | tee -a "$OUT/steps.txt"; }
 
 # --- the package without installing it: a shim folder mapping qwen25vl.* onto the repo folders ---
-SHIM="$(mktemp -d)/shim"
-mkdir -p "$SHIM/qwen25vl"
-cp "$REPO/qwen25vl/__init__.py" "$SHIM/qwen25vl/__init__.py"
-for sub in spec impl conformance tools; do ln -s "$REPO/$sub" "$SHIM/qwen25vl/$sub"; done
-export PYTHONPATH="$SHIM:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# the repo's own qwen25vl/ folder shadows any shim once the repo root is on sys.path (python -m, pytest),
+# so the subpackages are linked into it (on the device's throwaway copy of the tree only)
+for sub in spec impl conformance tools; do [ -e "qwen25vl/$sub" ] || ln -s "../$sub" "qwen25vl/$sub"; done
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export HYPOTHESIS_PROFILE=dev
 
