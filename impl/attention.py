@@ -13,8 +13,9 @@ frames). Backends, by name:
 else varlen on CUDA with half precision; else dense. `SegmentPlan.backend` records what ran.
 
 Text: prefill uses SDPA with a causal + padding mask (a padding query sees only itself, so no row is
-all -inf); decode attends one new query per row over the whole preallocated cache with a key mask,
-so its shapes never change (CUDA-graph friendly).
+all -inf); decode attends one new query per row over the preallocated cache with a key mask, so its shapes
+never change (CUDA-graph friendly); backends "sdpa", "split" (flash-decoding, reads only the filled
+part of the cache), "math" (see decode_attention).
 
 Shapes: P patches, S segments, N heads, K kv heads, G = N/K, D head dim, B batch, L tokens, T cache length.
 """
@@ -134,16 +135,43 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """One query per row over the whole cache: q [B, N, D], caches [B, K, T, D], key_mask [B, T]
+DECODE_BACKENDS = ("sdpa", "split", "math")
+
+
+def check_decode_backend(name: str) -> None:
+    """Raise ValueError when `name` is not a decode attention backend."""
+    if name not in DECODE_BACKENDS:
+        raise ValueError(f"decode_attention must be one of {DECODE_BACKENDS}, got {name!r}")
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
+                     backend: str = "sdpa", n_valid: torch.Tensor | None = None, use_triton: bool = True) -> torch.Tensor:
+    """One query per row over the cache: q [B, N, D], caches [B, K, T, D], key_mask [B, T]
     (bool: True = attend; or additive float: 0 / -inf, in q's dtype) -> [B, N, D].
 
-    The G = N/K query heads of one kv head are handed to SDPA as G query positions of that head
-    (same keys, same mask, no causality among them), so GQA costs one fused call without
-    repeating the cache.
+    backend (fallback order written out; the caller records which it asked for):
+      "sdpa"   one SDPA call over the whole cache. The G = N/K query heads of one kv head are handed
+               to SDPA as G query positions of that head (same keys, same mask, no causality among
+               them), so GQA costs one fused call without repeating the cache. SDPA runs one
+               program per (row, kv head): few programs for a whole GPU at batch 1.
+      "split"  impl.kernels.decode_attention: keys cut into chunks (flash-decoding), and only keys
+               0..n_valid-1 read (n_valid int tensor [1] on the device; None = T). Needs an additive
+               float key_mask. Triton on CUDA; elsewhere its PyTorch fallback (= "math").
+      "math"   matmul, float32 softmax, matmul (plain PyTorch; what torch.compile can fuse).
     """
     B, N, D = q.shape
     K = k_cache.shape[1]
+    if backend in ("split", "math"):
+        from .kernels.decode_attention import decode_attention_split, decode_attention_torch
+        bias = key_mask if key_mask.is_floating_point() else torch.zeros(key_mask.shape, dtype=q.dtype,
+                                                                          device=q.device).masked_fill_(~key_mask, float("-inf"))
+        if backend == "math":
+            return decode_attention_torch(q, k_cache, v_cache, bias)
+        if n_valid is None:
+            n_valid = torch.full((1,), k_cache.shape[2], dtype=torch.int64, device=q.device)
+        return decode_attention_split(q, k_cache, v_cache, bias, n_valid, use_triton=use_triton)
+    if backend != "sdpa":
+        check_decode_backend(backend)
     qg = q.reshape(B, K, N // K, D)  # query heads of one kv head are consecutive
     o = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=key_mask[:, None, None, :])  # [B, K, G, D]
     return o.reshape(B, N, D)

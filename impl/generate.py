@@ -23,8 +23,15 @@ import torch.nn.functional as F
 
 from qwen25vl.spec.mrope import decode_positions
 
+from .attention import check_decode_backend, decode_attention
 from .cache import KVCache, check_cache_fits
+from .kernels.gemv import gemv
+from .kernels.rmsnorm import rms_norm_torch
+from .kernels.rotary import apply_rotary_cache_, rotary_torch
+from .kernels.swiglu import swiglu_torch
 from .model import mrope_half_tables
+
+COMPILE_MODES = (False, True, "default", "max-autotune-no-cudagraphs")
 
 
 class DecodeState:
@@ -52,20 +59,108 @@ class DecodeState:
         self.pad = torch.tensor(cfg.pad_token_id, device=dev)
         self.zero = torch.tensor(0.0, dtype=model.dtype_, device=dev)
         self.neg_inf = torch.tensor(float("-inf"), dtype=model.dtype_, device=dev)
+        self.attn = "sdpa"  # decode_attention backend
+        self.compiled = None  # (pre, post, head) from compiled_decode_fns, or None = the layers' eager decode
+        self.fused = False  # batch-1 fused matrix-vector kernels (decode_layer_fused)
+
+
+def _layer_pre(x, cos, sin, kc, vc, slot, norm, w, b, eps: float, N: int, K: int, D: int):
+    """Norm, q|k|v, rotary, cache write of one layer in plain PyTorch (for torch.compile to fuse):
+    x [B, C], caches [B, K, T, D] (written at `slot`) -> q [B, N, D]."""
+    qkv = F.linear(rms_norm_torch(x, norm, eps), w, b).view(x.shape[0], -1, D)
+    rotary_torch(qkv, cos, sin, N + K)
+    kc.index_copy_(2, slot, qkv[:, N:N + K, None])
+    vc.index_copy_(2, slot, qkv[:, N + K:, None])
+    return qkv[:, :N]
+
+
+def _layer_post(x, o, wo, norm, wgu, wd, eps: float):
+    """o_proj + residual, norm, SwiGLU MLP + residual: x [B, C], o [B, N*D] -> [B, C]."""
+    x = x + F.linear(o, wo)
+    return x + F.linear(swiglu_torch(F.linear(rms_norm_torch(x, norm, eps), wgu)), wd)
+
+
+def _head(x, norm, w, eps: float, finished, pad):
+    """Final norm, lm_head, argmax (pad where finished): x [B, C] -> int64 [B]."""
+    nxt = F.linear(rms_norm_torch(x, norm, eps), w).argmax(-1)
+    return torch.where(finished, pad, nxt)
+
+
+def compiled_decode_fns(model, mode):
+    """torch.compile of the three per-step pieces, shared by every layer (weights are arguments, so
+    one compilation serves all layers); cached on the model. Attention stays outside (any backend).
+    mode: True / "default" or "max-autotune-no-cudagraphs" (our own CUDA graph wraps the step)."""
+    import torch.nn as nn
+    for layer in model.text.layers:
+        for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+            if type(lin) is not nn.Linear:
+                raise ValueError(f"compile_decode needs plain nn.Linear layers, layer {layer.i} has "
+                                 f"{type(lin).__name__} (int4 runs eagerly)")
+    mode = "default" if mode is True else mode
+    cache = model.__dict__.setdefault("_compiled_decode", {})
+    if mode not in cache:
+        kw = dict(mode=mode, dynamic=False, fullgraph=True)
+        cache[mode] = (torch.compile(_layer_pre, **kw), torch.compile(_layer_post, **kw), torch.compile(_head, **kw))
+    return cache[mode]
+
+
+def decode_layer_fused(layer, x, cos, sin, bias, cache, slot, attn: str, n_valid) -> torch.Tensor:
+    """The same as DecoderLayer.decode for one row with impl.kernels.gemv: RMSNorm fused into the q|k|v
+    and gate|up products, SwiGLU into gate|up, the residual adds into o_proj and down, the cache
+    write into the rotary (5 kernels + attention instead of 12; plain nn.Linear weights).
+    x [1, C] -> [1, C]."""
+    B, t = x.shape[0], layer.use_triton
+    N, K, D = layer.N, layer.K, layer.D
+    qkv = gemv(x, layer.qkv.weight, layer.qkv.bias, norm_weight=layer.norm1, eps=layer.eps, use_triton=t)
+    qkv = apply_rotary_cache_(qkv.view(B, -1, D), cos, sin, N, cache.k[layer.i], cache.v[layer.i], slot, use_triton=t)
+    o = decode_attention(qkv[:, :N], cache.k[layer.i], cache.v[layer.i], bias, attn, n_valid, use_triton=t)
+    x = gemv(o.reshape(B, N * D), layer.o_proj.weight, residual=x, use_triton=t)
+    h = gemv(x, layer.gate_up.weight, norm_weight=layer.norm2, eps=layer.eps, swiglu=True, use_triton=t)
+    return gemv(h, layer.down.weight, residual=x, use_triton=t)
+
+
+def check_fusable(model, B: int) -> None:
+    """ValueError unless fused decode can run: batch 1 and plain nn.Linear layers (int4 runs unfused)."""
+    import torch.nn as nn
+    if B != 1:
+        raise ValueError(f"fused_decode needs batch 1, got batch {B}")
+    for layer in model.text.layers:
+        for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+            if type(lin) is not nn.Linear:
+                raise ValueError(f"fused_decode needs plain nn.Linear layers, layer {layer.i} has {type(lin).__name__}")
 
 
 def decode_step(model, st: DecodeState) -> None:
     """Feed st.tok at cache slot L + step, write the argmax into st.out[:, step + 1]; all in place."""
     slot = st.step + st.L  # [1]
+    n_valid = slot + 1  # keys 0..slot are filled
     cos = st.cos.index_select(1, st.step)[:, 0]  # [B, D/2]
     sin = st.sin.index_select(1, st.step)[:, 0]
     valid = st.key_valid & (st.key_index <= slot)[None]  # [B, T]
     bias = torch.where(valid, st.zero, st.neg_inf)  # additive mask, built once for all layers
     x = F.embedding(st.tok, model.text.embed)  # [B, C]
-    for layer in model.text.layers:
-        x = layer.decode(x, cos, sin, bias, st.cache, slot)
-    logits = model.text.lm_head(model.text.final(x))  # [B, V]
-    nxt = torch.where(st.finished, st.pad, logits.argmax(-1))
+    text = model.text
+    if st.fused:
+        for layer in text.layers:
+            x = decode_layer_fused(layer, x, cos, sin, bias, st.cache, slot, st.attn, n_valid)
+        logits = gemv(x, text.lm_head.weight, norm_weight=text.norm, eps=text.cfg.rms_norm_eps,
+                      use_triton=text.use_triton)
+        nxt = torch.where(st.finished, st.pad, logits.argmax(-1))
+    elif st.compiled is None:
+        for layer in text.layers:
+            x = layer.decode(x, cos, sin, bias, st.cache, slot, st.attn, n_valid)
+        nxt = torch.where(st.finished, st.pad, text.lm_head(text.final(x)).argmax(-1))  # [B]
+    else:
+        pre, post, head = st.compiled
+        B = x.shape[0]
+        for layer in text.layers:
+            kc, vc = st.cache.k[layer.i], st.cache.v[layer.i]
+            q = pre(x, cos, sin, kc, vc, slot, layer.norm1, layer.qkv.weight, layer.qkv.bias, layer.eps,
+                    layer.N, layer.K, layer.D)
+            o = decode_attention(q, kc, vc, bias, st.attn, n_valid, use_triton=layer.use_triton)
+            x = post(x, o.reshape(B, -1), layer.o_proj.weight, layer.norm2, layer.gate_up.weight, layer.down.weight,
+                     layer.eps)
+        nxt = head(x, text.norm, text.lm_head.weight, text.cfg.rms_norm_eps, st.finished, st.pad)
     st.out.index_copy_(1, st.step + 1, nxt[:, None])
     st.finished |= (nxt[:, None] == st.eos[None]).any(-1)
     st.tok.copy_(nxt)
@@ -111,15 +206,27 @@ def check_generate_args(model, inputs: dict, max_new_tokens, eos_token_id) -> to
 
 @torch.inference_mode()
 def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, cuda_graph: bool | None = None,
-                    sync_every: int = 16, on_token=None, ignore_eos: bool = False) -> torch.Tensor:
+                    sync_every: int = 16, on_token=None, ignore_eos: bool = False, decode_attention: str = "sdpa",
+                    compile_decode=False, fused_decode: bool = False) -> torch.Tensor:
     """Greedy continuation: model inputs -> int64 [B, n] on the CPU (see module doc).
 
     cuda_graph: None = on for CUDA models (if capture fails, decoding runs eagerly and
     last_stats["cuda_graph_error"] says why). on_token(ids: list[int] of length B) is called once per
     generated position, in order (forces a sync per step). ignore_eos: always produce max_new_tokens
-    (benchmarks). Timings land in model.last_stats.
+    (benchmarks). decode_attention: "sdpa" | "split" | "math" (impl.attention.decode_attention).
+    compile_decode: False, True (= "default") or "max-autotune-no-cudagraphs": torch.compile the
+    per-layer pieces of the decode step (plain nn.Linear only; when compiling fails the step runs
+    eagerly and last_stats["compile_error"] says why). fused_decode: batch 1 only, plain nn.Linear
+    only (else ValueError): the layers' matrix-vector products with their norms, SwiGLU and residual
+    adds fused (decode_layer_fused); it takes precedence over compile_decode. Timings and what ran
+    land in model.last_stats.
     """
+    check_decode_backend(decode_attention)
+    if compile_decode not in COMPILE_MODES:
+        raise ValueError(f"compile_decode must be one of {COMPILE_MODES}, got {compile_decode!r}")
     eos = check_generate_args(model, inputs, max_new_tokens, eos_token_id)
+    if fused_decode:
+        check_fusable(model, inputs["input_ids"].shape[0])
     if ignore_eos:
         eos = torch.tensor([-1])  # matches no token
     ids = inputs["input_ids"]
@@ -143,6 +250,23 @@ def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, c
     sync()
     t1 = time.perf_counter()
     stats.update(prefill_s=t1 - t0, batch=B, prompt_tokens=L)
+    st.attn, st.fused = decode_attention, bool(fused_decode)
+    stats.update(decode_attention=decode_attention, compile_decode=False, fused_decode=st.fused)
+    if compile_decode and not fused_decode and max_new_tokens > 1:  # compile time is counted in graph_capture_s
+        try:
+            st.compiled = compiled_decode_fns(model, compile_decode)
+            saved = (st.tok.clone(), st.out.clone(), st.finished.clone())
+            try:
+                decode_step(model, st)  # compiles now; the cache slot it wrote is rewritten by step 0
+            finally:
+                st.step.zero_()
+                st.tok.copy_(saved[0])
+                st.out.copy_(saved[1])
+                st.finished.copy_(saved[2])
+            stats["compile_decode"] = "default" if compile_decode is True else compile_decode
+        except Exception as e:  # eager rather than fail; say so
+            st.compiled = None
+            stats["compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
     if on_token is not None:
         on_token(first.tolist())
     use_graph = model.device_.type == "cuda" if cuda_graph is None else cuda_graph

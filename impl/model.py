@@ -97,6 +97,9 @@ class VisionTower(nn.Module):
         super().__init__()
         v = config.vision
         self.cfg, self.use_triton = v, use_triton
+        # None: the grid geometry (window order, rotary tables, attention plans) is rebuilt per call;
+        # a dict: it is kept per (grids, backend), for repeated image sizes (set `model.visual.geometry_cache = {}`)
+        self.geometry_cache: dict | None = None
         w = get("visual.patch_embed.proj.weight")
         self.patch_embed = _linear(w.reshape(w.shape[0], -1))  # Conv3d with kernel = stride is a matmul
         self.blocks = nn.ModuleList(VisionBlock(get, i, v, use_triton) for i in range(v.depth))
@@ -109,16 +112,14 @@ class VisionTower(nn.Module):
         """pixel_values [P, 1176], grid_thw [k, 3] -> (merged [P/4, C] in item order, {"window": label, "full": label})."""
         v, m2 = self.cfg, self.cfg.spatial_merge_size**2
         dev, dt = self.ln_q.device, self.ln_q.dtype
-        window_index, cu_win, cu_full = window_partition(grid_thw, window_size=v.window_size, patch_size=v.patch_size,
-                                                         merge_size=v.spatial_merge_size)
-        cos, sin = vision_rotary_cos_sin(vision_rotary_positions(grid_thw, v.spatial_merge_size), v.head_dim,
-                                         VISION_ROPE_THETA, dtype=torch.float32)
-        perm = (window_index[:, None] * m2 + torch.arange(m2)).reshape(-1).to(dev)  # patch rows in window order
-        inv_perm = torch.argsort(perm)
-        half = v.head_dim // 2
-        cos, sin = (t[:, :half].to(dev).index_select(0, perm).contiguous() for t in (cos, sin))
         P = pixel_values.shape[0]
-        plans = {"window": SegmentPlan(cu_win, P, dev, dt, backend), "full": SegmentPlan(cu_full, P, dev, dt, backend)}
+        key = (tuple(map(tuple, grid_thw.tolist())), backend)
+        geo = self.geometry_cache.get(key) if self.geometry_cache is not None else None
+        if geo is None:
+            geo = self.geometry(grid_thw, P, backend)
+            if self.geometry_cache is not None:
+                self.geometry_cache[key] = geo
+        perm, inv_perm, cos, sin, plans, merge_index = geo
 
         x = self.patch_embed(pixel_values.to(device=dev, dtype=dt))  # [P, Cv]
         if "vision.patch_embed" in wanted:
@@ -130,8 +131,24 @@ class VisionTower(nn.Module):
                 captured[f"vision.block.{i}"] = x.index_select(0, inv_perm)
         x = rms_norm(x, self.ln_q, v.rms_norm_eps, use_triton=self.use_triton).view(P // m2, -1)  # [P/4, 4*Cv]
         x = self.mlp2(F.gelu(self.mlp0(x)))  # [P/4, C]
-        merged = x.index_select(0, torch.argsort(window_index).to(dev))  # item order
+        merged = x.index_select(0, merge_index)  # item order
         return merged, {k: p.label for k, p in plans.items()}
+
+    def geometry(self, grid_thw: torch.Tensor, P: int, backend: str):
+        """What depends only on the grids: (perm [P], inv_perm [P], cos, sin float32 [P, D/2] in window
+        order, {"window", "full"}: SegmentPlan, merge_index [P/4]), all on the tower's device."""
+        v, m2 = self.cfg, self.cfg.spatial_merge_size**2
+        dev, dt = self.ln_q.device, self.ln_q.dtype
+        window_index, cu_win, cu_full = window_partition(grid_thw, window_size=v.window_size, patch_size=v.patch_size,
+                                                         merge_size=v.spatial_merge_size)
+        cos, sin = vision_rotary_cos_sin(vision_rotary_positions(grid_thw, v.spatial_merge_size), v.head_dim,
+                                         VISION_ROPE_THETA, dtype=torch.float32)
+        perm = (window_index[:, None] * m2 + torch.arange(m2)).reshape(-1).to(dev)  # patch rows in window order
+        inv_perm = torch.argsort(perm)
+        half = v.head_dim // 2
+        cos, sin = (t[:, :half].to(dev).index_select(0, perm).contiguous() for t in (cos, sin))
+        plans = {"window": SegmentPlan(cu_win, P, dev, dt, backend), "full": SegmentPlan(cu_full, P, dev, dt, backend)}
+        return perm, inv_perm, cos, sin, plans, torch.argsort(window_index).to(dev)
 
 
 class DecoderLayer(nn.Module):
@@ -171,14 +188,15 @@ class DecoderLayer(nn.Module):
         return self._mlp(x + self.o_proj(o))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor, cache,
-               slot: torch.Tensor) -> torch.Tensor:
+               slot: torch.Tensor, attn: str = "sdpa", n_valid: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row: x [B, C]; cos, sin [B, D/2]; key_mask [B, T] (see decode_attention);
-        slot int64 [1] -> [B, C]."""
+        slot int64 [1]; attn, n_valid: decode_attention's backend and filled length -> [B, C]."""
         B = x.shape[0]
         N, K, D = self.N, self.K, self.D
         qkv = self._qkv(x, cos, sin)  # [B, N+2K, D]
         cache.write_step(self.i, qkv[:, N:N + K, None], qkv[:, N + K:, None], slot)
-        o = decode_attention(qkv[:, :N], cache.k[self.i], cache.v[self.i], key_mask)  # [B, N, D]
+        o = decode_attention(qkv[:, :N], cache.k[self.i], cache.v[self.i], key_mask, attn, n_valid,
+                             use_triton=self.use_triton)  # [B, N, D]
         return self._mlp(x + self.o_proj(o.reshape(B, N * D)))
 
 

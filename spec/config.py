@@ -160,8 +160,10 @@ def _check_types(obj, where: str) -> None:
             raise ConfigError(f"{where}.{f.name} must be a number, got {value!r}")
         if expected == "bool" and not isinstance(value, bool):
             raise ConfigError(f"{where}.{f.name} must be true or false, got {value!r}")
-        if expected.startswith("tuple") and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{where}.{f.name} must be a list of integers, got {list(value)!r}")
+        if expected.startswith("tuple") and not (
+                isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(f"{where}.{f.name} must be a list of integers, got {shown!r}")
         if expected in ("int", "float") and value <= 0 and f.name not in ("bos_token_id", "pad_token_id"):
             raise ConfigError(f"{where}.{f.name} must be positive, got {value!r}")
 
@@ -176,16 +178,25 @@ def _parse(raw: dict, source: str) -> Qwen25VLConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     text = dict(raw)
-    text.update(raw.get("text_config") or {})  # transformers v5 nests the text fields
+    nested = raw.get("text_config")
+    if nested is not None and not isinstance(nested, dict):
+        raise ConfigError(f"{source}: 'text_config' must be an object, got {type(nested).__name__} {nested!r:.80}")
+    text.update(nested or {})  # transformers v5 nests the text fields
     vision_raw = raw.get("vision_config")
     if not isinstance(vision_raw, dict):
         raise ConfigError(f"{source}: 'vision_config' is missing or not an object")
+    for key in ("rope_scaling", "rope_parameters"):
+        if text.get(key) is not None and not isinstance(text[key], dict):
+            raise ConfigError(f"{source}: {key!r} must be an object such as "
+                              f"{{\"type\": \"mrope\", \"mrope_section\": [16, 24, 24]}}, got {text[key]!r:.80}")
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
     if "mrope_section" in rope:
         text["mrope_section"] = rope["mrope_section"]
     if "rope_theta" in rope and "rope_theta" not in raw:
         text["rope_theta"] = rope["rope_theta"]
     if isinstance(text.get("eos_token_id"), list):  # generation-style list: the first is <|im_end|>
+        if not text["eos_token_id"]:
+            raise ConfigError(f"{source}: config.eos_token_id is an empty list; give at least one token id")
         text["eos_token_id"] = text["eos_token_id"][0]
     if text.get("pad_token_id") is None:
         text.pop("pad_token_id", None)

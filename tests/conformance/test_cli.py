@@ -31,6 +31,20 @@ def test_bad_expectations_file(tmp_path, capsys):
     assert "expectations file" in capsys.readouterr().err
 
 
+def test_python_adapter_target_module_class(tmp_path, capsys):
+    """`--target module:Class`: a port's Python adapter, here a planted bug (round half up in smart_resize).
+    The run goes on past the failing stage, the report names it, and the exit code is 1."""
+    code = cli.main(["conform", "--target", "tests.conformance.planted:RoundHalfUp", "--cases", "exact_resize",
+                     "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FIRST DIVERGENCE  case exact_resize, stage fn.smart_resize" in out and out.rstrip().endswith("RESULT: FAIL")
+    status = {r["stage"]: r["status"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert status == {"fn.smart_resize": "fail", "fn.resize_bicubic": "pass"}
+    assert cli.main(["conform", "--target", "tests.conformance.planted:NoSuchAdapter"]) == 2
+    assert "cannot import tests.conformance.planted.NoSuchAdapter" in capsys.readouterr().err
+
+
 def test_list_cases(capsys):
     assert cli.main(["conform", "--list"]) == 0
     out = capsys.readouterr().out
@@ -95,7 +109,7 @@ def test_jobs_run_cases_in_processes(capsys, tmp_path):
 def test_pytest_plugin_items_per_stage(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "qwen25vl.conformance.plugin",
                            str(FIXTURES / "exact_windows"), str(FIXTURES / "exact_resize"), "--conform-target", "spec",
-                           "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
+                           "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2"],  # under pytest-xdist
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "3 passed" in proc.stdout
+    assert "3 passed" in proc.stdout and "bringing up nodes" in proc.stdout

@@ -72,6 +72,7 @@ def test_tampered_and_missing_files_error_only_their_stage(tmp_path):
     (path / "b.json").unlink()
     res = {r.stage: r for r in run(Toy(), [path])}
     assert res["fn.sample_frame_indices"].status == "error" and "missing" in res["fn.sample_frame_indices"].metric
+    assert report.exit_code(list(res.values())) == 1  # an error is never a silent pass
 
 
 def test_no_manifest_is_reported_not_raised(tmp_path):
@@ -92,6 +93,7 @@ def test_a_port_that_hangs_times_out_and_the_run_goes_on(tmp_path):
     assert time.perf_counter() - t0 < 10
     assert res["fn.smart_resize"].status == "error" and "timed out" in res["fn.smart_resize"].metric
     assert res["fn.sample_frame_indices"].status == "pass"
+    assert report.exit_code(list(res.values())) == 1
 
 
 def test_timeout_outside_the_main_thread():
@@ -200,6 +202,7 @@ def test_bad_model_outputs_are_reported_per_stage(tmp_path):
     assert res["generate.tokens"].status == "error" and "decoder exploded" in res["generate.tokens"].metric
     assert res["vision.block.1"].status == "pass" and res["logits"].status == "pass"
     assert res["preprocess.input_ids"].status == "pass"
+    assert report.exit_code(list(res.values())) == 1
 
 
 def test_a_tampered_model_case_errors_every_stage_that_reads_the_file(tmp_path):
@@ -214,3 +217,4 @@ def test_a_tampered_model_case_errors_every_stage_that_reads_the_file(tmp_path):
     assert res["vision.block.0"].status == "error" and "sha256" in res["vision.block.0"].metric
     assert res["preprocess.input_ids"].status == "pass"  # reads other files
     assert res["generate.tokens"].status == "pass"
+    assert report.exit_code(list(res.values())) == 1

@@ -63,6 +63,7 @@ def test_greedy_tokens_equal_transformers(case, tiny_checkpoint):
     got = generate_greedy(params, config, inputs, NEW, eos_token_id=eos)
     want = hf_generate(load_hf(folder, attn="sdpa" if case == "padded_batch" else "eager"), config, inputs, NEW, eos)
     assert got.dtype == torch.int64
+    assert got.shape == (inputs["input_ids"].shape[0], NEW)  # no early stop: all 32 tokens are compared
     assert got.tolist() == want.tolist()
     if case == "padded_batch":
         assert (inputs["attention_mask"][:, 0] == 0).any()  # the batch really is padded
@@ -88,7 +89,35 @@ def test_video_odd_frames_equal_transformers_under_its_position_rule(tiny_checkp
     eos = [config.eos_token_id, config.pad_token_id]
     got = generate_greedy(params, config, inputs, NEW, eos_token_id=eos, rope_rule=rope_index_transformers_v53)
     want = hf_generate(model, config, inputs, NEW, eos)
-    assert got.tolist() == want.tolist()
+    assert got.shape == (1, NEW) and got.tolist() == want.tolist()
+
+
+def test_video_odd_frames_equal_transformers_fed_the_training_rule(tiny_checkpoint, monkeypatch):
+    """The spec's own (training-time) video rule, end to end: transformers' model and generate loop, with
+    only its get_rope_index replaced by the training-rule positions (its decode steps then follow from the
+    rope_deltas that come back, in its convention: padded length), must produce the spec's greedy tokens."""
+    folder = str(tiny_checkpoint)
+    config, params = load_spec(folder)
+    inputs = build_inputs([[user(video_part(5), "What happens in this clip?")]], None, None, tokenizer(folder),
+                          video_options=VIDEO_OPTIONS)
+    positions, deltas = rope_index(inputs["input_ids"], None, inputs["video_grid_thw"], inputs["second_per_grid_ts"],
+                                   inputs["attention_mask"], config=config)
+    v53, _ = rope_index_transformers_v53(inputs["input_ids"], None, inputs["video_grid_thw"],
+                                         inputs["second_per_grid_ts"], inputs["attention_mask"], config=config)
+    assert not torch.equal(positions, v53)  # the two rules really differ on this prompt
+    model = load_hf(folder)
+    calls = []
+
+    def training_rule(*args, **kwargs):
+        calls.append(1)
+        return positions, deltas + (inputs["attention_mask"] == 0).sum(1, keepdim=True)
+
+    monkeypatch.setattr(model.model, "get_rope_index", training_rule)
+    eos = [config.eos_token_id, config.pad_token_id]
+    want = hf_generate(model, config, inputs, NEW, eos)
+    assert calls  # transformers did take its positions from the patched function
+    got = generate_greedy(params, config, inputs, NEW, eos_token_id=eos)  # default rule: training time
+    assert got.shape == (1, NEW) and got.tolist() == want.tolist()
 
 
 def test_tied_checkpoint(tiny_checkpoint_tied):
