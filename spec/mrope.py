@@ -11,7 +11,10 @@ position s gets positions s + (temporal id, block row, block col) in (t, row, co
 Two rules exist for the temporal id of a video and for where the text after a span resumes:
 - `rope_index`: the rule the model was trained with (Qwen's own get_rope_index_25, transformers 4.49):
   temporal id = floor(k * second_per_grid_t * tokens_per_second) for temporal group k (images: 0),
-  computed in float64; text after a span starts at the largest position so far + 1.
+  computed in float32 left to right as Qwen's code does (the int64 index k times a float32
+  second_per_grid_t, then times tokens_per_second, truncated): the float32 rounding decides a few
+  ids that land near a whole number (1.1 s per grid: k = 5 gives 11 in float32, 10 in float64);
+  text after a span starts at the largest position so far + 1.
 - `rope_index_transformers_v53`: transformers >= 5.3 (read in 5.24): text after a span starts at
   s + max(h, w)/m, ignoring how far the video's temporal ids reach; temporal id =
   floor(k * (tokens_per_second * second_per_grid_t)) in float32 (the processor's dtype); images k.
@@ -145,8 +148,9 @@ def _vision_block(s: int, temporal: torch.Tensor, lh: int, lw: int) -> torch.Ten
 def _temporal_training(kind: str, t: int, second_per_grid_t: float, tokens_per_second: float) -> torch.Tensor:
     if kind == "image":  # a still image spans no time
         return torch.zeros(t, dtype=torch.int64)
-    k = torch.arange(t, dtype=torch.float64)
-    return torch.floor(k * second_per_grid_t * tokens_per_second).to(torch.int64)
+    # int64 tensor * float32 tensor -> float32, as in Qwen's get_rope_index_25 (float64 differs near integers)
+    time = torch.arange(t) * torch.tensor(second_per_grid_t, dtype=torch.float32) * tokens_per_second
+    return time.to(torch.int64)  # truncation; the ids are non-negative
 
 
 def _temporal_v53(kind: str, t: int, second_per_grid_t: float, tokens_per_second: float) -> torch.Tensor:
@@ -246,7 +250,7 @@ def rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_p
     attention_mask 0/1 [B, L] | None (left padding). config: Qwen25VLConfig (pad ids, merge size,
     tokens_per_second). Each maximal run of image (video) pad ids is one item and must hold
     t*h*w/m² tokens. Text after a span starts at 1 + the largest position so far; video temporal
-    ids are floor(k * second_per_grid_t * tokens_per_second) in float64; padded slots get 1;
+    ids are floor(k * second_per_grid_t * tokens_per_second) in float32 (Qwen's own arithmetic); padded slots get 1;
     rope_deltas = max + 1 - L (L padded). Computed on the CPU, returned on input_ids' device.
     Example: 4 text tokens, an image (1, 4, 6), 3 text tokens -> t [0,1,2,3, 4,4,4,4,4,4, 7,8,9],
     h [0,1,2,3, 4,4,4,5,5,5, 7,8,9], w [0,1,2,3, 4,5,6,4,5,6, 7,8,9], delta 10 - 13 = -3.

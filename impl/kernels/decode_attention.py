@@ -51,8 +51,8 @@ if HAVE_TRITON:
         lo = s * chunk
         hi = tl.minimum(lo + chunk, tl.minimum(n_valid, T))
         m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)  # finite: a chunk with no visible key adds nothing
-        l_i = tl.zeros((BLOCK_G,), tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+        l_i = tl.full((BLOCK_G,), 0.0, tl.float32)
+        acc = tl.full((BLOCK_G, BLOCK_D), 0.0, tl.float32)
         kbase = k_ptr + b * sk_b + h * sk_h
         vbase = v_ptr + b * sk_b + h * sk_h
         for start in range(lo, hi, BLOCK_T):

@@ -36,13 +36,13 @@ if HAVE_TRITON:
         nmask = ns < N_out
         inv = 1.0
         if NORM:
-            ss = tl.zeros((BLOCK_K,), tl.float32)
+            ss = tl.full((BLOCK_K,), 0.0, tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 xk = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)
                 ss += xk * xk
             inv = 1.0 / tl.sqrt(tl.reduce(ss, 0, _add) / K + eps)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        acc2 = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kmask = k0 + ks < K
             x = tl.load(x_ptr + k0 + ks, mask=kmask, other=0.0)

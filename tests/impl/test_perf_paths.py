@@ -125,7 +125,7 @@ def test_rotary_cache_write(dtype, B, K, G, D, T, seed):
     slot = int(torch.randint(0, T, (1,), generator=g))
     kc0, vc0 = kc.clone(), vc.clone()
     d = DEVICE
-    xd, kd, vd = x.to(d), kc.to(d), vc.to(d)
+    xd, kd, vd = x.clone().to(d), kc.clone().to(d), vc.clone().to(d)
     rotary.rotary_cache_triton(xd, cos.to(d), sin.to(d), N, kd, vd, torch.tensor([slot], device=d))
     xr = x.double()
     h = D // 2

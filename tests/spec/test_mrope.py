@@ -369,3 +369,16 @@ def test_bad_table_and_decode_arguments():
         decode_positions(torch.tensor([3]), 5, 1)
     with pytest.raises(ValueError, match="steps must be a non-negative integer, got -1"):
         decode_positions(torch.tensor([[3]]), 5, -1)
+
+
+def test_video_time_ids_use_qwens_float32_arithmetic():
+    # 12 frames sampled from 396 at 60 fps: second_per_grid_t = 2 / (12 / 396 * 60) = 1.1 exactly in
+    # rationals, 1.0999999999999999 in float64. By hand the ids are floor(2.2 k) = 0, 2, 4, 6, 8, 11, ...
+    # float64 arithmetic gives 10 at k = 5 and 21 at k = 10; Qwen's float32 tensors give 11 and 22.
+    cfg = Qwen25VLConfig()
+    V, S = cfg.video_token_id, cfg.vision_start_token_id
+    grid = torch.tensor([[12, 2, 2]])  # 12 temporal groups of one merged token each
+    ids = torch.tensor([[S] + [V] * 12 + [S]])
+    spgt = 2 / (12 / 396 * 60)
+    pos, _ = rope_index(ids, None, grid, torch.tensor([spgt], dtype=torch.float64), None, config=cfg)
+    assert pos[0, 0, 1:13].tolist() == [1 + (22 * k) // 10 for k in range(12)]
