@@ -8,11 +8,12 @@ Parts, most important first (each under its own alarm; a failure is recorded and
            generate_tokens(decode_attention=..., fused_decode=..., compile_decode=...); tokens compared
            with the baseline (sdpa, eager layers, CUDA graph); decode attention of each backend vs
            float64; the fused matrix-vector kernels vs F.linear + unfused ops (time, error)
-  profile  torch.profiler over decode steps of the baseline (eager and graph replay): top-15 CUDA kernels
-  compile  the compiled decode variants (slow to build, so after the cheap parts)
+  profile  torch.profiler over decode steps of the baseline (eager and graph replay) and of fused+split
+           (graph replay): top-15 CUDA kernels, kernel time vs wall time per step
   vision   the vision tower on one 1008x1008 image with each attention backend / SDPA kernel; output
            compared with the baseline (auto); and a profile of it (top-15 kernels, CUDA total vs wall)
   b8       decode at batch 8, baseline vs split
+  compile  the compiled decode variants (slow to build, so after the cheap parts)
   int4     (size 7b) bf16 vs int4 decode, sdpa and split
 Every record is one JSON line in DIR/perf.jsonl, flushed when measured; DIR/summary.md at the end.
 """
@@ -283,9 +284,11 @@ class Perf:
             st = DecodeState(m, logits.argmax(-1), torch.ones_like(inputs["input_ids"]), rd, L, steps + 2,
                              torch.tensor([-1]), cache)
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            for mode in ("eager", "graph"):
-                if mode == "graph" and dev.type != "cuda":
+            for mode in ("eager", "graph", "graph fused+split"):
+                if mode.startswith("graph") and dev.type != "cuda":
                     continue
+                if mode == "graph fused+split":
+                    st.fused, st.attn = True, "split"
                 run = (lambda: decode_step(m, st)) if mode == "eager" else _capture_graph(m, st).replay
                 run()
                 st.step.zero_()
@@ -302,9 +305,9 @@ class Perf:
                               kernel_ms_per_step=round(total / 3e3, 3), top=[dict(r, us=round(r["us"] / 3, 1)) for r in top])
                 try:
                     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-                    self.rec.text(f"profile_decode_{mode}.txt", prof.key_averages().table(sort_by=sort, row_limit=25))
+                    self.rec.text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", prof.key_averages().table(sort_by=sort, row_limit=25))
                 except Exception as e:  # the table is a convenience; the JSON above is the record
-                    self.rec.text(f"profile_decode_{mode}.txt", f"table failed: {e}")
+                    self.rec.text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", f"table failed: {e}")
 
     # -- vision ---------------------------------------------------------------------------------
     def part_vision(self):
@@ -374,7 +377,7 @@ class Perf:
         for name in ("sdpa", "split"):
             self.decode_variant(name, DECODE_VARIANTS[name], reps=2, model=q, tag="int4")
 
-    def summary(self):
+    def summary(self, quiet: bool = False):
         rows = ["| part | variant | result | check |", "|---|---|---|---|"]
         for r in self.rec.records:
             w = r.get("what", "")
@@ -395,7 +398,8 @@ class Perf:
                 rows.append(f"| {w} | {r.get('mode', '')} | kernels {k} ms, wall {wall} ms | top: {r['top'][0]['name'][:60] if r['top'] else '-'} |")
         body = "\n".join(rows) + "\n"
         self.rec.text("summary.md", body)
-        print(body, flush=True)
+        if not quiet:
+            print(body, flush=True)
 
 
 PARTS = ("decode", "profile", "vision", "compile", "b8", "int4")
@@ -406,7 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", default="3b", choices=("3b", "7b", "cpu", "tiny"))
     p.add_argument("--out", required=True)
-    p.add_argument("--parts", default="decode,profile,vision,compile,b8")
+    p.add_argument("--parts", default="decode,profile,vision,b8,compile")
     p.add_argument("--variants", default="sdpa,split,fused+split,fused,math,compile+split,compile+sdpa",
                    help=f"decode variants, the first is the baseline; from {','.join(DECODE_VARIANTS)}")
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -430,6 +434,7 @@ def main(argv=None) -> int:
                  "compile": a.variant_limit + a.compile_limit * max(n_compiled, 1)}.get(x, a.part_limit)
         perf.rec.part(x, limit, getattr(perf, f"part_{x}"))
         gc.collect()
+        perf.summary(quiet=True)  # after every part: a step killed from outside still leaves its table
     perf.summary()
     return 0
 

@@ -7,8 +7,8 @@
 #   1. 3B: decode b1 per eager variant (sdpa baseline, split, fused+split, fused, math), tokens vs
 #      baseline; fused matrix-vector kernels vs F.linear (time, error); decode
 #      attention ops vs float64; profile of baseline decode steps (top-15 kernels); vision 1008x1008
-#      per backend / SDPA kernel + its profile; compiled decode (compile+split, compile+sdpa);
-#      decode b8 sdpa vs split                                                            (<= 120 s)
+#      per backend / SDPA kernel + its profile; decode b8 sdpa vs split; compiled decode
+#      (compile+split, compile+sdpa)                                                      (<= 120 s)
 #   2. 7B: bf16 vs int4 decode b1, sdpa and split                                          (<= 45 s)
 #   3. 3B: compile mode max-autotune-no-cudagraphs + split, if time is left                (rest)
 # Then $OUT/summary.md (all steps' tables) is printed.
@@ -55,8 +55,8 @@ cap() { local want=$1 l; l=$(left); echo $(( want < l ? want : l )); }
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/perf_gpu.txt" 2>&1 || true
 
 step perf_3b "$(cap 120)" "$PY" -m qwen25vl.tools.gpu_perf --device "$DEVICE" --size "$BIG" --out "$OUT" \
-    --decode-tokens "$TOKENS" --parts decode,profile,vision,compile,b8 \
-    --variants sdpa,split,fused+split,fused,math,compile+split,compile+sdpa --compile-limit 60 --variant-limit 20 --part-limit 25
+    --decode-tokens "$TOKENS" --parts decode,profile,vision,b8,compile \
+    --variants sdpa,split,fused+split,fused,math,compile+split,compile+sdpa --compile-limit 50 --variant-limit 20 --part-limit 25
 cp "$OUT/summary.md" "$OUT/summary_3b.md" 2>/dev/null
 
 step perf_7b_int4 "$(cap 45)" "$PY" -m qwen25vl.tools.gpu_perf --device "$DEVICE" --size "$BIG7" --out "$OUT" \
