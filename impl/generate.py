@@ -7,6 +7,14 @@ so on CUDA it is captured once as a CUDA graph and replayed (one launch per toke
 runs eagerly. The host looks at the finished flags only every `sync_every` steps (or every step
 when a streaming callback is given).
 
+How a step runs is chosen by argument (generate_tokens), written out, and recorded in last_stats:
+  decode_attention  "sdpa" (default) | "split" (flash-decoding over the filled keys) | "math"
+  fused_decode      False (default): DecoderLayer.decode; True: decode_layer_fused (batch 1;
+                    the matrix-vector products with their neighbours fused)
+  compile_decode    False (default) | True / "default" | "max-autotune-no-cudagraphs": the layers
+                    as torch.compile'd pure functions (ignored when fused_decode is on)
+Every variant is captured in the same CUDA graph.
+
 Semantics equal spec.generate.generate_greedy: argmax (first index on ties), a row keeps its eos
 and is padded with config.pad_token_id after it, stop when every row has stopped or after
 max_new_tokens. Positions of new tokens: spec.mrope.decode_positions from rope_deltas.
@@ -19,6 +27,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from qwen25vl.spec.mrope import decode_positions
@@ -26,8 +35,9 @@ from qwen25vl.spec.mrope import decode_positions
 from .attention import check_decode_backend, decode_attention
 from .cache import KVCache, check_cache_fits
 from .kernels.gemv import gemv
-from .kernels.rmsnorm import rms_norm_torch
+from .kernels.rmsnorm import rms_norm, rms_norm_torch
 from .kernels.rotary import apply_rotary_cache_, rotary_torch
+from .kernels.swiglu import swiglu as swiglu_fn
 from .kernels.swiglu import swiglu_torch
 from .model import mrope_half_tables
 
@@ -90,7 +100,6 @@ def compiled_decode_fns(model, mode):
     """torch.compile of the three per-step pieces, shared by every layer (weights are arguments, so
     one compilation serves all layers); cached on the model. Attention stays outside (any backend).
     mode: True / "default" or "max-autotune-no-cudagraphs" (our own CUDA graph wraps the step)."""
-    import torch.nn as nn
     for layer in model.text.layers:
         for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
             if type(lin) is not nn.Linear:
@@ -104,30 +113,40 @@ def compiled_decode_fns(model, mode):
     return cache[mode]
 
 
+def _mv(lin, x, *, residual=None, norm_weight=None, eps: float = 1e-6, swiglu: bool = False, use_triton: bool = True):
+    """One row through linear layer `lin` with its neighbours: impl.kernels.gemv (fused) for a plain
+    nn.Linear; otherwise (Int4Linear) RMSNorm, the layer, SwiGLU and the residual add one by one."""
+    if type(lin) is nn.Linear:
+        return gemv(x, lin.weight, lin.bias, residual=residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu,
+                    use_triton=use_triton)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps, use_triton=use_triton)
+    y = lin(x)
+    if swiglu:
+        y = swiglu_fn(y, use_triton=use_triton)
+    return y if residual is None else residual + y
+
+
 def decode_layer_fused(layer, x, cos, sin, bias, cache, slot, attn: str, n_valid) -> torch.Tensor:
-    """The same as DecoderLayer.decode for one row with impl.kernels.gemv: RMSNorm fused into the q|k|v
-    and gate|up products, SwiGLU into gate|up, the residual adds into o_proj and down, the cache
-    write into the rotary (5 kernels + attention instead of 12; plain nn.Linear weights).
+    """The same as DecoderLayer.decode for one row, with fewer kernels: RMSNorm fused into the q|k|v
+    and gate|up products, SwiGLU into gate|up, the residual adds into o_proj and down (impl.kernels.gemv,
+    plain nn.Linear layers; int4 layers run their own kernel with the neighbours unfused), and the
+    cache write fused into the rotary. bf16: 5 kernels + attention per layer instead of 12.
     x [1, C] -> [1, C]."""
-    B, t = x.shape[0], layer.use_triton
+    B, t, eps = x.shape[0], layer.use_triton, layer.eps
     N, K, D = layer.N, layer.K, layer.D
-    qkv = gemv(x, layer.qkv.weight, layer.qkv.bias, norm_weight=layer.norm1, eps=layer.eps, use_triton=t)
+    qkv = _mv(layer.qkv, x, norm_weight=layer.norm1, eps=eps, use_triton=t)
     qkv = apply_rotary_cache_(qkv.view(B, -1, D), cos, sin, N, cache.k[layer.i], cache.v[layer.i], slot, use_triton=t)
     o = decode_attention(qkv[:, :N], cache.k[layer.i], cache.v[layer.i], bias, attn, n_valid, use_triton=t)
-    x = gemv(o.reshape(B, N * D), layer.o_proj.weight, residual=x, use_triton=t)
-    h = gemv(x, layer.gate_up.weight, norm_weight=layer.norm2, eps=layer.eps, swiglu=True, use_triton=t)
-    return gemv(h, layer.down.weight, residual=x, use_triton=t)
+    x = _mv(layer.o_proj, o.reshape(B, N * D), residual=x, use_triton=t)
+    h = _mv(layer.gate_up, x, norm_weight=layer.norm2, eps=eps, swiglu=True, use_triton=t)
+    return _mv(layer.down, h, residual=x, use_triton=t)
 
 
 def check_fusable(model, B: int) -> None:
-    """ValueError unless fused decode can run: batch 1 and plain nn.Linear layers (int4 runs unfused)."""
-    import torch.nn as nn
+    """ValueError unless fused decode can run: batch 1."""
     if B != 1:
         raise ValueError(f"fused_decode needs batch 1, got batch {B}")
-    for layer in model.text.layers:
-        for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
-            if type(lin) is not nn.Linear:
-                raise ValueError(f"fused_decode needs plain nn.Linear layers, layer {layer.i} has {type(lin).__name__}")
 
 
 def decode_step(model, st: DecodeState) -> None:
@@ -143,8 +162,7 @@ def decode_step(model, st: DecodeState) -> None:
     if st.fused:
         for layer in text.layers:
             x = decode_layer_fused(layer, x, cos, sin, bias, st.cache, slot, st.attn, n_valid)
-        logits = gemv(x, text.lm_head.weight, norm_weight=text.norm, eps=text.cfg.rms_norm_eps,
-                      use_triton=text.use_triton)
+        logits = _mv(text.lm_head, x, norm_weight=text.norm, eps=text.cfg.rms_norm_eps, use_triton=text.use_triton)
         nxt = torch.where(st.finished, st.pad, logits.argmax(-1))
     elif st.compiled is None:
         for layer in text.layers:
@@ -216,9 +234,9 @@ def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, c
     (benchmarks). decode_attention: "sdpa" | "split" | "math" (impl.attention.decode_attention).
     compile_decode: False, True (= "default") or "max-autotune-no-cudagraphs": torch.compile the
     per-layer pieces of the decode step (plain nn.Linear only; when compiling fails the step runs
-    eagerly and last_stats["compile_error"] says why). fused_decode: batch 1 only, plain nn.Linear
-    only (else ValueError): the layers' matrix-vector products with their norms, SwiGLU and residual
-    adds fused (decode_layer_fused); it takes precedence over compile_decode. Timings and what ran
+    eagerly and last_stats["compile_error"] says why). fused_decode: batch 1 only (else ValueError):
+    the layers' matrix-vector products with their norms, SwiGLU and residual adds fused
+    (decode_layer_fused; int4 layers keep their kernel); it takes precedence over compile_decode. Timings and what ran
     land in model.last_stats.
     """
     check_decode_backend(decode_attention)

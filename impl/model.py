@@ -134,6 +134,28 @@ class VisionTower(nn.Module):
         merged = x.index_select(0, merge_index)  # item order
         return merged, {k: p.label for k, p in plans.items()}
 
+    def pad_mlp(self, multiple: int = 64) -> int:
+        """Pad every block's MLP intermediate width (3420 in the released configs) with zeros up to a
+        multiple of `multiple`, in place; returns the new width. Exact: the padded gate and up rows are
+        zero, so silu(0) * 0 = 0 feeds zero columns of down. Why: a width of 3420 bf16 elements is not
+        a multiple of 16 bytes, and cuBLAS runs slower kernels on such leading dimensions."""
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+        width = self.blocks[0].down.weight.shape[1]
+        new = -(-width // multiple) * multiple
+        if new == width:
+            return width
+        for blk in self.blocks:
+            I = blk.down.weight.shape[1]
+            w, b = blk.gate_up.weight.data, blk.gate_up.bias
+            pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 1) + (0, new - I))  # noqa: E731 - zero rows at the end of dim 0
+            gw = torch.cat([pad(w[:I]), pad(w[I:])])
+            gb = None if b is None else torch.cat([pad(b.data[:I]), pad(b.data[I:])])
+            blk.gate_up = _linear(gw, gb)
+            blk.down = _linear(F.pad(blk.down.weight.data, (0, new - I)).contiguous(),
+                               None if blk.down.bias is None else blk.down.bias.data)
+        return new
+
     def geometry(self, grid_thw: torch.Tensor, P: int, backend: str):
         """What depends only on the grids: (perm [P], inv_perm [P], cos, sin float32 [P, D/2] in window
         order, {"window", "full"}: SegmentPlan, merge_index [P/4]), all on the tower's device."""

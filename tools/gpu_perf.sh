@@ -9,7 +9,7 @@
 #      attention ops vs float64; profile of baseline decode steps (top-15 kernels); vision 1008x1008
 #      per backend / SDPA kernel + its profile; decode b8 sdpa vs split; compiled decode
 #      (compile+split, compile+sdpa)                                                      (<= 120 s)
-#   2. 7B: bf16 vs int4 decode b1, sdpa and split                                          (<= 45 s)
+#   2. 7B: bf16 vs int4 decode b1, sdpa, split and fused+split                            (<= 55 s)
 #   3. 3B: compile mode max-autotune-no-cudagraphs + split, if time is left                (rest)
 # Then $OUT/summary.md (all steps' tables) is printed.
 set -u
@@ -59,8 +59,8 @@ step perf_3b "$(cap 120)" "$PY" -m qwen25vl.tools.gpu_perf --device "$DEVICE" --
     --variants sdpa,split,fused+split,fused,math,compile+split,compile+sdpa --compile-limit 50 --variant-limit 20 --part-limit 25
 cp "$OUT/summary.md" "$OUT/summary_3b.md" 2>/dev/null
 
-step perf_7b_int4 "$(cap 45)" "$PY" -m qwen25vl.tools.gpu_perf --device "$DEVICE" --size "$BIG7" --out "$OUT" \
-    --decode-tokens "$TOKENS" --parts int4 --variants sdpa --part-limit 40
+step perf_7b_int4 "$(cap 55)" "$PY" -m qwen25vl.tools.gpu_perf --device "$DEVICE" --size "$BIG7" --out "$OUT" \
+    --decode-tokens "$TOKENS" --parts int4 --variants sdpa --part-limit 50
 cp "$OUT/summary.md" "$OUT/summary_7b.md" 2>/dev/null
 
 step perf_autotune "$(cap 60)" "$PY" -m qwen25vl.tools.gpu_perf --device "$DEVICE" --size "$BIG" --out "$OUT" \

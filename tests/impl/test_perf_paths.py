@@ -177,7 +177,7 @@ def test_compiled_decode_gives_the_default_tokens(model32):
     assert torch.equal(got, want)
 
 
-def test_variant_arguments_are_checked(model32, tiny_params):
+def test_variant_arguments_are_checked(model32):
     inputs = _batch(model32.config)
     with pytest.raises(ValueError, match="decode_attention must be one of"):
         model32.generate_from_inputs(inputs, 3, [151645], decode_attention="flash")
@@ -185,10 +185,15 @@ def test_variant_arguments_are_checked(model32, tiny_params):
         model32.generate_from_inputs(inputs, 3, [151645], compile_decode="fast")
     with pytest.raises(ValueError, match="fused_decode needs batch 1, got batch 3"):
         model32.generate_from_inputs(inputs, 3, [151645], fused_decode=True)
+
+
+def test_fused_decode_with_int4_layers(tiny_params):
+    """int4 layers keep their own kernel inside the fused step: the same tokens as the int4 default."""
     config, params = tiny_params
     q = Qwen25VL.from_params(config, params, dtype=torch.float32, device=DEVICE, quantize="int4")
-    with pytest.raises(ValueError, match="fused_decode needs plain nn.Linear layers"):
-        q.generate_from_inputs(_one_row(config), 3, [151645], fused_decode=True)
+    inputs = _one_row(config)
+    want = q.generate_from_inputs(inputs, 8, [151645])
+    assert torch.equal(q.generate_from_inputs(inputs, 8, [151645], fused_decode=True, decode_attention="split"), want)
 
 
 def test_geometry_cache_changes_nothing(model32):
@@ -202,3 +207,22 @@ def test_geometry_cache_changes_nothing(model32):
     finally:
         model32.visual.geometry_cache = None
     assert torch.equal(got1, want) and torch.equal(got2, want)
+
+
+def test_pad_mlp_is_exact_up_to_summation_order(tiny_params):
+    """Padding the vision MLP width with zeros keeps every vision stage (float32 tolerance of a stage)."""
+    config, params = tiny_params
+    m = Qwen25VL.from_params(config, params, dtype=torch.float32, device=DEVICE)
+    inputs = _batch(config)
+    _, want = m.forward(inputs, capture=["vision."])
+    I = m.visual.blocks[0].down.weight.shape[1]
+    assert m.visual.pad_mlp(64) == 64 and I == 48
+    blk = m.visual.blocks[0]
+    assert blk.gate_up.weight.shape[0] == 128 and blk.down.weight.shape[1] == 64
+    assert not blk.gate_up.weight[I:64].any() and not blk.gate_up.weight[64 + I:].any()
+    assert not blk.down.weight[:, I:].any()
+    _, got = m.forward(inputs, capture=["vision."])
+    for k in want:
+        assert_close(got[k], want[k].double(), torch.float32, kind="stage", what=k)
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        m.visual.pad_mlp(0)
