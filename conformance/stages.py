@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from qwen25vl.spec.forward import model_stage_names
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -124,12 +126,8 @@ def order_key(name: str) -> tuple[int, int]:
     return (_ORDER[template(name)], int(m.group(2)) if m else 0)
 
 
-def model_stages(vision_depth: int, text_layers: int) -> list[str]:
-    """Every capture stage of one model run, in data-flow order (what spec.forward can capture)."""
-    out = ["vision.patch_embed"] + [f"vision.block.{i}" for i in range(vision_depth)] + ["vision.merger"]
-    out += ["text.inputs_embeds", "text.position_ids", "text.rope_deltas"]
-    out += [f"text.layer.{i}" for i in range(text_layers)] + ["text.norm", "logits"]
-    return out
+# Every capture stage of one model run, in data-flow order: the spec's own list, not a copy.
+model_stages = model_stage_names
 
 
 def previous(name: str, vision_depth: int) -> str | None:

@@ -24,11 +24,18 @@ INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "
               "video_grid_thw", "second_per_grid_ts")
 
 
-def stage_names(config) -> list[str]:
-    """Every stage `forward` can capture, in the order the data flows (docs/INTERFACES.md)."""
-    return (["vision.patch_embed"] + [f"vision.block.{i}" for i in range(config.vision.depth)] + ["vision.merger"]
+def model_stage_names(vision_depth: int, text_layers: int) -> list[str]:
+    """Every stage `forward` can capture for a tower of `vision_depth` blocks and `text_layers`
+    decoder layers, in the order the data flows (docs/INTERFACES.md). The one list of stage names:
+    the conformance harness imports it."""
+    return (["vision.patch_embed"] + [f"vision.block.{i}" for i in range(vision_depth)] + ["vision.merger"]
             + ["text.inputs_embeds", "text.position_ids", "text.rope_deltas"]
-            + [f"text.layer.{i}" for i in range(config.num_hidden_layers)] + ["text.norm", "logits"])
+            + [f"text.layer.{i}" for i in range(text_layers)] + ["text.norm", "logits"])
+
+
+def stage_names(config) -> list[str]:
+    """`model_stage_names` for one config."""
+    return model_stage_names(config.vision.depth, config.num_hidden_layers)
 
 
 def select_stages(config, capture) -> set[str]:

@@ -218,3 +218,13 @@ def test_a_tampered_model_case_errors_every_stage_that_reads_the_file(tmp_path):
     assert res["preprocess.input_ids"].status == "pass"  # reads other files
     assert res["generate.tokens"].status == "pass"
     assert report.exit_code(list(res.values())) == 1
+
+
+def test_every_stage_the_spec_captures_has_a_tolerance_class_and_a_meaning():
+    from qwen25vl.spec.config import Qwen25VLConfig
+    from qwen25vl.spec.forward import stage_names
+    names = stage_names(Qwen25VLConfig())  # the real 7B sizes: 32 vision blocks, 28 layers
+    assert len(names) == 1 + 32 + 1 + 3 + 28 + 2
+    for name in names:
+        assert stages.is_known(name), name
+        assert stages.info(name).tolerance in ("exact", "float", "logits"), name
