@@ -34,8 +34,8 @@ def _attention_oracle(q, kc, vc, visible):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=10, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 150), K=st.integers(1, 2), G=st.sampled_from([1, 3, 8]),
-       D=st.sampled_from([16, 80]), splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+@given(B=st.integers(1, 3), T=st.integers(1, 150), K=st.integers(1, 2), G=st.sampled_from([1, 3, 7, 8]),
+       D=st.sampled_from([16, 80, 128]), splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
 def test_split_kernel_reads_only_filled_keys(dtype, B, T, K, G, D, splits, seed):
     """Keys past n_valid hold NaN: the split kernel must not read them; left padding via the bias."""
     g = torch.Generator().manual_seed(seed)
