@@ -20,6 +20,12 @@ BUNDLED = ROOT / "fixtures"
 EXPECTATIONS = Path(__file__).resolve().parent / "expectations"
 
 
+def default_expectations(target: str) -> Path | None:
+    """conformance/expectations/<target>.json when it exists (module:Class and files:DIR use their prefix)."""
+    path = EXPECTATIONS / f"{target.split(':')[0]}.json"
+    return path if path.is_file() else None
+
+
 def conform_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen25vl conform",
                                 description="Judge a Qwen2.5-VL port stage by stage against the spec's golden fixtures.")
@@ -75,16 +81,15 @@ def conform(argv: list[str]) -> int:
         return 0
     exp_path = args.expectations
     if exp_path is None and not args.no_expectations:
-        default = EXPECTATIONS / f"{args.target.split(':')[0]}.json"
-        exp_path = default if default.is_file() else None
+        exp_path = default_expectations(args.target)
     opts = runner.SuiteOptions(target=args.target, dtype=args.dtype, device=args.device, timeout=args.timeout,
                                teacher=args.teacher_forced, only_stages=args.stages)
     t0 = time.perf_counter()
     try:
         expectations = [] if args.no_expectations else runner.load_expectations(exp_path)
-        if args.jobs <= 1:
-            runner.make_adapter(args.target, dtype=args.dtype, device=args.device)  # fail early on a bad target
-        desc, results = runner.run_suite(paths, opts, jobs=args.jobs, expectations=expectations)
+        # one process: build the adapter here, so a bad target fails before any case runs
+        adapter = runner.make_adapter(args.target, dtype=args.dtype, device=args.device) if args.jobs <= 1 else None
+        desc, results = runner.run_suite(paths, opts, jobs=args.jobs, expectations=expectations, adapter=adapter)
     except ValueError as e:
         print(f"qwen25vl conform: {e}", file=sys.stderr)
         return 2

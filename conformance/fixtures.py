@@ -34,6 +34,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def check_files(folder: Path, digests: dict[str, str]) -> dict[str, str]:
+    """{file: why it cannot be used} for the files of `digests` (name -> sha256) under folder; each file hashed once."""
+    bad = {}
+    for name, digest in digests.items():
+        fp = folder / name
+        if not fp.is_file():
+            bad[name] = "missing"
+            continue
+        actual = sha256_file(fp)
+        if actual != digest:
+            bad[name] = f"sha256 mismatch (manifest {digest[:12]}..., file {actual[:12]}...): tampered or stale"
+    return bad
+
+
 def dump_json(obj) -> bytes:
     """The one JSON encoding used in fixtures: sorted keys, one-space indent, UTF-8, trailing newline
     (so a regeneration is byte-identical)."""
@@ -104,15 +118,7 @@ def load_case(path: str | os.PathLike, *, verify: bool = True) -> Case:
             raise FixtureError(f"{mpath} lacks the field {key!r}")
     if manifest["format"] != FORMAT:
         raise FixtureError(f"{mpath} has format {manifest['format']!r}; this harness reads {FORMAT!r}")
-    case = Case(path, manifest)
-    if verify:
-        for name, digest in manifest["files"].items():
-            fp = path / name
-            if not fp.is_file():
-                case.bad_files[name] = "missing"
-            elif sha256_file(fp) != digest:
-                case.bad_files[name] = f"sha256 mismatch (manifest {digest[:12]}..., file {sha256_file(fp)[:12]}...): tampered or stale"
-    return case
+    return Case(path, manifest, check_files(path, manifest["files"]) if verify else {})
 
 
 def find_cases(root: str | os.PathLike) -> list[Path]:

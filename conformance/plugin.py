@@ -16,6 +16,7 @@ import json
 import pytest
 
 from . import report, runner, stages
+from .cli import default_expectations
 from .fixtures import FORMAT, load_case
 
 
@@ -61,18 +62,14 @@ def _results(config, case_dir) -> dict:
     """Run the case once in this process; {stage: StageResult}."""
     key = str(case_dir)
     if key not in _STATE:
-        if "adapter" not in _STATE:
+        if "runner" not in _STATE:  # one runner per process: the checkpoint is loaded once, not once per case
             opt = config.getoption
             target = opt("--conform-target")
-            _STATE["adapter"] = runner.make_adapter(target, dtype=opt("--conform-dtype"), device=opt("--conform-device"))
+            adapter = runner.make_adapter(target, dtype=opt("--conform-dtype"), device=opt("--conform-device"))
             exp = opt("--conform-expectations")
-            if exp is None:
-                from .cli import EXPECTATIONS
-                default = EXPECTATIONS / f"{target.split(':')[0]}.json"
-                exp = default if default.is_file() else None
-            _STATE["expectations"] = runner.load_expectations(exp)
-            _STATE["timeout"] = opt("--conform-timeout")
-        rows = runner.CaseRunner(_STATE["adapter"], timeout=_STATE["timeout"]).run(case_dir)
+            _STATE["expectations"] = runner.load_expectations(default_expectations(target) if exp is None else exp)
+            _STATE["runner"] = runner.CaseRunner(adapter, timeout=opt("--conform-timeout"))
+        rows = _STATE["runner"].run(case_dir)
         runner.apply_expectations(rows, _STATE["expectations"])
         _STATE[key] = {}
         for r in rows:

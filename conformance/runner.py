@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from qwen25vl.spec.checkpoint import checkpoint_files, to_hub_key
+from qwen25vl.spec.config import Qwen25VLConfig
+
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
-from .fixtures import FixtureError, find_cases, load_case, sha256_file
+from .fixtures import FixtureError, check_files, find_cases, load_case
 
 BAD = ("fail", "error")
 
@@ -210,17 +213,15 @@ def checkpoint_problem(folder: Path) -> str | None:
         problem = None
         try:
             with open(folder / "manifest.json", encoding="utf-8") as f:
-                files = json.load(f)["files"]
-            for name, digest in files.items():
-                fp = folder / name
-                if not fp.is_file():
-                    problem = f"checkpoint file {fp} is missing"
-                elif sha256_file(fp) != digest:
-                    problem = f"checkpoint file {fp}: sha256 mismatch (tampered or stale)"
-                if problem:
-                    break
+                bad = check_files(folder, json.load(f)["files"])
         except (OSError, ValueError, KeyError) as e:
             problem = f"checkpoint {folder}: cannot read its manifest.json ({e})"
+        else:
+            name, why = next(iter(bad.items()), (None, None))
+            if why == "missing":
+                problem = f"checkpoint file {folder / name} is missing"
+            elif why:
+                problem = f"checkpoint file {folder / name}: sha256 mismatch (tampered or stale)"
         _CHECKPOINT_OK[key] = problem
     return _CHECKPOINT_OK[key]
 
@@ -248,7 +249,7 @@ class CaseRunner:
         except Exception as e:
             return [StageResult(case.name, s, "error", _describe_exc(e)) for s in case.stages]
         results = self._exact(case) if case.kind == "exact" else self._model(case)
-        return [r for r in results if self.only is None or self.only.search(r.stage)]
+        return [r for r in results if self._wanted(r.stage)]
 
     def _wanted(self, stage: str) -> bool:
         return self.only is None or bool(self.only.search(stage))
@@ -327,8 +328,7 @@ class CaseRunner:
                 return out + [StageResult(name, s, "error", f"prepare: {_describe_exc(e)}") for s in names
                               if s not in pre]
         if model_names:
-            capture = [s for s in case.stages if s in stages.STAGES or stages.is_known(s)]
-            capture = [s for s in capture if not s.startswith(("preprocess.", "generate."))]
+            capture = [s for s in case.stages if stages.is_known(s) and not s.startswith(("preprocess.", "generate."))]
             t0 = time.perf_counter()
             captured, failure = None, None
             try:
@@ -411,18 +411,13 @@ class CaseRunner:
             secs = 0.0
         return out
 
-    def _golden(self, case, stage, golden, ck) -> torch.Tensor:
-        if stage == "logits":  # derived: stored as text.norm; logits = text.norm @ lm_head^T (FORMAT.md)
-            return golden_logits(golden["text.norm"], ck)
-        return golden[stage]
-
     def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
         entry = case.stages[stage]
         tol = entry["tolerance"]
         if isinstance(got, torch.Tensor) and got.is_floating_point() and tol == "exact":
             return compare.Verdict("error", f"wrong dtype: {got.dtype} for an integer stage", "equal")
-        try:
-            g = self._golden(case, stage, golden, ck)
+        try:  # logits are derived: stored as text.norm; logits = text.norm @ lm_head^T (FORMAT.md)
+            g = golden_logits(golden["text.norm"], ck) if stage == "logits" else golden[stage]
         except Exception as e:
             return compare.Verdict("error", f"golden value unreadable: {e}")
         if tol == "exact":
@@ -444,7 +439,7 @@ class CaseRunner:
         todo = [r for r in out if r.mode == "e2e" and r.stage in case.stages and
                 case.stages[r.stage]["tolerance"] in ("float", "logits")] if self.teacher == "all" else float_bad[:1]
         for r in todo:
-            prev = stages.previous(r.stage, depth) if r.stage != "text.norm" else f"text.layer.{layers - 1}"
+            prev = stages.previous(r.stage, depth, layers)
             feeds = dict(inputs)
             if prev is not None:
                 feeds["hidden"] = golden[prev]
@@ -533,19 +528,16 @@ def golden_logits(norm: torch.Tensor, checkpoint: Path) -> torch.Tensor:
     (lm_head.weight, or the embedding when tied). Stored logits would be L x 600 KB per case."""
     key = str(checkpoint)
     if key not in _LM_HEAD:
-        with open(checkpoint / "config.json", encoding="utf-8") as f:
-            tied = bool(json.load(f).get("tie_word_embeddings", False))
+        # the spec's config and key layouts; only the one tensor is read, not the whole checkpoint
+        tied = Qwen25VLConfig.from_file(checkpoint).tie_word_embeddings
+        want = "model.embed_tokens.weight" if tied else "lm_head.weight"
         found = None
-        for fp in sorted(checkpoint.glob("*.safetensors")):
+        for fp in checkpoint_files(checkpoint):
             with safe_open(str(fp), "pt") as f:
-                names = set(f.keys())
-                for k in (["lm_head.weight"] if not tied else []) + ["model.embed_tokens.weight",
-                                                                      "model.language_model.embed_tokens.weight"]:
-                    if k in names:
-                        found = f.get_tensor(k).double()
-                        break
-            if found is not None:
-                break
+                k = next((k for k in f.keys() if to_hub_key(k) == want), None)
+                if k is not None:
+                    found = f.get_tensor(k).double()
+                    break
         if found is None:
             raise FixtureError(f"no LM head in {checkpoint}")
         _LM_HEAD[key] = found
@@ -569,13 +561,15 @@ _WORKER: dict = {}
 
 
 def _run_one(path: str, opts: SuiteOptions) -> tuple[dict, list[dict]]:
-    """One case in a worker process (the adapter is built once per process)."""
+    """One case in a worker process (the adapter and its runner are built once per process, so the
+    checkpoint is loaded once per process, not once per case)."""
     torch.set_num_threads(1)
-    if "adapter" not in _WORKER:
-        _WORKER["adapter"] = make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
-    adapter = _WORKER["adapter"]
-    runner = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages)
-    return adapter.describe(), [r.to_dict() for r in runner.run(path)]
+    if "runner" not in _WORKER:
+        adapter = make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
+        _WORKER["runner"] = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher,
+                                       only_stages=opts.only_stages)
+    runner = _WORKER["runner"]
+    return runner.adapter.describe(), [r.to_dict() for r in runner.run(path)]
 
 
 def select_cases(fixtures: str | Path, only: str | None = None) -> list[Path]:

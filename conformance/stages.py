@@ -130,8 +130,9 @@ def order_key(name: str) -> tuple[int, int]:
 model_stages = model_stage_names
 
 
-def previous(name: str, vision_depth: int) -> str | None:
-    """The stage whose golden output feeds `name` when run teacher-forced (None: fed by the model inputs)."""
+def previous(name: str, vision_depth: int, text_layers: int | None = None) -> str | None:
+    """The stage whose golden output feeds `name` when run teacher-forced (None: fed by the model inputs).
+    text.norm is fed by the last decoder layer, so it needs `text_layers`."""
     m = _INDEXED.match(name)
     if m and m.group(1) == "vision.block":
         i = int(m.group(2))
@@ -142,6 +143,6 @@ def previous(name: str, vision_depth: int) -> str | None:
     return {
         "vision.merger": f"vision.block.{vision_depth - 1}",
         "text.inputs_embeds": "vision.merger",
-        "text.norm": None,  # needs the last layer: filled in by the runner, which knows the depth
+        "text.norm": f"text.layer.{text_layers - 1}" if text_layers else None,
         "logits": "text.norm",
     }.get(name)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels.decode_attention import decode_attention_split, decode_attention_torch
+
 try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
@@ -162,7 +164,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     B, N, D = q.shape
     K = k_cache.shape[1]
     if backend in ("split", "math"):
-        from .kernels.decode_attention import decode_attention_split, decode_attention_torch
         bias = key_mask if key_mask.is_floating_point() else torch.zeros(key_mask.shape, dtype=q.dtype,
                                                                           device=q.device).masked_fill_(~key_mask, float("-inf"))
         if backend == "math":

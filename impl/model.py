@@ -229,8 +229,7 @@ class TextModel(nn.Module):
         self.embed = _norm(get("model.embed_tokens.weight"))
         self.layers = nn.ModuleList(DecoderLayer(get, i, config, use_triton) for i in range(config.num_hidden_layers))
         self.norm = _norm(get("model.norm.weight"))
-        head = get("lm_head.weight")
-        self.lm_head = _linear(self.embed.data if head is get("model.embed_tokens.weight") else head)
+        self.lm_head = _linear(get("lm_head.weight"))  # tied: get gives the embedding tensor itself, shared
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps, use_triton=self.use_triton)

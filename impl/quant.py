@@ -119,6 +119,7 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
+        """Bytes of the buffers: packed weight and scales / zeros (the bias is a parameter, not counted)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
@@ -167,7 +168,7 @@ def linear_weight_bytes(model: nn.Module, prefix: str = "text.layers.") -> int:
         if not name.startswith(prefix):
             continue
         if isinstance(m, Int4Linear):
-            total += sum(b.numel() * b.element_size() for b in m.buffers())
+            total += m.nbytes()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
     return total

@@ -45,6 +45,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, the rotation of both towers; cos, sin broadcast against x [..., D].
+
+    Computed in the wider of x's and cos's dtypes, returned in x's dtype.
+    """
+    dt = torch.promote_types(x.dtype, cos.dtype)
+    xf = x.to(dt)
+    return (xf * cos.to(dt) + rotate_half(xf) * sin.to(dt)).to(x.dtype)
+
+
 def mrope_cos_sin(position_ids: torch.Tensor, *, head_dim: int, theta: float, mrope_section,
                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Sectioned MRoPE tables: position_ids int [3, B, L] -> (cos, sin), each [B, L, D] in `dtype`.
@@ -88,14 +98,8 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         raise ValueError(f"k shape {list(k.shape)} does not match q shape {list(q.shape)} in B, L, D")
     if cos.shape != (B, L, D) or sin.shape != (B, L, D):
         raise ValueError(f"cos and sin must have shape [B, L, D] = {[B, L, D]}, got {list(cos.shape)} and {list(sin.shape)}")
-
-    def rotate(x):
-        dt = torch.promote_types(x.dtype, cos.dtype)
-        c, s = cos.to(dt)[:, None], sin.to(dt)[:, None]  # [B, 1, L, D], broadcast over heads
-        xf = x.to(dt)
-        return (xf * c + rotate_half(xf) * s).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, D], broadcast over heads
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------

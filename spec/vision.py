@@ -22,15 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from .mrope import check_grid_thw
-from .norms import rms_norm
+from .norms import rms_norm, work_dtype as _work_dtype
 from .windows import apply_vision_rotary, vision_rotary_cos_sin, vision_rotary_positions, window_partition
 
 VISION_ROPE_THETA = 10000.0  # fixed in the reference ViT, not read from config.json
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where the reference upcasts (norms, softmax, rotary): float64 stays float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def patch_embed(params: dict, config, pixel_values: torch.Tensor) -> torch.Tensor:

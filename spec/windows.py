@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .mrope import check_grid_thw, rotate_half
+from .mrope import apply_rotary, check_grid_thw
 
 
 def vision_rotary_positions(grid_thw, merge_size: int = 2) -> torch.Tensor:
@@ -80,10 +80,7 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     P, _, D = x.shape
     if cos.shape != (P, D) or sin.shape != (P, D):
         raise ValueError(f"cos and sin must have shape [P, D] = {[P, D]}, got {list(cos.shape)} and {list(sin.shape)}")
-    dt = torch.promote_types(x.dtype, cos.dtype)
-    xf = x.to(dt)
-    cos, sin = cos.to(dt)[:, None, :], sin.to(dt)[:, None, :]  # broadcast over heads
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    return apply_rotary(x, cos[:, None, :], sin[:, None, :])  # broadcast over heads
 
 
 def window_partition(grid_thw, *, window_size: int = 112, patch_size: int = 14,

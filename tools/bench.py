@@ -99,7 +99,8 @@ class Timer:
                     times[k].append(r if timed_by_fn else time.perf_counter() - t)
         return {k: statistics.median(v) for k, v in times.items()}
 
-    def median(self, fn, reps: int, warmup: int = 1) -> float:
+    def times(self, fn, reps: int, warmup: int = 1) -> list[float]:
+        """Seconds of each of `reps` timed calls of fn, after `warmup` untimed ones."""
         for _ in range(warmup):
             fn()
         self.sync()
@@ -109,7 +110,10 @@ class Timer:
             fn()
             self.sync()
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return times
+
+    def median(self, fn, reps: int, warmup: int = 1) -> float:
+        return statistics.median(self.times(fn, reps, warmup))
 
 
 def build_hf(config, params, device, dtype):
@@ -344,7 +348,6 @@ class Bench:
         from qwen25vl.impl.quant import linear_weight_bytes
         dev, dt = self.device, self.dtype
         bf_bytes = linear_weight_bytes(impl)
-        bf_rate = impl.last_stats.get("decode_tok_per_s")
         impl.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True)
         bf_rate = impl.last_stats["decode_tok_per_s"]
         t0 = time.perf_counter()

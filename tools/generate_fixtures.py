@@ -408,27 +408,25 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
 
     # build the inputs from the media as written (the PNG round trip is lossless)
     import tempfile
+    gold = SpecAdapter("float64")
     with tempfile.TemporaryDirectory() as tmp:
         for f, b in files.items():
             if isinstance(b, bytes):
                 (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / f).write_bytes(b)
-        pre = SpecAdapter("float64")
-        inputs = pre.build_inputs(request["conversations"], [f"{tmp}/{p}" for p in images],
-                                  [{**v, "frames": [f"{tmp}/{p}" for p in v["frames"]]} for v in videos],
-                                  tokenizer_dir=tokenizer_dir, options=request["options"])
+        inputs = gold.build_inputs(request["conversations"], [f"{tmp}/{p}" for p in images],
+                                   [{**v, "frames": [f"{tmp}/{p}" for p in v["frames"]]} for v in videos],
+                                   tokenizer_dir=tokenizer_dir, options=request["options"])
     inputs = {k: v for k, v in inputs.items() if v is not None}
     files["inputs.safetensors"] = inputs
     mask = inputs["attention_mask"]
 
-    gold = SpecAdapter("float64")
     gold.prepare(str(ck), dtype="float64", device="cpu")
     names = stages.model_stages(gold.config.vision.depth, gold.config.num_hidden_layers)
     has_vision = "pixel_values" in inputs or "pixel_values_videos" in inputs
     if not has_vision:
         names = [n for n in names if not n.startswith("vision.")]
-    captured = gold.run(inputs, capture=names)
-    g64 = {k: v for k, v in captured.items()}
+    g64 = gold.run(inputs, capture=names)
     stored = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in g64.items() if k != "logits"}
     files["golden.safetensors"] = stored
     logits = g64["logits"]
@@ -450,15 +448,12 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
         if dt == "bfloat16":
             bf16_store = {k: v for k, v in run.items() if k != "logits"}
         tf = {}
+        feeds = {**inputs, "position_ids": g64["text.position_ids"]}
         for s in names:
             if stages.info(s).tolerance not in ("float", "logits"):
                 continue
-            prev = stages.previous(s, gold.config.vision.depth) if s != "text.norm" else \
-                f"text.layer.{gold.config.num_hidden_layers - 1}"
-            feeds = {**inputs, "position_ids": g64["text.position_ids"]}
-            if prev is not None:
-                feeds["hidden"] = stored[prev]
-            tf[s] = low.run_stage(s, feeds)
+            prev = stages.previous(s, gold.config.vision.depth, gold.config.num_hidden_layers)
+            tf[s] = low.run_stage(s, feeds if prev is None else {**feeds, "hidden": stored[prev]})
         control_tf[dt] = _rel_control(g64, tf, mask)
     files["control_bfloat16.safetensors"] = bf16_store
 

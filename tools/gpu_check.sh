@@ -7,21 +7,11 @@
 # each step writes its log (and JSON lines) to $OUT as it runs.
 set -u
 set -x
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-OUT="${OUT:-$REPO/gpu_out}"
-mkdir -p "$OUT"
-cd "$REPO"
-PY="${PYTHON:-python}"
+source "$(dirname "$0")/gpu_env.sh"  # REPO, OUT, PY; the package linked in, PYTHONPATH
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 note() { echo "[$(elapsed)s] $*" | tee -a "$OUT/steps.txt"; }
 
-# --- the package without installing it: a shim folder mapping qwen25vl.* onto the repo folders ---
-# the repo's own qwen25vl/ folder shadows any shim once the repo root is on sys.path (python -m, pytest),
-# so the subpackages are linked into it (on the device's throwaway copy of the tree only)
-for sub in spec impl conformance tools; do [ -e "qwen25vl/$sub" ] || ln -s "../$sub" "qwen25vl/$sub"; done
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
 export HYPOTHESIS_PROFILE=dev
 
 step() {  # step NAME TIMEOUT_S CMD... : log to $OUT/NAME.log, record rc

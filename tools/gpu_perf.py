@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import signal
 import statistics
@@ -74,6 +73,15 @@ class Recorder:
         with open(os.path.join(self.dir, name), "w") as f:
             f.write(body)
 
+    def profile_text(self, name: str, prof):
+        """prof's top-25 table by self time (CUDA on a GPU) into DIR/name; a convenience, the JSON is the record."""
+        try:
+            sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            body = prof.key_averages().table(sort_by=sort, row_limit=25)
+        except Exception as e:
+            body = f"table failed: {e}"
+        self.text(name, body)
+
     def part(self, name: str, seconds: int, fn):
         t = time.perf_counter()
         try:
@@ -86,11 +94,6 @@ class Recorder:
             traceback.print_exc()
             self.emit(part=name, ok=False, error=f"{type(e).__name__}: {str(e)[:400]}",
                       seconds=round(time.perf_counter() - t, 1))
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def kernel_table(prof, top: int = 15) -> list[dict]:
@@ -128,11 +131,12 @@ def _compiled(variant: str) -> bool:
 class Perf:
     def __init__(self, a):
         from qwen25vl.impl.model import Qwen25VL
-        from qwen25vl.tools.bench import IMAGE_SIDE, make_config, make_inputs
+        from qwen25vl.tools.bench import IMAGE_SIDE, Timer, make_config, make_inputs
         from qwen25vl.tools.make_tiny_checkpoint import make_random_params
         self.a, self.dev = a, torch.device(a.device)
         self.dt = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
         self.rec = Recorder(a.out, self.dev)
+        self.timer = Timer(self.dev)
         t = time.perf_counter()
         self.config = make_config(a.size)
         self.params = make_random_params(self.config, 0, self.dt, device=self.dev)
@@ -195,15 +199,9 @@ class Perf:
                 kk = kc if be == "split" else torch.nan_to_num(kc, nan=0.0)
                 o = decode_attention(q, kk, vc, bias, be, nv)
                 err = ((o.double() - ref).abs().max() / ref.abs().max()).item()
-                sync(self.dev)
-                ts = []
-                for _ in range(20):
-                    t = time.perf_counter()
-                    decode_attention(q, kk, vc, bias, be, nv)
-                    sync(self.dev)
-                    ts.append(time.perf_counter() - t)
+                us = 1e6 * self.timer.median(lambda: decode_attention(q, kk, vc, bias, be, nv), 20, warmup=0)
                 self.rec.emit(what="decode_attention.check", backend=be, rel_err=err, ok=err < 2e-2,
-                              eager_us=round(1e6 * statistics.median(ts), 1))
+                              eager_us=round(us, 1))
             except Exception as e:
                 self.rec.emit(what="decode_attention.check", backend=be, ok=False, error=f"{type(e).__name__}: {e}")
 
@@ -227,14 +225,8 @@ class Perf:
                 res = {}
                 for tri in (False, True):
                     out = gemv(inp, w, b, use_triton=tri, **kw)
-                    sync(self.dev)
-                    ts = []
-                    for _ in range(20):
-                        t = time.perf_counter()
-                        gemv(inp, w, b, use_triton=tri, **kw)
-                        sync(self.dev)
-                        ts.append(time.perf_counter() - t)
-                    res["fused_us" if tri else "unfused_us"] = round(1e6 * statistics.median(ts), 1)
+                    s = self.timer.median(lambda: gemv(inp, w, b, use_triton=tri, **kw), 20, warmup=0)
+                    res["fused_us" if tri else "unfused_us"] = round(1e6 * s, 1)
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 gbs = w.numel() * w.element_size() / (res["fused_us"] * 1e-6) / 1e9
                 self.rec.emit(what="gemv.check", case=name, rel_err=err, ok=err < 3e-2, weight_gb_s=round(gbs, 1),
@@ -293,22 +285,18 @@ class Perf:
                 run = (lambda: decode_step(m, st)) if mode == "eager" else _capture_graph(m, st).replay
                 run()
                 st.step.zero_()
-                sync(dev)
+                self.timer.sync()
                 with profile(activities=acts) as prof:
                     t = time.perf_counter()
                     for _ in range(3):
                         run()
-                    sync(dev)
+                    self.timer.sync()
                     wall = (time.perf_counter() - t) / 3
                 st.step.zero_()
                 top, total = kernel_table(prof)
                 self.rec.emit(what="profile.decode", mode=mode, wall_ms_per_step=round(1e3 * wall, 3),
                               kernel_ms_per_step=round(total / 3e3, 3), top=[dict(r, us=round(r["us"] / 3, 1)) for r in top])
-                try:
-                    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-                    self.rec.text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", prof.key_averages().table(sort_by=sort, row_limit=25))
-                except Exception as e:  # the table is a convenience; the JSON above is the record
-                    self.rec.text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", f"table failed: {e}")
+                self.rec.profile_text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", prof)
 
     # -- vision ---------------------------------------------------------------------------------
     def part_vision(self):
@@ -331,13 +319,7 @@ class Perf:
                 m.visual.geometry_cache = {} if kernel == "cache" else None
                 with torch.inference_mode(), ctx:
                     out, label = m.visual(pv, grid, backend)
-                    sync(dev)
-                    ts = []
-                    for _ in range(self.a.vision_reps):
-                        t = time.perf_counter()
-                        m.visual(pv, grid, backend)
-                        sync(dev)
-                        ts.append(time.perf_counter() - t)
+                    ts = self.timer.times(lambda: m.visual(pv, grid, backend), self.a.vision_reps, warmup=0)
                 if base is None:
                     base = out
                 err = ((out.float() - base.float()).abs().max() / base.float().abs().max()).item()
@@ -355,7 +337,7 @@ class Perf:
             with profile(activities=acts) as prof:
                 t = time.perf_counter()
                 m.visual(pv, grid, "auto")
-                sync(dev)
+                self.timer.sync()
                 wall = time.perf_counter() - t
         top, total = kernel_table(prof)
         self.rec.emit(what="profile.vision", wall_ms=round(1e3 * wall, 2), kernel_ms=round(total / 1e3, 2), top=top)
@@ -363,21 +345,11 @@ class Perf:
         width = m.visual.pad_mlp(64)
         with torch.inference_mode():
             out, label = m.visual(pv, grid, "auto")
-            sync(dev)
-            ts = []
-            for _ in range(self.a.vision_reps):
-                t = time.perf_counter()
-                m.visual(pv, grid, "auto")
-                sync(dev)
-                ts.append(time.perf_counter() - t)
+            ts = self.timer.times(lambda: m.visual(pv, grid, "auto"), self.a.vision_reps, warmup=0)
         err = ((out.float() - base.float()).abs().max() / base.float().abs().max()).item()
         self.rec.emit(what="vision", variant=f"auto+pad_mlp{width}", ms=round(1e3 * statistics.median(ts), 2),
                       min_ms=round(1e3 * min(ts), 2), backend=label, rel_diff_vs_auto=err, patches=int(grid.prod()))
-        try:
-            sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            self.rec.text("profile_vision.txt", prof.key_averages().table(sort_by=sort, row_limit=25))
-        except Exception as e:
-            self.rec.text("profile_vision.txt", f"table failed: {e}")
+        self.rec.profile_text("profile_vision.txt", prof)
 
     # -- int4 -------------------------------------------------------------------------------------
     def part_int4(self):

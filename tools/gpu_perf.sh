@@ -13,11 +13,7 @@
 #   3. 3B: compile mode max-autotune-no-cudagraphs + split, if time is left                (rest)
 # Then $OUT/summary.md (all steps' tables) is printed.
 set -u
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-OUT="${OUT:-$REPO/gpu_out}"
-mkdir -p "$OUT"
-cd "$REPO"
-PY="${PYTHON:-python}"
+source "$(dirname "$0")/gpu_env.sh"  # REPO, OUT, PY; the package linked in, PYTHONPATH
 DEVICE=cuda
 BIG=3b
 BIG7=7b
@@ -35,10 +31,6 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET - $(elapsed) )); }
 note() { echo "[$(elapsed)s] $*" | tee -a "$OUT/perf_steps.txt"; }
 
-# the package without installing it (as tools/gpu_check.sh): link the subpackages into qwen25vl/
-for sub in spec impl conformance tools; do [ -e "qwen25vl/$sub" ] || ln -s "../$sub" "qwen25vl/$sub"; done
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-16}"
 
 step() {  # step NAME TIMEOUT_S CMD... : log to $OUT/NAME.log, record rc, never stop the script

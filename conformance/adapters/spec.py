@@ -115,21 +115,18 @@ class SpecAdapter(Adapter):
                                    min_pixels=options.get("min_pixels"), max_pixels=options.get("max_pixels"),
                                    video_options=vopts)
 
-    def _rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
-        return self.rope_rule(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-                              config=config)
-
     def _inputs(self, inputs: dict) -> dict:
         return {k: v for k, v in inputs.items() if v is not None}
 
     def run(self, inputs, *, capture):
-        _, captured = forward(self.params, self.config, self._inputs(inputs), capture=list(capture), rope_rule=self._rule)
+        _, captured = forward(self.params, self.config, self._inputs(inputs), capture=list(capture),
+                              rope_rule=self.rope_rule)
         return captured
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         inputs = self._inputs(inputs)
         new = generate_greedy(self.params, self.config, inputs, max_new_tokens, eos_token_id=eos_token_id,
-                              rope_rule=self._rule)
+                              rope_rule=self.rope_rule)
         return new, self.step_topk(inputs, new)
 
     def step_topk(self, inputs: dict, new: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -141,7 +138,7 @@ class SpecAdapter(Adapter):
         mask = torch.cat([inputs.get("attention_mask", torch.ones(B, L, dtype=torch.int64)),
                           torch.ones_like(new)], dim=1)
         logits, _ = forward(self.params, self.config, {**inputs, "input_ids": ids, "attention_mask": mask},
-                            rope_rule=self._rule)
+                            rope_rule=self.rope_rule)
         return logits[:, L - 1:L - 1 + new.shape[1]].topk(k, dim=-1).indices
 
     def run_stage(self, stage, feeds):

@@ -20,6 +20,16 @@ import torch
 from .base import Adapter, NotCovered
 from .spec import torch_dtype
 
+TINY = Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"  # its tokenizer and chat template
+
+
+def _token_types(input_ids, image_token_id: int, video_token_id: int) -> torch.Tensor:
+    """mm_token_type_ids int32 [B, L]: 1 on image pads, 2 on video pads, 0 elsewhere."""
+    t = torch.zeros_like(input_ids, dtype=torch.int32)
+    t[input_ids == image_token_id] = 1
+    t[input_ids == video_token_id] = 2
+    return t
+
 
 class TransformersAdapter(Adapter):
     name = "transformers"
@@ -94,13 +104,13 @@ class TransformersAdapter(Adapter):
         return wi, cw.long(), get_vision_cu_seqlens(grid).long()
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
-        proc = self.processor(str(Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"))
+        proc = self.processor(str(TINY))
         return proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                         add_vision_id=add_vision_id)
 
     def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
         """The processor's own placeholder expansion (replace_*_token + get_text_with_replacements)."""
-        proc = self.processor(str(Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"))
+        proc = self.processor(str(TINY))
         imgs = [] if image_grid_thw is None else [
             proc.replace_image_token({"image_grid_thw": image_grid_thw}, i) for i in range(len(image_grid_thw))]
         saved = proc.video_processor
@@ -121,9 +131,7 @@ class TransformersAdapter(Adapter):
         cfg = Qwen2_5_VLConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
         host = types.SimpleNamespace(config=cfg)  # get_rope_index reads only self.config and this helper
         host.get_vision_position_ids = types.MethodType(Qwen2_5_VLModel.get_vision_position_ids, host)
-        types_ = torch.zeros_like(input_ids, dtype=torch.int32)
-        types_[input_ids == config["image_token_id"]] = 1
-        types_[input_ids == config["video_token_id"]] = 2
+        types_ = _token_types(input_ids, config["image_token_id"], config["video_token_id"])
         pos, deltas = Qwen2_5_VLModel.get_rope_index(host, input_ids, types_, image_grid_thw=image_grid_thw,
                                                      video_grid_thw=video_grid_thw,
                                                      second_per_grid_ts=second_per_grid_ts,
@@ -217,10 +225,7 @@ class TransformersAdapter(Adapter):
         for i, layer in enumerate(lm.layers):
             hooks.append(layer.register_forward_hook(keep(f"text.layer.{i}")))
         hooks.append(lm.norm.register_forward_hook(keep("text.norm")))
-        model_inputs = {k: v for k, v in inputs.items() if v is not None}
-        if "second_per_grid_ts" in model_inputs:
-            model_inputs["second_per_grid_ts"] = model_inputs["second_per_grid_ts"].tolist()
-        model_inputs["mm_token_type_ids"] = self._types(inputs["input_ids"])
+        model_inputs = self._model_inputs(inputs)
         try:
             m.model.rope_deltas = None
             with torch.no_grad():
@@ -238,18 +243,18 @@ class TransformersAdapter(Adapter):
             got["text.position_ids"] = got["text.position_ids"][1:]  # v5 prepends the text positions row
         return {k: v for k, v in got.items() if k in capture}
 
-    def _types(self, ids):
-        cfg = self.model.config
-        t = torch.zeros_like(ids, dtype=torch.int32)
-        t[ids == cfg.image_token_id] = 1
-        t[ids == cfg.video_token_id] = 2
-        return t
-
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+    def _model_inputs(self, inputs: dict) -> dict:
+        """The model-inputs dict as transformers' forward and generate take it: seconds per grid as a list,
+        and the mm_token_type_ids it reads instead of scanning for pad ids."""
         model_inputs = {k: v for k, v in inputs.items() if v is not None}
         if "second_per_grid_ts" in model_inputs:
             model_inputs["second_per_grid_ts"] = model_inputs["second_per_grid_ts"].tolist()
-        model_inputs["mm_token_type_ids"] = self._types(inputs["input_ids"])
+        cfg = self.model.config
+        model_inputs["mm_token_type_ids"] = _token_types(inputs["input_ids"], cfg.image_token_id, cfg.video_token_id)
+        return model_inputs
+
+    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        model_inputs = self._model_inputs(inputs)
         self.model.model.rope_deltas = None
         with torch.no_grad():
             out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import HAVE_TRITON, triton_ok
+from .rmsnorm import rms_norm_torch
+from .swiglu import swiglu_torch
 
 if HAVE_TRITON:
     import triton
@@ -102,8 +104,6 @@ def gemv_triton(x, w, bias=None, *, residual=None, norm_weight=None, eps: float 
 
 def gemv_torch(x, w, bias=None, *, residual=None, norm_weight=None, eps: float = 1e-6, swiglu: bool = False):
     """The unfused path with the same rounding points: the fallback, and the tests' second formula."""
-    from .rmsnorm import rms_norm_torch
-    from .swiglu import swiglu_torch
     if norm_weight is not None:
         x = rms_norm_torch(x, norm_weight, eps)
     y = torch.nn.functional.linear(x, w, bias)
