@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen25vl.spec.generate import check_generate_args
 from qwen25vl.spec.mrope import decode_positions
 
 from .attention import check_decode_backend, decode_attention
@@ -209,19 +210,6 @@ def _capture_graph(model, st: DecodeState):
     return graph
 
 
-def check_generate_args(model, inputs: dict, max_new_tokens, eos_token_id) -> torch.Tensor:
-    cfg = model.config
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64)
-    if eos.numel() == 0 or ((eos < 0) | (eos >= cfg.vocab_size)).any():
-        raise ValueError(f"eos_token_id must be one id or a list of ids in 0..{cfg.vocab_size - 1}, got {eos_token_id!r}")
-    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-    if mask is not None and mask.dim() == 2 and (mask[:, -1] == 0).any():
-        raise ValueError("inputs['attention_mask'] has padding at the end of a row: generation needs left padding")
-    return eos
-
-
 @torch.inference_mode()
 def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, cuda_graph: bool | None = None,
                     sync_every: int = 16, on_token=None, ignore_eos: bool = False, decode_attention: str = "sdpa",
@@ -242,7 +230,7 @@ def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, c
     check_decode_backend(decode_attention)
     if compile_decode not in COMPILE_MODES:
         raise ValueError(f"compile_decode must be one of {COMPILE_MODES}, got {compile_decode!r}")
-    eos = check_generate_args(model, inputs, max_new_tokens, eos_token_id)
+    eos = check_generate_args(model.config, inputs, max_new_tokens, eos_token_id)  # spec's own checks
     if fused_decode:
         check_fusable(model, inputs["input_ids"].shape[0])
     if ignore_eos:

@@ -39,14 +39,9 @@ def decode_step(params: dict, config, tokens: torch.Tensor, position_ids: torch.
     return text.lm_head(params, text.final_norm(params, config, x)), new_cache
 
 
-def generate_greedy(params: dict, config, inputs: dict, max_new_tokens: int, *, eos_token_id,
-                    rope_rule=rope_index) -> torch.Tensor:
-    """Greedy continuation of a left-padded batch: model inputs -> new tokens int64 [B, n], n <= max_new_tokens.
-
-    eos_token_id: an id or a list of ids; a row stops at the first of them (which it keeps), and is
-    filled with config.pad_token_id after it. Generation stops when every row has stopped or after
-    max_new_tokens. rope_rule: the position rule of the prompt (see spec.forward.prefill).
-    """
+def check_generate_args(config, inputs: dict, max_new_tokens, eos_token_id) -> torch.Tensor:
+    """Reject a generation request that cannot work, before any compute: max_new_tokens a positive
+    int, eos ids inside the vocabulary, valid model inputs, left (not right) padding. -> eos int64 [E]."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64)
@@ -56,11 +51,23 @@ def generate_greedy(params: dict, config, inputs: dict, max_new_tokens: int, *, 
     mask = inputs.get("attention_mask")
     if mask is not None and (mask[:, -1] == 0).any():
         raise ValueError("inputs['attention_mask'] has padding at the end of a row: generation needs left padding")
+    return eos
 
+
+def generate_greedy(params: dict, config, inputs: dict, max_new_tokens: int, *, eos_token_id,
+                    rope_rule=rope_index) -> torch.Tensor:
+    """Greedy continuation of a left-padded batch: model inputs -> new tokens int64 [B, n], n <= max_new_tokens.
+
+    eos_token_id: an id or a list of ids; a row stops at the first of them (which it keeps), and is
+    filled with config.pad_token_id after it. Generation stops when every row has stopped or after
+    max_new_tokens. rope_rule: the position rule of the prompt (see spec.forward.prefill).
+    """
+    eos = check_generate_args(config, inputs, max_new_tokens, eos_token_id)
     hidden, _, cache, rope_deltas = prefill(params, config, inputs, rope_rule=rope_rule)
     logits = text.lm_head(params, hidden[:, -1:])  # [B, 1, V]: only the last position is needed
     B, L = inputs["input_ids"].shape
     device = hidden.device
+    mask = inputs.get("attention_mask")
     mask = torch.ones(B, L, dtype=torch.int64, device=device) if mask is None else mask.to(device, torch.int64)
     eos = eos.to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
