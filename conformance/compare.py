@@ -124,15 +124,19 @@ def item_difference(expected, got, tol: float = 0.0, path: str = "") -> str | No
             d = torch.where(torch.isnan(d), torch.inf, d)
             if d.numel() and d.max().item() > tol:
                 idx = [int(i) for i in (d == d.max()).nonzero()[0]]
-                return (f"{where}: max |diff| {d.max().item():.3g} > {tol:g} at {idx} "
-                        f"(expected {expected[tuple(idx)].item():.6g}, got {g[tuple(idx)].item():.6g})")
+                return (
+                    f"{where}: max |diff| {d.max().item():.3g} > {tol:g} at {idx} "
+                    f"(expected {expected[tuple(idx)].item():.6g}, got {g[tuple(idx)].item():.6g})"
+                )
             return None
         if g.is_floating_point() or g.dtype == torch.bool:
             return f"{where}: wrong dtype {g.dtype}, expected integers"
         ne = g.long() != expected.long()
         if ne.any():
             idx = [int(i) for i in ne.nonzero()[0]]
-            return f"{where}{idx}: expected {int(expected[tuple(idx)])}, got {int(g[tuple(idx)])} ({int(ne.sum())} differ)"
+            return (
+                f"{where}{idx}: expected {int(expected[tuple(idx)])}, got {int(g[tuple(idx)])} ({int(ne.sum())} differ)"
+            )
         return None
     if isinstance(expected, dict):
         if not isinstance(got, dict):
@@ -144,8 +148,11 @@ def item_difference(expected, got, tol: float = 0.0, path: str = "") -> str | No
             if d:
                 return d
         return None
-    if isinstance(expected, list) and isinstance(got, (list, tuple)) and any(
-            isinstance(v, (torch.Tensor, dict, list)) for v in expected):
+    if (
+        isinstance(expected, list)
+        and isinstance(got, (list, tuple))
+        and any(isinstance(v, (torch.Tensor, dict, list)) for v in expected)
+    ):
         if len(expected) != len(got):
             return f"{where}: expected length {len(expected)}, got {len(got)}"
         for i, (e, g) in enumerate(zip(expected, got)):
@@ -177,18 +184,27 @@ def exact_items(expected: list, got: list, inputs: list | None = None, tol: floa
     tol_text = "equal" if tol == 0 else f"ints equal, floats max_abs <= {tol:g}"
     more = f" ({skipped} not covered)" if skipped else ""
     if not bad:
-        return Verdict("pass", f"{n}/{n} items equal{more}", tol_text, values={"items": n, "bad": 0,
-                                                                               "not_covered": skipped})
+        return Verdict(
+            "pass", f"{n}/{n} items equal{more}", tol_text, values={"items": n, "bad": 0, "not_covered": skipped}
+        )
     k, d = bad[0]
     where = f"item {k}" + (f" {_short(inputs[k], 160)}" if inputs else "") + f": {d}"
     if len(bad) > 1:
         where += f" (and {len(bad) - 1} more: items {[j for j, _ in bad[1:21]]})"
     status = "error" if crashes == len(bad) else "fail"  # only crashes: the port broke, it did not disagree
-    return Verdict(status, f"{n - len(bad)}/{n} items equal" + (f", {crashes} raised" if crashes else "") + more,
-                   tol_text,
-                   where=where,
-                   values={"items": n, "bad": len(bad), "first_bad": k, "bad_items": [j for j, _ in bad],
-                           "bad_labels": [inputs[j] for j, _ in bad] if inputs else []})
+    return Verdict(
+        status,
+        f"{n - len(bad)}/{n} items equal" + (f", {crashes} raised" if crashes else "") + more,
+        tol_text,
+        where=where,
+        values={
+            "items": n,
+            "bad": len(bad),
+            "first_bad": k,
+            "bad_items": [j for j, _ in bad],
+            "bad_labels": [inputs[j] for j, _ in bad] if inputs else [],
+        },
+    )
 
 
 # ---------------------------------------------------------------- floats
@@ -235,10 +251,14 @@ def float_errors(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | N
     worst = list(np.unravel_index(flat, tuple(g.shape))) if diff.numel() else []
     xn = x.norm().item()
     cos = float((x * g).sum().item() / (gn * xn)) if gn > 0 and xn > 0 else 1.0
-    return {"rel": rel, "max_abs": diff.max().item() if diff.numel() else 0.0, "cosine": cos,
-            "worst": [int(i) for i in worst],
-            "worst_golden": float(g.reshape(-1)[flat]) if diff.numel() else 0.0,
-            "worst_got": float(x.reshape(-1)[flat]) if diff.numel() else 0.0}
+    return {
+        "rel": rel,
+        "max_abs": diff.max().item() if diff.numel() else 0.0,
+        "cosine": cos,
+        "worst": [int(i) for i in worst],
+        "worst_golden": float(g.reshape(-1)[flat]) if diff.numel() else 0.0,
+        "worst_got": float(x.reshape(-1)[flat]) if diff.numel() else 0.0,
+    }
 
 
 def float_budget(control: dict | None, dtype: str) -> tuple[float, str]:
@@ -258,17 +278,20 @@ def float_budget(control: dict | None, dtype: str) -> tuple[float, str]:
     return ALPHA * c + floor, f"{ALPHA:g}x{c:.2e} ({src} control) + {floor:.1e}"
 
 
-def floats(golden: torch.Tensor, got, *, control: dict | None, dtype: str,
-           mask: torch.Tensor | None = None) -> Verdict:
+def floats(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask: torch.Tensor | None = None) -> Verdict:
     got, why = check_tensor(golden, got, floating=True)
     budget, tol = float_budget(control, dtype)
     if why:
         return _error(why, f"rel <= {tol}")
     e = float_errors(golden, got, mask)
     ok = e["rel"] <= budget
-    return Verdict("pass" if ok else "fail", f"rel {e['rel']:.2e} max_abs {e['max_abs']:.2e} cos {e['cosine']:.6f}",
-                   f"rel <= {budget:.2e} = {tol}", where=f"worst at {e['worst']}: golden {e['worst_golden']:.6g}, "
-                   f"got {e['worst_got']:.6g}", values={**e, "budget": budget})
+    return Verdict(
+        "pass" if ok else "fail",
+        f"rel {e['rel']:.2e} max_abs {e['max_abs']:.2e} cos {e['cosine']:.6f}",
+        f"rel <= {budget:.2e} = {tol}",
+        where=f"worst at {e['worst']}: golden {e['worst_golden']:.6g}, got {e['worst_got']:.6g}",
+        values={**e, "budget": budget},
+    )
 
 
 def max_abs(golden: torch.Tensor, got, *, limit: float, mask=None) -> Verdict:
@@ -278,9 +301,13 @@ def max_abs(golden: torch.Tensor, got, *, limit: float, mask=None) -> Verdict:
         return _error(why, f"max_abs <= {limit:g}")
     e = float_errors(golden, got, mask)
     ok = e["max_abs"] <= limit
-    return Verdict("pass" if ok else "fail", f"max_abs {e['max_abs']:.2e} rel {e['rel']:.2e}", f"max_abs <= {limit:g}",
-                   where=f"worst at {e['worst']}: golden {e['worst_golden']:.6g}, got {e['worst_got']:.6g}",
-                   values=e)
+    return Verdict(
+        "pass" if ok else "fail",
+        f"max_abs {e['max_abs']:.2e} rel {e['rel']:.2e}",
+        f"max_abs <= {limit:g}",
+        where=f"worst at {e['worst']}: golden {e['worst_golden']:.6g}, got {e['worst_got']:.6g}",
+        values=e,
+    )
 
 
 def exact_tensor(golden: torch.Tensor, got, mask=None) -> Verdict:
@@ -295,9 +322,13 @@ def exact_tensor(golden: torch.Tensor, got, mask=None) -> Verdict:
     if n == 0:
         return Verdict("pass", "equal", "equal")
     idx = [int(i) for i in diff.nonzero()[0]]
-    return Verdict("fail", f"{n} of {g.numel()} differ", "equal",
-                   where=f"first at {idx}: golden {int(g[tuple(idx)])}, got {int(x[tuple(idx)])}",
-                   values={"n_diff": n, "first": idx})
+    return Verdict(
+        "fail",
+        f"{n} of {g.numel()} differ",
+        "equal",
+        where=f"first at {idx}: golden {int(g[tuple(idx)])}, got {int(x[tuple(idx)])}",
+        values={"n_diff": n, "first": idx},
+    )
 
 
 # ---------------------------------------------------------------- logits and tokens
@@ -312,8 +343,12 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
     m = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
     kl_v, same_v = kl[m], same[m]
     worst = [int(i) for i in (torch.where(m, kl, -1.0) == kl_v.max()).nonzero()[0]] if kl_v.numel() else []
-    return {"mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0, "max_kl": kl_v.max().item() if kl_v.numel() else 0.0,
-            "top1": same_v.double().mean().item() if same_v.numel() else 1.0, "worst": worst}
+    return {
+        "mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0,
+        "max_kl": kl_v.max().item() if kl_v.numel() else 0.0,
+        "top1": same_v.double().mean().item() if same_v.numel() else 1.0,
+        "worst": worst,
+    }
 
 
 def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=None) -> Verdict:
@@ -329,8 +364,13 @@ def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=
         return _error(why, tol)
     s = logit_stats(golden, got, mask)
     ok = s["mean_kl"] <= kl_budget and s["top1"] >= top1_min
-    return Verdict("pass" if ok else "fail", f"mean_kl {s['mean_kl']:.2e} max_kl {s['max_kl']:.2e} top1 {s['top1']:.3f}",
-                   tol, where=f"worst KL at (batch, token) {s['worst']}", values=s)
+    return Verdict(
+        "pass" if ok else "fail",
+        f"mean_kl {s['mean_kl']:.2e} max_kl {s['max_kl']:.2e} top1 {s['top1']:.3f}",
+        tol,
+        where=f"worst KL at (batch, token) {s['worst']}",
+        values=s,
+    )
 
 
 def tokens(golden: torch.Tensor, golden_topk: torch.Tensor, got, got_topk=None) -> Verdict:

@@ -57,6 +57,7 @@ def dump_json(obj) -> bytes:
 @dataclass
 class Case:
     """One fixture case folder, with its manifest and the result of checking its files."""
+
     path: Path
     manifest: dict
     bad_files: dict[str, str] = field(default_factory=dict)  # file -> why it cannot be used

@@ -26,8 +26,11 @@ def pytest_addoption(parser):
     g.addoption("--conform-dtype", default=None, help="dtype of the target (default: the adapter's)")
     g.addoption("--conform-device", default=None, help="device of the target")
     g.addoption("--conform-timeout", type=float, default=120.0, help="seconds per port call")
-    g.addoption("--conform-expectations", default=None,
-                help="expectations file (default: conformance/expectations/<target>.json when it exists)")
+    g.addoption(
+        "--conform-expectations",
+        default=None,
+        help="expectations file (default: conformance/expectations/<target>.json when it exists)",
+    )
 
 
 def pytest_collect_file(file_path, parent):

@@ -42,8 +42,10 @@ def table(results: list[StageResult], *, verbose: bool = False) -> str:
             st = r.status.upper() if r.status in BAD else r.status
             if r.mode == "teacher":
                 st += "(tf)"
-            lines.append(f"{_cut(case, 24):<24} {_cut(r.stage, 26):<26} {st:<11} {_cut(r.metric, 46):<46} "
-                         f"{_cut(r.tolerance, 60)}")
+            lines.append(
+                f"{_cut(case, 24):<24} {_cut(r.stage, 26):<26} {st:<11} {_cut(r.metric, 46):<46} "
+                f"{_cut(r.tolerance, 60)}"
+            )
             if r.note and (verbose or r.status != "pass"):
                 lines.append(f"{'':<24}   {_cut(r.note, 110)}")
     return "\n".join(lines)
@@ -56,8 +58,11 @@ def explain(r: StageResult) -> str:
         meaning, read = st.meaning, st.read
     except KeyError:
         meaning, read = "the fixture case itself", "fixtures/FORMAT.md"
-    out = [f"FIRST DIVERGENCE  case {r.case}, stage {r.stage}: {r.status}",
-           f"  metric     {r.metric}", f"  tolerance  {r.tolerance}"]
+    out = [
+        f"FIRST DIVERGENCE  case {r.case}, stage {r.stage}: {r.status}",
+        f"  metric     {r.metric}",
+        f"  tolerance  {r.tolerance}",
+    ]
     if r.where:
         out.append(f"  where      {_cut(r.where, 300)}")
     if r.note:
@@ -68,8 +73,10 @@ def explain(r: StageResult) -> str:
 
 def render(desc: dict, results: list[StageResult], *, verbose: bool = False, seconds: float | None = None) -> str:
     s = summary(results)
-    head = (f"qwen25vl conform: target {desc.get('name', '?')} {desc.get('version', '')} "
-            f"dtype {desc.get('dtype', '?')} device {desc.get('device', '?')}")
+    head = (
+        f"qwen25vl conform: target {desc.get('name', '?')} {desc.get('version', '')} "
+        f"dtype {desc.get('dtype', '?')} device {desc.get('device', '?')}"
+    )
     lines = [head, table(results, verbose=verbose), ""]
     first = first_divergence(results)
     if first:
@@ -82,9 +89,17 @@ def render(desc: dict, results: list[StageResult], *, verbose: bool = False, sec
 
 def to_json(desc: dict, results: list[StageResult], seconds: float | None = None) -> str:
     first = first_divergence(results)
-    return json.dumps({"target": desc, "summary": summary(results), "seconds": seconds,
-                       "first_divergence": first.to_dict() if first else None,
-                       "results": [r.to_dict() for r in results]}, indent=1, default=str)
+    return json.dumps(
+        {
+            "target": desc,
+            "summary": summary(results),
+            "seconds": seconds,
+            "first_divergence": first.to_dict() if first else None,
+            "results": [r.to_dict() for r in results],
+        },
+        indent=1,
+        default=str,
+    )
 
 
 def to_junit(desc: dict, results: list[StageResult]) -> str:
@@ -95,11 +110,23 @@ def to_junit(desc: dict, results: list[StageResult]) -> str:
         by_case.setdefault(r.case, []).append(r)
     for case, rows in by_case.items():
         c = Counter(r.status for r in rows)
-        suite = ET.SubElement(root, "testsuite", name=case, tests=str(len(rows)), failures=str(c["fail"]),
-                              errors=str(c["error"]), skipped=str(c["not_covered"] + c["xfail"]))
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=case,
+            tests=str(len(rows)),
+            failures=str(c["fail"]),
+            errors=str(c["error"]),
+            skipped=str(c["not_covered"] + c["xfail"]),
+        )
         for r in rows:
-            tc = ET.SubElement(suite, "testcase", classname=case, name=r.stage + (" [teacher]" if r.mode == "teacher" else ""),
-                               time=f"{r.seconds:.3f}")
+            tc = ET.SubElement(
+                suite,
+                "testcase",
+                classname=case,
+                name=r.stage + (" [teacher]" if r.mode == "teacher" else ""),
+                time=f"{r.seconds:.3f}",
+            )
             text = f"{r.metric} | tolerance {r.tolerance} | {r.where} | {r.note}"
             if r.status == "fail":
                 ET.SubElement(tc, "failure", message=_cut(r.metric, 200)).text = text

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qwen25vl.spec.checkpoint import checkpoint_files, to_hub_key
-from qwen25vl.spec.config import Qwen25VLConfig
-
+from ..spec.checkpoint import checkpoint_files, to_hub_key
+from ..spec.config import Qwen25VLConfig
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
 from .fixtures import FixtureError, check_files, find_cases, load_case
@@ -66,8 +65,10 @@ def call_with_timeout(fn, timeout: float | None):
     if not timeout or timeout <= 0:
         return fn()
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
+
         def on_alarm(signum, frame):
             raise StageTimeout(f"timed out after {timeout:g} s")
+
         old = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
@@ -82,6 +83,7 @@ def call_with_timeout(fn, timeout: float | None):
             box["value"] = fn()
         except BaseException as e:  # handed back to the caller below
             box["error"] = e
+
     th = threading.Thread(target=target, daemon=True)
     th.start()
     th.join(timeout)
@@ -107,10 +109,13 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
     """'impl' | 'spec' | 'transformers' | 'files:DIR' | 'package.module:Class'."""
     if target.startswith("files:"):
         from .adapters.files import FilesAdapter
-        return FilesAdapter(target[len("files:"):], dtype=dtype)
-    builtin = {"impl": ("qwen25vl.conformance.adapters.impl", "ImplAdapter"),
-               "spec": ("qwen25vl.conformance.adapters.spec", "SpecAdapter"),
-               "transformers": ("qwen25vl.conformance.adapters.transformers", "TransformersAdapter")}
+
+        return FilesAdapter(target[len("files:") :], dtype=dtype)
+    builtin = {
+        "impl": ("qwen25vl.conformance.adapters.impl", "ImplAdapter"),
+        "spec": ("qwen25vl.conformance.adapters.spec", "SpecAdapter"),
+        "transformers": ("qwen25vl.conformance.adapters.transformers", "TransformersAdapter"),
+    }
     if target in builtin:
         mod, cls = builtin[target]
     elif ":" in target:
@@ -123,6 +128,7 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
         except ImportError:
             import os
             import sys
+
             if os.getcwd() in sys.path:
                 raise
             sys.path.insert(0, os.getcwd())  # a port's adapter module in the current folder, as `python -m` finds it
@@ -149,7 +155,7 @@ def load_expectations(path: str | Path | None) -> list[dict]:
         raise ValueError(f"expectations file {path}: {e}") from None
     out = data.get("expectations", []) if isinstance(data, dict) else None
     if not isinstance(out, list):
-        raise ValueError(f"expectations file {path}: expected {{\"expectations\": [...]}}")
+        raise ValueError(f'expectations file {path}: expected {{"expectations": [...]}}')
     for k, e in enumerate(out):
         for key in ("case", "stage", "reason"):
             if key not in e:
@@ -227,8 +233,9 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 class CaseRunner:
-    def __init__(self, adapter: Adapter, *, timeout: float | None = 120.0, teacher: str = "first",
-                 only_stages: str | None = None):
+    def __init__(
+        self, adapter: Adapter, *, timeout: float | None = 120.0, teacher: str = "first", only_stages: str | None = None
+    ):
         self.adapter = adapter
         self.timeout = timeout
         self.teacher = teacher  # "first" (the first failing float stage), "all" or "none"
@@ -274,24 +281,39 @@ class CaseRunner:
             labels = [it.get("label", "") for it in table]
             expected = [it["expected"] for it in table]
             try:
-                got = call_with_timeout(lambda: self.adapter.run_items(stage, inputs, tokenizer_dir=tokenizer_dir),
-                                        self.timeout)
+                got = call_with_timeout(
+                    lambda: self.adapter.run_items(stage, inputs, tokenizer_dir=tokenizer_dir), self.timeout
+                )
             except NotCovered as e:
                 out.append(StageResult(case.name, stage, "not_covered", str(e), mode="items"))
                 continue
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                out.append(StageResult(case.name, stage, "error", _describe_exc(e), mode="items",
-                                       seconds=time.perf_counter() - t0))
+                out.append(
+                    StageResult(
+                        case.name, stage, "error", _describe_exc(e), mode="items", seconds=time.perf_counter() - t0
+                    )
+                )
                 continue
             if stage in NORMALIZE:
                 expected = [NORMALIZE[stage](i, e) for i, e in zip(inputs, expected)]
                 got = [NORMALIZE[stage](i, g) for i, g in zip(inputs, got)] if isinstance(got, list) else got
             tol = {"pixels": compare.PIXELS_MAX_ABS, "cos_sin": compare.COS_SIN_MAX_ABS}.get(entry["tolerance"], 0.0)
             v = compare.exact_items(expected, got, labels, tol=tol)
-            out.append(StageResult(case.name, stage, v.status, v.metric, v.tolerance, v.where, "items",
-                                   seconds=time.perf_counter() - t0, values=v.values))
+            out.append(
+                StageResult(
+                    case.name,
+                    stage,
+                    v.status,
+                    v.metric,
+                    v.tolerance,
+                    v.where,
+                    "items",
+                    seconds=time.perf_counter() - t0,
+                    values=v.values,
+                )
+            )
         return out
 
     # model cases
@@ -300,8 +322,14 @@ class CaseRunner:
         name = case.name
         ck = case.checkpoint()
         ck_problem = checkpoint_problem(ck) if ck else "the manifest names no checkpoint"
-        req_problem = next((f"fixture file {f}: {case.bad_files[f]}" for f in
-                            (case.manifest["request"], case.manifest["inputs"]) if f in case.bad_files), None)
+        req_problem = next(
+            (
+                f"fixture file {f}: {case.bad_files[f]}"
+                for f in (case.manifest["request"], case.manifest["inputs"])
+                if f in case.bad_files
+            ),
+            None,
+        )
         if req_problem or ck_problem:
             return [StageResult(name, s, "error", req_problem or ck_problem) for s in case.stages if self._wanted(s)]
         request = case.json(case.manifest["request"])
@@ -325,14 +353,17 @@ class CaseRunner:
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                return out + [StageResult(name, s, "error", f"prepare: {_describe_exc(e)}") for s in names
-                              if s not in pre]
+                return out + [
+                    StageResult(name, s, "error", f"prepare: {_describe_exc(e)}") for s in names if s not in pre
+                ]
         if model_names:
             capture = [s for s in case.stages if stages.is_known(s) and not s.startswith(("preprocess.", "generate."))]
             t0 = time.perf_counter()
             captured, failure = None, None
             try:
-                captured = call_with_timeout(lambda: self.adapter.run(dict(inputs), capture=list(capture)), self.timeout)
+                captured = call_with_timeout(
+                    lambda: self.adapter.run(dict(inputs), capture=list(capture)), self.timeout
+                )
                 if not isinstance(captured, dict):
                     failure = ("error", f"run returned {type(captured).__name__}, not a dict of stage tensors")
             except NotCovered as e:
@@ -356,8 +387,11 @@ class CaseRunner:
                     where = v.where
                     if v.status in BAD and v.values.get("worst") is not None:
                         where += locate(s, v.values["worst"], inputs)
-                    out.append(StageResult(name, s, v.status, v.metric, v.tolerance, where, "e2e", seconds=secs,
-                                           values=v.values))
+                    out.append(
+                        StageResult(
+                            name, s, v.status, v.metric, v.tolerance, where, "e2e", seconds=secs, values=v.values
+                        )
+                    )
                     secs = 0.0
             self._teacher_forced(case, out, inputs, golden, mask, ck)
 
@@ -367,8 +401,9 @@ class CaseRunner:
 
     def _prepare(self, ck: Path) -> None:
         if self._prepared != str(ck):
-            call_with_timeout(lambda: self.adapter.prepare(str(ck), dtype=self.dtype, device=self.adapter.device),
-                              self.timeout)
+            call_with_timeout(
+                lambda: self.adapter.prepare(str(ck), dtype=self.dtype, device=self.adapter.device), self.timeout
+            )
             self._prepared = str(ck)
 
     def _preprocess(self, case, request, inputs, names) -> list[StageResult]:
@@ -377,9 +412,16 @@ class CaseRunner:
         videos = [{**v, "frames": [str(media / p) for p in v["frames"]]} for v in request.get("videos", [])]
         t0 = time.perf_counter()
         try:
-            got = call_with_timeout(lambda: self.adapter.build_inputs(
-                request["conversations"], images, videos, tokenizer_dir=str(case.checkpoint()),
-                options=request.get("options", {})), self.timeout)
+            got = call_with_timeout(
+                lambda: self.adapter.build_inputs(
+                    request["conversations"],
+                    images,
+                    videos,
+                    tokenizer_dir=str(case.checkpoint()),
+                    options=request.get("options", {}),
+                ),
+                self.timeout,
+            )
         except NotCovered as e:
             return [StageResult(case.name, s, "not_covered", f"build_inputs: {e}", mode="e2e") for s in names]
         except BaseException as e:
@@ -389,15 +431,18 @@ class CaseRunner:
         secs = time.perf_counter() - t0
         out = []
         for s in names:
-            key = s[len("preprocess."):]
+            key = s[len("preprocess.") :]
             problem = case.stage_problem(s)
             if problem:
                 out.append(StageResult(case.name, s, "error", problem, mode="e2e"))
                 continue
             g, x = inputs.get(key), got.get(key) if isinstance(got, dict) else None
             if g is None:
-                v = compare.Verdict("pass", "absent on both sides", "absent") if x is None else \
-                    compare.Verdict("fail", f"the port returned {key}, the spec has none", "absent")
+                v = (
+                    compare.Verdict("pass", "absent on both sides", "absent")
+                    if x is None
+                    else compare.Verdict("fail", f"the port returned {key}, the spec has none", "absent")
+                )
             elif x is None:
                 v = compare.Verdict("fail", f"the port returned no {key}", "equal")
             elif key == "second_per_grid_ts":
@@ -406,8 +451,11 @@ class CaseRunner:
                 v = compare.max_abs(g, x, limit=compare.PIXELS_MAX_ABS)
             else:
                 v = compare.exact_tensor(g, x)
-            out.append(StageResult(case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs,
-                                   values=v.values))
+            out.append(
+                StageResult(
+                    case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs, values=v.values
+                )
+            )
             secs = 0.0
         return out
 
@@ -433,11 +481,27 @@ class CaseRunner:
             return
         depth = int(case.manifest["depth"]["vision"])
         layers = int(case.manifest["depth"]["text"])
-        float_bad = sorted((r for r in out if r.mode == "e2e" and r.status in BAD and
-                            case.stages.get(r.stage, {}).get("tolerance") in ("float", "logits")),
-                           key=lambda r: stages.order_key(r.stage))
-        todo = [r for r in out if r.mode == "e2e" and r.stage in case.stages and
-                case.stages[r.stage]["tolerance"] in ("float", "logits")] if self.teacher == "all" else float_bad[:1]
+        float_bad = sorted(
+            (
+                r
+                for r in out
+                if r.mode == "e2e"
+                and r.status in BAD
+                and case.stages.get(r.stage, {}).get("tolerance") in ("float", "logits")
+            ),
+            key=lambda r: stages.order_key(r.stage),
+        )
+        todo = (
+            [
+                r
+                for r in out
+                if r.mode == "e2e"
+                and r.stage in case.stages
+                and case.stages[r.stage]["tolerance"] in ("float", "logits")
+            ]
+            if self.teacher == "all"
+            else float_bad[:1]
+        )
         for r in todo:
             prev = stages.previous(r.stage, depth, layers)
             feeds = dict(inputs)
@@ -457,11 +521,17 @@ class CaseRunner:
             else:
                 v = self._judge(case, r.stage, golden, got, mask, ck, control_key="control_teacher")
             if self.teacher == "all":
-                out.append(StageResult(case.name, r.stage, v.status, v.metric, v.tolerance, v.where, "teacher",
-                                       values=v.values))
+                out.append(
+                    StageResult(
+                        case.name, r.stage, v.status, v.metric, v.tolerance, v.where, "teacher", values=v.values
+                    )
+                )
             else:
-                verdict = ("the stage itself is wrong: it fails fed with the golden input too"
-                           if v.status in BAD else "drift from upstream: fed the golden input it passes")
+                verdict = (
+                    "the stage itself is wrong: it fails fed with the golden input too"
+                    if v.status in BAD
+                    else "drift from upstream: fed the golden input it passes"
+                )
                 r.note = f"teacher-forced: {v.status} ({v.metric}); {verdict}"
 
     def _generate(self, case, request, inputs) -> StageResult:
@@ -474,8 +544,12 @@ class CaseRunner:
         g_topk = torch.tensor(gen["topk"], dtype=torch.int64)
         t0 = time.perf_counter()
         try:
-            got = call_with_timeout(lambda: self.adapter.generate(
-                dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]), self.timeout)
+            got = call_with_timeout(
+                lambda: self.adapter.generate(
+                    dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
+                ),
+                self.timeout,
+            )
         except NotCovered as e:
             return StageResult(case.name, s, "not_covered", f"generate: {e}", mode="e2e")
         except BaseException as e:
@@ -486,8 +560,17 @@ class CaseRunner:
         if isinstance(got, tuple):
             got, topk = got
         v = compare.tokens(g_tokens, g_topk, got, topk)
-        return StageResult(case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e",
-                           seconds=time.perf_counter() - t0, values=v.values)
+        return StageResult(
+            case.name,
+            s,
+            v.status,
+            v.metric,
+            v.tolerance,
+            v.where,
+            "e2e",
+            seconds=time.perf_counter() - t0,
+            values=v.values,
+        )
 
 
 def locate(stage: str, worst: list[int], inputs: dict) -> str:
@@ -495,7 +578,8 @@ def locate(stage: str, worst: list[int], inputs: dict) -> str:
     whether it sits on a window edge; for a text stage the token and whether it is a vision pad."""
     try:
         if stage.startswith("vision.") and stage != "vision.merger":
-            from qwen25vl.spec.windows import vision_rotary_positions
+            from ..spec.windows import vision_rotary_positions
+
             grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
             grid = torch.cat(grids)
             p = worst[0]
@@ -506,10 +590,11 @@ def locate(stage: str, worst: list[int], inputs: dict) -> str:
                 item += 1
             t, h, w = grid[item].tolist()
             frame = (p - start) // (h * w)
-            row, col = vision_rotary_positions(grid[item:item + 1])[p - start].tolist()
+            row, col = vision_rotary_positions(grid[item : item + 1])[p - start].tolist()
             edge = row % 8 in (0, 7) or col % 8 in (0, 7) or row == h - 1 or col == w - 1
-            return (f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid"
-                    + (", on a window edge" if edge else ", inside a window"))
+            return f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid" + (
+                ", on a window edge" if edge else ", inside a window"
+            )
         if stage.startswith("text.") or stage == "logits":
             b, tok = worst[0], worst[1]
             tid = int(inputs["input_ids"][b, tok])
@@ -566,8 +651,9 @@ def _run_one(path: str, opts: SuiteOptions) -> tuple[dict, list[dict]]:
     torch.set_num_threads(1)
     if "runner" not in _WORKER:
         adapter = make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
-        _WORKER["runner"] = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher,
-                                       only_stages=opts.only_stages)
+        _WORKER["runner"] = CaseRunner(
+            adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages
+        )
     runner = _WORKER["runner"]
     return runner.adapter.describe(), [r.to_dict() for r in runner.run(path)]
 
@@ -580,8 +666,14 @@ def select_cases(fixtures: str | Path, only: str | None = None) -> list[Path]:
     return paths
 
 
-def run_suite(paths: list[Path], opts: SuiteOptions, *, jobs: int = 1,
-              expectations: list[dict] | None = None, adapter: Adapter | None = None) -> tuple[dict, list[StageResult]]:
+def run_suite(
+    paths: list[Path],
+    opts: SuiteOptions,
+    *,
+    jobs: int = 1,
+    expectations: list[dict] | None = None,
+    adapter: Adapter | None = None,
+) -> tuple[dict, list[StageResult]]:
     """Run every case; returns (the adapter's description, results in case then data-flow order)."""
     results: list[StageResult] = []
     if jobs > 1 and adapter is None and len(paths) > 1:
@@ -616,4 +708,5 @@ def first_divergence(results: list[StageResult]) -> StageResult | None:
             return stages.order_key(r.stage)
         except KeyError:
             return (-1, 0)
+
     return min(bad, key=key)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from qwen25vl.spec.forward import model_stage_names
+from ..spec.forward import model_stage_names
 
 
 @dataclass(frozen=True)
@@ -39,58 +39,141 @@ class Stage:
 # Adding a stage = one line here + its spec function + a fixture case in tools/generate_fixtures.py.
 _TABLE = [
     # exact-stage functions, in the order data flows through them
-    Stage("fn.smart_resize", "exact", "spec/resize.py: smart_resize",
-          "target (h, w) of the resize: round to the factor 28 (ties to even), then floor/ceil into the pixel budget"),
-    Stage("fn.resize_bicubic", "exact", "spec/resize.py: resize_bicubic",
-          "uint8 bicubic resize (Pillow's separable kernel, horizontal pass first)"),
-    Stage("fn.sample_frame_indices", "exact", "spec/video.py: sample_frame_indices",
-          "which video frames are read for a duration, source fps and target fps (even count, clamped)"),
-    Stage("fn.patchify", "exact", "spec/patches.py: patchify",
-          "pixel_values row order: 2x2 merge blocks contiguous, temporal pairs, rows of C*tp*p*p"),
-    Stage("fn.preprocess_image", "pixels", "spec/image.py: preprocess_image",
-          "load -> resize -> rescale/normalize (CLIP mean/std) -> patchify, and the grid"),
-    Stage("fn.vision_rotary_positions", "exact", "spec/windows.py: vision_rotary_positions",
-          "(row, col) of every patch in pixel_values row order, fed to the 2D vision rotary"),
-    Stage("fn.window_partition", "exact", "spec/windows.py: window_partition",
-          "window order of merged units, window boundaries (padding windows de-duplicated) and per-frame boundaries"),
-    Stage("fn.render_chat", "exact", "spec/chat.py: render_chat",
-          "the chat template: system prompt, role markers, vision placeholders"),
-    Stage("fn.expand_vision_tokens", "exact", "spec/tokens.py: expand_vision_tokens",
-          "each <|image_pad|>/<|video_pad|> repeated prod(grid_thw)/merge_size^2 times"),
-    Stage("fn.tokenize", "exact", "spec/tokens.py: load_tokenizer",
-          "token ids of the rendered, expanded prompt (special tokens kept whole)"),
-    Stage("fn.rope_index", "exact", "spec/mrope.py: rope_index",
-          "3D MRoPE positions (t, h, w) and rope_deltas: image/video spans, text after a span, left padding"),
-    Stage("fn.decode_positions", "exact", "spec/mrope.py: decode_positions",
-          "positions of decode steps: cache length + rope_deltas, the same on the three rows"),
-    Stage("fn.mrope_cos_sin", "cos_sin", "spec/mrope.py: mrope_cos_sin",
-          "rotary tables of the text decoder: frequency pairs sectioned [t | h | w] (not interleaved)"),
+    Stage(
+        "fn.smart_resize",
+        "exact",
+        "spec/resize.py: smart_resize",
+        "target (h, w) of the resize: round to the factor 28 (ties to even), then floor/ceil into the pixel budget",
+    ),
+    Stage(
+        "fn.resize_bicubic",
+        "exact",
+        "spec/resize.py: resize_bicubic",
+        "uint8 bicubic resize (Pillow's separable kernel, horizontal pass first)",
+    ),
+    Stage(
+        "fn.sample_frame_indices",
+        "exact",
+        "spec/video.py: sample_frame_indices",
+        "which video frames are read for a duration, source fps and target fps (even count, clamped)",
+    ),
+    Stage(
+        "fn.patchify",
+        "exact",
+        "spec/patches.py: patchify",
+        "pixel_values row order: 2x2 merge blocks contiguous, temporal pairs, rows of C*tp*p*p",
+    ),
+    Stage(
+        "fn.preprocess_image",
+        "pixels",
+        "spec/image.py: preprocess_image",
+        "load -> resize -> rescale/normalize (CLIP mean/std) -> patchify, and the grid",
+    ),
+    Stage(
+        "fn.vision_rotary_positions",
+        "exact",
+        "spec/windows.py: vision_rotary_positions",
+        "(row, col) of every patch in pixel_values row order, fed to the 2D vision rotary",
+    ),
+    Stage(
+        "fn.window_partition",
+        "exact",
+        "spec/windows.py: window_partition",
+        "window order of merged units, window boundaries (padding windows de-duplicated) and per-frame boundaries",
+    ),
+    Stage(
+        "fn.render_chat",
+        "exact",
+        "spec/chat.py: render_chat",
+        "the chat template: system prompt, role markers, vision placeholders",
+    ),
+    Stage(
+        "fn.expand_vision_tokens",
+        "exact",
+        "spec/tokens.py: expand_vision_tokens",
+        "each <|image_pad|>/<|video_pad|> repeated prod(grid_thw)/merge_size^2 times",
+    ),
+    Stage(
+        "fn.tokenize",
+        "exact",
+        "spec/tokens.py: load_tokenizer",
+        "token ids of the rendered, expanded prompt (special tokens kept whole)",
+    ),
+    Stage(
+        "fn.rope_index",
+        "exact",
+        "spec/mrope.py: rope_index",
+        "3D MRoPE positions (t, h, w) and rope_deltas: image/video spans, text after a span, left padding",
+    ),
+    Stage(
+        "fn.decode_positions",
+        "exact",
+        "spec/mrope.py: decode_positions",
+        "positions of decode steps: cache length + rope_deltas, the same on the three rows",
+    ),
+    Stage(
+        "fn.mrope_cos_sin",
+        "cos_sin",
+        "spec/mrope.py: mrope_cos_sin",
+        "rotary tables of the text decoder: frequency pairs sectioned [t | h | w] (not interleaved)",
+    ),
     # one model run
-    Stage("preprocess.input_ids", "exact", "spec/tokens.py: build_inputs",
-          "prompt token ids, left padded with 151643, vision pads expanded"),
+    Stage(
+        "preprocess.input_ids",
+        "exact",
+        "spec/tokens.py: build_inputs",
+        "prompt token ids, left padded with 151643, vision pads expanded",
+    ),
     Stage("preprocess.attention_mask", "exact", "spec/tokens.py: build_inputs", "1 on tokens, 0 on left padding"),
-    Stage("preprocess.pixel_values", "pixels", "spec/image.py: preprocess_image", "image patches, all images concatenated"),
-    Stage("preprocess.image_grid_thw", "exact", "spec/image.py: preprocess_image", "(t, h, w) patch grid of each image"),
+    Stage(
+        "preprocess.pixel_values", "pixels", "spec/image.py: preprocess_image", "image patches, all images concatenated"
+    ),
+    Stage(
+        "preprocess.image_grid_thw", "exact", "spec/image.py: preprocess_image", "(t, h, w) patch grid of each image"
+    ),
     Stage("preprocess.pixel_values_videos", "pixels", "spec/video.py: preprocess_video", "video patches"),
-    Stage("preprocess.video_grid_thw", "exact", "spec/video.py: preprocess_video", "(t, h, w) patch grid of each video"),
-    Stage("preprocess.second_per_grid_ts", "exact", "spec/video.py: preprocess_video",
-          "seconds per temporal patch: temporal_patch_size / sampled fps"),
+    Stage(
+        "preprocess.video_grid_thw", "exact", "spec/video.py: preprocess_video", "(t, h, w) patch grid of each video"
+    ),
+    Stage(
+        "preprocess.second_per_grid_ts",
+        "exact",
+        "spec/video.py: preprocess_video",
+        "seconds per temporal patch: temporal_patch_size / sampled fps",
+    ),
     Stage("vision.patch_embed", "float", "spec/vision.py: patch_embed", "Conv3d patch embedding as a matmul [P, Cv]"),
-    Stage("vision.block.{i}", "float", "spec/vision.py: vision_block (windows: spec/windows.py)",
-          "vision block i in pixel_values row order: window attention (or full attention in fullatt_block_indexes) "
-          "with 2D rotary permuted together with the windows, then the MLP"),
-    Stage("vision.merger", "float", "spec/vision.py: patch_merger",
-          "RMSNorm, 2x2 group, MLP; un-permuted to item order"),
-    Stage("text.inputs_embeds", "float", "spec/text.py: embed, scatter_vision_features",
-          "token embeddings with vision features scattered into the pad positions"),
+    Stage(
+        "vision.block.{i}",
+        "float",
+        "spec/vision.py: vision_block (windows: spec/windows.py)",
+        "vision block i in pixel_values row order: window attention (or full attention in fullatt_block_indexes) "
+        "with 2D rotary permuted together with the windows, then the MLP",
+    ),
+    Stage(
+        "vision.merger", "float", "spec/vision.py: patch_merger", "RMSNorm, 2x2 group, MLP; un-permuted to item order"
+    ),
+    Stage(
+        "text.inputs_embeds",
+        "float",
+        "spec/text.py: embed, scatter_vision_features",
+        "token embeddings with vision features scattered into the pad positions",
+    ),
     Stage("text.position_ids", "exact", "spec/mrope.py: rope_index", "MRoPE positions used by the model run"),
     Stage("text.rope_deltas", "exact", "spec/mrope.py: rope_index", "offset carried into decode"),
-    Stage("text.layer.{i}", "float", "spec/text.py: decoder_layer (rotary: spec/mrope.py)",
-          "decoder layer i: GQA attention with MRoPE, causal + padding mask, SwiGLU MLP"),
+    Stage(
+        "text.layer.{i}",
+        "float",
+        "spec/text.py: decoder_layer (rotary: spec/mrope.py)",
+        "decoder layer i: GQA attention with MRoPE, causal + padding mask, SwiGLU MLP",
+    ),
     Stage("text.norm", "float", "spec/text.py: final_norm", "final RMSNorm"),
     Stage("logits", "logits", "spec/text.py: lm_head", "LM head over every position"),
-    Stage("generate.tokens", "tokens", "spec/generate.py: generate_greedy",
-          "greedy continuation with the KV cache: decode positions carry rope_deltas"),
+    Stage(
+        "generate.tokens",
+        "tokens",
+        "spec/generate.py: generate_greedy",
+        "greedy continuation with the KV cache: decode positions carry rope_deltas",
+    ),
 ]
 
 STAGES = {s.name: s for s in _TABLE}
@@ -99,7 +182,7 @@ _INDEXED = re.compile(r"^(vision\.block|text\.layer)\.(\d+)$")
 
 FN_STAGES = [s.name for s in _TABLE if s.name.startswith("fn.")]
 PREPROCESS_STAGES = [s.name for s in _TABLE if s.name.startswith("preprocess.")]
-INPUT_KEYS = [n[len("preprocess."):] for n in PREPROCESS_STAGES]
+INPUT_KEYS = [n[len("preprocess.") :] for n in PREPROCESS_STAGES]
 
 
 def template(name: str) -> str:

@@ -46,11 +46,15 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype) -> None:
         raise ValueError(f"attention must be one of {VISION_BACKENDS}, got {name!r}")
     half = dtype in (torch.float16, torch.bfloat16)
     if name == "flash_attn" and (flash_attn_varlen_func is None or device.type != "cuda" or not half):
-        raise ValueError(f"attention='flash_attn' needs the flash-attn package, a CUDA device and fp16/bf16 "
-                         f"(installed: {flash_attn_varlen_func is not None}, device {device.type}, dtype {dtype})")
+        raise ValueError(
+            f"attention='flash_attn' needs the flash-attn package, a CUDA device and fp16/bf16 "
+            f"(installed: {flash_attn_varlen_func is not None}, device {device.type}, dtype {dtype})"
+        )
     if name == "varlen" and (varlen_attn is None or device.type != "cuda" or not half):
-        raise ValueError(f"attention='varlen' needs torch >= 2.10 with torch.nn.attention.varlen, a CUDA device and "
-                         f"fp16/bf16 (available: {varlen_attn is not None}, device {device.type}, dtype {dtype})")
+        raise ValueError(
+            f"attention='varlen' needs torch >= 2.10 with torch.nn.attention.varlen, a CUDA device and "
+            f"fp16/bf16 (available: {varlen_attn is not None}, device {device.type}, dtype {dtype})"
+        )
 
 
 class SegmentPlan:
@@ -59,7 +63,9 @@ class SegmentPlan:
     cu_seqlens int [S+1] (CPU or device; zero-length segments are allowed and ignored).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, P: int, device: torch.device, dtype: torch.dtype, backend: str = "auto"):
+    def __init__(
+        self, cu_seqlens: torch.Tensor, P: int, device: torch.device, dtype: torch.dtype, backend: str = "auto"
+    ):
         cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
         assert int(cu[0]) == 0 and int(cu[-1]) == P, f"cu_seqlens must run 0..{P}, got {cu[0]}..{cu[-1]}"
         lengths = cu.diff()
@@ -102,8 +108,9 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: S
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the packed kernels want dense [P, N, D]
         return fn(q, k, v, plan.cu, plan.cu, plan.max_len, plan.max_len)
     if plan.backend == "blockmask":
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           attn_mask=plan.mask)  # [1, N, P, D]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=plan.mask
+        )  # [1, N, P, D]
         return o[0].transpose(0, 1)
     if plan.uniform:
         S, Lw = plan.n, plan.max_len
@@ -146,8 +153,15 @@ def check_decode_backend(name: str) -> None:
         raise ValueError(f"decode_attention must be one of {DECODE_BACKENDS}, got {name!r}")
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_mask: torch.Tensor,
-                     backend: str = "sdpa", n_valid: torch.Tensor | None = None, use_triton: bool = True) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    key_mask: torch.Tensor,
+    backend: str = "sdpa",
+    n_valid: torch.Tensor | None = None,
+    use_triton: bool = True,
+) -> torch.Tensor:
     """One query per row over the cache: q [B, N, D], caches [B, K, T, D], key_mask [B, T]
     (bool: True = attend; or additive float: 0 / -inf, in q's dtype) -> [B, N, D].
 
@@ -164,8 +178,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     B, N, D = q.shape
     K = k_cache.shape[1]
     if backend in ("split", "math"):
-        bias = key_mask if key_mask.is_floating_point() else torch.zeros(key_mask.shape, dtype=q.dtype,
-                                                                          device=q.device).masked_fill_(~key_mask, float("-inf"))
+        bias = (
+            key_mask
+            if key_mask.is_floating_point()
+            else torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_mask, float("-inf"))
+        )
         if backend == "math":
             return decode_attention_torch(q, k_cache, v_cache, bias)
         if n_valid is None:

@@ -35,21 +35,33 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def check_cache_fits(config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                     *, extra_bytes: int = 0, headroom: float = 0.9, alloc_len: int | None = None) -> int:
+def check_cache_fits(
+    config,
+    batch: int,
+    max_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    extra_bytes: int = 0,
+    headroom: float = 0.9,
+    alloc_len: int | None = None,
+) -> int:
     """Raise ValueError when the cache for `max_len` tokens (allocated as `alloc_len` >= max_len slots,
     plus `extra_bytes` of working memory) would not fit in `headroom` of the free memory, or when
     max_len exceeds the model's positions; else return the cache's bytes."""
     if max_len > config.max_position_embeddings:
-        raise ValueError(f"prompt + max_new_tokens = {max_len} tokens exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings}")
+        raise ValueError(
+            f"prompt + max_new_tokens = {max_len} tokens exceeds max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
     need = cache_bytes(config, batch, alloc_len or max_len, dtype)
     free = free_bytes(device)
     if need + extra_bytes > headroom * free:
         raise ValueError(
             f"KV cache for batch {batch} x {max_len} tokens needs {need / GiB:.2f} GiB "
             f"(+ {extra_bytes / GiB:.2f} GiB working memory) but {device.type} has {free / GiB:.2f} GiB free "
-            f"(limit {headroom:.0%} of it); lower the batch size or max_new_tokens")
+            f"(limit {headroom:.0%} of it); lower the batch size or max_new_tokens"
+        )
     return need
 
 

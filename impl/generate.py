@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen25vl.spec.generate import check_generate_args
-from qwen25vl.spec.mrope import decode_positions
-
+from ..spec.generate import check_generate_args
+from ..spec.mrope import decode_positions
 from .attention import check_decode_backend, decode_attention
 from .cache import KVCache, check_cache_fits
 from .kernels.gemv import gemv
@@ -48,8 +47,17 @@ COMPILE_MODES = (False, True, "default", "max-autotune-no-cudagraphs")
 class DecodeState:
     """Persistent tensors of one generation (all on the model device)."""
 
-    def __init__(self, model, first: torch.Tensor, mask: torch.Tensor, rope_deltas: torch.Tensor, L: int,
-                 max_new: int, eos: torch.Tensor, cache: KVCache):
+    def __init__(
+        self,
+        model,
+        first: torch.Tensor,
+        mask: torch.Tensor,
+        rope_deltas: torch.Tensor,
+        L: int,
+        max_new: int,
+        eos: torch.Tensor,
+        cache: KVCache,
+    ):
         dev, cfg = model.device_, model.config
         B, T = first.shape[0], cache.max_len
         self.L, self.cache = L, cache
@@ -80,8 +88,8 @@ def _layer_pre(x, cos, sin, kc, vc, slot, norm, w, b, eps: float, N: int, K: int
     x [B, C], caches [B, K, T, D] (written at `slot`) -> q [B, N, D]."""
     qkv = F.linear(rms_norm_torch(x, norm, eps), w, b).view(x.shape[0], -1, D)
     rotary_torch(qkv, cos, sin, N + K)
-    kc.index_copy_(2, slot, qkv[:, N:N + K, None])
-    vc.index_copy_(2, slot, qkv[:, N + K:, None])
+    kc.index_copy_(2, slot, qkv[:, N : N + K, None])
+    vc.index_copy_(2, slot, qkv[:, N + K :, None])
     return qkv[:, :N]
 
 
@@ -104,8 +112,10 @@ def compiled_decode_fns(model, mode):
     for layer in model.text.layers:
         for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
             if type(lin) is not nn.Linear:
-                raise ValueError(f"compile_decode needs plain nn.Linear layers, layer {layer.i} has "
-                                 f"{type(lin).__name__} (int4 runs eagerly)")
+                raise ValueError(
+                    f"compile_decode needs plain nn.Linear layers, layer {layer.i} has "
+                    f"{type(lin).__name__} (int4 runs eagerly)"
+                )
     mode = "default" if mode is True else mode
     cache = model.__dict__.setdefault("_compiled_decode", {})
     if mode not in cache:
@@ -118,8 +128,16 @@ def _mv(lin, x, *, residual=None, norm_weight=None, eps: float = 1e-6, swiglu: b
     """One row through linear layer `lin` with its neighbours: impl.kernels.gemv (fused) for a plain
     nn.Linear; otherwise (Int4Linear) RMSNorm, the layer, SwiGLU and the residual add one by one."""
     if type(lin) is nn.Linear:
-        return gemv(x, lin.weight, lin.bias, residual=residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu,
-                    use_triton=use_triton)
+        return gemv(
+            x,
+            lin.weight,
+            lin.bias,
+            residual=residual,
+            norm_weight=norm_weight,
+            eps=eps,
+            swiglu=swiglu,
+            use_triton=use_triton,
+        )
     if norm_weight is not None:
         x = rms_norm(x, norm_weight, eps, use_triton=use_triton)
     y = lin(x)
@@ -135,7 +153,7 @@ def decode_layer_fused(layer, x, cos, sin, bias, cache, slot, attn: str, n_valid
     cache write fused into the rotary. bf16: 5 kernels + attention per layer instead of 12.
     x [1, C] -> [1, C]."""
     B, t, eps = x.shape[0], layer.use_triton, layer.eps
-    N, K, D = layer.N, layer.K, layer.D
+    N, D = layer.N, layer.D
     qkv = _mv(layer.qkv, x, norm_weight=layer.norm1, eps=eps, use_triton=t)
     qkv = apply_rotary_cache_(qkv.view(B, -1, D), cos, sin, N, cache.k[layer.i], cache.v[layer.i], slot, use_triton=t)
     o = decode_attention(qkv[:, :N], cache.k[layer.i], cache.v[layer.i], bias, attn, n_valid, use_triton=t)
@@ -174,11 +192,31 @@ def decode_step(model, st: DecodeState) -> None:
         B = x.shape[0]
         for layer in text.layers:
             kc, vc = st.cache.k[layer.i], st.cache.v[layer.i]
-            q = pre(x, cos, sin, kc, vc, slot, layer.norm1, layer.qkv.weight, layer.qkv.bias, layer.eps,
-                    layer.N, layer.K, layer.D)
+            q = pre(
+                x,
+                cos,
+                sin,
+                kc,
+                vc,
+                slot,
+                layer.norm1,
+                layer.qkv.weight,
+                layer.qkv.bias,
+                layer.eps,
+                layer.N,
+                layer.K,
+                layer.D,
+            )
             o = decode_attention(q, kc, vc, bias, st.attn, n_valid, use_triton=layer.use_triton)
-            x = post(x, o.reshape(B, -1), layer.o_proj.weight, layer.norm2, layer.gate_up.weight, layer.down.weight,
-                     layer.eps)
+            x = post(
+                x,
+                o.reshape(B, -1),
+                layer.o_proj.weight,
+                layer.norm2,
+                layer.gate_up.weight,
+                layer.down.weight,
+                layer.eps,
+            )
         nxt = head(x, text.norm, text.lm_head.weight, text.cfg.rms_norm_eps, st.finished, st.pad)
     st.out.index_copy_(1, st.step + 1, nxt[:, None])
     st.finished |= (nxt[:, None] == st.eos[None]).any(-1)
@@ -211,9 +249,20 @@ def _capture_graph(model, st: DecodeState):
 
 
 @torch.inference_mode()
-def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, cuda_graph: bool | None = None,
-                    sync_every: int = 16, on_token=None, ignore_eos: bool = False, decode_attention: str = "sdpa",
-                    compile_decode=False, fused_decode: bool = False) -> torch.Tensor:
+def generate_tokens(
+    model,
+    inputs: dict,
+    max_new_tokens: int,
+    eos_token_id,
+    *,
+    cuda_graph: bool | None = None,
+    sync_every: int = 16,
+    on_token=None,
+    ignore_eos: bool = False,
+    decode_attention: str = "sdpa",
+    compile_decode=False,
+    fused_decode: bool = False,
+) -> torch.Tensor:
     """Greedy continuation: model inputs -> int64 [B, n] on the CPU (see module doc).
 
     cuda_graph: None = on for CUDA models (if capture fails, decoding runs eagerly and
@@ -303,6 +352,9 @@ def generate_tokens(model, inputs: dict, max_new_tokens: int, eos_token_id, *, c
     if bool(is_eos.any(1).all()):
         n = int(is_eos.int().argmax(1).max()) + 1
         out = out[:, :n]
-    stats.update(decode_s=t3 - t2, new_tokens=out.shape[1],
-                 decode_tok_per_s=(out.shape[1] - 1) / (t3 - t2) if out.shape[1] > 1 and t3 > t2 else None)
+    stats.update(
+        decode_s=t3 - t2,
+        new_tokens=out.shape[1],
+        decode_tok_per_s=(out.shape[1] - 1) / (t3 - t2) if out.shape[1] > 1 and t3 > t2 else None,
+    )
     return out

@@ -23,11 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qwen25vl.spec.checkpoint import check_params
-from qwen25vl.spec.forward import check_inputs, select_stages
-from qwen25vl.spec.mrope import mrope_cos_sin, rope_index
-from qwen25vl.spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition
-
+from ..spec.checkpoint import check_params
+from ..spec.forward import check_inputs, select_stages
+from ..spec.mrope import mrope_cos_sin, rope_index
+from ..spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition
 from .attention import SegmentPlan, check_backend, decode_attention, prefill_attention, prefill_mask, segment_attention
 from .kernels.rmsnorm import rms_norm
 from .kernels.rotary import apply_rotary_
@@ -53,7 +52,9 @@ def check_dtype_device(dtype, device) -> tuple[torch.dtype, torch.device]:
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
     if dtype not in SUPPORTED_DTYPES[device.type]:
         names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES[device.type])
-        raise ValueError(f"dtype {str(dtype).removeprefix('torch.')} is not supported on {device.type} (supported: {names})")
+        raise ValueError(
+            f"dtype {str(dtype).removeprefix('torch.')} is not supported on {device.type} (supported: {names})"
+        )
     return dtype, device
 
 
@@ -78,8 +79,10 @@ class VisionBlock(nn.Module):
         self.norm1, self.norm2 = _norm(get(p + "norm1.weight")), _norm(get(p + "norm2.weight"))
         self.qkv = _linear(get(p + "attn.qkv.weight"), get(p + "attn.qkv.bias"))
         self.proj = _linear(get(p + "attn.proj.weight"), get(p + "attn.proj.bias"))
-        self.gate_up = _linear(get(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                               get(p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"))
+        self.gate_up = _linear(
+            get(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+            get(p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"),
+        )
         self.down = _linear(get(p + "mlp.down_proj.weight"), get(p + "mlp.down_proj.bias"))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
@@ -107,8 +110,14 @@ class VisionTower(nn.Module):
         self.mlp0 = _linear(get("visual.merger.mlp.0.weight"), get("visual.merger.mlp.0.bias"))
         self.mlp2 = _linear(get("visual.merger.mlp.2.weight"), get("visual.merger.mlp.2.bias"))
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, backend: str = "auto",
-                captured: dict | None = None, wanted: set = frozenset()) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        backend: str = "auto",
+        captured: dict | None = None,
+        wanted: set = frozenset(),
+    ) -> tuple[torch.Tensor, dict]:
         """pixel_values [P, 1176], grid_thw [k, 3] -> (merged [P/4, C] in item order, {"window": label, "full": label})."""
         v, m2 = self.cfg, self.cfg.spatial_merge_size**2
         dev, dt = self.ln_q.device, self.ln_q.dtype
@@ -152,8 +161,10 @@ class VisionTower(nn.Module):
             gw = torch.cat([pad(w[:I]), pad(w[I:])])
             gb = None if b is None else torch.cat([pad(b.data[:I]), pad(b.data[I:])])
             blk.gate_up = _linear(gw, gb)
-            blk.down = _linear(F.pad(blk.down.weight.data, (0, new - I)).contiguous(),
-                               None if blk.down.bias is None else blk.down.bias.data)
+            blk.down = _linear(
+                F.pad(blk.down.weight.data, (0, new - I)).contiguous(),
+                None if blk.down.bias is None else blk.down.bias.data,
+            )
         return new
 
     def geometry(self, grid_thw: torch.Tensor, P: int, backend: str):
@@ -161,10 +172,12 @@ class VisionTower(nn.Module):
         order, {"window", "full"}: SegmentPlan, merge_index [P/4]), all on the tower's device."""
         v, m2 = self.cfg, self.cfg.spatial_merge_size**2
         dev, dt = self.ln_q.device, self.ln_q.dtype
-        window_index, cu_win, cu_full = window_partition(grid_thw, window_size=v.window_size, patch_size=v.patch_size,
-                                                         merge_size=v.spatial_merge_size)
-        cos, sin = vision_rotary_cos_sin(vision_rotary_positions(grid_thw, v.spatial_merge_size), v.head_dim,
-                                         VISION_ROPE_THETA, dtype=torch.float32)
+        window_index, cu_win, cu_full = window_partition(
+            grid_thw, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
+        )
+        cos, sin = vision_rotary_cos_sin(
+            vision_rotary_positions(grid_thw, v.spatial_merge_size), v.head_dim, VISION_ROPE_THETA, dtype=torch.float32
+        )
         perm = (window_index[:, None] * m2 + torch.arange(m2)).reshape(-1).to(dev)  # patch rows in window order
         inv_perm = torch.argsort(perm)
         half = v.head_dim // 2
@@ -182,8 +195,10 @@ class DecoderLayer(nn.Module):
         a = p + "self_attn."
         self.norm1 = _norm(get(p + "input_layernorm.weight"))
         self.norm2 = _norm(get(p + "post_attention_layernorm.weight"))
-        self.qkv = _linear(get(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                           get(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"))
+        self.qkv = _linear(
+            get(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            get(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+        )
         self.o_proj = _linear(get(a + "o_proj.weight"))
         self.gate_up = _linear(get(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"))
         self.down = _linear(get(p + "mlp.down_proj.weight"))
@@ -203,22 +218,32 @@ class DecoderLayer(nn.Module):
         N, K, D = self.N, self.K, self.D
         qkv = self._qkv(x.reshape(B * L, C), cos, sin).view(B, L, N + 2 * K, D)
         q = qkv[:, :, :N].transpose(1, 2)  # [B, N, L, D]
-        k, v = qkv[:, :, N:N + K].transpose(1, 2), qkv[:, :, N + K:].transpose(1, 2)  # [B, K, L, D]
+        k, v = qkv[:, :, N : N + K].transpose(1, 2), qkv[:, :, N + K :].transpose(1, 2)  # [B, K, L, D]
         if cache is not None:
             cache.write_prompt(self.i, k, v)
         o = prefill_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, N * D)
         return self._mlp(x + self.o_proj(o))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor, cache,
-               slot: torch.Tensor, attn: str = "sdpa", n_valid: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor,
+        cache,
+        slot: torch.Tensor,
+        attn: str = "sdpa",
+        n_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One token per row: x [B, C]; cos, sin [B, D/2]; key_mask [B, T] (see decode_attention);
         slot int64 [1]; attn, n_valid: decode_attention's backend and filled length -> [B, C]."""
         B = x.shape[0]
         N, K, D = self.N, self.K, self.D
         qkv = self._qkv(x, cos, sin)  # [B, N+2K, D]
-        cache.write_step(self.i, qkv[:, N:N + K, None], qkv[:, N + K:, None], slot)
-        o = decode_attention(qkv[:, :N], cache.k[self.i], cache.v[self.i], key_mask, attn, n_valid,
-                             use_triton=self.use_triton)  # [B, N, D]
+        cache.write_step(self.i, qkv[:, N : N + K, None], qkv[:, N + K :, None], slot)
+        o = decode_attention(
+            qkv[:, :N], cache.k[self.i], cache.v[self.i], key_mask, attn, n_valid, use_triton=self.use_triton
+        )  # [B, N, D]
         return self._mlp(x + self.o_proj(o.reshape(B, N * D)))
 
 
@@ -237,8 +262,13 @@ class TextModel(nn.Module):
 
 def mrope_half_tables(position_ids: torch.Tensor, config, device) -> tuple[torch.Tensor, torch.Tensor]:
     """position_ids int64 [3, B, L] -> (cos, sin) float32 [B*L, D/2] on device (angles in float64)."""
-    cos, sin = mrope_cos_sin(position_ids, head_dim=config.head_dim, theta=config.rope_theta,
-                             mrope_section=config.mrope_section, dtype=torch.float64)
+    cos, sin = mrope_cos_sin(
+        position_ids,
+        head_dim=config.head_dim,
+        theta=config.rope_theta,
+        mrope_section=config.mrope_section,
+        dtype=torch.float64,
+    )
     half = config.head_dim // 2
     return tuple(t[..., :half].reshape(-1, half).to(device=device, dtype=torch.float32) for t in (cos, sin))
 
@@ -246,8 +276,18 @@ def mrope_half_tables(position_ids: torch.Tensor, config, device) -> tuple[torch
 class Qwen25VL(nn.Module):
     """The fast model. Build with `from_pretrained` (a checkpoint folder) or `from_params` (a hub-named dict)."""
 
-    def __init__(self, config, params: dict, *, dtype, device, attention: str = "auto", use_triton: bool = True,
-                 progress: bool = False, tokenizer=None):
+    def __init__(
+        self,
+        config,
+        params: dict,
+        *,
+        dtype,
+        device,
+        attention: str = "auto",
+        use_triton: bool = True,
+        progress: bool = False,
+        tokenizer=None,
+    ):
         super().__init__()
         dtype, device = check_dtype_device(dtype, device)
         check_backend(attention, device, dtype)
@@ -272,7 +312,11 @@ class Qwen25VL(nn.Module):
 
         def get_once(*keys):  # a tensor fetched twice (tied lm_head) stays one tensor
             if len(keys) == 1 and keys[0] in ("model.embed_tokens.weight", "lm_head.weight"):
-                src = "model.embed_tokens.weight" if (keys[0] == "lm_head.weight" and config.tie_word_embeddings) else keys[0]
+                src = (
+                    "model.embed_tokens.weight"
+                    if (keys[0] == "lm_head.weight" and config.tie_word_embeddings)
+                    else keys[0]
+                )
                 if src not in cache_get:
                     cache_get[src] = get(src)
                 return cache_get[src]
@@ -284,18 +328,29 @@ class Qwen25VL(nn.Module):
             print(f"\rloading weights {total}/{total}", file=sys.stderr, flush=True)
 
     @classmethod
-    def from_params(cls, config, params: dict, **kwargs) -> "Qwen25VL":
+    def from_params(cls, config, params: dict, **kwargs) -> Qwen25VL:
         quantize = kwargs.pop("quantize", None)
         quantize_vision = kwargs.pop("quantize_vision", False)
         model = cls(config, params, **kwargs)
         if quantize is not None:
             from .quant import apply_int4
+
             apply_int4(model, quantize, vision=quantize_vision)
         return model
 
     @classmethod
-    def from_pretrained(cls, folder, *, dtype=None, device=None, attention: str = "auto", quantize=None,
-                        quantize_vision: bool = False, use_triton: bool = True, progress: bool = False) -> "Qwen25VL":
+    def from_pretrained(
+        cls,
+        folder,
+        *,
+        dtype=None,
+        device=None,
+        attention: str = "auto",
+        quantize=None,
+        quantize_vision: bool = False,
+        use_triton: bool = True,
+        progress: bool = False,
+    ) -> Qwen25VL:
         """Load a safetensors checkpoint folder (spec.checkpoint.load_checkpoint).
 
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU); device: default CUDA when
@@ -303,7 +358,7 @@ class Qwen25VL(nn.Module):
         linears; quantize_vision=True also the vision tower). The tokenizer is read from the folder
         when it holds one.
         """
-        from qwen25vl.spec.checkpoint import load_checkpoint
+        from ..spec.checkpoint import load_checkpoint
 
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
@@ -317,13 +372,23 @@ class Qwen25VL(nn.Module):
         config, params = load_checkpoint(folder)
         tokenizer = None
         try:
-            from qwen25vl.spec.tokens import load_tokenizer
+            from ..spec.tokens import load_tokenizer
+
             tokenizer = load_tokenizer(str(folder))
         except Exception:  # a weights-only folder is fine for forward(); generate(messages) will say so
             tokenizer = None
-        return cls.from_params(config, params, dtype=dtype, device=device, attention=attention, quantize=quantize,
-                               quantize_vision=quantize_vision, use_triton=use_triton, progress=progress,
-                               tokenizer=tokenizer)
+        return cls.from_params(
+            config,
+            params,
+            dtype=dtype,
+            device=device,
+            attention=attention,
+            quantize=quantize,
+            quantize_vision=quantize_vision,
+            use_triton=use_triton,
+            progress=progress,
+            tokenizer=tokenizer,
+        )
 
     # ------------------------------------------------------------------------------------------
     # forward pieces
@@ -340,8 +405,10 @@ class Qwen25VL(nn.Module):
             captured["vision.merger"] = merged
         img = inputs.get("image_grid_thw")
         n_img = 0 if img is None else int(img.prod(-1).sum()) // self.config.vision.spatial_merge_size**2
-        return (merged[:n_img] if img is not None else None,
-                merged[n_img:] if inputs.get("video_grid_thw") is not None else None)
+        return (
+            merged[:n_img] if img is not None else None,
+            merged[n_img:] if inputs.get("video_grid_thw") is not None else None,
+        )
 
     def _embed(self, inputs: dict, captured: dict, wanted: set) -> torch.Tensor:
         """input ids + vision features -> inputs_embeds [B, L, C] on device."""
@@ -349,17 +416,23 @@ class Qwen25VL(nn.Module):
         ids = inputs["input_ids"]
         V = self.text.embed.shape[0]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-            raise ValueError(f"input_ids holds ids outside the vocabulary 0..{V - 1} "
-                             f"(min {int(ids.min())}, max {int(ids.max())})")
+            raise ValueError(
+                f"input_ids holds ids outside the vocabulary 0..{V - 1} (min {int(ids.min())}, max {int(ids.max())})"
+            )
         ids_dev = ids.to(self.device_)
         x = F.embedding(ids_dev, self.text.embed)
         image_feats, video_feats = self._vision_features(inputs, captured, wanted)
-        for kind, token_id, feats in (("image", cfg.image_token_id, image_feats), ("video", cfg.video_token_id, video_feats)):
+        for kind, token_id, feats in (
+            ("image", cfg.image_token_id, image_feats),
+            ("video", cfg.video_token_id, video_feats),
+        ):
             mask = ids_dev == token_id
             n_tok, n_feat = int(mask.sum()), 0 if feats is None else feats.shape[0]
             if n_tok != n_feat:
-                raise ValueError(f"input_ids holds {n_tok} {kind} pad tokens (id {token_id}) but the vision tower "
-                                 f"gave {n_feat} {kind} features: they must be equal")
+                raise ValueError(
+                    f"input_ids holds {n_tok} {kind} pad tokens (id {token_id}) but the vision tower "
+                    f"gave {n_feat} {kind} features: they must be equal"
+                )
             if n_tok:
                 x = x.masked_scatter(mask[..., None], feats.to(x.dtype))  # flattened (row, position) order
         return x
@@ -371,9 +444,19 @@ class Qwen25VL(nn.Module):
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(torch.int64)
         x = self._embed(inputs, captured, wanted)
-        position_ids, rope_deltas = rope_index(ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                                               inputs.get("second_per_grid_ts"), mask, config=self.config)
-        for name, val in (("text.inputs_embeds", x), ("text.position_ids", position_ids), ("text.rope_deltas", rope_deltas)):
+        position_ids, rope_deltas = rope_index(
+            ids,
+            inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"),
+            inputs.get("second_per_grid_ts"),
+            mask,
+            config=self.config,
+        )
+        for name, val in (
+            ("text.inputs_embeds", x),
+            ("text.position_ids", position_ids),
+            ("text.rope_deltas", rope_deltas),
+        ):
             if name in wanted:
                 captured[name] = val
         cos, sin = mrope_half_tables(position_ids, self.config, self.device_)
@@ -407,24 +490,53 @@ class Qwen25VL(nn.Module):
     def generate_from_inputs(self, inputs: dict, max_new_tokens: int, eos_token_id=None, **kwargs) -> torch.Tensor:
         """Greedy tokens int64 [B, n] (CPU), n <= max_new_tokens, pad after each row's eos (impl.generate)."""
         from .generate import generate_tokens
+
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         return generate_tokens(self, inputs, max_new_tokens, eos_token_id, **kwargs)
 
-    def generate(self, messages, images=None, videos=None, *, max_new_tokens: int = 128, eos_token_id=None,
-                 min_pixels=None, max_pixels=None, video_options=None, on_token=None):
+    def generate(
+        self,
+        messages,
+        images=None,
+        videos=None,
+        *,
+        max_new_tokens: int = 128,
+        eos_token_id=None,
+        min_pixels=None,
+        max_pixels=None,
+        video_options=None,
+        on_token=None,
+    ):
         """Chat messages (one conversation, or a list of them for a left-padded batch) -> decoded text
         (a str, or a list of str for a batch). images / videos: as spec.tokens.build_inputs takes them.
         on_token(list_of_B_ids): called after each generated step (streaming)."""
-        from qwen25vl.spec.tokens import build_inputs, decode
+        from ..spec.tokens import build_inputs, decode
+
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (the checkpoint folder holds none); use generate_from_inputs")
         single = bool(messages) and isinstance(messages[0], dict)
-        inputs = build_inputs(messages, images, videos, self.tokenizer, min_pixels=min_pixels, max_pixels=max_pixels,
-                              video_options=video_options)
+        inputs = build_inputs(
+            messages,
+            images,
+            videos,
+            self.tokenizer,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            video_options=video_options,
+        )
         eos = eos_token_id if eos_token_id is not None else [self.config.eos_token_id, self.config.pad_token_id]
         tokens = self.generate_from_inputs(inputs, max_new_tokens, eos, on_token=on_token)
-        texts = [decode(self.tokenizer, [t for t in row.tolist() if t not in (eos if isinstance(eos, list) else [eos])
-                                         and t != self.config.pad_token_id], skip_special_tokens=True)
-                 for row in tokens]
+        texts = [
+            decode(
+                self.tokenizer,
+                [
+                    t
+                    for t in row.tolist()
+                    if t not in (eos if isinstance(eos, list) else [eos]) and t != self.config.pad_token_id
+                ],
+                skip_special_tokens=True,
+            )
+            for row in tokens
+        ]
         return texts[0] if single else texts

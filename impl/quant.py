@@ -40,7 +40,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype: to
     return q.reshape(N, K), scale, zero
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = GROUP_SIZE) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int = GROUP_SIZE
+) -> torch.Tensor:
     """The formula: q uint8 [N, K], scale, zero [N, K/G] -> w_hat float32 [N, K] = (q - 8) * scale + zero."""
     N, K = q.shape
     qg = q.float().reshape(N, K // group_size, group_size)
@@ -57,8 +59,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed >> 4, packed & 15), dim=-1).reshape(packed.shape[0], -1)
 
 
-def kernel_for(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
-               group_size: int = GROUP_SIZE) -> tuple[str | None, str]:
+def kernel_for(
+    device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, group_size: int = GROUP_SIZE
+) -> tuple[str | None, str]:
     """Which packed kernel can run this layer: ('cuda' | 'cpu' | None, reason when None)."""
     if in_features % group_size:
         return None, f"in_features {in_features} is not a multiple of {group_size}"
@@ -80,8 +83,15 @@ def kernel_for(device: torch.device, dtype: torch.dtype, out_features: int, in_f
 class Int4Linear(nn.Module):
     """y = x @ w_hat^T + b with w_hat from `dequantize_int4`; x [..., K] -> [..., N]."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype,
-                 group_size: int = GROUP_SIZE, allow_fallback: bool = True):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        dtype: torch.dtype,
+        group_size: int = GROUP_SIZE,
+        allow_fallback: bool = True,
+    ):
         super().__init__()
         N, K = weight.shape
         self.in_features, self.out_features, self.group_size = K, N, group_size
@@ -144,8 +154,9 @@ def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.
             report["quantized"].append(name)
     if report["fallback"]:
         names = ", ".join(f"{n} ({r})" for n, r in report["fallback"].items())
-        warnings.warn(f"int4: {len(report['fallback'])} layer(s) use the dequantize-then-matmul fallback: {names}",
-                      stacklevel=2)
+        warnings.warn(
+            f"int4: {len(report['fallback'])} layer(s) use the dequantize-then-matmul fallback: {names}", stacklevel=2
+        )
     return report
 
 

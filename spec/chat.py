@@ -42,7 +42,9 @@ def part_kind(part, *, where: str = "part") -> str:
     `where` names the part in error messages.
     """
     if not isinstance(part, Mapping):
-        raise TypeError(f"{where} must be a dict such as {{'type': 'text', 'text': ...}}, got {type(part).__name__}: {part!r:.80}")
+        raise TypeError(
+            f"{where} must be a dict such as {{'type': 'text', 'text': ...}}, got {type(part).__name__}: {part!r:.80}"
+        )
     kind = part.get("type")
     if kind == "image" or "image" in part or "image_url" in part:
         return "image"
@@ -63,21 +65,29 @@ def check_messages(messages) -> None:
         raise TypeError(f"messages must be a list of dicts with 'role' and 'content', got {type(messages).__name__}")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}: {message!r:.80}")
+            raise TypeError(
+                f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}: {message!r:.80}"
+            )
         for key in ("role", "content"):
             if key not in message:
                 raise ValueError(f"messages[{i}] has no {key!r} key (keys: {sorted(map(str, message))})")
         if not isinstance(message["role"], str):
-            raise TypeError(f"messages[{i}]['role'] must be a str, got {type(message['role']).__name__}: {message['role']!r:.80}")
+            raise TypeError(
+                f"messages[{i}]['role'] must be a str, got {type(message['role']).__name__}: {message['role']!r:.80}"
+            )
         content = message["content"]
         if isinstance(content, str):
             continue
         if isinstance(content, (bytes, Mapping)) or not isinstance(content, Sequence):
-            raise TypeError(f"messages[{i}]['content'] must be a str or a list of parts, got {type(content).__name__}: {content!r:.80}")
+            raise TypeError(
+                f"messages[{i}]['content'] must be a str or a list of parts, got {type(content).__name__}: {content!r:.80}"
+            )
         for j, part in enumerate(content):
             where = f"messages[{i}]['content'][{j}]"
             if part_kind(part, where=where) == "text" and not isinstance(part["text"], str):
-                raise TypeError(f"{where}['text'] must be a str, got {type(part['text']).__name__}: {part['text']!r:.80}")
+                raise TypeError(
+                    f"{where}['text'] must be a str, got {type(part['text']).__name__}: {part['text']!r:.80}"
+                )
 
 
 def render_chat(messages, *, add_generation_prompt: bool = False, add_vision_id: bool = False) -> str:

@@ -106,9 +106,9 @@ def expected_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
 def to_hub_key(key: str) -> str:
     """Map a transformers-v5 key to its hub name; hub keys pass through unchanged."""
     if key.startswith("model.visual."):
-        return key[len("model."):]
+        return key[len("model.") :]
     if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
+        return "model." + key[len("model.language_model.") :]
     return key
 
 
@@ -117,7 +117,7 @@ def to_v5_key(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model."):
-        return "model.language_model." + key[len("model."):]
+        return "model.language_model." + key[len("model.") :]
     return key
 
 
@@ -139,7 +139,8 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
         raise CheckpointError(
             f"checkpoint folder {str(folder)!r} holds only PyTorch pickle files {pickles}; refusing to open them: "
             "unpickling executes code stored in the file. Convert the checkpoint to safetensors "
-            f"({SINGLE_FILE} or sharded with {INDEX_FILE}) with a tool you trust")
+            f"({SINGLE_FILE} or sharded with {INDEX_FILE}) with a tool you trust"
+        )
     raise CheckpointError(f"checkpoint folder {str(folder)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
@@ -157,7 +158,9 @@ def _shards_from_index(index_path: Path) -> list[Path]:
         if (not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors")) and n not in bad:
             bad.append(n)
     if bad:
-        raise CheckpointError(f"{index_path} names shards that are not plain .safetensors file names in the folder: {bad}")
+        raise CheckpointError(
+            f"{index_path} names shards that are not plain .safetensors file names in the folder: {bad}"
+        )
     missing = [n for n in names if not (index_path.parent / n).is_file()]
     if missing:
         raise CheckpointError(f"{index_path} names shard files that are not in the folder: {missing}")
@@ -189,9 +192,14 @@ def check_params(params: dict[str, torch.Tensor], config: Qwen25VLConfig, *, sou
     problems = {
         "missing": [k for k in table if k not in params],
         "unexpected": sorted(k for k in params if k not in table),
-        "wrong shape": [f"{k} {tuple(params[k].shape)} expected {table[k]}"
-                        for k in table if k in params and tuple(params[k].shape) != table[k]],
-        "not floating point": [f"{k} {params[k].dtype}" for k in table if k in params and not params[k].is_floating_point()],
+        "wrong shape": [
+            f"{k} {tuple(params[k].shape)} expected {table[k]}"
+            for k in table
+            if k in params and tuple(params[k].shape) != table[k]
+        ],
+        "not floating point": [
+            f"{k} {params[k].dtype}" for k in table if k in params and not params[k].is_floating_point()
+        ],
     }
     problems = {kind: items for kind, items in problems.items() if items}
     if problems:
@@ -204,8 +212,9 @@ def _short(items: list[str], limit: int = 40) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = None
-                    ) -> tuple[Qwen25VLConfig, dict[str, torch.Tensor]]:
+def load_checkpoint(
+    folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> tuple[Qwen25VLConfig, dict[str, torch.Tensor]]:
     """Read config.json and the safetensors of `folder`.
 
     Returns (config, params): params maps every hub key of `expected_shapes(config)` to a tensor,
@@ -237,7 +246,8 @@ def load_checkpoint(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
         if head is not None and (head.shape != embed.shape or not torch.equal(head, embed)):
             raise CheckpointError(
                 f"{folder}: tie_word_embeddings is true but the stored lm_head.weight differs from "
-                "model.embed_tokens.weight; the config and the weights disagree")
+                "model.embed_tokens.weight; the config and the weights disagree"
+            )
         params["lm_head.weight"] = embed
     check_params(params, config, source=str(folder))
 

@@ -39,15 +39,23 @@ class VisionConfig:
     def __post_init__(self):
         _check_types(self, "vision_config")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"vision_config.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(
+                f"vision_config.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.head_dim % 4:
-            raise ConfigError(f"vision head_dim {self.head_dim} must be a multiple of 4 (2D rotary splits it into row and column halves)")
+            raise ConfigError(
+                f"vision head_dim {self.head_dim} must be a multiple of 4 (2D rotary splits it into row and column halves)"
+            )
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
-            raise ConfigError(f"vision_config.fullatt_block_indexes {list(self.fullatt_block_indexes)} has blocks outside 0..{self.depth - 1}: {bad}")
+            raise ConfigError(
+                f"vision_config.fullatt_block_indexes {list(self.fullatt_block_indexes)} has blocks outside 0..{self.depth - 1}: {bad}"
+            )
         unit = self.patch_size * self.spatial_merge_size
         if self.window_size % unit:
-            raise ConfigError(f"vision_config.window_size {self.window_size} is not a multiple of patch_size*spatial_merge_size = {unit}")
+            raise ConfigError(
+                f"vision_config.window_size {self.window_size} is not a multiple of patch_size*spatial_merge_size = {unit}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -90,18 +98,25 @@ class Qwen25VLConfig:
     def __post_init__(self):
         _check_types(self, "config")
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
         if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
             raise ConfigError(
-                f"rope_scaling.mrope_section {list(self.mrope_section)} must be three sections summing to head_dim/2 = {self.head_dim // 2}")
+                f"rope_scaling.mrope_section {list(self.mrope_section)} must be three sections summing to head_dim/2 = {self.head_dim // 2}"
+            )
         if self.vision.out_hidden_size != self.hidden_size:
             raise ConfigError(
-                f"vision_config.out_hidden_size {self.vision.out_hidden_size} must equal hidden_size {self.hidden_size}")
+                f"vision_config.out_hidden_size {self.vision.out_hidden_size} must equal hidden_size {self.hidden_size}"
+            )
         if self.hidden_act != "silu" or self.vision.hidden_act != "silu":
-            raise ConfigError(f"hidden_act must be 'silu' (text {self.hidden_act!r}, vision {self.vision.hidden_act!r})")
+            raise ConfigError(
+                f"hidden_act must be 'silu' (text {self.hidden_act!r}, vision {self.vision.hidden_act!r})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -113,11 +128,11 @@ class Qwen25VLConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, raw: dict, *, source: str = "config") -> "Qwen25VLConfig":
+    def from_dict(cls, raw: dict, *, source: str = "config") -> Qwen25VLConfig:
         return _parse(raw, source)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "Qwen25VLConfig":
+    def from_file(cls, path: str | os.PathLike) -> Qwen25VLConfig:
         """Read a config.json file, or the config.json inside a checkpoint folder."""
         path = os.fspath(path)
         if os.path.isdir(path):
@@ -161,7 +176,8 @@ def _check_types(obj, where: str) -> None:
         if expected == "bool" and not isinstance(value, bool):
             raise ConfigError(f"{where}.{f.name} must be true or false, got {value!r}")
         if expected.startswith("tuple") and not (
-                isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             shown = list(value) if isinstance(value, tuple) else value
             raise ConfigError(f"{where}.{f.name} must be a list of integers, got {shown!r}")
         if expected in ("int", "float") and value <= 0 and f.name not in ("bos_token_id", "pad_token_id"):
@@ -187,8 +203,10 @@ def _parse(raw: dict, source: str) -> Qwen25VLConfig:
         raise ConfigError(f"{source}: 'vision_config' is missing or not an object")
     for key in ("rope_scaling", "rope_parameters"):
         if text.get(key) is not None and not isinstance(text[key], dict):
-            raise ConfigError(f"{source}: {key!r} must be an object such as "
-                              f"{{\"type\": \"mrope\", \"mrope_section\": [16, 24, 24]}}, got {text[key]!r:.80}")
+            raise ConfigError(
+                f"{source}: {key!r} must be an object such as "
+                f'{{"type": "mrope", "mrope_section": [16, 24, 24]}}, got {text[key]!r:.80}'
+            )
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
     if "mrope_section" in rope:
         text["mrope_section"] = rope["mrope_section"]

@@ -16,21 +16,33 @@ from __future__ import annotations
 
 import torch
 
-from qwen25vl.spec import text
-from qwen25vl.spec.mrope import mrope_cos_sin, rope_index
-from qwen25vl.spec.vision import check_pixel_values, vision_encoder
+from . import text
+from .mrope import mrope_cos_sin, rope_index
+from .vision import check_pixel_values, vision_encoder
 
-INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-              "video_grid_thw", "second_per_grid_ts")
+INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
 
 
 def model_stage_names(vision_depth: int, text_layers: int) -> list[str]:
     """Every stage `forward` can capture for a tower of `vision_depth` blocks and `text_layers`
     decoder layers, in the order the data flows (docs/INTERFACES.md). The one list of stage names:
     the conformance harness imports it."""
-    return (["vision.patch_embed"] + [f"vision.block.{i}" for i in range(vision_depth)] + ["vision.merger"]
-            + ["text.inputs_embeds", "text.position_ids", "text.rope_deltas"]
-            + [f"text.layer.{i}" for i in range(text_layers)] + ["text.norm", "logits"])
+    return (
+        ["vision.patch_embed"]
+        + [f"vision.block.{i}" for i in range(vision_depth)]
+        + ["vision.merger"]
+        + ["text.inputs_embeds", "text.position_ids", "text.rope_deltas"]
+        + [f"text.layer.{i}" for i in range(text_layers)]
+        + ["text.norm", "logits"]
+    )
 
 
 def stage_names(config) -> list[str]:
@@ -50,8 +62,10 @@ def select_stages(config, capture) -> set[str]:
     for entry in capture:
         hits = {n for n in names if n == entry or n.startswith(entry.rstrip(".") + ".")}
         if not hits:
-            raise ValueError(f"capture entry {entry!r} names no stage; stages are {names[0]} .. {names[-1]} "
-                             f"(see stage_names(config))")
+            raise ValueError(
+                f"capture entry {entry!r} names no stage; stages are {names[0]} .. {names[-1]} "
+                f"(see stage_names(config))"
+            )
         chosen |= hits
     return chosen
 
@@ -65,13 +79,17 @@ def check_inputs(config, inputs: dict) -> None:
         raise ValueError(f"inputs has unknown keys {sorted(unknown)}; known keys are {list(INPUT_KEYS)}")
     ids = inputs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.ndim != 2:
-        raise TypeError(f"inputs['input_ids'] must be an int64 tensor [B, L], got "
-                        f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        raise TypeError(
+            f"inputs['input_ids'] must be an int64 tensor [B, L], got "
+            f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}"
+        )
     mask = inputs.get("attention_mask")
     if mask is not None:
         if tuple(mask.shape) != tuple(ids.shape):
-            raise ValueError(f"inputs['attention_mask'] has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}: "
-                             "they must be equal")
+            raise ValueError(
+                f"inputs['attention_mask'] has shape {tuple(mask.shape)}, input_ids has {tuple(ids.shape)}: "
+                "they must be equal"
+            )
         if not ((mask == 0) | (mask == 1)).all():
             raise ValueError("inputs['attention_mask'] must hold only 0 (padding) and 1 (token)")
     for pixels_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
@@ -97,8 +115,9 @@ def vision_features(params: dict, config, inputs: dict, dtype: torch.dtype, capt
         return None, None
     grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
     device = params["model.embed_tokens.weight"].device
-    merged = vision_encoder(params, config, torch.cat(pixels).to(device=device, dtype=dtype), torch.cat(grids),
-                            capture=captured)  # [P/4, C]
+    merged = vision_encoder(
+        params, config, torch.cat(pixels).to(device=device, dtype=dtype), torch.cat(grids), capture=captured
+    )  # [P/4, C]
     image_grid = inputs.get("image_grid_thw")
     n_image = 0 if image_grid is None else int(image_grid.prod(-1).sum()) // config.vision.spatial_merge_size**2
     image_feats = merged[:n_image] if image_grid is not None else None
@@ -128,11 +147,22 @@ def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_in
     captured.update({k: v for k, v in (vision_captured or {}).items() if k in wanted})
     x = text.scatter_vision_features(x, ids.to(device), image_feats, video_feats, config)
 
-    position_ids, rope_deltas = rope_rule(ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                                          inputs.get("second_per_grid_ts"), mask, config=config)
+    position_ids, rope_deltas = rope_rule(
+        ids,
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"),
+        mask,
+        config=config,
+    )
     # angles in float64, then rounded once to the working dtype
-    cos, sin = mrope_cos_sin(position_ids, head_dim=config.head_dim, theta=config.rope_theta,
-                             mrope_section=config.mrope_section, dtype=torch.float64)
+    cos, sin = mrope_cos_sin(
+        position_ids,
+        head_dim=config.head_dim,
+        theta=config.rope_theta,
+        mrope_section=config.mrope_section,
+        dtype=torch.float64,
+    )
     cos, sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
     mask = mask.to(device)
     stages = {"text.inputs_embeds": x, "text.position_ids": position_ids, "text.rope_deltas": rope_deltas}
@@ -171,8 +201,9 @@ def precision_profile(params: dict, config, inputs: dict, dtype: torch.dtype, *,
     difference is the arithmetic. Returns {stage: {"max_abs": float, "rel": float}} in stage order,
     where rel = max_abs / max |float64 value|; text stages are measured on real tokens only.
     """
-    _, ref = forward({k: v.to(torch.float64) for k, v in params.items()}, config, inputs, capture="all",
-                     rope_rule=rope_rule)
+    _, ref = forward(
+        {k: v.to(torch.float64) for k, v in params.items()}, config, inputs, capture="all", rope_rule=rope_rule
+    )
     _, low = forward({k: v.to(dtype) for k, v in params.items()}, config, inputs, capture="all", rope_rule=rope_rule)
     mask = inputs.get("attention_mask")
     real = torch.ones_like(inputs["input_ids"], dtype=torch.bool) if mask is None else mask.bool()

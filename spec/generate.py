@@ -16,21 +16,27 @@ from __future__ import annotations
 
 import torch
 
-from qwen25vl.spec import text
-from qwen25vl.spec.forward import check_inputs, prefill
-from qwen25vl.spec.mrope import decode_positions, mrope_cos_sin, rope_index
+from . import text
+from .forward import check_inputs, prefill
+from .mrope import decode_positions, mrope_cos_sin, rope_index
 
 
-def decode_step(params: dict, config, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache: list) -> tuple[torch.Tensor, list]:
+def decode_step(
+    params: dict, config, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: list
+) -> tuple[torch.Tensor, list]:
     """One step: tokens int64 [B, 1] at position_ids [3, B, 1] -> (logits [B, 1, V], new cache).
 
     attention_mask [B, S] covers the cache and the new token; cache holds one (k, v) per layer.
     """
     dtype, device = params["model.embed_tokens.weight"].dtype, params["model.embed_tokens.weight"].device
     x = text.embed(params, tokens.to(device))
-    cos, sin = mrope_cos_sin(position_ids, head_dim=config.head_dim, theta=config.rope_theta,
-                             mrope_section=config.mrope_section, dtype=torch.float64)
+    cos, sin = mrope_cos_sin(
+        position_ids,
+        head_dim=config.head_dim,
+        theta=config.rope_theta,
+        mrope_section=config.mrope_section,
+        dtype=torch.float64,
+    )
     cos, sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
     new_cache = []
     for i in range(config.num_hidden_layers):
@@ -46,7 +52,9 @@ def check_generate_args(config, inputs: dict, max_new_tokens, eos_token_id) -> t
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.int64)
     if eos.numel() == 0 or ((eos < 0) | (eos >= config.vocab_size)).any():
-        raise ValueError(f"eos_token_id must be one id or a list of ids in 0..{config.vocab_size - 1}, got {eos_token_id!r}")
+        raise ValueError(
+            f"eos_token_id must be one id or a list of ids in 0..{config.vocab_size - 1}, got {eos_token_id!r}"
+        )
     check_inputs(config, inputs)
     mask = inputs.get("attention_mask")
     if mask is not None and (mask[:, -1] == 0).any():
@@ -54,8 +62,9 @@ def check_generate_args(config, inputs: dict, max_new_tokens, eos_token_id) -> t
     return eos
 
 
-def generate_greedy(params: dict, config, inputs: dict, max_new_tokens: int, *, eos_token_id,
-                    rope_rule=rope_index) -> torch.Tensor:
+def generate_greedy(
+    params: dict, config, inputs: dict, max_new_tokens: int, *, eos_token_id, rope_rule=rope_index
+) -> torch.Tensor:
     """Greedy continuation of a left-padded batch: model inputs -> new tokens int64 [B, n], n <= max_new_tokens.
 
     eos_token_id: an id or a list of ids; a row stops at the first of them (which it keeps), and is

@@ -53,8 +53,14 @@ def _decode(data, what):
             im.load()  # a truncated file fails here, not later
             im = ImageOps.exif_transpose(im)
             return pil_to_rgb(im)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, EOFError,
-            ValueError) as e:
+    except (
+        Image.UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        EOFError,
+        ValueError,
+    ) as e:
         raise ValueError(f"{what} ({len(data)} bytes) could not be decoded as an image: {e}") from None
 
 
@@ -89,8 +95,10 @@ def normalize(frames, *, image_mean=CLIP_MEAN, image_std=CLIP_STD):
     the values match it bit for bit (its torchvision backend fuses the two and differs by ~1 float32 ulp).
     """
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
-        raise TypeError(f"frames must be a uint8 numpy array [T, H, W, 3], got {type(frames).__name__} "
-                        f"{getattr(frames, 'dtype', '')}")
+        raise TypeError(
+            f"frames must be a uint8 numpy array [T, H, W, 3], got {type(frames).__name__} "
+            f"{getattr(frames, 'dtype', '')}"
+        )
     if frames.ndim != 4 or frames.shape[3] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {frames.shape}")
     mean = np.asarray(image_mean, dtype=np.float32)
@@ -102,8 +110,17 @@ def normalize(frames, *, image_mean=CLIP_MEAN, image_std=CLIP_STD):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def preprocess_image(image, *, min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2,
-                     merge_size=2, image_mean=CLIP_MEAN, image_std=CLIP_STD):
+def preprocess_image(
+    image,
+    *,
+    min_pixels=3136,
+    max_pixels=12845056,
+    patch_size=14,
+    temporal_patch_size=2,
+    merge_size=2,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+):
     """One image -> (pixel_values float32 [P, 3*tp*p*p] = [P, 1176], grid_thw int64 [1, 3] = (1, h/14, w/14)).
 
     Equals transformers' Qwen2VLImageProcessorPil under Pillow 12 (same smart_resize rule, same bicubic).

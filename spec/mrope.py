@@ -55,8 +55,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos.to(dt) + rotate_half(xf) * sin.to(dt)).to(x.dtype)
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, *, head_dim: int, theta: float, mrope_section,
-                  dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_cos_sin(
+    position_ids: torch.Tensor, *, head_dim: int, theta: float, mrope_section, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sectioned MRoPE tables: position_ids int [3, B, L] -> (cos, sin), each [B, L, D] in `dtype`.
 
     inv_freq_j = theta^(-2j/D), j = 0..D/2-1. Frequency slot j takes its angle from the temporal
@@ -77,13 +78,14 @@ def mrope_cos_sin(position_ids: torch.Tensor, *, head_dim: int, theta: float, mr
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))  # [D/2]
     angles = position_ids.to(dtype)[..., None] * inv_freq.to(position_ids.device)  # [3, B, L, D/2]
     bounds = [0, section[0], section[0] + section[1], head_dim // 2]
-    picked = torch.cat([angles[axis, ..., bounds[axis]:bounds[axis + 1]] for axis in range(3)], dim=-1)  # [B, L, D/2]
+    picked = torch.cat([angles[axis, ..., bounds[axis] : bounds[axis + 1]] for axis in range(3)], dim=-1)  # [B, L, D/2]
     picked = torch.cat([picked, picked], dim=-1)  # [B, L, D]
     return picked.cos(), picked.sin()
 
 
-def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_mrope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, N, L, D] and k [B, K, L, D] by cos, sin [B, L, D] -> (q, k), same shapes.
 
     x * cos + rotate_half(x) * sin, shared by all heads. Computed in the wider of x's and cos's
@@ -97,7 +99,9 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if k.shape[0] != B or k.shape[2:] != (L, D):
         raise ValueError(f"k shape {list(k.shape)} does not match q shape {list(q.shape)} in B, L, D")
     if cos.shape != (B, L, D) or sin.shape != (B, L, D):
-        raise ValueError(f"cos and sin must have shape [B, L, D] = {[B, L, D]}, got {list(cos.shape)} and {list(sin.shape)}")
+        raise ValueError(
+            f"cos and sin must have shape [B, L, D] = {[B, L, D]}, got {list(cos.shape)} and {list(sin.shape)}"
+        )
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, D], broadcast over heads
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
@@ -160,7 +164,9 @@ def _temporal_training(kind: str, t: int, second_per_grid_t: float, tokens_per_s
 def _temporal_v53(kind: str, t: int, second_per_grid_t: float, tokens_per_second: float) -> torch.Tensor:
     if kind == "image":
         return torch.arange(t, dtype=torch.int64)
-    interval = torch.tensor(tokens_per_second, dtype=torch.float32) * torch.tensor(second_per_grid_t, dtype=torch.float32)
+    interval = torch.tensor(tokens_per_second, dtype=torch.float32) * torch.tensor(
+        second_per_grid_t, dtype=torch.float32
+    )
     return torch.floor(torch.arange(t) * interval).to(torch.int64)
 
 
@@ -174,14 +180,18 @@ def _text_after_v53(s: int, block: torch.Tensor, lh: int, lw: int) -> int:
 
 def _check_inputs(input_ids, attention_mask, second_per_grid_ts, n_videos):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be an integer tensor of shape [B, L], got {getattr(input_ids, 'shape', type(input_ids))}")
+        raise ValueError(
+            f"input_ids must be an integer tensor of shape [B, L], got {getattr(input_ids, 'shape', type(input_ids))}"
+        )
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must hold integers, got dtype {input_ids.dtype}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = torch.as_tensor(attention_mask)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} does not match input_ids shape {list(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask shape {list(attention_mask.shape)} does not match input_ids shape {list(input_ids.shape)}"
+        )
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 and 1 (packed-sequence masks are not supported)")
     if second_per_grid_ts is None:
@@ -196,8 +206,9 @@ def _check_inputs(input_ids, attention_mask, second_per_grid_ts, n_videos):
     return attention_mask.bool(), spgt
 
 
-def _rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config,
-                temporal_ids, text_after):
+def _rope_index(
+    input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config, temporal_ids, text_after
+):
     """Shared walk of `rope_index` and its variant; the two rules come in as functions."""
     m = config.vision.spatial_merge_size
     tps = float(config.vision.tokens_per_second)
@@ -218,14 +229,22 @@ def _rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, a
         for start, end, kind in _pad_runs(ids, config.image_token_id, config.video_token_id):
             i = used[kind]
             if i >= len(grids[kind]):
-                n_runs = sum(1 for r in range(B) for run in _pad_runs(input_ids[r][mask[r]], config.image_token_id,
-                                                                      config.video_token_id) if run[2] == kind)
-                raise ValueError(f"input_ids has {n_runs} {kind} pad runs but {kind}_grid_thw has {len(grids[kind])} rows "
-                                 f"(row {b} has run {i + 1} at token {start})")
+                n_runs = sum(
+                    1
+                    for r in range(B)
+                    for run in _pad_runs(input_ids[r][mask[r]], config.image_token_id, config.video_token_id)
+                    if run[2] == kind
+                )
+                raise ValueError(
+                    f"input_ids has {n_runs} {kind} pad runs but {kind}_grid_thw has {len(grids[kind])} rows "
+                    f"(row {b} has run {i + 1} at token {start})"
+                )
             t, h, w = grids[kind][i]
             if end - start != t * h * w // (m * m):
-                raise ValueError(f"input_ids row {b}: {kind} pad run at tokens {start}..{end - 1} has {end - start} tokens, "
-                                 f"but {kind}_grid_thw[{i}] = {[t, h, w]} needs t*h*w/{m * m} = {t * h * w // (m * m)}")
+                raise ValueError(
+                    f"input_ids row {b}: {kind} pad run at tokens {start}..{end - 1} has {end - start} tokens, "
+                    f"but {kind}_grid_thw[{i}] = {[t, h, w]} needs t*h*w/{m * m} = {t * h * w // (m * m)}"
+                )
             used[kind] += 1
             pieces.append((pos + torch.arange(start - cursor)).expand(3, -1))  # text before the span
             pos += start - cursor
@@ -240,12 +259,15 @@ def _rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, a
         deltas[b, 0] = (int(row.max()) + 1 if row.numel() else 0) - L
     for kind in ("image", "video"):
         if used[kind] != len(grids[kind]):
-            raise ValueError(f"{kind}_grid_thw has {len(grids[kind])} rows but input_ids has {used[kind]} {kind} pad runs")
+            raise ValueError(
+                f"{kind}_grid_thw has {len(grids[kind])} rows but input_ids has {used[kind]} {kind} pad runs"
+            )
     return position_ids.to(device), deltas.to(device)
 
 
-def rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *,
-               config) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_index(
+    input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MRoPE positions by the training-time rule: input_ids int [B, L] -> (position_ids int64 [3, B, L],
     rope_deltas int64 [B, 1]).
 
@@ -259,20 +281,37 @@ def rope_index(input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_p
     Example: 4 text tokens, an image (1, 4, 6), 3 text tokens -> t [0,1,2,3, 4,4,4,4,4,4, 7,8,9],
     h [0,1,2,3, 4,4,4,5,5,5, 7,8,9], w [0,1,2,3, 4,5,6,4,5,6, 7,8,9], delta 10 - 13 = -3.
     """
-    return _rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config,
-                       _temporal_training, _text_after_training)
+    return _rope_index(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        second_per_grid_ts,
+        attention_mask,
+        config,
+        _temporal_training,
+        _text_after_training,
+    )
 
 
-def rope_index_transformers_v53(input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_per_grid_ts,
-                                attention_mask, *, config) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_index_transformers_v53(
+    input_ids: torch.Tensor, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_index` with the rule of transformers >= 5.3: text after a span starting at s resumes at
     s + max(h, w)/m, and video temporal ids are floor(k * (tokens_per_second * second_per_grid_t)) in
     float32. Same shapes, same padding convention (1 at padded slots, delta against padded L).
     Example: 4 text, video (4, 4, 4) at 1 s per grid, 3 text -> trailing text at 6, 7, 8 (training
     rule: 11, 12, 13, past the video's temporal ids 4, 6, 8, 10).
     """
-    return _rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config,
-                       _temporal_v53, _text_after_v53)
+    return _rope_index(
+        input_ids,
+        image_grid_thw,
+        video_grid_thw,
+        second_per_grid_ts,
+        attention_mask,
+        config,
+        _temporal_v53,
+        _text_after_v53,
+    )
 
 
 def decode_positions(rope_deltas: torch.Tensor, start: int, steps: int) -> torch.Tensor:

@@ -21,8 +21,11 @@ def _as_tensor(frames, name):
 
 
 def _check_sizes(patch_size, temporal_patch_size, merge_size):
-    for name, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                        ("merge_size", merge_size)):
+    for name, value in (
+        ("patch_size", patch_size),
+        ("temporal_patch_size", temporal_patch_size),
+        ("merge_size", merge_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -69,8 +72,10 @@ def unpatchify(pixel_values, grid_thw, *, channels=3, patch_size=14, temporal_pa
     if gh % m or gw % m or min(grid) < 1:
         raise ValueError(f"grid_thw {grid} must be positive with h, w multiples of merge_size {m}")
     if tuple(x.shape) != (gt * gh * gw, C * tp * p * p):
-        raise ValueError(f"pixel_values shape {tuple(x.shape)} does not match grid {grid}: "
-                         f"expected ({gt * gh * gw}, {C * tp * p * p})")
+        raise ValueError(
+            f"pixel_values shape {tuple(x.shape)} does not match grid {grid}: "
+            f"expected ({gt * gh * gw}, {C * tp * p * p})"
+        )
     x = x.reshape(gt, gh // m, gw // m, m, m, C, tp, p, p)
     x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)  # back to (gt, tp, C, block row, row, y, block col, col, x)
     return x.reshape(gt * tp, C, gh * p, gw * p)

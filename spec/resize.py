@@ -174,7 +174,7 @@ def resize_bicubic(image, size):
     in_h, in_w = image.shape[:2]
     vertical_first = in_h > in_w * 100 and out_h < in_h
     out = image
-    for axis in ((0, 1) if vertical_first else (1, 0)):
+    for axis in (0, 1) if vertical_first else (1, 0):
         target = out_h if axis == 0 else out_w
         if target != out.shape[axis]:
             out = _resample_axis(out, target, axis)

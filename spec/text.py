@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from qwen25vl.spec.mrope import apply_mrope
-from qwen25vl.spec.norms import rms_norm
+from .mrope import apply_mrope
+from .norms import rms_norm
 
 
 def embed(params: dict, input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,8 +37,13 @@ def embed(params: dict, input_ids: torch.Tensor) -> torch.Tensor:
     return table[input_ids]
 
 
-def scatter_vision_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_feats: torch.Tensor | None,
-                            video_feats: torch.Tensor | None, config) -> torch.Tensor:
+def scatter_vision_features(
+    inputs_embeds: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_feats: torch.Tensor | None,
+    video_feats: torch.Tensor | None,
+    config,
+) -> torch.Tensor:
     """Write vision features over the placeholder tokens: [B, L, C] -> [B, L, C] (a new tensor).
 
     image_feats [n_image_tokens, C] fill the positions where input_ids == config.image_token_id, and
@@ -47,17 +52,23 @@ def scatter_vision_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor
     The embedding rows of the placeholder ids themselves are never used.
     """
     out = inputs_embeds.clone()
-    for kind, token_id, feats in (("image", config.image_token_id, image_feats),
-                                  ("video", config.video_token_id, video_feats)):
+    for kind, token_id, feats in (
+        ("image", config.image_token_id, image_feats),
+        ("video", config.video_token_id, video_feats),
+    ):
         mask = input_ids == token_id  # [B, L]
         n_tokens = int(mask.sum())
         n_feats = 0 if feats is None else feats.shape[0]
         if n_tokens != n_feats:
-            raise ValueError(f"input_ids holds {n_tokens} {kind} pad tokens (id {token_id}) but the vision tower "
-                             f"gave {n_feats} {kind} features: they must be equal")
+            raise ValueError(
+                f"input_ids holds {n_tokens} {kind} pad tokens (id {token_id}) but the vision tower "
+                f"gave {n_feats} {kind} features: they must be equal"
+            )
         if n_tokens:
             if feats.shape[-1] != out.shape[-1]:
-                raise ValueError(f"{kind} features have width {feats.shape[-1]}, the text hidden size is {out.shape[-1]}")
+                raise ValueError(
+                    f"{kind} features have width {feats.shape[-1]}, the text hidden size is {out.shape[-1]}"
+                )
             out[mask] = feats.to(out.dtype)  # boolean indexing walks [B, L] row-major: flattened batch order
     return out
 
@@ -85,8 +96,16 @@ def attention_allowed(attention_mask: torch.Tensor, n_new: int) -> torch.Tensor:
     return allowed[:, None]  # [B, 1, L, S], broadcast over heads
 
 
-def attention(params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              attention_mask: torch.Tensor, cache: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+def attention(
+    params: dict,
+    config,
+    i: int,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: tuple | None = None,
+) -> tuple[torch.Tensor, tuple]:
     """Grouped-query self-attention of layer i: x [B, L, C] -> ([B, L, C], cache (k, v) each [B, K, S, D]).
 
     cos, sin [B, L, D] are the MRoPE tables of the new tokens; attention_mask int [B, S] covers the
@@ -95,17 +114,24 @@ def attention(params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, 
     B, L, C = x.shape
     N, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     p = f"model.layers.{i}.self_attn."
-    q = _linear(x, params[p + "q_proj.weight"], params[p + "q_proj.bias"]).view(B, L, N, D).transpose(1, 2)  # [B, N, L, D]
-    k = _linear(x, params[p + "k_proj.weight"], params[p + "k_proj.bias"]).view(B, L, K, D).transpose(1, 2)  # [B, K, L, D]
-    v = _linear(x, params[p + "v_proj.weight"], params[p + "v_proj.bias"]).view(B, L, K, D).transpose(1, 2)  # [B, K, L, D]
+    q = (
+        _linear(x, params[p + "q_proj.weight"], params[p + "q_proj.bias"]).view(B, L, N, D).transpose(1, 2)
+    )  # [B, N, L, D]
+    k = (
+        _linear(x, params[p + "k_proj.weight"], params[p + "k_proj.bias"]).view(B, L, K, D).transpose(1, 2)
+    )  # [B, K, L, D]
+    v = (
+        _linear(x, params[p + "v_proj.weight"], params[p + "v_proj.bias"]).view(B, L, K, D).transpose(1, 2)
+    )  # [B, K, L, D]
     q, k = apply_mrope(q, k, cos, sin)
     if cache is not None:
         k = torch.cat([cache[0], k], dim=2)  # [B, K, S, D]
         v = torch.cat([cache[1], v], dim=2)
     S = k.shape[2]
     if tuple(attention_mask.shape) != (B, S):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch {B}, "
-                         f"cached + new tokens {S})")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch {B}, cached + new tokens {S})"
+        )
     # kv head g serves query heads g*N/K .. (g+1)*N/K - 1: repeat each kv head in place (repeat_interleave)
     k_rep = k.repeat_interleave(N // K, dim=1)  # [B, N, S, D]
     v_rep = v.repeat_interleave(N // K, dim=1)
@@ -123,12 +149,28 @@ def mlp(params: dict, i: int, x: torch.Tensor) -> torch.Tensor:
     return _linear(gate * _linear(x, params[p + "up_proj.weight"]), params[p + "down_proj.weight"])
 
 
-def decoder_layer(params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  attention_mask: torch.Tensor, cache: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+def decoder_layer(
+    params: dict,
+    config,
+    i: int,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: tuple | None = None,
+) -> tuple[torch.Tensor, tuple]:
     """Decoder layer i: x [B, L, C] -> ([B, L, C], cache (k, v) each [B, K, S, D]); see attention()."""
     p = f"model.layers.{i}."
-    h, cache = attention(params, config, i, rms_norm(x, params[p + "input_layernorm.weight"], config.rms_norm_eps),
-                         cos, sin, attention_mask, cache)
+    h, cache = attention(
+        params,
+        config,
+        i,
+        rms_norm(x, params[p + "input_layernorm.weight"], config.rms_norm_eps),
+        cos,
+        sin,
+        attention_mask,
+        cache,
+    )
     x = x + h
     x = x + mlp(params, i, rms_norm(x, params[p + "post_attention_layernorm.weight"], config.rms_norm_eps))
     return x, cache

@@ -51,15 +51,29 @@ def _bpe_from_vocab_merges(folder: str) -> Tokenizer:
     config_path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(config_path):
         # Without it <|im_start|> etc. would silently become BPE pieces; refuse instead.
-        raise FileNotFoundError(f"tokenizer folder {folder!r} has vocab.json + merges.txt but no tokenizer_config.json (it lists the added tokens)")
+        raise FileNotFoundError(
+            f"tokenizer folder {folder!r} has vocab.json + merges.txt but no tokenizer_config.json (it lists the added tokens)"
+        )
     vocab, merges = BPE.read_file(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
-    tok = Tokenizer(BPE(vocab, merges, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                        fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    tok = Tokenizer(
+        BPE(
+            vocab,
+            merges,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=False,
+        )
+    )
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
 
@@ -67,12 +81,20 @@ def _bpe_from_vocab_merges(folder: str) -> Tokenizer:
         added = json.load(f).get("added_tokens_decoder", {})
     # Added in id order, each one takes the next free id; check it is the id the config says.
     for sid, t in sorted(added.items(), key=lambda kv: int(kv[0])):
-        token = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
-                           rstrip=t.get("rstrip", False), normalized=t.get("normalized", False), special=t.get("special", False))
+        token = AddedToken(
+            t["content"],
+            single_word=t.get("single_word", False),
+            lstrip=t.get("lstrip", False),
+            rstrip=t.get("rstrip", False),
+            normalized=t.get("normalized", False),
+            special=t.get("special", False),
+        )
         (tok.add_special_tokens if token.special else tok.add_tokens)([token])
         if tok.token_to_id(t["content"]) != int(sid):
-            raise ValueError(f"{config_path}: added token {t['content']!r} should have id {sid} but got "
-                             f"{tok.token_to_id(t['content'])} (added tokens must follow the vocabulary without gaps)")
+            raise ValueError(
+                f"{config_path}: added token {t['content']!r} should have id {sid} but got "
+                f"{tok.token_to_id(t['content'])} (added tokens must follow the vocabulary without gaps)"
+            )
     return tok
 
 
@@ -125,15 +147,21 @@ def expand_vision_tokens(texts: list[str], image_grid_thw, video_grid_thw, *, me
     """
     if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
-    streams = {IMAGE_PAD: [] if image_grid_thw is None else check_grid_thw(image_grid_thw, merge_size, "image_grid_thw"),
-               VIDEO_PAD: [] if video_grid_thw is None else check_grid_thw(video_grid_thw, merge_size, "video_grid_thw")}
+    streams = {
+        IMAGE_PAD: [] if image_grid_thw is None else check_grid_thw(image_grid_thw, merge_size, "image_grid_thw"),
+        VIDEO_PAD: [] if video_grid_thw is None else check_grid_thw(video_grid_thw, merge_size, "video_grid_thw"),
+    }
     counts = {pad: sum(t.count(pad) for t in texts) for pad in streams}
     for pad, grids in streams.items():
         name = "image_grid_thw" if pad == IMAGE_PAD else "video_grid_thw"
         if counts[pad] > len(grids):
-            raise ValueError(f"more pads than grids: the texts hold {counts[pad]} {pad} but {name} has {len(grids)} rows")
+            raise ValueError(
+                f"more pads than grids: the texts hold {counts[pad]} {pad} but {name} has {len(grids)} rows"
+            )
         if counts[pad] < len(grids):
-            raise ValueError(f"fewer pads than grids: the texts hold {counts[pad]} {pad} but {name} has {len(grids)} rows")
+            raise ValueError(
+                f"fewer pads than grids: the texts hold {counts[pad]} {pad} but {name} has {len(grids)} rows"
+            )
 
     used = {IMAGE_PAD: 0, VIDEO_PAD: 0}
     splitter = re.compile(f"({re.escape(IMAGE_PAD)}|{re.escape(VIDEO_PAD)})")
@@ -154,14 +182,18 @@ def expand_vision_tokens(texts: list[str], image_grid_thw, video_grid_thw, *, me
 def _as_batch(conversations) -> list:
     """One conversation (list of message dicts) or a list of them -> list of conversations."""
     if isinstance(conversations, (str, bytes, Mapping)) or not isinstance(conversations, Sequence):
-        raise TypeError(f"conversations must be a list of messages or a list of such lists, got {type(conversations).__name__}")
+        raise TypeError(
+            f"conversations must be a list of messages or a list of such lists, got {type(conversations).__name__}"
+        )
     if len(conversations) == 0:
         raise ValueError("conversations is empty: give one conversation (a list of messages) or a list of them")
     if any(isinstance(m, Mapping) for m in conversations):  # one conversation; check_messages names a bad message
         return [conversations]
     for b, conv in enumerate(conversations):
         if isinstance(conv, (str, bytes, Mapping)) or not isinstance(conv, Sequence):
-            raise TypeError(f"conversations[{b}] must be a list of message dicts, got {type(conv).__name__}: {conv!r:.80}")
+            raise TypeError(
+                f"conversations[{b}] must be a list of message dicts, got {type(conv).__name__}: {conv!r:.80}"
+            )
     return list(conversations)
 
 
@@ -183,7 +215,9 @@ def _media(parts: list, given, kind: str) -> list[tuple[str, object]]:
     listname = kind + "s"
     if given is not None:
         if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
-            raise TypeError(f"{listname} must be a list (one entry per {kind} part, in order of appearance), got {type(given).__name__}")
+            raise TypeError(
+                f"{listname} must be a list (one entry per {kind} part, in order of appearance), got {type(given).__name__}"
+            )
         if len(given) != len(parts):
             raise ValueError(f"{listname} has {len(given)} items but the conversations have {len(parts)} {kind} parts")
         return [(f"{listname}[{k}]", item) for k, item in enumerate(given)]
@@ -194,7 +228,9 @@ def _media(parts: list, given, kind: str) -> list[tuple[str, object]]:
         if isinstance(item, Mapping) and "url" in item:  # OpenAI style {"image_url": {"url": ...}}
             item = item["url"]
         if item is None:
-            raise ValueError(f"{where} is {'an image' if kind == 'image' else 'a video'} part with no {' or '.join(map(repr, keys))} value, and no {listname} list was given")
+            raise ValueError(
+                f"{where} is {'an image' if kind == 'image' else 'a video'} part with no {' or '.join(map(repr, keys))} value, and no {listname} list was given"
+            )
         out.append((where, item))
     return out
 
@@ -210,9 +246,18 @@ def _preprocess_all(items: list, fn, options: Mapping) -> list[tuple]:
     return results
 
 
-def build_inputs(conversations, images, videos, tokenizer: Tokenizer, *, add_generation_prompt: bool = True,
-                 add_vision_id: bool = False, min_pixels: int | None = None, max_pixels: int | None = None,
-                 video_options: Mapping | None = None) -> dict:
+def build_inputs(
+    conversations,
+    images,
+    videos,
+    tokenizer: Tokenizer,
+    *,
+    add_generation_prompt: bool = True,
+    add_vision_id: bool = False,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    video_options: Mapping | None = None,
+) -> dict:
     """Model inputs for a batch of B conversations.
 
     conversations: one conversation (list of message dicts) or a list of B of them.
@@ -226,12 +271,16 @@ def build_inputs(conversations, images, videos, tokenizer: Tokenizer, *, add_gen
       second_per_grid_ts float64 [n_vid] | None.
     """
     if not isinstance(tokenizer, Tokenizer):
-        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer (see load_tokenizer), got {type(tokenizer).__name__}")
+        raise TypeError(
+            f"tokenizer must be a tokenizers.Tokenizer (see load_tokenizer), got {type(tokenizer).__name__}"
+        )
     for pad in (IMAGE_PAD, VIDEO_PAD):
         if tokenizer.token_to_id(pad) is None:
             raise ValueError(f"tokenizer has no {pad} token: it is not a Qwen2.5-VL tokenizer")
     if video_options is not None and not isinstance(video_options, Mapping):
-        raise TypeError(f"video_options must be a dict of preprocess_video keyword arguments, got {type(video_options).__name__}")
+        raise TypeError(
+            f"video_options must be a dict of preprocess_video keyword arguments, got {type(video_options).__name__}"
+        )
     batch = _as_batch(conversations)
     for b, conv in enumerate(batch):
         try:
@@ -241,15 +290,23 @@ def build_inputs(conversations, images, videos, tokenizer: Tokenizer, *, add_gen
 
     image_opts = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     imgs = _preprocess_all(_media(_vision_parts(batch, "image"), images, "image"), preprocess_image, image_opts)
-    vids = _preprocess_all(_media(_vision_parts(batch, "video"), videos, "video"), preprocess_video, dict(video_options or {}))
+    vids = _preprocess_all(
+        _media(_vision_parts(batch, "video"), videos, "video"), preprocess_video, dict(video_options or {})
+    )
 
     pixel_values = torch.cat([torch.as_tensor(r[0], dtype=torch.float32) for r in imgs]) if imgs else None
-    image_grid_thw = torch.cat([torch.as_tensor(r[1], dtype=torch.int64).reshape(-1, 3) for r in imgs]) if imgs else None
+    image_grid_thw = (
+        torch.cat([torch.as_tensor(r[1], dtype=torch.int64).reshape(-1, 3) for r in imgs]) if imgs else None
+    )
     pixel_values_videos = torch.cat([torch.as_tensor(r[0], dtype=torch.float32) for r in vids]) if vids else None
-    video_grid_thw = torch.cat([torch.as_tensor(r[1], dtype=torch.int64).reshape(-1, 3) for r in vids]) if vids else None
+    video_grid_thw = (
+        torch.cat([torch.as_tensor(r[1], dtype=torch.int64).reshape(-1, 3) for r in vids]) if vids else None
+    )
     second_per_grid_ts = torch.tensor([float(r[2]) for r in vids], dtype=torch.float64) if vids else None
 
-    texts = [render_chat(conv, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id) for conv in batch]
+    texts = [
+        render_chat(conv, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id) for conv in batch
+    ]
     texts = expand_vision_tokens(texts, image_grid_thw, video_grid_thw)
     rows = [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
@@ -258,8 +315,8 @@ def build_inputs(conversations, images, videos, tokenizer: Tokenizer, *, add_gen
     attention_mask = torch.zeros((len(rows), L), dtype=torch.int64)  # [B, L]
     for b, r in enumerate(rows):
         if r:
-            input_ids[b, L - len(r):] = torch.tensor(r, dtype=torch.int64)
-            attention_mask[b, L - len(r):] = 1
+            input_ids[b, L - len(r) :] = torch.tensor(r, dtype=torch.int64)
+            attention_mask[b, L - len(r) :] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -63,6 +63,7 @@ class SampledVideo:
 # ------------------------------------------------------------------------------------------------------
 # checks
 
+
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -88,6 +89,7 @@ def _describe(source):
 
 # ------------------------------------------------------------------------------------------------------
 # decoding
+
 
 def read_video(source, *, video_fps=None):
     """Decode every frame of a video file (path or bytes) with PyAV -> Video(frames uint8 [T, H, W, 3], fps, duration).
@@ -122,8 +124,9 @@ def read_video(source, *, video_fps=None):
         raise ValueError(f"video {name} has no frames")
     if video_fps is None:
         if rate is None or rate <= 0:
-            raise ValueError(f"video {name} carries no frame rate (average_rate is {rate}); "
-                             "pass video_fps=<frames per second>")
+            raise ValueError(
+                f"video {name} carries no frame rate (average_rate is {rate}); pass video_fps=<frames per second>"
+            )
         video_fps = float(rate)
     sizes = {f.shape for f in frames}
     if len(sizes) != 1:
@@ -134,8 +137,10 @@ def read_video(source, *, video_fps=None):
 # ------------------------------------------------------------------------------------------------------
 # how many frames, which ones
 
-def sampled_frame_count(total_frames, video_fps, *, fps=None, min_frames=VIDEO_MIN_FRAMES,
-                        max_frames=VIDEO_MAX_FRAMES, nframes=None):
+
+def sampled_frame_count(
+    total_frames, video_fps, *, fps=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES, nframes=None
+):
     """Number of frames n to sample from T = total_frames at video_fps: qwen-vl-utils >= 0.0.10 `smart_nframes`.
 
     With nframes: n = round(nframes / 2) * 2 (half to even). Otherwise (fps defaults to 2.0):
@@ -146,8 +151,10 @@ def sampled_frame_count(total_frames, video_fps, *, fps=None, min_frames=VIDEO_M
         raise ValueError("video has no frames (total_frames = 0)")
     total_frames = _positive_int("total_frames", total_frames)
     if total_frames == 1:
-        raise ValueError("video has 1 frame; sampling needs at least 2 (qwen-vl-utils refuses it too): "
-                         "pass the frame as an image, or as a one-frame list, which is padded to 2 frames")
+        raise ValueError(
+            "video has 1 frame; sampling needs at least 2 (qwen-vl-utils refuses it too): "
+            "pass the frame as an image, or as a one-frame list, which is padded to 2 frames"
+        )
     video_fps = _positive_float("video_fps", video_fps)
     if fps is not None and nframes is not None:
         raise ValueError(f"give either fps ({fps}) or nframes ({nframes}), not both")
@@ -160,21 +167,25 @@ def sampled_frame_count(total_frames, video_fps, *, fps=None, min_frames=VIDEO_M
         wanted = total_frames / video_fps * fps
         n = math.floor(min(min(max(wanted, lo), hi), total_frames) / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= n <= total_frames:
-        raise ValueError(f"sampling {total_frames} frames at {video_fps} fps gives n = {n} frames; "
-                         f"n must be in [{FRAME_FACTOR}, {total_frames}]")
+        raise ValueError(
+            f"sampling {total_frames} frames at {video_fps} fps gives n = {n} frames; "
+            f"n must be in [{FRAME_FACTOR}, {total_frames}]"
+        )
     return n
 
 
-def sample_frame_indices(total_frames, video_fps, *, fps=None, min_frames=VIDEO_MIN_FRAMES,
-                         max_frames=VIDEO_MAX_FRAMES, nframes=None):
+def sample_frame_indices(
+    total_frames, video_fps, *, fps=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES, nframes=None
+):
     """Indices (list of n ints, increasing, first 0, last T-1) of the frames to keep; n = sampled_frame_count(...).
 
     round(linspace(0, T-1, n)) in float32 with torch's half-to-even rounding, exactly as qwen-vl-utils. The exact
     rational k*(T-1)/(n-1) never sits on a .5 tie (n is even), but float32 rounding moves some indices by one
     from it once T reaches about 12000 frames; those are qwen-vl-utils' indices, so we keep them.
     """
-    n = sampled_frame_count(total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames,
-                            nframes=nframes)
+    n = sampled_frame_count(
+        total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
+    )
     return torch.linspace(0, total_frames - 1, n).round().long().tolist()
 
 
@@ -189,8 +200,10 @@ def _frame_list(frames):
         except (TypeError, ValueError) as e:
             raise type(e)(f"video frame {i}: {e}") from e
         if arrays[-1].shape != arrays[0].shape:
-            raise ValueError(f"video frame {i} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} (WxH) but frame 0 is "
-                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all frames of a video must share one size")
+            raise ValueError(
+                f"video frame {i} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} (WxH) but frame 0 is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all frames of a video must share one size"
+            )
     return np.stack(arrays)
 
 
@@ -198,14 +211,17 @@ def _check_video(video):
     frames = video.frames
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         shape = getattr(frames, "shape", None)
-        raise ValueError(f"Video.frames must be uint8 [T, H, W, 3], got {type(frames).__name__} "
-                         f"{getattr(frames, 'dtype', '')} {shape}")
+        raise ValueError(
+            f"Video.frames must be uint8 [T, H, W, 3], got {type(frames).__name__} "
+            f"{getattr(frames, 'dtype', '')} {shape}"
+        )
     if frames.shape[0] == 0 or frames.shape[1] == 0 or frames.shape[2] == 0:
         raise ValueError(f"Video.frames is empty: shape {frames.shape}")
 
 
-def sample_video(video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES,
-                 video_fps=None):
+def sample_video(
+    video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES, video_fps=None
+):
     """Pick the frames the model sees -> SampledVideo (frames uint8 [n, H, W, 3], indices, rates).
 
     video: a path or bytes (decoded with read_video), a Video, or a list/tuple of frames (images).
@@ -214,8 +230,10 @@ def sample_video(video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, 
     """
     if isinstance(video, (list, tuple)):
         if nframes is not None or video_fps is not None:
-            raise ValueError("a frame list is used as given: nframes and video_fps do not apply "
-                             "(slice the list, and give its rate as fps)")
+            raise ValueError(
+                "a frame list is used as given: nframes and video_fps do not apply "
+                "(slice the list, and give its rate as fps)"
+            )
         frames = _frame_list(video)
         rate = DEFAULT_FPS if fps is None else _positive_float("fps", fps)
         return SampledVideo(frames, tuple(range(len(frames))), len(frames), rate, rate)
@@ -229,8 +247,9 @@ def sample_video(video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, 
     else:
         raise TypeError(f"video must be a path, bytes, Video or list of frames, got {type(video).__name__}")
     total = len(video.frames)
-    indices = sample_frame_indices(total, video.fps, fps=fps, min_frames=min_frames, max_frames=max_frames,
-                                   nframes=nframes)
+    indices = sample_frame_indices(
+        total, video.fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
+    )
     n = len(indices)
     return SampledVideo(video.frames[indices], tuple(indices), total, video.fps, n / total * video.fps)
 
@@ -238,8 +257,17 @@ def sample_video(video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, 
 # ------------------------------------------------------------------------------------------------------
 # pixel budget and the full pipeline
 
-def video_frame_size(height, width, nframes, *, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
-                     total_pixels=VIDEO_TOTAL_PIXELS, factor=28):
+
+def video_frame_size(
+    height,
+    width,
+    nframes,
+    *,
+    min_pixels=VIDEO_MIN_PIXELS,
+    max_pixels=VIDEO_MAX_PIXELS,
+    total_pixels=VIDEO_TOTAL_PIXELS,
+    factor=28,
+):
     """Resized frame size (h, w) for n = nframes frames of H x W under the per-frame and total budgets.
 
     The per-frame ceiling shrinks once the frames together would pass total_pixels:
@@ -258,10 +286,23 @@ def video_frame_size(height, width, nframes, *, min_pixels=VIDEO_MIN_PIXELS, max
     return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=min(max_pixels, cap))
 
 
-def preprocess_video(video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES,
-                     video_fps=None, min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS,
-                     total_pixels=VIDEO_TOTAL_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2,
-                     image_mean=CLIP_MEAN, image_std=CLIP_STD):
+def preprocess_video(
+    video,
+    *,
+    fps=None,
+    nframes=None,
+    min_frames=VIDEO_MIN_FRAMES,
+    max_frames=VIDEO_MAX_FRAMES,
+    video_fps=None,
+    min_pixels=VIDEO_MIN_PIXELS,
+    max_pixels=VIDEO_MAX_PIXELS,
+    total_pixels=VIDEO_TOTAL_PIXELS,
+    patch_size=14,
+    temporal_patch_size=2,
+    merge_size=2,
+    image_mean=CLIP_MEAN,
+    image_std=CLIP_STD,
+):
     """Video -> (pixel_values float32 [P, 1176], grid_thw int64 [1, 3], second_per_grid_t: float).
 
     Steps: sample_video (which frames), video_frame_size (one size for all, budget counted on the padded
@@ -269,14 +310,23 @@ def preprocess_video(video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAM
     by repeating the last frame). second_per_grid_t = temporal_patch_size / sampled_fps: the seconds one
     temporal patch spans, used by MRoPE.
     """
-    sampled = sample_video(video, fps=fps, nframes=nframes, min_frames=min_frames, max_frames=max_frames,
-                           video_fps=video_fps)
+    sampled = sample_video(
+        video, fps=fps, nframes=nframes, min_frames=min_frames, max_frames=max_frames, video_fps=video_fps
+    )
     n, height, width, _ = sampled.frames.shape
     padded = math.ceil(n / temporal_patch_size) * temporal_patch_size
-    size = video_frame_size(height, width, padded, min_pixels=min_pixels, max_pixels=max_pixels,
-                            total_pixels=total_pixels, factor=patch_size * merge_size)
+    size = video_frame_size(
+        height,
+        width,
+        padded,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+        factor=patch_size * merge_size,
+    )
     resized = np.stack([resize_bicubic(frame, size) for frame in sampled.frames])  # uint8 [n, h, w, 3]
     pixels = normalize(resized, image_mean=image_mean, image_std=image_std)  # float32 [n, 3, h, w]
-    pixel_values, grid_thw = patchify(pixels, patch_size=patch_size, temporal_patch_size=temporal_patch_size,
-                                      merge_size=merge_size)
+    pixel_values, grid_thw = patchify(
+        pixels, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
+    )
     return pixel_values, grid_thw, temporal_patch_size / sampled.sampled_fps

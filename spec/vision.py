@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .mrope import check_grid_thw
-from .norms import rms_norm, work_dtype as _work_dtype
+from .norms import rms_norm
+from .norms import work_dtype as _work_dtype
 from .windows import apply_vision_rotary, vision_rotary_cos_sin, vision_rotary_positions, window_partition
 
 VISION_ROPE_THETA = 10000.0  # fixed in the reference ViT, not read from config.json
@@ -39,8 +40,9 @@ def patch_embed(params: dict, config, pixel_values: torch.Tensor) -> torch.Tenso
     return pixel_values.to(w.dtype) @ w.reshape(w.shape[0], -1).T
 
 
-def vision_attention(params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     cu_seqlens: torch.Tensor) -> torch.Tensor:
+def vision_attention(
+    params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
     """Non-causal self-attention of block i, separately inside each cu_seqlens segment.
 
     x [P, Cv]; cos, sin [P, D] (same row order as x); cu_seqlens int [S+1] with cu_seqlens[-1] = P.
@@ -72,8 +74,9 @@ def vision_mlp(params: dict, i: int, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(gate) * up, params[f"{b}.down_proj.weight"], params[f"{b}.down_proj.bias"])
 
 
-def vision_block(params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 cu_seqlens: torch.Tensor) -> torch.Tensor:
+def vision_block(
+    params: dict, config, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
     """Pre-norm transformer block i: x [P, Cv] -> [P, Cv]. cos/sin [P, D], cu_seqlens as in vision_attention."""
     eps = config.vision.rms_norm_eps
     b = f"visual.blocks.{i}"
@@ -95,21 +98,28 @@ def check_pixel_values(config, pixel_values, grid_thw) -> list[tuple[int, int, i
     """Validate pixel_values [P, c*tp*p*p] against grid_thw int [k, 3]; return the grid as tuples."""
     v = config.vision
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-        raise TypeError(f"pixel_values must be a floating-point torch tensor, got {type(pixel_values).__name__}"
-                        + (f" of dtype {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor) else ""))
+        raise TypeError(
+            f"pixel_values must be a floating-point torch tensor, got {type(pixel_values).__name__}"
+            + (f" of dtype {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor) else "")
+        )
     if pixel_values.dim() != 2 or pixel_values.shape[1] != v.patch_dim:
-        raise ValueError(f"pixel_values must have shape [P, {v.patch_dim}] (channels*temporal_patch*patch*patch), "
-                         f"got {list(pixel_values.shape)}")
+        raise ValueError(
+            f"pixel_values must have shape [P, {v.patch_dim}] (channels*temporal_patch*patch*patch), "
+            f"got {list(pixel_values.shape)}"
+        )
     rows = check_grid_thw(grid_thw, v.spatial_merge_size)
     expected = sum(t * h * w for t, h, w in rows)
     if pixel_values.shape[0] != expected:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {[list(r) for r in rows]} "
-                         f"needs sum(t*h*w) = {expected}")
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} rows but grid_thw {[list(r) for r in rows]} "
+            f"needs sum(t*h*w) = {expected}"
+        )
     return rows
 
 
-def vision_encoder(params: dict, config, pixel_values: torch.Tensor, grid_thw, *,
-                   capture: dict | None = None) -> torch.Tensor:
+def vision_encoder(
+    params: dict, config, pixel_values: torch.Tensor, grid_thw, *, capture: dict | None = None
+) -> torch.Tensor:
     """pixel_values [P, c*tp*p*p], grid_thw int [k, 3] -> merged tokens [P/m², C] in item order.
 
     Items (images, then video clips, in the order of grid_thw) are packed along P. If `capture` is a
@@ -126,7 +136,8 @@ def vision_encoder(params: dict, config, pixel_values: torch.Tensor, grid_thw, *
     cos, sin = vision_rotary_cos_sin(positions, v.head_dim, VISION_ROPE_THETA, dtype=_work_dtype(x.dtype))
     cos, sin = cos.to(x.device), sin.to(x.device)
     window_index, cu_window_seqlens, cu_seqlens = window_partition(
-        grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size)
+        grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
+    )
     window_index = window_index.to(x.device)
 
     # window_index orders merged units; expand it to rows (each unit = m² consecutive rows)

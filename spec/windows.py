@@ -46,8 +46,9 @@ def vision_rotary_positions(grid_thw, merge_size: int = 2) -> torch.Tensor:
     return torch.cat(out).to(torch.int64)
 
 
-def vision_rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
-                          dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """2D rotary tables of the ViT: positions int [P, 2] (row, col) -> (cos, sin), each [P, D] in `dtype`.
 
     inv_freq_j = theta^(-j / (D/4)) for j = 0..D/4-1 (the reference writes it as
@@ -56,7 +57,9 @@ def vision_rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float =
     Everything is computed in `dtype`; float32 reproduces the reference's float32 tables bit for bit.
     """
     if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 4:
-        raise ValueError(f"head_dim must be a positive multiple of 4 (row and column halves, each rotated in pairs), got {head_dim!r}")
+        raise ValueError(
+            f"head_dim must be a positive multiple of 4 (row and column halves, each rotated in pairs), got {head_dim!r}"
+        )
     positions = torch.as_tensor(positions)
     if positions.dim() != 2 or positions.shape[1] != 2:
         raise ValueError(f"positions must have shape [P, 2] (row, col), got shape {list(positions.shape)}")
@@ -83,8 +86,9 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return apply_rotary(x, cos[:, None, :], sin[:, None, :])  # broadcast over heads
 
 
-def window_partition(grid_thw, *, window_size: int = 112, patch_size: int = 14,
-                     merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def window_partition(
+    grid_thw, *, window_size: int = 112, patch_size: int = 14, merge_size: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Window order of the merged units, and the attention segments of the ViT.
 
     grid_thw int [k, 3] -> (window_index int64 [P/m²], cu_window_seqlens int64 [W+1], cu_seqlens int64 [F+1]).
@@ -117,8 +121,9 @@ def window_partition(grid_thw, *, window_size: int = 112, patch_size: int = 14,
         Lh, Lw = h // m, w // m
         nh, nw = -(-Lh // ws), -(-Lw // ws)  # windows per column and per row of a frame (ceil)
         # window number of every unit, units in raster order [t, Lh, Lw]
-        win = (torch.arange(t).view(t, 1, 1) * nh + (torch.arange(Lh) // ws).view(1, Lh, 1)) * nw \
-            + (torch.arange(Lw) // ws).view(1, 1, Lw)
+        win = (torch.arange(t).view(t, 1, 1) * nh + (torch.arange(Lh) // ws).view(1, Lh, 1)) * nw + (
+            torch.arange(Lw) // ws
+        ).view(1, 1, Lw)
         win = win.reshape(-1)
         # a stable sort keeps raster (row-major) order inside each window
         window_index.append(torch.argsort(win, stable=True) + offset)

@@ -28,6 +28,7 @@ MODEL_CONFIG_DIR = os.path.join(TOKENIZER_DIR, "model_config")
 def tiny_checkpoint(tmp_path_factory):
     """Folder of the tiny untied checkpoint, hub key layout, bfloat16, seed 0."""
     from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -35,4 +36,5 @@ def tiny_checkpoint(tmp_path_factory):
 def tiny_checkpoint_tied(tmp_path_factory):
     """Folder of the tiny checkpoint with tie_word_embeddings (no lm_head.weight stored)."""
     from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_tied", tied=True)

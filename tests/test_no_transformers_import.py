@@ -22,6 +22,10 @@ def imported_modules(path):
 def test_package_never_imports_transformers(package):
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, package)) for f in fs if f.endswith(".py")]
     assert files
-    bad = [(os.path.relpath(p, ROOT), m) for p in files for m in imported_modules(p)
-           if m == "transformers" or m.startswith("transformers.")]
+    bad = [
+        (os.path.relpath(p, ROOT), m)
+        for p in files
+        for m in imported_modules(p)
+        if m == "transformers" or m.startswith("transformers.")
+    ]
     assert not bad, f"transformers imported in {bad}"

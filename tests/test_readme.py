@@ -39,16 +39,40 @@ def test_readme_python_block_runs(index):
 
 # The public spec functions the work orders name: each one appears as a call in a runnable example.
 DOCUMENTED = [
-    "smart_resize", "smart_resize_qwen_vl_utils", "preprocess_image", "resize_bicubic", "load_image", "patchify",
-    "unpatchify", "read_video", "sample_frame_indices", "sample_video", "video_frame_size", "preprocess_video",
-    "render_chat", "load_tokenizer", "expand_vision_tokens", "build_inputs", "vision_rotary_positions",
-    "window_partition", "rope_index", "rope_index_transformers_v53", "decode_positions", "mrope_cos_sin",
-    "apply_mrope", "load_checkpoint", "vision_encoder", "forward", "generate_greedy", "precision_profile",
+    "smart_resize",
+    "smart_resize_qwen_vl_utils",
+    "preprocess_image",
+    "resize_bicubic",
+    "load_image",
+    "patchify",
+    "unpatchify",
+    "read_video",
+    "sample_frame_indices",
+    "sample_video",
+    "video_frame_size",
+    "preprocess_video",
+    "render_chat",
+    "load_tokenizer",
+    "expand_vision_tokens",
+    "build_inputs",
+    "vision_rotary_positions",
+    "window_partition",
+    "rope_index",
+    "rope_index_transformers_v53",
+    "decode_positions",
+    "mrope_cos_sin",
+    "apply_mrope",
+    "load_checkpoint",
+    "vision_encoder",
+    "forward",
+    "generate_greedy",
+    "precision_profile",
     "make_tiny_checkpoint",
 ]
 
 
 @pytest.mark.parametrize("name", DOCUMENTED)
 def test_public_function_has_a_runnable_example(name):
-    assert any(re.search(rf"(?<![\w.]){name}\(", block) for block in python_blocks()), \
+    assert any(re.search(rf"(?<![\w.]){name}\(", block) for block in python_blocks()), (
         f"no ```python block of README.md calls {name}(...)"
+    )

@@ -20,7 +20,6 @@ table with impl/transformers ratios is printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import inspect
 import json
@@ -32,23 +31,56 @@ import traceback
 
 import torch
 
-from qwen25vl.spec.checkpoint import to_v5_key
-from qwen25vl.spec.config import Qwen25VLConfig, VisionConfig
+from ..spec.checkpoint import to_v5_key
+from ..spec.config import Qwen25VLConfig, VisionConfig
 
-VISION_REAL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=(7, 15, 23, 31))
+VISION_REAL = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=(7, 15, 23, 31)
+)
 SIZES = {
-    "3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True, vision=VISION_REAL),
-    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, vision=VISION_REAL),
+    "3b": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vision=VISION_REAL,
+    ),
+    "7b": dict(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        vision=VISION_REAL,
+    ),
     # CPU: the real vocabulary, head dims and window geometry, narrower and shallower elsewhere
-    "cpu": dict(vocab_size=151936, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                vision=dict(depth=8, hidden_size=320, intermediate_size=864, num_heads=4, fullatt_block_indexes=(3, 7))),
+    "cpu": dict(
+        vocab_size=151936,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vision=dict(depth=8, hidden_size=320, intermediate_size=864, num_heads=4, fullatt_block_indexes=(3, 7)),
+    ),
     # the tests' tiny config (tools.make_tiny_checkpoint.tiny_config): framework overhead dominates
-    "tiny": dict(vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, mrope_section=(2, 3, 3), tie_word_embeddings=False,
-                 vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=(1, 3))),
+    "tiny": dict(
+        vocab_size=152064,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=(2, 3, 3),
+        tie_word_embeddings=False,
+        vision=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, fullatt_block_indexes=(1, 3)),
+    ),
 }
 IMAGE_SIDE = {"3b": 1008, "7b": 1008, "cpu": 448, "tiny": 448}
 
@@ -69,9 +101,15 @@ def make_inputs(config, side: int, batch: int = 1, text_tokens: int = 50, seed: 
     row = pre + [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id] + post
     ids = torch.tensor([row] * batch, dtype=torch.int64)
     pv = torch.randn(gh * gh, config.vision.patch_dim, generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pv.repeat(batch, 1),
-            "image_grid_thw": torch.tensor([[1, gh, gh]] * batch), "pixel_values_videos": None,
-            "video_grid_thw": None, "second_per_grid_ts": None}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pv.repeat(batch, 1),
+        "image_grid_thw": torch.tensor([[1, gh, gh]] * batch),
+        "pixel_values_videos": None,
+        "video_grid_thw": None,
+        "second_per_grid_ts": None,
+    }
 
 
 class Timer:
@@ -118,6 +156,7 @@ class Timer:
 
 def build_hf(config, params, device, dtype):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     raw = config.to_dict()
     raw["vision_config"]["in_channels"] = config.vision.in_chans
     raw["vision_config"]["model_type"] = "qwen2_5_vl_vision"
@@ -166,7 +205,11 @@ def param_bytes(module) -> int:
 class Bench:
     def __init__(self, args):
         self.args, self.device = args, torch.device(args.device)
-        self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = (
+            getattr(torch, args.dtype)
+            if args.dtype
+            else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        )
         self.timer = Timer(self.device)
         self.records = []
         self.out = open(args.out, "a") if args.out else None
@@ -213,9 +256,9 @@ class Bench:
         return (torch.cuda.max_memory_allocated() - base + weights) / 2**30
 
     def run_size(self, size: str):
-        from qwen25vl.impl.cache import KVCache
-        from qwen25vl.impl.model import Qwen25VL
-        from qwen25vl.tools.make_tiny_checkpoint import make_random_params
+        from ..impl.cache import KVCache
+        from ..impl.model import Qwen25VL
+        from .make_tiny_checkpoint import make_random_params
 
         a, dev, dt, T = self.args, self.device, self.dtype, self.timer
         self.size = size
@@ -243,21 +286,33 @@ class Bench:
             fns["transformers"] = lambda: hf.model.visual(pv.to(dt), grid.to(dev))
         t = self.guarded("vision", lambda: T.interleaved(fns, reps))
         if t:
-            self.emit(size=size, what="vision", impl_ms=t["impl"] * 1e3, patches=P, backend=backend,
-                      **self.versus(t, "impl", "transformers", "ms", 1e3))
+            self.emit(
+                size=size,
+                what="vision",
+                impl_ms=t["impl"] * 1e3,
+                patches=P,
+                backend=backend,
+                **self.versus(t, "impl", "transformers", "ms", 1e3),
+            )
 
         # 2. prefill (vision + prompt), last-position logits
         def impl_prefill():
             cache = KVCache(config, 1, L + 1, dt, dev)
             impl._prefill(inputs1, cache, captured={}, wanted=set(), all_logits=False)
+
         fns = {"impl": impl_prefill}
         if hf is not None:
             kw1 = hf_kwargs(hf, inputs1, dev)
             fns["transformers"] = lambda: hf(**kw1, use_cache=False, logits_to_keep=1)
         t = self.guarded("prefill", lambda: T.interleaved(fns, reps))
         if t:
-            self.emit(size=size, what="prefill", impl_ms=t["impl"] * 1e3, tokens=L,
-                      **self.versus(t, "impl", "transformers", "ms", 1e3))
+            self.emit(
+                size=size,
+                what="prefill",
+                impl_ms=t["impl"] * 1e3,
+                tokens=L,
+                **self.versus(t, "impl", "transformers", "ms", 1e3),
+            )
 
         # 3. decode at batch 1 and 8 (tokens per second summed over the batch)
         for B, inputs in ((1, inputs1), (8, inputs8)):
@@ -270,14 +325,22 @@ class Bench:
             def impl_decode():
                 impl.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True)
                 return impl.last_stats["decode_s"] / N  # seconds per step, prefill and capture excluded
+
             fns = {"impl": impl_decode}
             peak_hf = None
             if hf is not None:
                 kw = hf_kwargs(hf, inputs, dev)
 
                 def gen(n):
-                    hf.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                                repetition_penalty=1.0, pad_token_id=config.pad_token_id)
+                    hf.generate(
+                        **kw,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        num_beams=1,
+                        repetition_penalty=1.0,
+                        pad_token_id=config.pad_token_id,
+                    )
 
                 def hf_decode():
                     t1 = time.perf_counter()
@@ -287,18 +350,31 @@ class Bench:
                     gen(N + 1)
                     T.sync()
                     return ((time.perf_counter() - t2) - (t2 - t1)) / N
+
                 fns["transformers"] = hf_decode
                 self.guarded(f"decode.b{B}.transformers.warmup", lambda: gen(2))
-                peak_hf = self.guarded(f"decode.b{B}.transformers.peak", lambda: self.peak(lambda: gen(N + 1), param_bytes(hf)))
+                peak_hf = self.guarded(
+                    f"decode.b{B}.transformers.peak", lambda: self.peak(lambda: gen(N + 1), param_bytes(hf))
+                )
             t = self.guarded(f"decode.b{B}", lambda: T.interleaved(fns, max(1, reps // 2), timed_by_fn=True))
             if t:
                 rates = {k: B / v for k, v in t.items()}
-                rec = dict(size=size, what=f"decode.b{B}", impl_tok_s=rates["impl"], new_tokens=st["new_tokens"],
-                           cuda_graph=st.get("cuda_graph"), graph_error=st.get("cuda_graph_error"), impl_peak_gib=peak,
-                           prefill_ms=st["prefill_s"] * 1e3)
+                rec = dict(
+                    size=size,
+                    what=f"decode.b{B}",
+                    impl_tok_s=rates["impl"],
+                    new_tokens=st["new_tokens"],
+                    cuda_graph=st.get("cuda_graph"),
+                    graph_error=st.get("cuda_graph_error"),
+                    impl_peak_gib=peak,
+                    prefill_ms=st["prefill_s"] * 1e3,
+                )
                 if "transformers" in rates:
-                    rec.update(transformers_tok_s=rates["transformers"], transformers_peak_gib=peak_hf,
-                               ratio=rates["impl"] / rates["transformers"])
+                    rec.update(
+                        transformers_tok_s=rates["transformers"],
+                        transformers_peak_gib=peak_hf,
+                        ratio=rates["impl"] / rates["transformers"],
+                    )
                 self.emit(**rec)
 
         # 4. vision attention backends on an image whose windows are not all full (varlen vs padded dense)
@@ -307,17 +383,24 @@ class Bench:
             grid_nu = torch.tensor([[1, 74, 50]])  # 37 x 25 merge units: partial windows on two sides
             pv_nu = torch.randn(74 * 50, config.vision.patch_dim, generator=g).to(dev)
             for backend in a.vision_backends:
+
                 def one(backend=backend):
                     with torch.inference_mode():
                         return T.median(lambda: impl.visual(pv_nu, grid_nu, backend), reps)
+
                 t = self.guarded(f"vision.backend.{backend}", one)
                 if t:
-                    self.emit(size=size, what=f"vision.backend.{backend}", impl_ms=t * 1e3, patches=74 * 50,
-                              backend=impl.visual(pv_nu, grid_nu, backend)[1])
+                    self.emit(
+                        size=size,
+                        what=f"vision.backend.{backend}",
+                        impl_ms=t * 1e3,
+                        patches=74 * 50,
+                        backend=impl.visual(pv_nu, grid_nu, backend)[1],
+                    )
 
         # 5. int4
         if a.int4 and size in a.int4:
-            del hf
+            hf = None
             hf = None
             gc.collect()
             if dev.type == "cuda":
@@ -329,23 +412,34 @@ class Bench:
             def static():
                 def gen(n):
                     with torch.inference_mode():
-                        hf.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                                    repetition_penalty=1.0, pad_token_id=config.pad_token_id, cache_implementation="static")
+                        hf.generate(
+                            **kw,
+                            max_new_tokens=n,
+                            min_new_tokens=n,
+                            do_sample=False,
+                            num_beams=1,
+                            repetition_penalty=1.0,
+                            pad_token_id=config.pad_token_id,
+                            cache_implementation="static",
+                        )
+
                 gen(N + 1)
                 t1 = T.median(lambda: gen(1), 1, warmup=1)
                 tn = T.median(lambda: gen(N + 1), 1, warmup=0)
                 return N / (tn - t1)
+
             r = self.guarded("decode.b1.transformers_static", static)
             if r:
                 self.emit(size=size, what="decode.b1", transformers_static_tok_s=r)
-        del impl, hf, params
+        impl = hf = params = None
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
     def run_int4(self, config, params, impl, inputs1, N):
-        from qwen25vl.impl.model import Qwen25VL
-        from qwen25vl.impl.quant import linear_weight_bytes
+        from ..impl.model import Qwen25VL
+        from ..impl.quant import linear_weight_bytes
+
         dev, dt = self.device, self.dtype
         bf_bytes = linear_weight_bytes(impl)
         impl.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True)
@@ -356,11 +450,20 @@ class Bench:
         q.generate_from_inputs(inputs1, 3, [0], ignore_eos=True)
         peak = self.peak(lambda: q.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True), param_bytes(q))
         st = q.last_stats
-        self.emit(size=self.size, what="int4.decode.b1", int4_tok_s=st["decode_tok_per_s"], bf16_tok_s=bf_rate,
-                  ratio=st["decode_tok_per_s"] / bf_rate, linear_bytes_ratio=linear_weight_bytes(q) / bf_bytes,
-                  int4_prefill_ms=st["prefill_s"] * 1e3, int4_peak_gib=peak, quantize_s=setup,
-                  fallback_layers=len(q.quant_report["fallback"]), cuda_graph=st.get("cuda_graph"),
-                  graph_error=st.get("cuda_graph_error"))
+        self.emit(
+            size=self.size,
+            what="int4.decode.b1",
+            int4_tok_s=st["decode_tok_per_s"],
+            bf16_tok_s=bf_rate,
+            ratio=st["decode_tok_per_s"] / bf_rate,
+            linear_bytes_ratio=linear_weight_bytes(q) / bf_bytes,
+            int4_prefill_ms=st["prefill_s"] * 1e3,
+            int4_peak_gib=peak,
+            quantize_s=setup,
+            fallback_layers=len(q.quant_report["fallback"]),
+            cuda_graph=st.get("cuda_graph"),
+            graph_error=st.get("cuda_graph_error"),
+        )
 
 
 def table(records) -> str:
@@ -380,10 +483,14 @@ def table(records) -> str:
             hf = f"{r['transformers_tok_s']:.1f} tok/s" if "transformers_tok_s" in r else "-"
             if "transformers_static_tok_s" in r:
                 hf += f" (static cache {r['transformers_static_tok_s']:.1f})"
-            rows.append(f"| {size} | {what} | {r['impl_tok_s']:.1f} tok/s | {hf} | {r.get('ratio', float('nan')):.2f}x |")
+            rows.append(
+                f"| {size} | {what} | {r['impl_tok_s']:.1f} tok/s | {hf} | {r.get('ratio', float('nan')):.2f}x |"
+            )
         elif "int4_tok_s" in r:
-            rows.append(f"| {size} | int4 decode b1 | {r['int4_tok_s']:.1f} tok/s (bf16 {r['bf16_tok_s']:.1f}) | - | "
-                        f"{r['ratio']:.2f}x vs bf16; linear bytes {r['linear_bytes_ratio']:.3f}x |")
+            rows.append(
+                f"| {size} | int4 decode b1 | {r['int4_tok_s']:.1f} tok/s (bf16 {r['bf16_tok_s']:.1f}) | - | "
+                f"{r['ratio']:.2f}x vs bf16; linear bytes {r['linear_bytes_ratio']:.3f}x |"
+            )
     return "\n".join(rows)
 
 
@@ -395,7 +502,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="auto")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--int4", action="append", default=[], choices=sorted(SIZES), help="sizes to also run int4 decode on")
+    p.add_argument(
+        "--int4", action="append", default=[], choices=sorted(SIZES), help="sizes to also run int4 decode on"
+    )
     p.add_argument("--skip-hf", action="append", default=[], choices=sorted(SIZES), help="sizes without transformers")
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--hf-static", action="store_true", help="also transformers' static-cache decode (slow to compile)")
@@ -409,7 +518,9 @@ def main(argv=None) -> int:
         # every small parallel op cost a scheduler tick (50x slowdowns, varying run to run). Spinning
         # workers avoid it; libgomp reads the setting at start-up, hence the re-exec.
         os.environ["GOMP_SPINCOUNT"] = "100000000"
-        os.execv(sys.executable, [sys.executable, "-m", "qwen25vl.tools.bench", *(sys.argv[1:] if argv is None else argv)])
+        os.execv(
+            sys.executable, [sys.executable, "-m", "qwen25vl.tools.bench", *(sys.argv[1:] if argv is None else argv)]
+        )
     if a.threads:
         torch.set_num_threads(a.threads)
     a.size = a.size or (["3b"] if a.device.startswith("cuda") else ["cpu"])

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwen25vl.conformance import compare, stages
-from qwen25vl.conformance.adapters.spec import SpecAdapter
-from qwen25vl.conformance.fixtures import dump_json, sha256_file, write_case
-from qwen25vl.spec.config import Qwen25VLConfig
-from qwen25vl.spec.generate import generate_greedy
+from ..conformance import compare, stages
+from ..conformance.adapters.spec import SpecAdapter
+from ..conformance.fixtures import dump_json, sha256_file, write_case
+from ..spec.config import Qwen25VLConfig
+from ..spec.generate import generate_greedy
 
 CHECKPOINT = "checkpoints/tiny"
 IMG, VID, VS, VE = 151655, 151656, 151652, 151653  # image pad, video pad, vision start, vision end
@@ -40,11 +40,21 @@ def versions() -> dict:
     import PIL
     import safetensors
     import tokenizers
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "pillow": PIL.__version__, "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
-           "machine": platform.machine(), "generator": "tools/generate_fixtures.py", "spec": "qwen25vl.spec 0.1.0"}
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+        "machine": platform.machine(),
+        "generator": "tools/generate_fixtures.py",
+        "spec": "qwen25vl.spec 0.1.0",
+    }
     try:
         import av
+
         out["av"] = av.__version__
     except ImportError:
         pass
@@ -79,6 +89,7 @@ def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:
 def png_bytes(img: np.ndarray) -> bytes:
     """PNG with stored (level 0) deflate blocks: byte-identical whatever zlib the machine has."""
     from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=0)
     return buf.getvalue()
@@ -100,11 +111,38 @@ def _call(fn):
 
 # ------------------------------------------------------------------------- exact cases
 
+
 def case_exact_resize(spec: SpecAdapter):
-    sizes = [(28, 28), (56, 56), (42, 42), (70, 70), (98, 98), (126, 126), (154, 154), (210, 210), (70, 126),
-             (14, 14), (1, 1), (23, 3), (26, 28), (10, 10), (3, 600), (0, 10),
-             (28, 5600), (28, 5628), (1, 200), (1, 201), (100, 20000),
-             (480, 640), (720, 1280), (1080, 1920), (2048, 1536), (4032, 3024), (10000, 10000), (20000, 30)]
+    sizes = [
+        (28, 28),
+        (56, 56),
+        (42, 42),
+        (70, 70),
+        (98, 98),
+        (126, 126),
+        (154, 154),
+        (210, 210),
+        (70, 126),
+        (14, 14),
+        (1, 1),
+        (23, 3),
+        (26, 28),
+        (10, 10),
+        (3, 600),
+        (0, 10),
+        (28, 5600),
+        (28, 5628),
+        (1, 200),
+        (1, 201),
+        (100, 20000),
+        (480, 640),
+        (720, 1280),
+        (1080, 1920),
+        (2048, 1536),
+        (4032, 3024),
+        (10000, 10000),
+        (20000, 30),
+    ]
     budgets = [(3136, 12845056), (3136, 1003520), (100352, 602112), (200704, 200704)]
     items = []
     for k, (h, w) in enumerate(sizes):
@@ -113,34 +151,71 @@ def case_exact_resize(spec: SpecAdapter):
             out = _call(lambda: list(spec.smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)))
             items.append({"label": f"{h}x{w} pixels [{lo}, {hi}]", "inputs": inp, "expected": out})
     tensors, bic = {}, []
-    for k, ((h, w), size) in enumerate([((37, 53), (28, 56)), ((100, 60), (56, 28)), ((20, 30), (56, 84)),
-                                        ((70, 70), (56, 56))]):
+    for k, ((h, w), size) in enumerate(
+        [((37, 53), (28, 56)), ((100, 60), (56, 28)), ((20, 30), (56, 84)), ((70, 70), (56, 56))]
+    ):
         img = synthetic_image(h, w, 100 + k)
         tensors[f"bicubic.{k}.image"] = torch.from_numpy(img)
         tensors[f"bicubic.{k}.out"] = torch.from_numpy(np.ascontiguousarray(spec.resize_bicubic(img, size)))
-        bic.append({"label": f"{h}x{w} -> {size[0]}x{size[1]}", "inputs": {"image": ref(f"bicubic.{k}.image"),
-                    "size": list(size)}, "expected": ref(f"bicubic.{k}.out")})
-    return {"description": "resize targets over a table of sizes and budgets (ties at 14 x odd, tiny, ratio 200/201, "
-                           "huge) and the uint8 bicubic kernel",
-            "stages": {"fn.smart_resize": items, "fn.resize_bicubic": bic}, "tensors": tensors}
+        bic.append(
+            {
+                "label": f"{h}x{w} -> {size[0]}x{size[1]}",
+                "inputs": {"image": ref(f"bicubic.{k}.image"), "size": list(size)},
+                "expected": ref(f"bicubic.{k}.out"),
+            }
+        )
+    return {
+        "description": "resize targets over a table of sizes and budgets (ties at 14 x odd, tiny, ratio 200/201, "
+        "huge) and the uint8 bicubic kernel",
+        "stages": {"fn.smart_resize": items, "fn.resize_bicubic": bic},
+        "tensors": tensors,
+    }
 
 
 def case_exact_video_frames(spec: SpecAdapter):
-    rows = [(10, 30.0, 2.0, None), (300, 30.0, 2.0, None), (301, 30.0, 1.0, None), (90, 30.0, 4.0, None),
-            (31, 30.0, 30.0, None), (25, 25.0, 30.0, None), (1000, 24.0, 2.0, None), (7, 7.0, 1.0, None),
-            (15, 30.0, 2.0, None), (33, 29.97, 4.0, None), (100, 25.0, None, 9), (100, 25.0, None, 10),
-            (1, 30.0, 2.0, None), (0, 30.0, 2.0, None), (12001, 30.0, 30.0, None), (3600, 60.0, 1.0, None),
-            (45, 15.0, 2.0, None)]
+    rows = [
+        (10, 30.0, 2.0, None),
+        (300, 30.0, 2.0, None),
+        (301, 30.0, 1.0, None),
+        (90, 30.0, 4.0, None),
+        (31, 30.0, 30.0, None),
+        (25, 25.0, 30.0, None),
+        (1000, 24.0, 2.0, None),
+        (7, 7.0, 1.0, None),
+        (15, 30.0, 2.0, None),
+        (33, 29.97, 4.0, None),
+        (100, 25.0, None, 9),
+        (100, 25.0, None, 10),
+        (1, 30.0, 2.0, None),
+        (0, 30.0, 2.0, None),
+        (12001, 30.0, 30.0, None),
+        (3600, 60.0, 1.0, None),
+        (45, 15.0, 2.0, None),
+    ]
     items = []
     for total, vfps, fps, nframes in rows:
-        inp = {"total_frames": total, "video_fps": vfps, "fps": fps, "min_frames": 4, "max_frames": 768,
-               "nframes": nframes}
-        out = _call(lambda: [int(i) for i in spec.sample_frame_indices(total, vfps, fps=fps, min_frames=4,
-                                                                      max_frames=768, nframes=nframes)])
-        items.append({"label": f"{total} frames at {vfps} fps, fps={fps}, nframes={nframes}", "inputs": inp,
-                      "expected": out})
-    return {"description": "video frame indices for several durations and rates (fps 1, 2, 4, 30; odd counts)",
-            "stages": {"fn.sample_frame_indices": items}, "tensors": {}}
+        inp = {
+            "total_frames": total,
+            "video_fps": vfps,
+            "fps": fps,
+            "min_frames": 4,
+            "max_frames": 768,
+            "nframes": nframes,
+        }
+        out = _call(
+            lambda: [
+                int(i)
+                for i in spec.sample_frame_indices(total, vfps, fps=fps, min_frames=4, max_frames=768, nframes=nframes)
+            ]
+        )
+        items.append(
+            {"label": f"{total} frames at {vfps} fps, fps={fps}, nframes={nframes}", "inputs": inp, "expected": out}
+        )
+    return {
+        "description": "video frame indices for several durations and rates (fps 1, 2, 4, 30; odd counts)",
+        "stages": {"fn.sample_frame_indices": items},
+        "tensors": {},
+    }
 
 
 def case_exact_patches(spec: SpecAdapter):
@@ -149,58 +224,142 @@ def case_exact_patches(spec: SpecAdapter):
         frames = (torch.arange(T * 3 * H * W) % 251).to(torch.float32).reshape(T, 3, H, W)
         pv, grid = spec.patchify(frames, patch_size=14, temporal_patch_size=2, merge_size=2)
         tensors[f"patchify.{k}.frames"], tensors[f"patchify.{k}.pixel_values"] = frames, pv
-        patch_items.append({"label": f"frames {T}x3x{H}x{W}", "inputs": {
-            "frames": ref(f"patchify.{k}.frames"), "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2},
-            "expected": {"pixel_values": ref(f"patchify.{k}.pixel_values"), "grid_thw": grid.tolist()}})
+        patch_items.append(
+            {
+                "label": f"frames {T}x3x{H}x{W}",
+                "inputs": {
+                    "frames": ref(f"patchify.{k}.frames"),
+                    "patch_size": 14,
+                    "temporal_patch_size": 2,
+                    "merge_size": 2,
+                },
+                "expected": {"pixel_values": ref(f"patchify.{k}.pixel_values"), "grid_thw": grid.tolist()},
+            }
+        )
     pre = []
-    for k, (h, w, lo, hi) in enumerate([(70, 70, 3136, 12845056), (45, 123, 3136, 12845056),
-                                        (150, 100, 3136, 12845056), (300, 200, 3136, 12544), (28, 700, 3136, 12845056),
-                                        (9, 9, 3136, 12845056)]):
+    for k, (h, w, lo, hi) in enumerate(
+        [
+            (70, 70, 3136, 12845056),
+            (45, 123, 3136, 12845056),
+            (150, 100, 3136, 12845056),
+            (300, 200, 3136, 12544),
+            (28, 700, 3136, 12845056),
+            (9, 9, 3136, 12845056),
+        ]
+    ):
         img = synthetic_image(h, w, 200 + k)
         tensors[f"preprocess.{k}.image"] = torch.from_numpy(img)
         res = _call(lambda: spec.preprocess_image(img, min_pixels=lo, max_pixels=hi))
         if isinstance(res, tuple):
             tensors[f"preprocess.{k}.pixel_values"] = res[0]
             res = {"pixel_values": ref(f"preprocess.{k}.pixel_values"), "grid_thw": res[1].tolist()}
-        pre.append({"label": f"image {h}x{w} pixels [{lo}, {hi}]", "inputs": {
-            "image": ref(f"preprocess.{k}.image"), "min_pixels": lo, "max_pixels": hi}, "expected": res})
+        pre.append(
+            {
+                "label": f"image {h}x{w} pixels [{lo}, {hi}]",
+                "inputs": {"image": ref(f"preprocess.{k}.image"), "min_pixels": lo, "max_pixels": hi},
+                "expected": res,
+            }
+        )
     rot = []
     for grid in ([[1, 2, 2]], [[1, 4, 6]], [[2, 4, 4], [1, 2, 6]], [[1, 10, 14]]):
         out = spec.vision_rotary_positions(torch.tensor(grid), merge_size=2)
         rot.append({"label": f"grid {grid}", "inputs": {"grid_thw": grid, "merge_size": 2}, "expected": out.tolist()})
-    return {"description": "pixel_values row order (merge blocks, temporal pairs, odd frame counts), whole image "
-                           "preprocessing, vision rotary positions",
-            "stages": {"fn.patchify": patch_items, "fn.preprocess_image": pre, "fn.vision_rotary_positions": rot},
-            "tensors": tensors}
+    return {
+        "description": "pixel_values row order (merge blocks, temporal pairs, odd frame counts), whole image "
+        "preprocessing, vision rotary positions",
+        "stages": {"fn.patchify": patch_items, "fn.preprocess_image": pre, "fn.vision_rotary_positions": rot},
+        "tensors": tensors,
+    }
 
 
 def case_exact_windows(spec: SpecAdapter):
-    grids = [[[1, 8, 12]], [[1, 16, 16]], [[1, 2, 2]], [[1, 2, 40]], [[2, 10, 14]], [[1, 16, 16], [1, 6, 10]],
-             [[3, 8, 8]], [[1, 36, 20]], [[1, 8, 8]], [[1, 100, 100]], [[1, 24, 18], [2, 16, 8], [1, 4, 4]]]
+    grids = [
+        [[1, 8, 12]],
+        [[1, 16, 16]],
+        [[1, 2, 2]],
+        [[1, 2, 40]],
+        [[2, 10, 14]],
+        [[1, 16, 16], [1, 6, 10]],
+        [[3, 8, 8]],
+        [[1, 36, 20]],
+        [[1, 8, 8]],
+        [[1, 100, 100]],
+        [[1, 24, 18], [2, 16, 8], [1, 4, 4]],
+    ]
     items = []
     for grid in grids:
         wi, cw, cu = spec.window_partition(torch.tensor(grid), window_size=112, patch_size=14, merge_size=2)
-        items.append({"label": f"grid {grid}", "inputs": {"grid_thw": grid, "window_size": 112, "patch_size": 14,
-                      "merge_size": 2}, "expected": {"window_index": wi.tolist(), "cu_window_seqlens": cw.tolist(),
-                                                     "cu_seqlens": cu.tolist()}})
-    return {"description": "window partitions: grids that are and are not multiples of the window, strips, "
-                           "several items, t > 1, a large grid",
-            "stages": {"fn.window_partition": items}, "tensors": {}}
+        items.append(
+            {
+                "label": f"grid {grid}",
+                "inputs": {"grid_thw": grid, "window_size": 112, "patch_size": 14, "merge_size": 2},
+                "expected": {"window_index": wi.tolist(), "cu_window_seqlens": cw.tolist(), "cu_seqlens": cu.tolist()},
+            }
+        )
+    return {
+        "description": "window partitions: grids that are and are not multiples of the window, strips, "
+        "several items, t > 1, a large grid",
+        "stages": {"fn.window_partition": items},
+        "tensors": {},
+    }
 
 
 CONVERSATIONS = [
     ("text only", [{"role": "user", "content": "Hello!"}], True, False),
     ("system given", [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}], True, False),
-    ("image then text", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
-     True, False),
-    ("image mid-prompt", [{"role": "user", "content": [{"type": "text", "text": "Compare "},
-                                                       {"type": "image"}, {"type": "text", "text": " and say why."}]}],
-     True, False),
-    ("multi-turn", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}], True, False),
-    ("video", [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}], True, False),
-    ("vision ids", [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "video"},
-                                                 {"type": "text", "text": "All three."}]}], True, True),
+    (
+        "image then text",
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        True,
+        False,
+    ),
+    (
+        "image mid-prompt",
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare "},
+                    {"type": "image"},
+                    {"type": "text", "text": " and say why."},
+                ],
+            }
+        ],
+        True,
+        False,
+    ),
+    (
+        "multi-turn",
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello, how can I help?"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]},
+        ],
+        True,
+        False,
+    ),
+    (
+        "video",
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
+        True,
+        False,
+    ),
+    (
+        "vision ids",
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "image"},
+                    {"type": "video"},
+                    {"type": "text", "text": "All three."},
+                ],
+            }
+        ],
+        True,
+        True,
+    ),
     ("no generation prompt", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False, False),
     ("typed pad token", [{"role": "user", "content": "the text <|image_pad|> is not an image"}], True, False),
 ]
@@ -209,8 +368,13 @@ CONVERSATIONS = [
 def case_exact_prompt(spec: SpecAdapter, tokenizer_dir: str):
     chats = []
     for label, msgs, gen, vid in CONVERSATIONS:
-        chats.append({"label": label, "inputs": {"messages": msgs, "add_generation_prompt": gen, "add_vision_id": vid},
-                      "expected": spec.render_chat(msgs, add_generation_prompt=gen, add_vision_id=vid)})
+        chats.append(
+            {
+                "label": label,
+                "inputs": {"messages": msgs, "add_generation_prompt": gen, "add_vision_id": vid},
+                "expected": spec.render_chat(msgs, add_generation_prompt=gen, add_vision_id=vid),
+            }
+        )
     pad = "<|vision_start|><|image_pad|><|vision_end|>"
     vpad = "<|vision_start|><|video_pad|><|vision_end|>"
     expand_rows = [
@@ -221,17 +385,38 @@ def case_exact_prompt(spec: SpecAdapter, tokenizer_dir: str):
     ]
     expand = []
     for label, texts, ig, vg in expand_rows:
-        out = spec.expand_vision_tokens(texts, None if ig is None else torch.tensor(ig),
-                                        None if vg is None else torch.tensor(vg), merge_size=2)
-        expand.append({"label": label, "inputs": {"texts": texts, "image_grid_thw": ig, "video_grid_thw": vg,
-                                                  "merge_size": 2}, "expected": list(out)})
-    texts = [c["expected"] for c in chats] + [e["expected"][0] for e in expand] + [
-        "Hello world", "12345 67", "héllo 你好 🙂", "\n\n   x  \t y", "don't I'll we've", "<|im_start|><|endoftext|>"]
-    toks = [{"label": f"text {k}", "inputs": {"text": t}, "expected": spec.tokenize(t, tokenizer_dir=tokenizer_dir)}
-            for k, t in enumerate(texts)]
-    return {"description": "chat template renderings, vision pad expansion and token ids",
-            "stages": {"fn.render_chat": chats, "fn.expand_vision_tokens": expand, "fn.tokenize": toks},
-            "tensors": {}, "tokenizer": f"../{CHECKPOINT}"}
+        out = spec.expand_vision_tokens(
+            texts, None if ig is None else torch.tensor(ig), None if vg is None else torch.tensor(vg), merge_size=2
+        )
+        expand.append(
+            {
+                "label": label,
+                "inputs": {"texts": texts, "image_grid_thw": ig, "video_grid_thw": vg, "merge_size": 2},
+                "expected": list(out),
+            }
+        )
+    texts = (
+        [c["expected"] for c in chats]
+        + [e["expected"][0] for e in expand]
+        + [
+            "Hello world",
+            "12345 67",
+            "héllo 你好 🙂",
+            "\n\n   x  \t y",
+            "don't I'll we've",
+            "<|im_start|><|endoftext|>",
+        ]
+    )
+    toks = [
+        {"label": f"text {k}", "inputs": {"text": t}, "expected": spec.tokenize(t, tokenizer_dir=tokenizer_dir)}
+        for k, t in enumerate(texts)
+    ]
+    return {
+        "description": "chat template renderings, vision pad expansion and token ids",
+        "stages": {"fn.render_chat": chats, "fn.expand_vision_tokens": expand, "fn.tokenize": toks},
+        "tensors": {},
+        "tokenizer": f"../{CHECKPOINT}",
+    }
 
 
 def _span(kind_id: int, grid, merge: int = 2) -> list[int]:
@@ -254,65 +439,141 @@ def case_exact_positions(spec: SpecAdapter):
         mask = torch.zeros((len(seqs), L), dtype=torch.int64)
         for b, s in enumerate(seqs):
             if left_pad:
-                ids[b, L - len(s):], mask[b, L - len(s):] = torch.tensor(s), 1
+                ids[b, L - len(s) :], mask[b, L - len(s) :] = torch.tensor(s), 1
             else:
-                ids[b, :len(s)], mask[b, :len(s)] = torch.tensor(s), 1
+                ids[b, : len(s)], mask[b, : len(s)] = torch.tensor(s), 1
         rows.append((label, ids, mask, igrids, vgrids, spg))
 
     add("text only", [_text(10)], None, None, None)
     add("image mid-prompt", [_text(5) + _span(IMG, (1, 8, 12)) + _text(5)], [[1, 8, 12]], None, None)
-    add("two images", [_text(3) + _span(IMG, (1, 4, 4)) + _text(2) + _span(IMG, (1, 2, 10)) + _text(4)],
-        [[1, 4, 4], [1, 2, 10]], None, None)
+    add(
+        "two images",
+        [_text(3) + _span(IMG, (1, 4, 4)) + _text(2) + _span(IMG, (1, 2, 10)) + _text(4)],
+        [[1, 4, 4], [1, 2, 10]],
+        None,
+        None,
+    )
     add("tall image (rows > cols)", [_text(2) + _span(IMG, (1, 12, 4)) + _text(3)], [[1, 12, 4]], None, None)
     add("video fps 1 (2 s per grid)", [_text(4) + _span(VID, (3, 4, 4)) + _text(3)], None, [[3, 4, 4]], [2.0])
     add("video fps 2 (1 s per grid)", [_text(4) + _span(VID, (4, 4, 6)) + _text(3)], None, [[4, 4, 6]], [1.0])
     add("video fps 4 (0.5 s per grid)", [_text(4) + _span(VID, (5, 2, 4)) + _text(3)], None, [[5, 2, 4]], [0.5])
     add("video fps 30 (1/15 s per grid)", [_text(4) + _span(VID, (8, 2, 2)) + _text(3)], None, [[8, 2, 2]], [2 / 30])
-    add("long video, time past the text rule", [_text(2) + _span(VID, (40, 2, 2)) + _text(3)], None, [[40, 2, 2]], [2.0])
-    add("image and video", [_text(3) + _span(IMG, (1, 4, 6)) + _text(2) + _span(VID, (2, 4, 4)) + _text(2)],
-        [[1, 4, 6]], [[2, 4, 4]], [1.0])
-    add("multi-turn", [_text(8) + _text(6, 2000) + _span(IMG, (1, 6, 6)) + _text(4) + _text(5, 3000) +
-                       _span(IMG, (1, 2, 2)) + _text(3)], [[1, 6, 6], [1, 2, 2]], None, None)
+    add(
+        "long video, time past the text rule", [_text(2) + _span(VID, (40, 2, 2)) + _text(3)], None, [[40, 2, 2]], [2.0]
+    )
+    add(
+        "image and video",
+        [_text(3) + _span(IMG, (1, 4, 6)) + _text(2) + _span(VID, (2, 4, 4)) + _text(2)],
+        [[1, 4, 6]],
+        [[2, 4, 4]],
+        [1.0],
+    )
+    add(
+        "multi-turn",
+        [
+            _text(8)
+            + _text(6, 2000)
+            + _span(IMG, (1, 6, 6))
+            + _text(4)
+            + _text(5, 3000)
+            + _span(IMG, (1, 2, 2))
+            + _text(3)
+        ],
+        [[1, 6, 6], [1, 2, 2]],
+        None,
+        None,
+    )
     add("left-padded batch", [_text(3) + _span(IMG, (1, 4, 4)) + _text(2), _text(20)], [[1, 4, 4]], None, None)
-    add("left-padded batch, images in both rows", [_text(2) + _span(IMG, (1, 2, 4)) + _text(1),
-                                                  _text(6) + _span(IMG, (1, 6, 4)) + _text(7)],
-        [[1, 2, 4], [1, 6, 4]], None, None)
+    add(
+        "left-padded batch, images in both rows",
+        [_text(2) + _span(IMG, (1, 2, 4)) + _text(1), _text(6) + _span(IMG, (1, 6, 4)) + _text(7)],
+        [[1, 2, 4], [1, 6, 4]],
+        None,
+        None,
+    )
     add("beyond 16k positions", [_text(16500) + _span(IMG, (1, 8, 8)) + _text(20)], [[1, 8, 8]], None, None)
     items = []
     for k, (label, ids, mask, ig, vg, spg) in enumerate(rows):
-        pos, deltas = spec.rope_index(ids, None if ig is None else torch.tensor(ig), None if vg is None else torch.tensor(vg),
-                                      None if spg is None else torch.tensor(spg, dtype=torch.float64), mask, config=config)
+        pos, deltas = spec.rope_index(
+            ids,
+            None if ig is None else torch.tensor(ig),
+            None if vg is None else torch.tensor(vg),
+            None if spg is None else torch.tensor(spg, dtype=torch.float64),
+            mask,
+            config=config,
+        )
         big = ids.numel() > 2000
         if big:
             tensors[f"rope.{k}.input_ids"], tensors[f"rope.{k}.attention_mask"] = ids, mask
             tensors[f"rope.{k}.position_ids"] = pos
-        inp = {"input_ids": ref(f"rope.{k}.input_ids") if big else ids.tolist(),
-               "attention_mask": ref(f"rope.{k}.attention_mask") if big else mask.tolist(),
-               "image_grid_thw": ig, "video_grid_thw": vg, "second_per_grid_ts": spg, "config": config}
-        items.append({"label": label, "inputs": inp, "expected": {
-            "position_ids": ref(f"rope.{k}.position_ids") if big else pos.tolist(), "rope_deltas": deltas.tolist()}})
+        inp = {
+            "input_ids": ref(f"rope.{k}.input_ids") if big else ids.tolist(),
+            "attention_mask": ref(f"rope.{k}.attention_mask") if big else mask.tolist(),
+            "image_grid_thw": ig,
+            "video_grid_thw": vg,
+            "second_per_grid_ts": spg,
+            "config": config,
+        }
+        items.append(
+            {
+                "label": label,
+                "inputs": inp,
+                "expected": {
+                    "position_ids": ref(f"rope.{k}.position_ids") if big else pos.tolist(),
+                    "rope_deltas": deltas.tolist(),
+                },
+            }
+        )
     dec = []
     for deltas, start, steps in (([[0]], 0, 1), ([[-5], [3]], 20, 4), ([[-16000]], 17000, 3), ([[-40], [-38]], 57, 5)):
         out = spec.decode_positions(torch.tensor(deltas), start, steps)
-        dec.append({"label": f"deltas {deltas} start {start} steps {steps}",
-                    "inputs": {"rope_deltas": deltas, "start": start, "steps": steps}, "expected": out.tolist()})
+        dec.append(
+            {
+                "label": f"deltas {deltas} start {start} steps {steps}",
+                "inputs": {"rope_deltas": deltas, "start": start, "steps": steps},
+                "expected": out.tolist(),
+            }
+        )
     cs = []
-    for k, (label, pos) in enumerate([
-            ("positions of an image mid-prompt", spec.rope_index(rows[1][1], torch.tensor([[1, 8, 12]]), None, None,
-                                                               rows[1][2], config=config)[0]),
-            ("positions past 16k", torch.stack([torch.tensor([0, 5, 900, 16383, 16384, 17000, 19999, 20000]),
-                                                torch.tensor([0, 7, 901, 16390, 16384, 17001, 19000, 20000]),
-                                                torch.tensor([0, 9, 902, 16400, 16385, 17002, 18000, 20000])])[:, None])]):
+    for k, (label, pos) in enumerate(
+        [
+            (
+                "positions of an image mid-prompt",
+                spec.rope_index(rows[1][1], torch.tensor([[1, 8, 12]]), None, None, rows[1][2], config=config)[0],
+            ),
+            (
+                "positions past 16k",
+                torch.stack(
+                    [
+                        torch.tensor([0, 5, 900, 16383, 16384, 17000, 19999, 20000]),
+                        torch.tensor([0, 7, 901, 16390, 16384, 17001, 19000, 20000]),
+                        torch.tensor([0, 9, 902, 16400, 16385, 17002, 18000, 20000]),
+                    ]
+                )[:, None],
+            ),
+        ]
+    ):
         cos, sin = spec.mrope_cos_sin(pos, head_dim=128, theta=1e6, mrope_section=(16, 24, 24))
         tensors[f"cos_sin.{k}.position_ids"] = pos
         tensors[f"cos_sin.{k}.cos"], tensors[f"cos_sin.{k}.sin"] = cos.to(torch.float64), sin.to(torch.float64)
-        cs.append({"label": label, "inputs": {"position_ids": ref(f"cos_sin.{k}.position_ids"), "head_dim": 128,
-                                              "theta": 1e6, "mrope_section": [16, 24, 24]},
-                   "expected": {"cos": ref(f"cos_sin.{k}.cos"), "sin": ref(f"cos_sin.{k}.sin")}})
-    return {"description": "MRoPE position ids and rope_deltas (images, mid-prompt, videos at several rates, "
-                           "multi-turn, left-padded batches, > 16k positions), decode positions, rotary tables",
-            "stages": {"fn.rope_index": items, "fn.decode_positions": dec, "fn.mrope_cos_sin": cs},
-            "tensors": tensors}
+        cs.append(
+            {
+                "label": label,
+                "inputs": {
+                    "position_ids": ref(f"cos_sin.{k}.position_ids"),
+                    "head_dim": 128,
+                    "theta": 1e6,
+                    "mrope_section": [16, 24, 24],
+                },
+                "expected": {"cos": ref(f"cos_sin.{k}.cos"), "sin": ref(f"cos_sin.{k}.sin")},
+            }
+        )
+    return {
+        "description": "MRoPE position ids and rope_deltas (images, mid-prompt, videos at several rates, "
+        "multi-turn, left-padded batches, > 16k positions), decode positions, rotary tables",
+        "stages": {"fn.rope_index": items, "fn.decode_positions": dec, "fn.mrope_cos_sin": cs},
+        "tensors": tensors,
+    }
 
 
 EXACT_CASES = {
@@ -337,8 +598,13 @@ def write_exact(name: str, out: Path, spec: SpecAdapter, tokenizer_dir: str) -> 
             st[stage]["files"].append("tensors.safetensors")
     if built["tensors"]:
         files["tensors.safetensors"] = built["tensors"]
-    manifest = {"case": name, "kind": "exact", "description": built["description"], "stages": st,
-                "producer": versions()}
+    manifest = {
+        "case": name,
+        "kind": "exact",
+        "description": built["description"],
+        "stages": st,
+        "producer": versions(),
+    }
     if built.get("tokenizer"):
         manifest["tokenizer"] = built["tokenizer"]
     write_case(out / name, manifest, files)
@@ -349,23 +615,51 @@ def write_exact(name: str, out: Path, spec: SpecAdapter, tokenizer_dir: str) -> 
 MODEL_CASES = {
     "model_image": {
         "description": "one image mid-prompt (grid 18x12: partial windows), greedy decode past the image",
-        "conversations": [[{"role": "user", "content": [{"type": "text", "text": "Look at "}, {"type": "image"},
-                                                        {"type": "text", "text": " and describe it."}]}]],
-        "images": [(252, 168, 1)], "videos": [], "options": {},
+        "conversations": [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look at "},
+                        {"type": "image"},
+                        {"type": "text", "text": " and describe it."},
+                    ],
+                }
+            ]
+        ],
+        "images": [(252, 168, 1)],
+        "videos": [],
+        "options": {},
     },
     "model_batch": {
         "description": "left-padded batch of 2: two images (one an exact multiple of the window) vs multi-turn text",
         "conversations": [
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
-                                          {"type": "text", "text": "Which is brighter?"}]}],
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "Count to three."}]],
-        "images": [(224, 224, 2), (84, 140, 3)], "videos": [], "options": {},
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": "and"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Which is brighter?"},
+                    ],
+                }
+            ],
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Count to three."},
+            ],
+        ],
+        "images": [(224, 224, 2), (84, 140, 3)],
+        "videos": [],
+        "options": {},
     },
     "model_video": {
         "description": "a 5-frame clip at 1 fps (odd count, 2 s per temporal patch: time positions 0, 4, 8)",
         "conversations": [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]],
-        "images": [], "videos": [{"frames": [(112, 140, 10 + k) for k in range(5)], "fps": 1.0}],
+        "images": [],
+        "videos": [{"frames": [(112, 140, 10 + k) for k in range(5)], "fps": 1.0}],
         "options": {"video_options": {"fps": 1.0, "min_pixels": 12544, "max_pixels": 25088}},
     },
 }
@@ -398,25 +692,35 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
         for k, (h, w, seed) in enumerate(vid["frames"]):
             # a moving square over a fixed background: something for the temporal patches to see
             img = synthetic_image(h, w, 7)
-            img[20 + 8 * k:50 + 8 * k, 10 + 15 * k:40 + 15 * k] = (255, 40, 40)
+            img[20 + 8 * k : 50 + 8 * k, 10 + 15 * k : 40 + 15 * k] = (255, 40, 40)
             files[f"media/video{v}_frame{k}.png"] = png_bytes(img)
             frames.append(f"media/video{v}_frame{k}.png")
         videos.append({"frames": frames, "fps": vid["fps"]})
-    request = {"conversations": spec_case["conversations"], "images": images, "videos": videos,
-               "options": spec_case["options"], "add_generation_prompt": True}
+    request = {
+        "conversations": spec_case["conversations"],
+        "images": images,
+        "videos": videos,
+        "options": spec_case["options"],
+        "add_generation_prompt": True,
+    }
     files["request.json"] = request
 
     # build the inputs from the media as written (the PNG round trip is lossless)
     import tempfile
+
     gold = SpecAdapter("float64")
     with tempfile.TemporaryDirectory() as tmp:
         for f, b in files.items():
             if isinstance(b, bytes):
                 (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
                 (Path(tmp) / f).write_bytes(b)
-        inputs = gold.build_inputs(request["conversations"], [f"{tmp}/{p}" for p in images],
-                                   [{**v, "frames": [f"{tmp}/{p}" for p in v["frames"]]} for v in videos],
-                                   tokenizer_dir=tokenizer_dir, options=request["options"])
+        inputs = gold.build_inputs(
+            request["conversations"],
+            [f"{tmp}/{p}" for p in images],
+            [{**v, "frames": [f"{tmp}/{p}" for p in v["frames"]]} for v in videos],
+            tokenizer_dir=tokenizer_dir,
+            options=request["options"],
+        )
     inputs = {k: v for k, v in inputs.items() if v is not None}
     files["inputs.safetensors"] = inputs
     mask = inputs["attention_mask"]
@@ -435,8 +739,12 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
 
     new = generate_greedy(gold.params, gold.config, inputs, MAX_NEW_TOKENS, eos_token_id=gold.config.eos_token_id)
     topk = gold.step_topk(inputs, new)
-    files["generate.json"] = {"tokens": new.tolist(), "topk": topk.tolist(), "max_new_tokens": MAX_NEW_TOKENS,
-                              "eos_token_id": gold.config.eos_token_id}
+    files["generate.json"] = {
+        "tokens": new.tolist(),
+        "topk": topk.tolist(),
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "eos_token_id": gold.config.eos_token_id,
+    }
 
     # controls: the spec itself in lower precision, end to end and teacher-forced
     control, control_tf, bf16_store = {}, {}, {}
@@ -471,23 +779,42 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
                 entry["control"] = {dt: control[dt][s] for dt in control}
                 entry["control_teacher"] = {dt: control_tf[dt][s] for dt in control_tf}
             if s == "logits":
-                entry["derived"] = "text.norm @ lm_head.weight^T in float64 (lm_head: the checkpoint's, or the embedding when tied)"
+                entry["derived"] = (
+                    "text.norm @ lm_head.weight^T in float64 (lm_head: the checkpoint's, or the embedding when tied)"
+                )
         st[s] = entry
-    manifest = {"case": name, "kind": "model", "description": spec_case["description"], "stages": st,
-                "checkpoint": f"../{CHECKPOINT}", "request": "request.json", "inputs": "inputs.safetensors",
-                "depth": {"vision": gold.config.vision.depth, "text": gold.config.num_hidden_layers},
-                "golden_dtype": "float64 computed, float32 stored", "producer": versions()}
+    manifest = {
+        "case": name,
+        "kind": "model",
+        "description": spec_case["description"],
+        "stages": st,
+        "checkpoint": f"../{CHECKPOINT}",
+        "request": "request.json",
+        "inputs": "inputs.safetensors",
+        "depth": {"vision": gold.config.vision.depth, "text": gold.config.num_hidden_layers},
+        "golden_dtype": "float64 computed, float32 stored",
+        "producer": versions(),
+    }
     write_case(out / name, manifest, files)
 
 
 def write_checkpoint(out: Path) -> Path:
     """The one tiny checkpoint the numeric cases share, with a manifest of its files' sha256."""
-    from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    from .make_tiny_checkpoint import make_tiny_checkpoint
+
     folder = make_tiny_checkpoint(out / CHECKPOINT, seed=0, overwrite=True)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
-    (folder / "manifest.json").write_bytes(dump_json({"format": "qwen25vl-checkpoint/1", "kind": "checkpoint",
-                                                      "maker": "tools/make_tiny_checkpoint.py --seed 0",
-                                                      "files": files, "producer": versions()}))
+    (folder / "manifest.json").write_bytes(
+        dump_json(
+            {
+                "format": "qwen25vl-checkpoint/1",
+                "kind": "checkpoint",
+                "maker": "tools/make_tiny_checkpoint.py --seed 0",
+                "files": files,
+                "producer": versions(),
+            }
+        )
+    )
     return folder
 
 

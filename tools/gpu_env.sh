@@ -6,9 +6,6 @@ mkdir -p "$OUT"
 cd "$REPO"
 PY="${PYTHON:-python}"
 
-# a shim folder mapping qwen25vl.* onto the repo folders: the repo's own qwen25vl/ folder shadows any
-# shim once the repo root is on sys.path (python -m, pytest), so the subpackages are linked into it
-# (on the device's throwaway copy of the tree only)
-for sub in spec impl conformance tools; do [ -e "qwen25vl/$sub" ] || ln -s "../$sub" "qwen25vl/$sub"; done
+# qwen25vl/__init__.py finds spec/, impl/, conformance/ and tools/ beside it: no install, no links
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1

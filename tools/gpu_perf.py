@@ -42,8 +42,10 @@ class PartTimeout(Exception):
 @contextlib.contextmanager
 def alarm(seconds: int):
     """Raise PartTimeout in the main thread after `seconds` (checked between Python bytecodes)."""
+
     def fire(signum, frame):
         raise PartTimeout(f"part ran past {seconds}s")
+
     old = signal.signal(signal.SIGALRM, fire)
     signal.alarm(int(seconds))
     try:
@@ -92,13 +94,18 @@ class Recorder:
             if isinstance(e, KeyboardInterrupt):
                 raise
             traceback.print_exc()
-            self.emit(part=name, ok=False, error=f"{type(e).__name__}: {str(e)[:400]}",
-                      seconds=round(time.perf_counter() - t, 1))
+            self.emit(
+                part=name,
+                ok=False,
+                error=f"{type(e).__name__}: {str(e)[:400]}",
+                seconds=round(time.perf_counter() - t, 1),
+            )
 
 
 def kernel_table(prof, top: int = 15) -> list[dict]:
     """The `top` CUDA kernels (and memcpy/memset) by total device time: [{name, us, calls}]."""
     from torch.autograd import DeviceType
+
     agg = {}
     for e in prof.events():
         if e.device_type != DeviceType.CUDA:
@@ -107,8 +114,9 @@ def kernel_table(prof, top: int = 15) -> list[dict]:
         a = agg.setdefault(e.name, [0.0, 0])
         a[0] += us
         a[1] += 1
-    rows = sorted(({"name": k[:160], "us": round(v[0], 1), "calls": v[1]} for k, v in agg.items()),
-                  key=lambda r: -r["us"])
+    rows = sorted(
+        ({"name": k[:160], "us": round(v[0], 1), "calls": v[1]} for k, v in agg.items()), key=lambda r: -r["us"]
+    )
     return rows[:top], round(sum(v[0] for v in agg.values()), 1)
 
 
@@ -130,9 +138,10 @@ def _compiled(variant: str) -> bool:
 
 class Perf:
     def __init__(self, a):
-        from qwen25vl.impl.model import Qwen25VL
-        from qwen25vl.tools.bench import IMAGE_SIDE, Timer, make_config, make_inputs
-        from qwen25vl.tools.make_tiny_checkpoint import make_random_params
+        from ..impl.model import Qwen25VL
+        from .bench import IMAGE_SIDE, Timer, make_config, make_inputs
+        from .make_tiny_checkpoint import make_random_params
+
         self.a, self.dev = a, torch.device(a.device)
         self.dt = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
         self.rec = Recorder(a.out, self.dev)
@@ -144,9 +153,15 @@ class Perf:
         self.side = IMAGE_SIDE[a.size]
         self.inputs1 = make_inputs(self.config, self.side, 1)
         self.inputs8 = make_inputs(self.config, self.side, 8)
-        self.rec.emit(what="setup", size=a.size, device=torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu",
-                      torch=torch.__version__, dtype=str(self.dt), seconds=round(time.perf_counter() - t, 1),
-                      prompt_tokens=self.inputs1["input_ids"].shape[1])
+        self.rec.emit(
+            what="setup",
+            size=a.size,
+            device=torch.cuda.get_device_name() if self.dev.type == "cuda" else "cpu",
+            torch=torch.__version__,
+            dtype=str(self.dt),
+            seconds=round(time.perf_counter() - t, 1),
+            prompt_tokens=self.inputs1["input_ids"].shape[1],
+        )
         self.base_tokens = {}
 
     # -- decode ---------------------------------------------------------------------------------
@@ -169,17 +184,29 @@ class Perf:
         base = self.base_tokens[key]
         agree = (toks == base).all(0).int()
         prefix = int(agree.argmin()) if not bool(agree.all()) else toks.shape[1]
-        self.rec.emit(what=f"decode.b{B}", variant=name, tag=tag, tok_s=round(statistics.median(rates), 1),
-                      ms_per_step=round(1e3 * B / statistics.median(rates), 3), rates=[round(r, 1) for r in rates],
-                      tokens_equal_baseline=bool(torch.equal(toks, base)), agree_prefix=prefix, n=toks.shape[1],
-                      cuda_graph=st.get("cuda_graph"), graph_error=st.get("cuda_graph_error"),
-                      decode_attention=st.get("decode_attention"), compile_decode=st.get("compile_decode"),
-                      compile_error=st0.get("compile_error") or st.get("compile_error"),
-                      first_call_s=round(first_s, 1), graph_capture_s=round(st0.get("graph_capture_s", 0), 1))
+        self.rec.emit(
+            what=f"decode.b{B}",
+            variant=name,
+            tag=tag,
+            tok_s=round(statistics.median(rates), 1),
+            ms_per_step=round(1e3 * B / statistics.median(rates), 3),
+            rates=[round(r, 1) for r in rates],
+            tokens_equal_baseline=bool(torch.equal(toks, base)),
+            agree_prefix=prefix,
+            n=toks.shape[1],
+            cuda_graph=st.get("cuda_graph"),
+            graph_error=st.get("cuda_graph_error"),
+            decode_attention=st.get("decode_attention"),
+            compile_decode=st.get("compile_decode"),
+            compile_error=st0.get("compile_error") or st.get("compile_error"),
+            first_call_s=round(first_s, 1),
+            graph_capture_s=round(st0.get("graph_capture_s", 0), 1),
+        )
 
     def attention_check(self):
         """Each decode attention backend against float64 at the model's shapes, with a half-filled cache."""
-        from qwen25vl.impl.attention import decode_attention
+        from ..impl.attention import decode_attention
+
         cfg = self.config
         B, N, K, D, T = 1, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 1488
         g = torch.Generator().manual_seed(3)
@@ -191,8 +218,9 @@ class Perf:
         if not split_reads_all:
             kc[:, :, filled:] = float("nan")  # the split kernel must never read past n_valid
         vc[:, :, filled:] = 0
-        ref = decode_attention(q.double(), kc[:, :, :filled].double(), vc[:, :, :filled].double(),
-                               bias[:, :filled].double(), "math")
+        ref = decode_attention(
+            q.double(), kc[:, :, :filled].double(), vc[:, :, :filled].double(), bias[:, :filled].double(), "math"
+        )
         nv = torch.tensor([filled], device=self.dev)
         for be in ("sdpa", "split", "math"):
             try:
@@ -200,25 +228,34 @@ class Perf:
                 o = decode_attention(q, kk, vc, bias, be, nv)
                 err = ((o.double() - ref).abs().max() / ref.abs().max()).item()
                 us = 1e6 * self.timer.median(lambda: decode_attention(q, kk, vc, bias, be, nv), 20, warmup=0)
-                self.rec.emit(what="decode_attention.check", backend=be, rel_err=err, ok=err < 2e-2,
-                              eager_us=round(us, 1))
+                self.rec.emit(
+                    what="decode_attention.check", backend=be, rel_err=err, ok=err < 2e-2, eager_us=round(us, 1)
+                )
             except Exception as e:
                 self.rec.emit(what="decode_attention.check", backend=be, ok=False, error=f"{type(e).__name__}: {e}")
 
     def gemv_check(self):
         """impl.kernels.gemv (fused) against F.linear + the unfused ops, at the model's decode shapes."""
-        from qwen25vl.impl.kernels.gemv import gemv
+        from ..impl.kernels.gemv import gemv
+
         layer, text = self.model.text.layers[0], self.model.text
         C = self.config.hidden_size
         g = torch.Generator().manual_seed(5)
         x = torch.randn(1, C, generator=g).to(self.dev, self.dt)
         h = torch.randn(1, self.config.intermediate_size, generator=g).to(self.dev, self.dt)
         o = torch.randn(1, layer.N * layer.D, generator=g).to(self.dev, self.dt)
-        cases = {"qkv+norm+bias": (x, layer.qkv.weight, layer.qkv.bias, dict(norm_weight=layer.norm1, eps=layer.eps)),
-                 "o_proj+residual": (o, layer.o_proj.weight, None, dict(residual=x)),
-                 "gate_up+norm+swiglu": (x, layer.gate_up.weight, None, dict(norm_weight=layer.norm2, eps=layer.eps, swiglu=True)),
-                 "down+residual": (h, layer.down.weight, None, dict(residual=x)),
-                 "lm_head+norm": (x, text.lm_head.weight, None, dict(norm_weight=text.norm, eps=layer.eps))}
+        cases = {
+            "qkv+norm+bias": (x, layer.qkv.weight, layer.qkv.bias, dict(norm_weight=layer.norm1, eps=layer.eps)),
+            "o_proj+residual": (o, layer.o_proj.weight, None, dict(residual=x)),
+            "gate_up+norm+swiglu": (
+                x,
+                layer.gate_up.weight,
+                None,
+                dict(norm_weight=layer.norm2, eps=layer.eps, swiglu=True),
+            ),
+            "down+residual": (h, layer.down.weight, None, dict(residual=x)),
+            "lm_head+norm": (x, text.lm_head.weight, None, dict(norm_weight=text.norm, eps=layer.eps)),
+        }
         for name, (inp, w, b, kw) in cases.items():
             try:
                 ref = gemv(inp, w, b, use_triton=False, **kw)
@@ -229,8 +266,15 @@ class Perf:
                     res["fused_us" if tri else "unfused_us"] = round(1e6 * s, 1)
                 err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 gbs = w.numel() * w.element_size() / (res["fused_us"] * 1e-6) / 1e9
-                self.rec.emit(what="gemv.check", case=name, rel_err=err, ok=err < 3e-2, weight_gb_s=round(gbs, 1),
-                              shape=list(w.shape), **res)
+                self.rec.emit(
+                    what="gemv.check",
+                    case=name,
+                    rel_err=err,
+                    ok=err < 3e-2,
+                    weight_gb_s=round(gbs, 1),
+                    shape=list(w.shape),
+                    **res,
+                )
             except Exception as e:
                 self.rec.emit(what="gemv.check", case=name, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
 
@@ -264,8 +308,9 @@ class Perf:
     def part_profile(self):
         from torch.profiler import ProfilerActivity, profile
 
-        from qwen25vl.impl.cache import KVCache
-        from qwen25vl.impl.generate import DecodeState, _capture_graph, decode_step
+        from ..impl.cache import KVCache
+        from ..impl.generate import DecodeState, _capture_graph, decode_step
+
         m, dev, cfg = self.model, self.dev, self.config
         inputs = self.inputs1
         L = inputs["input_ids"].shape[1]
@@ -274,8 +319,9 @@ class Perf:
         with torch.inference_mode():
             cache = KVCache(cfg, 1, T, self.dt, dev)
             logits, rd = m._prefill(inputs, cache, captured={}, wanted=set(), all_logits=False)
-            st = DecodeState(m, logits.argmax(-1), torch.ones_like(inputs["input_ids"]), rd, L, steps + 2,
-                             torch.tensor([-1]), cache)
+            st = DecodeState(
+                m, logits.argmax(-1), torch.ones_like(inputs["input_ids"]), rd, L, steps + 2, torch.tensor([-1]), cache
+            )
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             for mode in ("eager", "graph", "graph fused+split"):
                 if mode.startswith("graph") and dev.type != "cuda":
@@ -294,8 +340,13 @@ class Perf:
                     wall = (time.perf_counter() - t) / 3
                 st.step.zero_()
                 top, total = kernel_table(prof)
-                self.rec.emit(what="profile.decode", mode=mode, wall_ms_per_step=round(1e3 * wall, 3),
-                              kernel_ms_per_step=round(total / 3e3, 3), top=[dict(r, us=round(r["us"] / 3, 1)) for r in top])
+                self.rec.emit(
+                    what="profile.decode",
+                    mode=mode,
+                    wall_ms_per_step=round(1e3 * wall, 3),
+                    kernel_ms_per_step=round(total / 3e3, 3),
+                    top=[dict(r, us=round(r["us"] / 3, 1)) for r in top],
+                )
                 self.rec.profile_text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", prof)
 
     # -- vision ---------------------------------------------------------------------------------
@@ -306,15 +357,20 @@ class Perf:
         variants = [("auto", "auto", None), ("auto+geometry_cache", "auto", "cache")]
         if dev.type == "cuda":
             from torch.nn.attention import SDPBackend
-            variants += [("dense+flash", "dense", SDPBackend.FLASH_ATTENTION),
-                         ("dense+efficient", "dense", SDPBackend.EFFICIENT_ATTENTION),
-                         ("dense+cudnn", "dense", SDPBackend.CUDNN_ATTENTION), ("varlen", "varlen", None)]
+
+            variants += [
+                ("dense+flash", "dense", SDPBackend.FLASH_ATTENTION),
+                ("dense+efficient", "dense", SDPBackend.EFFICIENT_ATTENTION),
+                ("dense+cudnn", "dense", SDPBackend.CUDNN_ATTENTION),
+                ("varlen", "varlen", None),
+            ]
         else:
             variants += [("dense", "dense", None), ("blockmask", "blockmask", None)]
         base = None
         for name, backend, kernel in variants:
             try:
                 from torch.nn.attention import sdpa_kernel
+
                 ctx = sdpa_kernel([kernel]) if kernel not in (None, "cache") else contextlib.nullcontext()
                 m.visual.geometry_cache = {} if kernel == "cache" else None
                 with torch.inference_mode(), ctx:
@@ -323,15 +379,22 @@ class Perf:
                 if base is None:
                     base = out
                 err = ((out.float() - base.float()).abs().max() / base.float().abs().max()).item()
-                self.rec.emit(what="vision", variant=name, ms=round(1e3 * statistics.median(ts), 2),
-                              min_ms=round(1e3 * min(ts), 2), backend=label, rel_diff_vs_auto=err,
-                              patches=int(grid.prod()))
+                self.rec.emit(
+                    what="vision",
+                    variant=name,
+                    ms=round(1e3 * statistics.median(ts), 2),
+                    min_ms=round(1e3 * min(ts), 2),
+                    backend=label,
+                    rel_diff_vs_auto=err,
+                    patches=int(grid.prod()),
+                )
             except Exception as e:
                 traceback.print_exc()
                 self.rec.emit(what="vision", variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
         m.visual.geometry_cache = None
         # where the time goes (before pad_mlp, so the profile is the baseline's): kernels vs wall (host-bound if wall >> kernel total)
         from torch.profiler import ProfilerActivity, profile
+
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with torch.inference_mode():
             with profile(activities=acts) as prof:
@@ -347,21 +410,32 @@ class Perf:
             out, label = m.visual(pv, grid, "auto")
             ts = self.timer.times(lambda: m.visual(pv, grid, "auto"), self.a.vision_reps, warmup=0)
         err = ((out.float() - base.float()).abs().max() / base.float().abs().max()).item()
-        self.rec.emit(what="vision", variant=f"auto+pad_mlp{width}", ms=round(1e3 * statistics.median(ts), 2),
-                      min_ms=round(1e3 * min(ts), 2), backend=label, rel_diff_vs_auto=err, patches=int(grid.prod()))
+        self.rec.emit(
+            what="vision",
+            variant=f"auto+pad_mlp{width}",
+            ms=round(1e3 * statistics.median(ts), 2),
+            min_ms=round(1e3 * min(ts), 2),
+            backend=label,
+            rel_diff_vs_auto=err,
+            patches=int(grid.prod()),
+        )
         self.rec.profile_text("profile_vision.txt", prof)
 
     # -- int4 -------------------------------------------------------------------------------------
     def part_int4(self):
-        from qwen25vl.impl.model import Qwen25VL
-        from qwen25vl.impl.quant import linear_weight_bytes
+        from ..impl.model import Qwen25VL
+        from ..impl.quant import linear_weight_bytes
+
         names = ("sdpa", "split", "fused+split")
         for name in names:
             self.decode_variant(name, DECODE_VARIANTS[name], reps=1, tag="bf16")
         bf_bytes = linear_weight_bytes(self.model)
         q = Qwen25VL.from_params(self.config, self.params, dtype=self.dt, device=self.dev, quantize="int4")
-        self.rec.emit(what="int4.setup", linear_bytes_ratio=linear_weight_bytes(q) / bf_bytes,
-                      fallback_layers=len(q.quant_report["fallback"]))
+        self.rec.emit(
+            what="int4.setup",
+            linear_bytes_ratio=linear_weight_bytes(q) / bf_bytes,
+            fallback_layers=len(q.quant_report["fallback"]),
+        )
         for name in names:
             self.decode_variant(name, DECODE_VARIANTS[name], reps=1, model=q, tag="int4")
 
@@ -370,20 +444,30 @@ class Perf:
         for r in self.rec.records:
             w = r.get("what", "")
             if "error" in r:
-                rows.append(f"| {w or r.get('part')} | {r.get('variant', r.get('backend', ''))} | ERROR | {r['error'][:120]} |")
+                rows.append(
+                    f"| {w or r.get('part')} | {r.get('variant', r.get('backend', ''))} | ERROR | {r['error'][:120]} |"
+                )
             elif w.startswith("decode.b"):
                 chk = "tokens equal" if r["tokens_equal_baseline"] else f"agree {r['agree_prefix']}/{r['n']}"
-                rows.append(f"| {w} {r['tag']} | {r['variant']} | {r['tok_s']} tok/s ({r['ms_per_step']} ms/step) | {chk} |")
+                rows.append(
+                    f"| {w} {r['tag']} | {r['variant']} | {r['tok_s']} tok/s ({r['ms_per_step']} ms/step) | {chk} |"
+                )
             elif w == "decode_attention.check":
-                rows.append(f"| attention op | {r['backend']} | {r['eager_us']} us eager | rel err {r['rel_err']:.2e} |")
+                rows.append(
+                    f"| attention op | {r['backend']} | {r['eager_us']} us eager | rel err {r['rel_err']:.2e} |"
+                )
             elif w == "gemv.check":
-                rows.append(f"| gemv op | {r['case']} | fused {r['fused_us']} us ({r['weight_gb_s']} GB/s), unfused {r['unfused_us']} us | rel err {r['rel_err']:.2e} |")
+                rows.append(
+                    f"| gemv op | {r['case']} | fused {r['fused_us']} us ({r['weight_gb_s']} GB/s), unfused {r['unfused_us']} us | rel err {r['rel_err']:.2e} |"
+                )
             elif w == "vision":
                 rows.append(f"| vision | {r['variant']} | {r['ms']} ms | rel diff {r['rel_diff_vs_auto']:.2e} |")
             elif w.startswith("profile."):
                 k = r.get("kernel_ms_per_step", r.get("kernel_ms"))
                 wall = r.get("wall_ms_per_step", r.get("wall_ms"))
-                rows.append(f"| {w} | {r.get('mode', '')} | kernels {k} ms, wall {wall} ms | top: {r['top'][0]['name'][:60] if r['top'] else '-'} |")
+                rows.append(
+                    f"| {w} | {r.get('mode', '')} | kernels {k} ms, wall {wall} ms | top: {r['top'][0]['name'][:60] if r['top'] else '-'} |"
+                )
         body = "\n".join(rows) + "\n"
         self.rec.text("summary.md", body)
         if not quiet:
@@ -399,8 +483,11 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="3b", choices=("3b", "7b", "cpu", "tiny"))
     p.add_argument("--out", required=True)
     p.add_argument("--parts", default="decode,profile,vision,b8,compile")
-    p.add_argument("--variants", default="sdpa,split,fused+split,fused,math,compile+split,compile+sdpa",
-                   help=f"decode variants, the first is the baseline; from {','.join(DECODE_VARIANTS)}")
+    p.add_argument(
+        "--variants",
+        default="sdpa,split,fused+split,fused,math,compile+split,compile+sdpa",
+        help=f"decode variants, the first is the baseline; from {','.join(DECODE_VARIANTS)}",
+    )
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--vision-reps", type=int, default=5)
     p.add_argument("--variant-limit", type=int, default=30, help="seconds per eager decode variant")
@@ -418,8 +505,10 @@ def main(argv=None) -> int:
     perf = Perf(a)
     for x in parts:
         n_compiled = sum(map(_compiled, a.variants))
-        limit = {"decode": a.variant_limit * (len(a.variants) - n_compiled + 1),
-                 "compile": a.variant_limit + a.compile_limit * max(n_compiled, 1)}.get(x, a.part_limit)
+        limit = {
+            "decode": a.variant_limit * (len(a.variants) - n_compiled + 1),
+            "compile": a.variant_limit + a.compile_limit * max(n_compiled, 1),
+        }.get(x, a.part_limit)
         perf.rec.part(x, limit, getattr(perf, f"part_{x}"))
         gc.collect()
         perf.summary(quiet=True)  # after every part: a step killed from outside still leaves its table

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qwen25vl.spec.checkpoint import expected_shapes, to_v5_key
-from qwen25vl.spec.config import Qwen25VLConfig, VisionConfig
+from ..spec.checkpoint import expected_shapes, to_v5_key
+from ..spec.config import Qwen25VLConfig, VisionConfig
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "qwen2_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json")
@@ -35,14 +35,29 @@ MODEL_CONFIG_FILES = ("preprocessor_config.json", "generation_config.json")
 def tiny_config(*, tied: bool = False) -> Qwen25VLConfig:
     """The tiny config every test uses: real vocabulary, 2 text layers, 4 vision blocks, width 32."""
     return Qwen25VLConfig(
-        vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1,  # GQA: 2 query heads share one kv head
+        vocab_size=152064,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,  # GQA: 2 query heads share one kv head
         mrope_section=(2, 3, 3),  # head_dim 16 -> 8 frequencies
-        rope_theta=1_000_000.0, tie_word_embeddings=tied,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=tied,
         vision=VisionConfig(
-            depth=4, hidden_size=32, num_heads=2, intermediate_size=48,
-            fullatt_block_indexes=(1, 3), window_size=112, patch_size=14, spatial_merge_size=2,
-            temporal_patch_size=2, out_hidden_size=32, tokens_per_second=2))
+            depth=4,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=48,
+            fullatt_block_indexes=(1, 3),
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=32,
+            tokens_per_second=2,
+        ),
+    )
 
 
 def _init_std(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
@@ -69,9 +84,14 @@ def _key_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
 
 
-def make_random_params(config: Qwen25VLConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                       *, device: str | torch.device = "cpu", prefixes: tuple[str, ...] | None = None
-                       ) -> dict[str, torch.Tensor]:
+def make_random_params(
+    config: Qwen25VLConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    device: str | torch.device = "cpu",
+    prefixes: tuple[str, ...] | None = None,
+) -> dict[str, torch.Tensor]:
     """Random params (hub names, `expected_shapes(config)` order) for any config, deterministic in seed.
 
     Drawn in float32 from one torch.Generator on `device`, then cast to dtype; with
@@ -105,9 +125,16 @@ def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
     return raw
 
 
-def make_tiny_checkpoint(folder: str | os.PathLike, *, seed: int = 0, tied: bool = False, layout: str = "hub",
-                         dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
-                         config: Qwen25VLConfig | None = None) -> Path:
+def make_tiny_checkpoint(
+    folder: str | os.PathLike,
+    *,
+    seed: int = 0,
+    tied: bool = False,
+    layout: str = "hub",
+    dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
+    config: Qwen25VLConfig | None = None,
+) -> Path:
     """Write a checkpoint folder and return its path.
 
     layout "hub" stores visual.* / model.* / lm_head.weight; "v5" stores transformers v5 in-memory
@@ -165,7 +192,9 @@ def make_tiny_checkpoint(folder: str | os.PathLike, *, seed: int = 0, tied: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwen25vl.tools.make_tiny_checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m qwen25vl.tools.make_tiny_checkpoint", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
     parser.add_argument("--tied", action="store_true", help="tie_word_embeddings (lm_head not stored)")
     parser.add_argument("--layout", choices=("hub", "v5"), default="hub", help="tensor key names (default hub)")
@@ -174,8 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
     try:
-        path = make_tiny_checkpoint(args.out_dir, seed=args.seed, tied=args.tied, layout=args.layout,
-                                    dtype=getattr(torch, args.dtype), overwrite=args.overwrite)
+        path = make_tiny_checkpoint(
+            args.out_dir,
+            seed=args.seed,
+            tied=args.tied,
+            layout=args.layout,
+            dtype=getattr(torch, args.dtype),
+            overwrite=args.overwrite,
+        )
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

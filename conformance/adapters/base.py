@@ -165,8 +165,9 @@ def _ints(x):
 
 
 def _smart_resize(a, it, _):
-    h, w = a.smart_resize(it["height"], it["width"], factor=it["factor"], min_pixels=it["min_pixels"],
-                          max_pixels=it["max_pixels"])
+    h, w = a.smart_resize(
+        it["height"], it["width"], factor=it["factor"], min_pixels=it["min_pixels"], max_pixels=it["max_pixels"]
+    )
     return [int(h), int(w)]
 
 
@@ -175,13 +176,25 @@ def _resize_bicubic(a, it, _):
 
 
 def _frames(a, it, _):
-    return _ints(a.sample_frame_indices(it["total_frames"], it["video_fps"], fps=it["fps"], min_frames=it["min_frames"],
-                                        max_frames=it["max_frames"], nframes=it["nframes"]))
+    return _ints(
+        a.sample_frame_indices(
+            it["total_frames"],
+            it["video_fps"],
+            fps=it["fps"],
+            min_frames=it["min_frames"],
+            max_frames=it["max_frames"],
+            nframes=it["nframes"],
+        )
+    )
 
 
 def _patchify(a, it, _):
-    pv, grid = a.patchify(it["frames"], patch_size=it["patch_size"], temporal_patch_size=it["temporal_patch_size"],
-                          merge_size=it["merge_size"])
+    pv, grid = a.patchify(
+        it["frames"],
+        patch_size=it["patch_size"],
+        temporal_patch_size=it["temporal_patch_size"],
+        merge_size=it["merge_size"],
+    )
     return {"pixel_values": _np(pv), "grid_thw": _np(grid).tolist()}
 
 
@@ -195,19 +208,24 @@ def _rotary(a, it, _):
 
 
 def _windows(a, it, _):
-    wi, cw, cu = a.window_partition(_grid(it["grid_thw"]), window_size=it["window_size"], patch_size=it["patch_size"],
-                                    merge_size=it["merge_size"])
+    wi, cw, cu = a.window_partition(
+        _grid(it["grid_thw"]), window_size=it["window_size"], patch_size=it["patch_size"], merge_size=it["merge_size"]
+    )
     return {"window_index": _np(wi), "cu_window_seqlens": _ints(cw), "cu_seqlens": _ints(cu)}
 
 
 def _chat(a, it, _):
-    return a.render_chat(it["messages"], add_generation_prompt=it["add_generation_prompt"],
-                         add_vision_id=it["add_vision_id"])
+    return a.render_chat(
+        it["messages"], add_generation_prompt=it["add_generation_prompt"], add_vision_id=it["add_vision_id"]
+    )
 
 
 def _expand(a, it, _):
-    return list(a.expand_vision_tokens(it["texts"], _grid(it["image_grid_thw"]), _grid(it["video_grid_thw"]),
-                                       merge_size=it["merge_size"]))
+    return list(
+        a.expand_vision_tokens(
+            it["texts"], _grid(it["image_grid_thw"]), _grid(it["video_grid_thw"]), merge_size=it["merge_size"]
+        )
+    )
 
 
 def _tokenize(a, it, tokenizer_dir):
@@ -216,9 +234,14 @@ def _tokenize(a, it, tokenizer_dir):
 
 def _rope_index(a, it, _):
     spg = it["second_per_grid_ts"]
-    pos, deltas = a.rope_index(_t(it["input_ids"]), _grid(it["image_grid_thw"]), _grid(it["video_grid_thw"]),
-                               None if spg is None else torch.tensor(spg, dtype=torch.float64),
-                               _t(it["attention_mask"]), config=it["config"])
+    pos, deltas = a.rope_index(
+        _t(it["input_ids"]),
+        _grid(it["image_grid_thw"]),
+        _grid(it["video_grid_thw"]),
+        None if spg is None else torch.tensor(spg, dtype=torch.float64),
+        _t(it["attention_mask"]),
+        config=it["config"],
+    )
     return {"position_ids": _np(pos), "rope_deltas": _np(deltas)}
 
 
@@ -227,8 +250,9 @@ def _decode(a, it, _):
 
 
 def _cos_sin(a, it, _):
-    cos, sin = a.mrope_cos_sin(_t(it["position_ids"]), head_dim=it["head_dim"], theta=it["theta"],
-                               mrope_section=tuple(it["mrope_section"]))
+    cos, sin = a.mrope_cos_sin(
+        _t(it["position_ids"]), head_dim=it["head_dim"], theta=it["theta"], mrope_section=tuple(it["mrope_section"])
+    )
     return {"cos": _np(cos), "sin": _np(sin)}
 
 

@@ -47,8 +47,12 @@ class FilesAdapter(Adapter):
         self._outputs: dict | None = None
 
     def describe(self) -> dict:
-        return {"name": self.meta.get("name", f"files:{self.folder}"), "version": self.meta.get("version", ""),
-                "dtype": self.dtype, "device": self.meta.get("device", "n/a")}
+        return {
+            "name": self.meta.get("name", f"files:{self.folder}"),
+            "version": self.meta.get("version", ""),
+            "dtype": self.dtype,
+            "device": self.meta.get("device", "n/a"),
+        }
 
     def begin_case(self, case) -> None:
         self.case_dir = self.folder / case.name
@@ -74,11 +78,11 @@ class FilesAdapter(Adapter):
     def run_items(self, stage, items, *, tokenizer_dir=None):
         got = self._json(f"{stage}.json")
         if not isinstance(got, dict) or "items" not in got:
-            raise ValueError(f"{self.case_dir / (stage + '.json')} must hold {{\"items\": [...]}}")
+            raise ValueError(f'{self.case_dir / (stage + ".json")} must hold {{"items": [...]}}')
         return got["items"]
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
-        out = {k[len("preprocess."):]: v for k, v in self.outputs().items() if k.startswith("preprocess.")}
+        out = {k[len("preprocess.") :]: v for k, v in self.outputs().items() if k.startswith("preprocess.")}
         if not out:
             raise NotCovered("outputs.safetensors holds no preprocess.* keys")
         return out
@@ -106,6 +110,7 @@ def _inputs_only(obj, tensors: dict, used: dict):
 def export_inputs(case_paths, out: str | Path) -> list[str]:
     """Write the inputs of every case under `out` (layout in the module docstring); returns the case names."""
     from ..fixtures import dump_json, load_case
+
     out = Path(out)
     names = []
     for path in case_paths:
@@ -116,8 +121,12 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-        info = {"case": case.name, "kind": case.kind, "stages": list(case.stages),
-                "description": case.manifest.get("description", "")}
+        info = {
+            "case": case.name,
+            "kind": case.kind,
+            "stages": list(case.stages),
+            "description": case.manifest.get("description", ""),
+        }
         if case.checkpoint():
             info["checkpoint"] = str(case.checkpoint())
         if case.manifest.get("tokenizer"):
@@ -126,8 +135,10 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
             used: dict = {}
             for stage, entry in case.stages.items():
                 tensors = case.tensors(entry["tensors"]) if entry.get("tensors") else {}
-                items = [{"label": it.get("label", ""), "inputs": _inputs_only(it["inputs"], tensors, used)}
-                         for it in case.json(entry["items"])["items"]]
+                items = [
+                    {"label": it.get("label", ""), "inputs": _inputs_only(it["inputs"], tensors, used)}
+                    for it in case.json(entry["items"])["items"]
+                ]
                 (d / f"{stage}.inputs.json").write_bytes(dump_json({"items": items}))
             if used:
                 save_file({k: v.contiguous() for k, v in used.items()}, str(d / "inputs.safetensors"))

@@ -18,7 +18,7 @@ from .spec import SpecAdapter, torch_dtype
 
 def _impl():
     try:
-        from qwen25vl.impl import model
+        from ...impl import model
     except ImportError as e:
         raise NotCovered(f"qwen25vl.impl is not importable: {e}") from None
     return model
@@ -44,15 +44,21 @@ class ImplAdapter(SpecAdapter):
         return super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
 
     def describe(self) -> dict:
-        return {"name": "impl", "version": "qwen25vl.impl", "dtype": self.dtype, "device": self.device,
-                "attention": self.attention}
+        return {
+            "name": "impl",
+            "version": "qwen25vl.impl",
+            "dtype": self.dtype,
+            "device": self.device,
+            "attention": self.attention,
+        }
 
     def prepare(self, checkpoint, *, dtype, device):
         m = _impl()
         if not hasattr(m, "Qwen25VL") or not hasattr(m.Qwen25VL, "from_pretrained"):
             raise NotCovered("qwen25vl.impl has no Qwen25VL.from_pretrained")
-        self.model = m.Qwen25VL.from_pretrained(checkpoint, dtype=torch_dtype(self.dtype), device=self.device,
-                                                attention=self.attention)
+        self.model = m.Qwen25VL.from_pretrained(
+            checkpoint, dtype=torch_dtype(self.dtype), device=self.device, attention=self.attention
+        )
         self.config = self.model.config
 
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
@@ -60,6 +66,7 @@ class ImplAdapter(SpecAdapter):
         if not hasattr(m, "mrope_half_tables"):
             raise NotCovered("impl has no mrope_half_tables")
         from types import SimpleNamespace
+
         cfg = SimpleNamespace(head_dim=head_dim, rope_theta=theta, mrope_section=tuple(mrope_section))
         cos, sin = m.mrope_half_tables(position_ids, cfg, torch.device("cpu"))  # [B*L, D/2] float32
         _, B, L = position_ids.shape
@@ -90,10 +97,15 @@ class ImplAdapter(SpecAdapter):
                 i = int(stage.rsplit(".", 1)[1])
                 grid = torch.cat([feeds[k] for k in ("image_grid_thw", "video_grid_thw") if feeds.get(k) is not None])
                 m2 = v.spatial_merge_size**2
-                wi, cu_w, cu = m.window_partition(grid, window_size=v.window_size, patch_size=v.patch_size,
-                                                  merge_size=v.spatial_merge_size)
-                cos, sin = m.vision_rotary_cos_sin(m.vision_rotary_positions(grid, v.spatial_merge_size), v.head_dim,
-                                                   m.VISION_ROPE_THETA, dtype=torch.float32)
+                wi, cu_w, cu = m.window_partition(
+                    grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
+                )
+                cos, sin = m.vision_rotary_cos_sin(
+                    m.vision_rotary_positions(grid, v.spatial_merge_size),
+                    v.head_dim,
+                    m.VISION_ROPE_THETA,
+                    dtype=torch.float32,
+                )
                 perm = (wi[:, None] * m2 + torch.arange(m2)).reshape(-1).to(dev)
                 half = v.head_dim // 2
                 cos, sin = (t[:, :half].to(dev).index_select(0, perm).contiguous() for t in (cos, sin))
@@ -103,7 +115,9 @@ class ImplAdapter(SpecAdapter):
                     out = model.visual.blocks[i](hidden.index_select(0, perm), cos, sin, plan)
                 return out.index_select(0, torch.argsort(perm)).cpu()
             if stage == "vision.patch_embed":
-                pixels = torch.cat([feeds[k] for k in ("pixel_values", "pixel_values_videos") if feeds.get(k) is not None])
+                pixels = torch.cat(
+                    [feeds[k] for k in ("pixel_values", "pixel_values_videos") if feeds.get(k) is not None]
+                )
                 with torch.inference_mode():
                     return model.visual.patch_embed(pixels.to(device=dev, dtype=dt)).cpu()
             if stage == "vision.merger":  # rows in pixel_values order already group each merge block

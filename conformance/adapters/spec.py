@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from qwen25vl.spec import chat, image, mrope, patches, resize, text, tokens, video, vision, windows
-from qwen25vl.spec.checkpoint import load_checkpoint
-from qwen25vl.spec.config import Qwen25VLConfig
-from qwen25vl.spec.forward import forward
-from qwen25vl.spec.generate import generate_greedy
-
+from ...spec import chat, image, mrope, patches, resize, text, tokens, video, vision, windows
+from ...spec.checkpoint import load_checkpoint
+from ...spec.config import Qwen25VLConfig
+from ...spec.forward import forward
+from ...spec.generate import generate_greedy
 from .base import Adapter
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +46,9 @@ class SpecAdapter(Adapter):
         return config
 
     def rope_rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
-        return mrope.rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-                                config=config)
+        return mrope.rope_index(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=config
+        )
 
     def tokenizer(self, folder: str):
         if folder not in self._tokenizers:
@@ -63,12 +63,14 @@ class SpecAdapter(Adapter):
         return resize.resize_bicubic(image_, size)
 
     def sample_frame_indices(self, total_frames, video_fps, *, fps, min_frames, max_frames, nframes):
-        return video.sample_frame_indices(total_frames, video_fps, fps=fps, min_frames=min_frames,
-                                          max_frames=max_frames, nframes=nframes)
+        return video.sample_frame_indices(
+            total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
+        )
 
     def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
-        return patches.patchify(frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size,
-                                merge_size=merge_size)
+        return patches.patchify(
+            frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
+        )
 
     def preprocess_image(self, image_, *, min_pixels, max_pixels):
         return image.preprocess_image(image_, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -77,8 +79,7 @@ class SpecAdapter(Adapter):
         return windows.vision_rotary_positions(grid_thw, merge_size)
 
     def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
-        return windows.window_partition(grid_thw, window_size=window_size, patch_size=patch_size,
-                                        merge_size=merge_size)
+        return windows.window_partition(grid_thw, window_size=window_size, patch_size=patch_size, merge_size=merge_size)
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
         return chat.render_chat(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
@@ -91,15 +92,15 @@ class SpecAdapter(Adapter):
 
     def rope_index(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
         cfg = Qwen25VLConfig.from_dict(config) if isinstance(config, dict) else config
-        return self.rope_rule(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-                              config=cfg)
+        return self.rope_rule(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=cfg)
 
     def decode_positions(self, rope_deltas, start, steps):
         return mrope.decode_positions(rope_deltas, start, steps)
 
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
-        return mrope.mrope_cos_sin(position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section,
-                                   dtype=torch.float64)
+        return mrope.mrope_cos_sin(
+            position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=torch.float64
+        )
 
     # ---- the model
     def prepare(self, checkpoint, *, dtype, device):
@@ -111,22 +112,30 @@ class SpecAdapter(Adapter):
         vopts = dict(options.get("video_options", {}))
         if videos and "fps" in videos[0]:
             vopts.setdefault("fps", videos[0]["fps"])
-        return tokens.build_inputs(conversations, images or None, frames, self.tokenizer(tokenizer_dir),
-                                   min_pixels=options.get("min_pixels"), max_pixels=options.get("max_pixels"),
-                                   video_options=vopts)
+        return tokens.build_inputs(
+            conversations,
+            images or None,
+            frames,
+            self.tokenizer(tokenizer_dir),
+            min_pixels=options.get("min_pixels"),
+            max_pixels=options.get("max_pixels"),
+            video_options=vopts,
+        )
 
     def _inputs(self, inputs: dict) -> dict:
         return {k: v for k, v in inputs.items() if v is not None}
 
     def run(self, inputs, *, capture):
-        _, captured = forward(self.params, self.config, self._inputs(inputs), capture=list(capture),
-                              rope_rule=self.rope_rule)
+        _, captured = forward(
+            self.params, self.config, self._inputs(inputs), capture=list(capture), rope_rule=self.rope_rule
+        )
         return captured
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         inputs = self._inputs(inputs)
-        new = generate_greedy(self.params, self.config, inputs, max_new_tokens, eos_token_id=eos_token_id,
-                              rope_rule=self.rope_rule)
+        new = generate_greedy(
+            self.params, self.config, inputs, max_new_tokens, eos_token_id=eos_token_id, rope_rule=self.rope_rule
+        )
         return new, self.step_topk(inputs, new)
 
     def step_topk(self, inputs: dict, new: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -135,11 +144,13 @@ class SpecAdapter(Adapter):
         cached decode up to rounding)."""
         B, L = inputs["input_ids"].shape
         ids = torch.cat([inputs["input_ids"], new], dim=1)
-        mask = torch.cat([inputs.get("attention_mask", torch.ones(B, L, dtype=torch.int64)),
-                          torch.ones_like(new)], dim=1)
-        logits, _ = forward(self.params, self.config, {**inputs, "input_ids": ids, "attention_mask": mask},
-                            rope_rule=self.rope_rule)
-        return logits[:, L - 1:L - 1 + new.shape[1]].topk(k, dim=-1).indices
+        mask = torch.cat(
+            [inputs.get("attention_mask", torch.ones(B, L, dtype=torch.int64)), torch.ones_like(new)], dim=1
+        )
+        logits, _ = forward(
+            self.params, self.config, {**inputs, "input_ids": ids, "attention_mask": mask}, rope_rule=self.rope_rule
+        )
+        return logits[:, L - 1 : L - 1 + new.shape[1]].topk(k, dim=-1).indices
 
     def run_stage(self, stage, feeds):
         cfg, params = self.config, self.params
@@ -157,10 +168,12 @@ class SpecAdapter(Adapter):
             m2 = v.spatial_merge_size**2
             positions = windows.vision_rotary_positions(grid, v.spatial_merge_size)
             # through spec.vision's own name, so a subclass that patches the model's rotary patches this too
-            cos, sin = vision.vision_rotary_cos_sin(positions, v.head_dim, vision.VISION_ROPE_THETA,
-                                                    dtype=vision._work_dtype(dtype))
-            wi, cu_w, cu = windows.window_partition(grid, window_size=v.window_size, patch_size=v.patch_size,
-                                                    merge_size=v.spatial_merge_size)
+            cos, sin = vision.vision_rotary_cos_sin(
+                positions, v.head_dim, vision.VISION_ROPE_THETA, dtype=vision._work_dtype(dtype)
+            )
+            wi, cu_w, cu = windows.window_partition(
+                grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
+            )
             order = (wi[:, None] * m2 + torch.arange(m2)).reshape(-1)
             seg = cu if i in v.fullatt_block_indexes else cu_w
             out = vision.vision_block(params, cfg, i, hidden[order], cos[order], sin[order], seg)
@@ -169,15 +182,23 @@ class SpecAdapter(Adapter):
             return vision.patch_merger(params, cfg, hidden)
         if stage == "text.inputs_embeds":
             ids = feeds["input_ids"]
-            n_img = 0 if feeds.get("image_grid_thw") is None else \
-                int(feeds["image_grid_thw"].prod(-1).sum()) // v.spatial_merge_size**2
+            n_img = (
+                0
+                if feeds.get("image_grid_thw") is None
+                else int(feeds["image_grid_thw"].prod(-1).sum()) // v.spatial_merge_size**2
+            )
             img = hidden[:n_img] if feeds.get("image_grid_thw") is not None else None
             vid = hidden[n_img:] if feeds.get("video_grid_thw") is not None else None
             return text.scatter_vision_features(text.embed(params, ids), ids, img, vid, cfg)
         if stage.startswith("text.layer."):
             i = int(stage.rsplit(".", 1)[1])
-            cos, sin = mrope.mrope_cos_sin(feeds["position_ids"], head_dim=cfg.head_dim, theta=cfg.rope_theta,
-                                           mrope_section=cfg.mrope_section, dtype=torch.float64)
+            cos, sin = mrope.mrope_cos_sin(
+                feeds["position_ids"],
+                head_dim=cfg.head_dim,
+                theta=cfg.rope_theta,
+                mrope_section=cfg.mrope_section,
+                dtype=torch.float64,
+            )
             mask = feeds.get("attention_mask")
             mask = torch.ones_like(feeds["input_ids"]) if mask is None else mask
             return text.decoder_layer(params, cfg, i, hidden, cos.to(dtype), sin.to(dtype), mask)[0]

@@ -36,14 +36,20 @@ class TransformersAdapter(Adapter):
 
     def __init__(self, dtype: str = "float32", device: str = "cpu"):
         import transformers
+
         self.tf = transformers
         self.dtype, self.device = str(dtype), device
         self.model = None
         self._processors: dict = {}
 
     def describe(self) -> dict:
-        return {"name": "transformers", "version": self.tf.__version__, "dtype": self.dtype, "device": self.device,
-                "attention": "eager"}
+        return {
+            "name": "transformers",
+            "version": self.tf.__version__,
+            "dtype": self.dtype,
+            "device": self.device,
+            "attention": "eager",
+        }
 
     def processor(self, folder: str):
         """The Qwen2.5-VL processor on the PIL image path. AutoProcessor also builds the video processor,
@@ -51,13 +57,18 @@ class TransformersAdapter(Adapter):
         processor and tokenizer instead, and video preprocessing is not covered."""
         if folder not in self._processors:
             import json
+
             from transformers import AutoTokenizer, Qwen2_5_VLProcessor
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
             tok = AutoTokenizer.from_pretrained(folder)
             tok.padding_side = "left"
             proc = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
-            proc.image_processor, proc.tokenizer, proc.video_processor = \
-                Qwen2VLImageProcessorPil.from_pretrained(folder), tok, None
+            proc.image_processor, proc.tokenizer, proc.video_processor = (
+                Qwen2VLImageProcessorPil.from_pretrained(folder),
+                tok,
+                None,
+            )
             proc.chat_template = json.loads((Path(folder) / "chat_template.json").read_text())["chat_template"]
             proc.image_token, proc.video_token = "<|image_pad|>", "<|video_pad|>"
             proc.image_token_id = tok.convert_tokens_to_ids(proc.image_token)
@@ -68,10 +79,12 @@ class TransformersAdapter(Adapter):
     # ---- exact-stage functions
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
         return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def resize_bicubic(self, image, size):
         from PIL import Image  # the PIL processor path: Image.resize with BICUBIC
+
         return np.asarray(Image.fromarray(np.asarray(image)).resize((size[1], size[0]), Image.Resampling.BICUBIC))
 
     def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
@@ -80,12 +93,19 @@ class TransformersAdapter(Adapter):
         if frames.shape[0] != 1:
             raise NotCovered("patchify of several frames is in transformers' video processor (needs torchvision)")
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        pv, gh, gw = Qwen2VLImageProcessorPil.patchify(None, frames[0].numpy(), patch_size=patch_size,
-                                                       merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+
+        pv, gh, gw = Qwen2VLImageProcessorPil.patchify(
+            None,
+            frames[0].numpy(),
+            patch_size=patch_size,
+            merge_size=merge_size,
+            temporal_patch_size=temporal_patch_size,
+        )
         return torch.from_numpy(np.array(pv)), torch.tensor([[1, gh, gw]])
 
     def preprocess_image(self, image, *, min_pixels, max_pixels):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
         key = ("image", min_pixels, max_pixels)
         if key not in self._processors:
             self._processors[key] = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -94,30 +114,42 @@ class TransformersAdapter(Adapter):
 
     def vision_rotary_positions(self, grid_thw, *, merge_size):
         from transformers.vision_utils import get_vision_position_ids
+
         return get_vision_position_ids(torch.as_tensor(grid_thw), merge_size)
 
     def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
         from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+
         grid = torch.as_tensor(grid_thw)
-        wi, cw = get_vision_window_index(grid, spatial_merge_size=merge_size, window_size=window_size,
-                                         patch_size=patch_size)
+        wi, cw = get_vision_window_index(
+            grid, spatial_merge_size=merge_size, window_size=window_size, patch_size=patch_size
+        )
         return wi, cw.long(), get_vision_cu_seqlens(grid).long()
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
         proc = self.processor(str(TINY))
-        return proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                        add_vision_id=add_vision_id)
+        return proc.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
+        )
 
     def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
         """The processor's own placeholder expansion (replace_*_token + get_text_with_replacements)."""
         proc = self.processor(str(TINY))
-        imgs = [] if image_grid_thw is None else [
-            proc.replace_image_token({"image_grid_thw": image_grid_thw}, i) for i in range(len(image_grid_thw))]
+        imgs = (
+            []
+            if image_grid_thw is None
+            else [proc.replace_image_token({"image_grid_thw": image_grid_thw}, i) for i in range(len(image_grid_thw))]
+        )
         saved = proc.video_processor
         proc.video_processor = types.SimpleNamespace(merge_size=merge_size)  # replace_video_token reads only this
         try:
-            vids = [] if video_grid_thw is None else [
-                proc.replace_video_token({"video_grid_thw": video_grid_thw}, i) for i in range(len(video_grid_thw))]
+            vids = (
+                []
+                if video_grid_thw is None
+                else [
+                    proc.replace_video_token({"video_grid_thw": video_grid_thw}, i) for i in range(len(video_grid_thw))
+                ]
+            )
         finally:
             proc.video_processor = saved
         return proc.get_text_with_replacements(list(texts), imgs, vids)[0]
@@ -128,14 +160,20 @@ class TransformersAdapter(Adapter):
     def rope_index(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
         from transformers import Qwen2_5_VLConfig
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
         cfg = Qwen2_5_VLConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
         host = types.SimpleNamespace(config=cfg)  # get_rope_index reads only self.config and this helper
         host.get_vision_position_ids = types.MethodType(Qwen2_5_VLModel.get_vision_position_ids, host)
         types_ = _token_types(input_ids, config["image_token_id"], config["video_token_id"])
-        pos, deltas = Qwen2_5_VLModel.get_rope_index(host, input_ids, types_, image_grid_thw=image_grid_thw,
-                                                     video_grid_thw=video_grid_thw,
-                                                     second_per_grid_ts=second_per_grid_ts,
-                                                     attention_mask=attention_mask)
+        pos, deltas = Qwen2_5_VLModel.get_rope_index(
+            host,
+            input_ids,
+            types_,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts,
+            attention_mask=attention_mask,
+        )
         return pos, self._canonical_deltas(deltas, attention_mask, input_ids.shape[1])
 
     @staticmethod
@@ -152,22 +190,33 @@ class TransformersAdapter(Adapter):
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
         from transformers import Qwen2_5_VLTextConfig
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
         N = 2
-        cfg = Qwen2_5_VLTextConfig(hidden_size=head_dim * N, num_attention_heads=N, num_key_value_heads=N,
-                                   rope_parameters={"rope_type": "default", "rope_theta": theta,
-                                                    "mrope_section": list(mrope_section)})
+        cfg = Qwen2_5_VLTextConfig(
+            hidden_size=head_dim * N,
+            num_attention_heads=N,
+            num_key_value_heads=N,
+            rope_parameters={"rope_type": "default", "rope_theta": theta, "mrope_section": list(mrope_section)},
+        )
         emb = Qwen2_5_VLRotaryEmbedding(cfg)
         return emb(torch.zeros(1, dtype=torch.float32), position_ids)  # sectioned [B, L, D] float32 since 5.x
 
     # ---- the model
     def prepare(self, checkpoint, *, dtype, device):
         from transformers import Qwen2_5_VLForConditionalGeneration
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=torch_dtype(self.dtype), attn_implementation="eager").to(self.device).eval()
+
+        self.model = (
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                checkpoint, dtype=torch_dtype(self.dtype), attn_implementation="eager"
+            )
+            .to(self.device)
+            .eval()
+        )
         self.checkpoint = checkpoint
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
         from PIL import Image
+
         if videos:
             raise NotCovered("transformers' video processor needs torchvision, which is not installed")
         proc = self.processor(tokenizer_dir)
@@ -181,12 +230,30 @@ class TransformersAdapter(Adapter):
             kwargs["max_pixels"] = options["max_pixels"]
         if vids:
             vo = options.get("video_options", {})
-            kwargs["videos_kwargs"] = {k: v for k, v in {"fps": videos[0].get("fps"), "do_sample_frames": False,
-                                                         "min_pixels": vo.get("min_pixels"),
-                                                         "max_pixels": vo.get("max_pixels")}.items() if v is not None}
+            kwargs["videos_kwargs"] = {
+                k: v
+                for k, v in {
+                    "fps": videos[0].get("fps"),
+                    "do_sample_frames": False,
+                    "min_pixels": vo.get("min_pixels"),
+                    "max_pixels": vo.get("max_pixels"),
+                }.items()
+                if v is not None
+            }
         out = proc(text=texts, images=imgs, videos=vids, padding=True, return_tensors="pt", **kwargs)
-        res = {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                   "pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in out}
+        res = {
+            k: out[k]
+            for k in (
+                "input_ids",
+                "attention_mask",
+                "pixel_values",
+                "image_grid_thw",
+                "pixel_values_videos",
+                "video_grid_thw",
+                "second_per_grid_ts",
+            )
+            if k in out
+        }
         if "second_per_grid_ts" in res:
             res["second_per_grid_ts"] = torch.as_tensor(res["second_per_grid_ts"], dtype=torch.float64)
         return res
@@ -196,14 +263,19 @@ class TransformersAdapter(Adapter):
         vis, lm = m.model.visual, m.model.language_model
         got: dict = {}
         hooks = []
-        grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]) \
-            if any(inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw")) else None
+        grid = (
+            torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
+            if any(inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw"))
+            else None
+        )
         restore = None
         if grid is not None:
             from transformers.vision_utils import get_vision_window_index
+
             v = m.config.vision_config
-            wi, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-                                            patch_size=v.patch_size)
+            wi, _ = get_vision_window_index(
+                grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
+            )
             m2 = v.spatial_merge_size**2
             restore = torch.argsort((wi[:, None] * m2 + torch.arange(m2)).reshape(-1))  # window order -> row order
         merged: list = []
@@ -211,7 +283,9 @@ class TransformersAdapter(Adapter):
         def keep(name, fn=lambda o: o):
             def hook(mod, args, out):
                 got[name] = fn(out[0] if isinstance(out, tuple) else out).detach().float().cpu()
+
             return hook
+
         hooks.append(vis.patch_embed.register_forward_hook(keep("vision.patch_embed")))
         for i, blk in enumerate(vis.blocks):
             hooks.append(blk.register_forward_hook(keep(f"vision.block.{i}", lambda o: o[restore])))
@@ -221,6 +295,7 @@ class TransformersAdapter(Adapter):
             got["text.inputs_embeds"] = kwargs["inputs_embeds"].detach().float().cpu()
             if kwargs.get("position_ids") is not None:
                 got["text.position_ids"] = kwargs["position_ids"].detach().cpu()
+
         hooks.append(lm.register_forward_pre_hook(pre, with_kwargs=True))
         for i, layer in enumerate(lm.layers):
             hooks.append(layer.register_forward_hook(keep(f"text.layer.{i}")))
@@ -237,9 +312,14 @@ class TransformersAdapter(Adapter):
         if merged:
             got["vision.merger"] = torch.cat(merged).cpu()
         if m.model.rope_deltas is not None:
-            got["text.rope_deltas"] = self._canonical_deltas(m.model.rope_deltas.detach(), inputs.get("attention_mask"),
-                                                             inputs["input_ids"].shape[1])
-        if "text.position_ids" in got and got["text.position_ids"].dim() == 3 and got["text.position_ids"].shape[0] == 4:
+            got["text.rope_deltas"] = self._canonical_deltas(
+                m.model.rope_deltas.detach(), inputs.get("attention_mask"), inputs["input_ids"].shape[1]
+            )
+        if (
+            "text.position_ids" in got
+            and got["text.position_ids"].dim() == 3
+            and got["text.position_ids"].shape[0] == 4
+        ):
             got["text.position_ids"] = got["text.position_ids"][1:]  # v5 prepends the text positions row
         return {k: v for k, v in got.items() if k in capture}
 
@@ -257,10 +337,17 @@ class TransformersAdapter(Adapter):
         model_inputs = self._model_inputs(inputs)
         self.model.model.rope_deltas = None
         with torch.no_grad():
-            out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                      repetition_penalty=1.0, eos_token_id=eos_token_id,
-                                      pad_token_id=self.model.config.pad_token_id if hasattr(self.model.config, "pad_token_id") else 151643,
-                                      output_scores=True, return_dict_in_generate=True)
+            out = self.model.generate(
+                **model_inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                repetition_penalty=1.0,
+                eos_token_id=eos_token_id,
+                pad_token_id=self.model.config.pad_token_id if hasattr(self.model.config, "pad_token_id") else 151643,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         L = inputs["input_ids"].shape[1]
         tokens = out.sequences[:, L:].cpu()
         topk = torch.stack([s.topk(5, dim=-1).indices for s in out.scores], dim=1).cpu()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 try:  # Triton is optional: CPU-only installs run the fallbacks.
     import triton  # noqa: F401
+
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - CI has triton
     HAVE_TRITON = False

@@ -33,10 +33,31 @@ if HAVE_TRITON:
         return tl.maximum(a, b)
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, nvalid_ptr, m_ptr, l_ptr, acc_ptr,
-                      K, G, T, D, chunk, scale,
-                      sq_b, sq_h, sk_b, sk_h, sk_t, sb_b,
-                      BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bias_ptr,
+        nvalid_ptr,
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        K,
+        G,
+        T,
+        D,
+        chunk,
+        scale,
+        sq_b,
+        sq_h,
+        sk_b,
+        sk_h,
+        sk_t,
+        sb_b,
+        BLOCK_G: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         bh = tl.program_id(0)  # row * K + kv head
         s = tl.program_id(1)
         n_split = tl.num_programs(1)
@@ -76,8 +97,21 @@ if HAVE_TRITON:
         tl.store(acc_ptr + row[:, None] * BLOCK_D + ds[None, :], acc)
 
     @triton.jit
-    def _merge_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, G, D, n_split, so_b, so_h, K,
-                      BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _merge_kernel(
+        m_ptr,
+        l_ptr,
+        acc_ptr,
+        o_ptr,
+        G,
+        D,
+        n_split,
+        so_b,
+        so_h,
+        K,
+        BLOCK_G: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         bh = tl.program_id(0)
         g = tl.program_id(1)
         b = bh // K
@@ -101,8 +135,14 @@ def choose_splits(rows: int, T: int, block_t: int = 64, target_programs: int = 2
     return max(1, min(-(-T // block_t), -(-target_programs // max(rows, 1))))
 
 
-def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
-                            n_valid: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    bias: torch.Tensor,
+    n_valid: torch.Tensor,
+    splits: int | None = None,
+) -> torch.Tensor:
     """q [B, N, D]; caches [B, K, T, D] (unit stride on D); bias float [B, T] (0 / -inf); n_valid int
     tensor [1] (keys 0..n_valid-1 are read) -> [B, N, D] in q's dtype."""
     B, N, D = q.shape
@@ -111,24 +151,52 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride() == k_cache.stride(), "unit stride on D"
     BLOCK_T = 64
     S = splits or choose_splits(B * K, T, BLOCK_T)
-    chunk = -(-(-(-T // S)) // BLOCK_T) * BLOCK_T  # ceil(T / S) rounded up to whole key blocks
+    chunk = -(-(-(-T // S)) // BLOCK_T) * BLOCK_T  # ceil(T / S) rounded up to whole key blocks  # noqa: B002 (nested ceil divisions)
     S = -(-T // chunk)
     BG, BD = max(16, triton.next_power_of_2(G)), max(16, triton.next_power_of_2(D))
     m = torch.empty(B * K * S * BG, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B * K * S * BG, BD, dtype=torch.float32, device=q.device)
     bias = bias.to(torch.float32) if bias.dtype not in (torch.float32, q.dtype) else bias
-    _split_kernel[(B * K, S)](q, k_cache, v_cache, bias, n_valid, m, l, acc, K, G, T, D, chunk, 1.0 / math.sqrt(D),
-                              q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                              bias.stride(0), BLOCK_G=BG, BLOCK_T=BLOCK_T, BLOCK_D=BD)
+    _split_kernel[(B * K, S)](
+        q,
+        k_cache,
+        v_cache,
+        bias,
+        n_valid,
+        m,
+        l,
+        acc,
+        K,
+        G,
+        T,
+        D,
+        chunk,
+        1.0 / math.sqrt(D),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        bias.stride(0),
+        BLOCK_G=BG,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BD,
+    )
     o = torch.empty(B, N, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(B * K, G)](m, l, acc, o, G, D, S, o.stride(0), o.stride(1), K,
-                              BLOCK_G=BG, BLOCK_S=triton.next_power_of_2(S), BLOCK_D=BD)
+    _merge_kernel[(B * K, G)](
+        m, l, acc, o, G, D, S, o.stride(0), o.stride(1), K, BLOCK_G=BG, BLOCK_S=triton.next_power_of_2(S), BLOCK_D=BD
+    )
     return o
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
-                           n_valid: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    bias: torch.Tensor,
+    n_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The same in plain PyTorch (float32 softmax over the whole cache; n_valid is implied by the
     bias, which must hide keys >= n_valid): q [B, N, D], caches [B, K, T, D], bias [B, T] -> [B, N, D]."""
     B, N, D = q.shape

@@ -29,9 +29,24 @@ if HAVE_TRITON:
         return a + b
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, nw_ptr, y_ptr, N_out, K, half, eps,
-                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        r_ptr,
+        nw_ptr,
+        y_ptr,
+        N_out,
+        K,
+        half,
+        eps,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        NORM: tl.constexpr,
+        SWIGLU: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
@@ -95,10 +110,24 @@ def gemv_triton(x, w, bias=None, *, residual=None, norm_weight=None, eps: float 
     bn, bk = _blocks(n_out, K, swiglu)
     dummy = x1
     _gemv_kernel[(triton.cdiv(n_out, bn),)](
-        x1, w, bias if bias is not None else dummy, residual.reshape(n_out) if residual is not None else dummy,
-        norm_weight if norm_weight is not None else dummy, y, n_out, K, n_out, eps,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm_weight is not None, SWIGLU=swiglu,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=8)
+        x1,
+        w,
+        bias if bias is not None else dummy,
+        residual.reshape(n_out) if residual is not None else dummy,
+        norm_weight if norm_weight is not None else dummy,
+        y,
+        n_out,
+        K,
+        n_out,
+        eps,
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        NORM=norm_weight is not None,
+        SWIGLU=swiglu,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=8,
+    )
     return y.view(1, n_out)
 
 
@@ -112,8 +141,17 @@ def gemv_torch(x, w, bias=None, *, residual=None, norm_weight=None, eps: float =
     return y if residual is None else residual + y
 
 
-def gemv(x, w, bias=None, *, residual=None, norm_weight=None, eps: float = 1e-6, swiglu: bool = False,
-         use_triton: bool = True):
+def gemv(
+    x,
+    w,
+    bias=None,
+    *,
+    residual=None,
+    norm_weight=None,
+    eps: float = 1e-6,
+    swiglu: bool = False,
+    use_triton: bool = True,
+):
     """Dispatcher: the fused kernel for one CUDA row when Triton imports, else the unfused path."""
     if use_triton and triton_ok(x) and x.numel() == x.shape[-1]:
         return gemv_triton(x, w, bias, residual=residual, norm_weight=norm_weight, eps=eps, swiglu=swiglu)

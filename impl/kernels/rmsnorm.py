@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen25vl.spec.norms import rms_norm as rms_norm_torch  # the fallback: spec's formula is already the fast one
-
+from ...spec.norms import rms_norm as rms_norm_torch  # the fallback: spec's formula is already the fast one
 from . import HAVE_TRITON, triton_ok
 
 if HAVE_TRITON:
@@ -42,8 +41,9 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
     if x2.shape[0]:
-        _rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), C, eps,
-                                        BLOCK=triton.next_power_of_2(C))
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, weight, y, x2.stride(0), y.stride(0), C, eps, BLOCK=triton.next_power_of_2(C)
+        )
     return y.view(x.shape)
 
 

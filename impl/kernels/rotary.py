@@ -19,8 +19,9 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, n_rot, H2,
-                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotary_kernel(
+        x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, stride_c, n_rot, H2, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
         t = tl.program_id(0)
         hs = tl.arange(0, BLOCK_H)[:, None]
         ds = tl.arange(0, BLOCK_D)[None, :]
@@ -48,13 +49,24 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: 
     T, H, D = x.shape
     assert x.stride(2) == 1 and cos.stride(1) == 1 and cos.stride() == sin.stride(), "rotary wants unit stride on D"
     if T:
-        _rotary_kernel[(T,)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), n_rot, D // 2,
-                             BLOCK_H=triton.next_power_of_2(n_rot), BLOCK_D=triton.next_power_of_2(D // 2))
+        _rotary_kernel[(T,)](
+            x,
+            cos,
+            sin,
+            x.stride(0),
+            x.stride(1),
+            cos.stride(0),
+            n_rot,
+            D // 2,
+            BLOCK_H=triton.next_power_of_2(n_rot),
+            BLOCK_D=triton.next_power_of_2(D // 2),
+        )
     return x
 
 
-def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, *,
-                  use_triton: bool = True) -> torch.Tensor:
+def apply_rotary_(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int, *, use_triton: bool = True
+) -> torch.Tensor:
     """In place: x [T, H, D] (heads [0, n_rot) rotated), cos, sin float32 [T, D/2]. Returns x."""
     if use_triton and triton_ok(x):
         return rotary_triton(x, cos, sin, n_rot)
@@ -62,10 +74,28 @@ def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: 
 
 
 if HAVE_TRITON:
+
     @triton.jit
-    def _rotary_cache_kernel(x_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, stride_t, stride_h, stride_c,
-                             sc_b, sc_h, sc_t, N, K, H2,
-                             BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _rotary_cache_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        kc_ptr,
+        vc_ptr,
+        slot_ptr,
+        stride_t,
+        stride_h,
+        stride_c,
+        sc_b,
+        sc_h,
+        sc_t,
+        N,
+        K,
+        H2,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         b = tl.program_id(0)
         hs = tl.arange(0, BLOCK_H)[:, None]
         ds = tl.arange(0, BLOCK_D)[None, :]
@@ -98,8 +128,8 @@ def rotary_cache_torch(x, cos, sin, n_q: int, k_cache, v_cache, slot):
     caches [B, K, T, D] at `slot` (int64 tensor [1]); returns x."""
     K = k_cache.shape[1]
     rotary_torch(x, cos, sin, n_q + K)
-    k_cache.index_copy_(2, slot, x[:, n_q:n_q + K, None])
-    v_cache.index_copy_(2, slot, x[:, n_q + K:, None])
+    k_cache.index_copy_(2, slot, x[:, n_q : n_q + K, None])
+    v_cache.index_copy_(2, slot, x[:, n_q + K :, None])
     return x
 
 
@@ -109,10 +139,26 @@ def rotary_cache_triton(x, cos, sin, n_q: int, k_cache, v_cache, slot):
     assert x.stride(2) == 1 and cos.stride(1) == 1 and cos.stride() == sin.stride(), "rotary wants unit stride on D"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1, "caches want the same strides"
     if B:
-        _rotary_cache_kernel[(B,)](x, cos, sin, k_cache, v_cache, slot, x.stride(0), x.stride(1), cos.stride(0),
-                                   k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), n_q, K, D // 2,
-                                   BLOCK_H=triton.next_power_of_2(n_q + K), BLOCK_D=triton.next_power_of_2(D // 2),
-                                   BLOCK_K=triton.next_power_of_2(K))
+        _rotary_cache_kernel[(B,)](
+            x,
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            slot,
+            x.stride(0),
+            x.stride(1),
+            cos.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            n_q,
+            K,
+            D // 2,
+            BLOCK_H=triton.next_power_of_2(n_q + K),
+            BLOCK_D=triton.next_power_of_2(D // 2),
+            BLOCK_K=triton.next_power_of_2(K),
+        )
     return x
 
 

@@ -9,7 +9,7 @@ cd /tmp  # not the repo root: its qwen25vl/ folder would shadow the assembled pa
 python3 -c "import torch, transformers, PIL; print(torch.__version__, transformers.__version__, PIL.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 for dt in default float32 float16; do
   a=""; [ $dt != default ] && a="--dtype $dt"
-  python3 -m qwen25vl.conformance.cli conform $a --json ${OUT:-/tmp}/impl_$dt.json > ${OUT:-/tmp}/impl_$dt.txt 2>&1; echo "impl $dt exit $?"; tail -3 ${OUT:-/tmp}/impl_$dt.txt
+  python3 -m qwen25vl conform $a --json ${OUT:-/tmp}/impl_$dt.json > ${OUT:-/tmp}/impl_$dt.txt 2>&1; echo "impl $dt exit $?"; tail -3 ${OUT:-/tmp}/impl_$dt.txt
 done
-python3 -m qwen25vl.conformance.cli conform --teacher-forced all --cases model_image --json ${OUT:-/tmp}/impl_tf.json > ${OUT:-/tmp}/impl_tf.txt 2>&1; echo "impl teacher-forced exit $?"; tail -3 ${OUT:-/tmp}/impl_tf.txt
+python3 -m qwen25vl conform --teacher-forced all --cases model_image --json ${OUT:-/tmp}/impl_tf.json > ${OUT:-/tmp}/impl_tf.txt 2>&1; echo "impl teacher-forced exit $?"; tail -3 ${OUT:-/tmp}/impl_tf.txt
 nvidia-smi --query-gpu=name --format=csv,noheader

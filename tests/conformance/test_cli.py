@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from qwen25vl.conformance import cli, runner
+from qwen25vl.conformance import runner
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.compare import to_plain
+from safetensors.torch import save_file
+
+from qwen25vl import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
@@ -34,8 +35,17 @@ def test_bad_expectations_file(tmp_path, capsys):
 def test_python_adapter_target_module_class(tmp_path, capsys):
     """`--target module:Class`: a port's Python adapter, here a planted bug (round half up in smart_resize).
     The run goes on past the failing stage, the report names it, and the exit code is 1."""
-    code = cli.main(["conform", "--target", "tests.conformance.planted:RoundHalfUp", "--cases", "exact_resize",
-                     "--json", str(tmp_path / "r.json")])
+    code = cli.main(
+        [
+            "conform",
+            "--target",
+            "tests.conformance.planted:RoundHalfUp",
+            "--cases",
+            "exact_resize",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1, out
     assert "FIRST DIVERGENCE  case exact_resize, stage fn.smart_resize" in out and out.rstrip().endswith("RESULT: FAIL")
@@ -62,6 +72,7 @@ def _write_outputs_like_a_port(inputs_dir: Path, out_dir: Path, skip=()):
             tensors = {}
             if (case_dir / "inputs.safetensors").is_file():
                 from safetensors.torch import load_file
+
                 tensors = load_file(str(case_dir / "inputs.safetensors"))
             for stage in info["stages"]:
                 if stage in skip:
@@ -72,23 +83,45 @@ def _write_outputs_like_a_port(inputs_dir: Path, out_dir: Path, skip=()):
                 (dst / f"{stage}.json").write_text(json.dumps({"items": to_plain(outs)}))
         else:
             from safetensors.torch import load_file
+
             spec.prepare(info["checkpoint"], dtype="float32", device="cpu")
             inputs = load_file(str(case_dir / "inputs.safetensors"))
             stages = [s for s in info["stages"] if not s.startswith(("preprocess.", "generate."))]
             out = {k: v.contiguous() for k, v in spec.run(inputs, capture=stages).items()}
             save_file(out, str(dst / "outputs.safetensors"))
-            tokens, topk = spec.generate(inputs, max_new_tokens=info["max_new_tokens"], eos_token_id=info["eos_token_id"])
+            tokens, topk = spec.generate(
+                inputs, max_new_tokens=info["max_new_tokens"], eos_token_id=info["eos_token_id"]
+            )
             (dst / "generate.tokens.json").write_text(json.dumps({"tokens": tokens.tolist(), "topk": topk.tolist()}))
 
 
 def test_export_inputs_then_judge_a_port_from_its_files(tmp_path, capsys):
-    assert cli.main(["conform", "--cases", "exact_(windows|resize|positions)|model_image",
-                     "--export-inputs", str(tmp_path / "in")]) == 0
+    assert (
+        cli.main(
+            [
+                "conform",
+                "--cases",
+                "exact_(windows|resize|positions)|model_image",
+                "--export-inputs",
+                str(tmp_path / "in"),
+            ]
+        )
+        == 0
+    )
     exported = json.loads((tmp_path / "in" / "exact_resize" / "fn.smart_resize.inputs.json").read_text())
     assert "expected" not in exported["items"][0]  # no golden values leak to the port
     _write_outputs_like_a_port(tmp_path / "in", tmp_path / "out", skip={"fn.resize_bicubic"})
-    code = cli.main(["conform", "--target", f"files:{tmp_path / 'out'}", "--cases",
-                     "exact_(windows|resize|positions)|model_image", "--json", str(tmp_path / "r.json")])
+    code = cli.main(
+        [
+            "conform",
+            "--target",
+            f"files:{tmp_path / 'out'}",
+            "--cases",
+            "exact_(windows|resize|positions)|model_image",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     res = {(r["case"], r["stage"]): r["status"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
@@ -100,16 +133,47 @@ def test_export_inputs_then_judge_a_port_from_its_files(tmp_path, capsys):
 
 
 def test_jobs_run_cases_in_processes(capsys, tmp_path):
-    code = cli.main(["conform", "--target", "spec", "--cases", "exact_(windows|video)", "--jobs", "2",
-                     "--junit", str(tmp_path / "r.xml")])
+    code = cli.main(
+        [
+            "conform",
+            "--target",
+            "spec",
+            "--cases",
+            "exact_(windows|video)",
+            "--jobs",
+            "2",
+            "--junit",
+            str(tmp_path / "r.xml"),
+        ]
+    )
     assert code == 0
     assert (tmp_path / "r.xml").read_text().count("<testcase") == 2
 
 
 def test_pytest_plugin_items_per_stage(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "qwen25vl.conformance.plugin",
-                           str(FIXTURES / "exact_windows"), str(FIXTURES / "exact_resize"), "--conform-target", "spec",
-                           "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2"],  # under pytest-xdist
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "qwen25vl.conformance.plugin",
+            str(FIXTURES / "exact_windows"),
+            str(FIXTURES / "exact_resize"),
+            "--conform-target",
+            "spec",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "-n",
+            "2",
+        ],  # under pytest-xdist
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout and "bringing up nodes" in proc.stdout

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.conformance import compare
 
 
@@ -81,12 +80,15 @@ def test_floats_pass_fail_at_the_budget():
     assert compare.floats(g, torch.tensor([1.0 + 1e-5, 0.0]), control=ctl, dtype="float32").status == "fail"
 
 
-@pytest.mark.parametrize("got, why", [
-    (torch.tensor([1.0, float("nan")]), "non-finite"),
-    (torch.tensor([1.0, 2.0, 3.0]), "wrong shape"),
-    (torch.tensor([1, 2]), "wrong dtype"),
-    ([1.0, 2.0], "expected a tensor"),
-])
+@pytest.mark.parametrize(
+    "got, why",
+    [
+        (torch.tensor([1.0, float("nan")]), "non-finite"),
+        (torch.tensor([1.0, 2.0, 3.0]), "wrong shape"),
+        (torch.tensor([1, 2]), "wrong dtype"),
+        ([1.0, 2.0], "expected a tensor"),
+    ],
+)
 def test_bad_outputs_are_errors_not_failures(got, why):
     v = compare.floats(torch.tensor([1.0, 2.0]), got, control=None, dtype="float32")
     assert v.status == "error" and why in v.metric

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from qwen25vl.conformance import report, runner, stages
 from qwen25vl.conformance.adapters.base import Adapter
 from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, sha256_file, write_case
@@ -18,17 +17,45 @@ FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 def toy_case(root: Path, name="toy") -> Path:
     """A two-stage exact case written by hand (expected values computed by hand)."""
-    items = {"items": [
-        {"label": "70x70", "inputs": {"height": 70, "width": 70, "factor": 28, "min_pixels": 3136,
-                                      "max_pixels": 12845056}, "expected": [56, 56]},
-        {"label": "ratio 201", "inputs": {"height": 28, "width": 5628, "factor": 28, "min_pixels": 3136,
-                                          "max_pixels": 12845056}, "expected": {"error": "ValueError"}}]}
-    frames = {"items": [{"label": "4 frames", "inputs": {"total_frames": 4, "video_fps": 2.0, "fps": 2.0,
-                                                         "min_frames": 4, "max_frames": 768, "nframes": None},
-                         "expected": [0, 1, 2, 3]}]}
-    manifest = {"case": name, "kind": "exact", "description": "toy", "stages": {
-        "fn.smart_resize": {"tolerance": "exact", "items": "a.json", "files": ["a.json"]},
-        "fn.sample_frame_indices": {"tolerance": "exact", "items": "b.json", "files": ["b.json"]}}}
+    items = {
+        "items": [
+            {
+                "label": "70x70",
+                "inputs": {"height": 70, "width": 70, "factor": 28, "min_pixels": 3136, "max_pixels": 12845056},
+                "expected": [56, 56],
+            },
+            {
+                "label": "ratio 201",
+                "inputs": {"height": 28, "width": 5628, "factor": 28, "min_pixels": 3136, "max_pixels": 12845056},
+                "expected": {"error": "ValueError"},
+            },
+        ]
+    }
+    frames = {
+        "items": [
+            {
+                "label": "4 frames",
+                "inputs": {
+                    "total_frames": 4,
+                    "video_fps": 2.0,
+                    "fps": 2.0,
+                    "min_frames": 4,
+                    "max_frames": 768,
+                    "nframes": None,
+                },
+                "expected": [0, 1, 2, 3],
+            }
+        ]
+    }
+    manifest = {
+        "case": name,
+        "kind": "exact",
+        "description": "toy",
+        "stages": {
+            "fn.smart_resize": {"tolerance": "exact", "items": "a.json", "files": ["a.json"]},
+            "fn.sample_frame_indices": {"tolerance": "exact", "items": "b.json", "files": ["b.json"]},
+        },
+    }
     write_case(root / name, manifest, {"a.json": items, "b.json": frames})
     return root / name
 
@@ -88,6 +115,7 @@ def test_a_port_that_hangs_times_out_and_the_run_goes_on(tmp_path):
 
         def sample_frame_indices(self, *a, **k):
             return [0, 1, 2, 3]
+
     t0 = time.perf_counter()
     res = {r.stage: r for r in run(Hangs(), [toy_case(tmp_path)], timeout=0.5)}
     assert time.perf_counter() - t0 < 10
@@ -99,6 +127,7 @@ def test_a_port_that_hangs_times_out_and_the_run_goes_on(tmp_path):
 def test_timeout_outside_the_main_thread():
     with pytest.raises(runner.StageTimeout):
         import threading
+
         box = {}
 
         def go():
@@ -106,6 +135,7 @@ def test_timeout_outside_the_main_thread():
                 runner.call_with_timeout(lambda: time.sleep(5), 0.2)
             except runner.StageTimeout as e:
                 box["e"] = e
+
         th = threading.Thread(target=go)
         th.start()
         th.join()
@@ -116,6 +146,7 @@ def test_expectations_turn_known_failures_into_xfail(tmp_path):
     class Wrong(Toy):
         def smart_resize(self, *a, **k):
             return (84, 84)
+
     res = run(Wrong(), [toy_case(tmp_path)])
     assert report.exit_code(res) == 1
     exp = [{"case": "toy", "stage": r"fn\.smart_resize", "status": "fail", "reason": "round half up"}]
@@ -133,6 +164,7 @@ def test_reports_json_junit_table(tmp_path):
     class Wrong(Toy):
         def smart_resize(self, *a, **k):
             return (84, 84)
+
     res = run(Wrong(), [toy_case(tmp_path)])
     desc = {"name": "toy", "dtype": "float32"}
     data = json.loads(report.to_json(desc, res, 1.0))
@@ -147,9 +179,16 @@ def test_reports_json_junit_table(tmp_path):
 
 
 def test_stage_order_and_teacher_forcing_inputs():
-    assert stages.order_key("fn.smart_resize") < stages.order_key("preprocess.input_ids") < stages.order_key(
-        "vision.patch_embed") < stages.order_key("vision.block.2") < stages.order_key("vision.block.10") < \
-        stages.order_key("vision.merger") < stages.order_key("text.layer.0") < stages.order_key("logits")
+    assert (
+        stages.order_key("fn.smart_resize")
+        < stages.order_key("preprocess.input_ids")
+        < stages.order_key("vision.patch_embed")
+        < stages.order_key("vision.block.2")
+        < stages.order_key("vision.block.10")
+        < stages.order_key("vision.merger")
+        < stages.order_key("text.layer.0")
+        < stages.order_key("logits")
+    )
     assert stages.info("vision.block.7").read.startswith("spec/vision.py")
     assert stages.previous("vision.block.0", 4) == "vision.patch_embed"
     assert stages.previous("text.layer.3", 4) == "text.layer.2"
@@ -194,6 +233,7 @@ def test_bad_model_outputs_are_reported_per_stage(tmp_path):
 
         def generate(self, inputs, **kw):
             raise RuntimeError("decoder exploded")
+
     res = {r.stage: r for r in runner.CaseRunner(Broken("float32")).run(FIXTURES / "model_image")}
     assert res["vision.block.0"].status == "error" and "non-finite" in res["vision.block.0"].metric
     assert res["text.position_ids"].status == "error" and "dtype" in res["text.position_ids"].metric
@@ -213,6 +253,7 @@ def test_a_tampered_model_case_errors_every_stage_that_reads_the_file(tmp_path):
     data[-1] ^= 1
     (dst / "golden.safetensors").write_bytes(bytes(data))
     from qwen25vl.conformance.adapters.spec import SpecAdapter
+
     res = {r.stage: r for r in runner.CaseRunner(SpecAdapter("float32")).run(dst)}
     assert res["vision.block.0"].status == "error" and "sha256" in res["vision.block.0"].metric
     assert res["preprocess.input_ids"].status == "pass"  # reads other files
@@ -223,6 +264,7 @@ def test_a_tampered_model_case_errors_every_stage_that_reads_the_file(tmp_path):
 def test_every_stage_the_spec_captures_has_a_tolerance_class_and_a_meaning():
     from qwen25vl.spec.config import Qwen25VLConfig
     from qwen25vl.spec.forward import stage_names
+
     names = stage_names(Qwen25VLConfig())  # the real 7B sizes: 32 vision blocks, 28 layers
     assert len(names) == 1 + 32 + 1 + 3 + 28 + 2
     for name in names:

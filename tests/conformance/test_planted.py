@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from qwen25vl.conformance import runner
 
 from .planted import PLANTED
@@ -16,8 +15,9 @@ def test_planted_bug_is_flagged_at_its_first_divergent_stage(adapter, expected):
     stage, cases = expected
     # fn.* stages come first in data-flow order, so a bug whose first stage is a fn.* stage is fully
     # judged by the exact cases; the model-stage bugs also run the one model case that shows them
-    _, results = runner.run_suite(runner.select_cases(FIXTURES, cases), runner.SuiteOptions(),
-                                  adapter=adapter("float32"))
+    _, results = runner.run_suite(
+        runner.select_cases(FIXTURES, cases), runner.SuiteOptions(), adapter=adapter("float32")
+    )
     first = runner.first_divergence(results)
     assert first is not None, f"{adapter.__name__} passed everything"
     assert first.stage == stage, f"{adapter.__name__}: first divergence {first.stage}, expected {stage}: {first.where}"
@@ -26,7 +26,10 @@ def test_planted_bug_is_flagged_at_its_first_divergent_stage(adapter, expected):
 
 def test_model_stage_bugs_are_localised_by_teacher_forcing():
     from .planted import RotaryNotReordered
-    _, results = runner.run_suite([FIXTURES / "model_image"], runner.SuiteOptions(), adapter=RotaryNotReordered("float32"))
+
+    _, results = runner.run_suite(
+        [FIXTURES / "model_image"], runner.SuiteOptions(), adapter=RotaryNotReordered("float32")
+    )
     first = runner.first_divergence(results)
     assert first.stage == "vision.block.0"
     assert "the stage itself is wrong" in first.note

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from qwen25vl.conformance.fixtures import load_case, sha256_file
 from qwen25vl.tools import generate_fixtures
+from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -45,12 +44,14 @@ def test_numeric_case_regenerates(tmp_path):
                 assert rel < 1e-6, (name, k, rel)
             else:
                 assert torch.equal(a[k], b[k]), (name, k)
-    assert json.loads((out / "model_image" / "generate.json").read_text()) == \
-        json.loads((FIXTURES / "model_image" / "generate.json").read_text())
+    assert json.loads((out / "model_image" / "generate.json").read_text()) == json.loads(
+        (FIXTURES / "model_image" / "generate.json").read_text()
+    )
 
 
 def test_the_shared_checkpoint_regenerates(tmp_path):
     from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
     folder = make_tiny_checkpoint(tmp_path / "tiny", seed=0)
     committed = json.loads((FIXTURES / "checkpoints" / "tiny" / "manifest.json").read_text())["files"]
     for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt"):

@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
-from qwen25vl.conformance import cli, runner
+from qwen25vl.conformance import runner
+
+from qwen25vl import cli
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -27,6 +29,7 @@ def test_transformers_passes_with_explained_expectations(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0, out
     import json
+
     data = json.loads((tmp_path / "r.json").read_text())
     xfail = [r for r in data["results"] if r["status"] == "xfail"]
     assert xfail and all(r["note"].startswith("expected: ") for r in xfail)
@@ -36,10 +39,15 @@ def test_transformers_passes_with_explained_expectations(capsys, tmp_path):
 
 def test_impl_missing_is_not_covered_never_passed(monkeypatch):
     import sys
-    from qwen25vl.conformance.adapters.impl import ImplAdapter
+
     import qwen25vl.impl as pkg
+    from qwen25vl.conformance.adapters.impl import ImplAdapter
+
     monkeypatch.delattr(pkg, "model", raising=False)
     monkeypatch.setitem(sys.modules, "qwen25vl.impl.model", None)  # import fails
-    _, results = runner.run_suite(runner.select_cases(FIXTURES, "exact_windows|model_image"),
-                                  runner.SuiteOptions(), adapter=ImplAdapter("float32", "cpu"))
+    _, results = runner.run_suite(
+        runner.select_cases(FIXTURES, "exact_windows|model_image"),
+        runner.SuiteOptions(),
+        adapter=ImplAdapter("float32", "cpu"),
+    )
     assert results and all(r.status == "not_covered" for r in results)

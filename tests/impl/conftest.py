@@ -9,5 +9,6 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_params():
     from qwen25vl.tools.make_tiny_checkpoint import make_random_params, tiny_config
+
     config = tiny_config()
     return config, make_random_params(config, 0, torch.bfloat16)

@@ -50,7 +50,9 @@ def kernel_module(name: str):
     if DEVICE.type == "cuda":
         return importlib.import_module(f"qwen25vl.impl.kernels.{name}")
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated (and by triton's lazy imports)
-    spec = importlib.util.spec_from_file_location(f"qwen25vl.impl.kernels._interpreted_{name}", KERNEL_DIR / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"qwen25vl.impl.kernels._interpreted_{name}", KERNEL_DIR / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,8 +64,8 @@ def left_padded(rows: list[list[int]], pad: int = 151643) -> tuple[torch.Tensor,
     ids = torch.full((len(rows), L), pad, dtype=torch.int64)
     mask = torch.zeros(len(rows), L, dtype=torch.int64)
     for b, r in enumerate(rows):
-        ids[b, L - len(r):] = torch.tensor(r, dtype=torch.int64)
-        mask[b, L - len(r):] = 1
+        ids[b, L - len(r) :] = torch.tensor(r, dtype=torch.int64)
+        mask[b, L - len(r) :] = 1
     return ids, mask
 
 
@@ -84,8 +86,15 @@ def vision_inputs(config, rows_text: list[list[int]], image_grids, video_grids, 
     # pad runs are consumed in flattened (row, position) order: sort each kind's grids by row
     imgs = sorted(image_grids, key=lambda x: x[0])
     vids = sorted(video_grids, key=lambda x: x[0])
-    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": None, "image_grid_thw": None,
-              "pixel_values_videos": None, "video_grid_thw": None, "second_per_grid_ts": None}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": None,
+        "image_grid_thw": None,
+        "pixel_values_videos": None,
+        "video_grid_thw": None,
+        "second_per_grid_ts": None,
+    }
     pd = config.vision.patch_dim
     if imgs:
         grid = torch.tensor([gr for _, gr in imgs], dtype=torch.int64)

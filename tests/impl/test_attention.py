@@ -5,9 +5,15 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from qwen25vl.impl.attention import (SegmentPlan, check_backend, decode_attention, prefill_attention, prefill_mask,
-                                     segment_attention, varlen_attn)
+from qwen25vl.impl.attention import (
+    SegmentPlan,
+    check_backend,
+    decode_attention,
+    prefill_attention,
+    prefill_mask,
+    segment_attention,
+    varlen_attn,
+)
 
 from .helpers import DEVICE, assert_close
 
@@ -19,7 +25,7 @@ def _segments_oracle(q, k, v, lengths):
     """softmax(q k^T / sqrt(D)) v inside each segment, in float64, one loop iteration per segment."""
     out, start = [], 0
     for n in lengths:
-        qs, ks, vs = (t[start:start + n].double().transpose(0, 1) for t in (q, k, v))  # [N, n, D]
+        qs, ks, vs = (t[start : start + n].double().transpose(0, 1) for t in (q, k, v))  # [N, n, D]
         w = torch.softmax(qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
         out.append((w @ vs).transpose(0, 1))
         start += n
@@ -28,8 +34,12 @@ def _segments_oracle(q, k, v, lengths):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=8), N=st.integers(1, 3),
-       D=st.sampled_from([16, 80]), seed=st.integers(0, 2**16))
+@given(
+    lengths=st.lists(st.integers(0, 70), min_size=1, max_size=8),
+    N=st.integers(1, 3),
+    D=st.sampled_from([16, 80]),
+    seed=st.integers(0, 2**16),
+)
 def test_segment_attention(dtype, backend, lengths, N, D, seed):
     if backend == "varlen" and dtype == torch.float32:
         return  # flash kernels take half precision only; check_backend refuses it (tested below)
@@ -58,8 +68,10 @@ def test_auto_on_cpu_is_dense():
     assert SegmentPlan(torch.tensor([0, 10, 30]), 30, torch.device("cpu"), torch.float32, "auto").backend == "dense"
 
 
-@pytest.mark.parametrize("name,device,dtype", [("varlen", "cpu", torch.bfloat16), ("flash_attn", "cpu", torch.bfloat16),
-                                               ("nope", "cpu", torch.float32)])
+@pytest.mark.parametrize(
+    "name,device,dtype",
+    [("varlen", "cpu", torch.bfloat16), ("flash_attn", "cpu", torch.bfloat16), ("nope", "cpu", torch.float32)],
+)
 def test_backend_refused(name, device, dtype):
     with pytest.raises(ValueError, match="attention"):
         check_backend(name, torch.device(device), dtype)
@@ -77,8 +89,14 @@ def _causal_oracle(q, k, v, mask):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(B=st.integers(1, 3), L=st.integers(1, 12), K=st.integers(1, 2), G=st.sampled_from([1, 2, 4, 7]),
-       pads=st.lists(st.integers(0, 11), min_size=3, max_size=3), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    L=st.integers(1, 12),
+    K=st.integers(1, 2),
+    G=st.sampled_from([1, 2, 4, 7]),
+    pads=st.lists(st.integers(0, 11), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
 def test_prefill_attention(dtype, B, L, K, G, pads, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, K * G, L, 16, generator=g).to(dtype)
@@ -92,8 +110,13 @@ def test_prefill_attention(dtype, B, L, K, G, pads, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(B=st.integers(1, 3), T=st.integers(1, 20), K=st.integers(1, 3), G=st.sampled_from([1, 2, 7]),
-       seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 20),
+    K=st.integers(1, 3),
+    G=st.sampled_from([1, 2, 7]),
+    seed=st.integers(0, 2**16),
+)
 def test_decode_attention(dtype, B, T, K, G, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, K * G, 16, generator=g).to(dtype)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from qwen25vl.impl.cache import cache_bytes, check_cache_fits
 from qwen25vl.impl.model import Qwen25VL, check_dtype_device
 
@@ -14,12 +13,15 @@ def model(tiny_checkpoint):
     return Qwen25VL.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("dtype,device,match", [
-    (torch.float16, "cpu", "dtype float16 is not supported on cpu"),
-    (torch.float64, "cpu", "dtype float64 is not supported on cpu"),
-    ("int8", "cpu", "dtype must be"),
-    (torch.float32, "tpu", "not a torch device|not supported"),
-])
+@pytest.mark.parametrize(
+    "dtype,device,match",
+    [
+        (torch.float16, "cpu", "dtype float16 is not supported on cpu"),
+        (torch.float64, "cpu", "dtype float64 is not supported on cpu"),
+        ("int8", "cpu", "dtype must be"),
+        (torch.float32, "tpu", "not a torch device|not supported"),
+    ],
+)
 def test_dtype_device_refused(dtype, device, match):
     with pytest.raises(ValueError, match=match):
         check_dtype_device(dtype, device)
@@ -57,11 +59,14 @@ def test_cache_beyond_max_positions(model):
         check_cache_fits(model.config, 1, 128_001, torch.float32, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
-    ({"eos_token_id": [10**7]}, "eos_token_id must be one id or a list of ids in 0..152063"),
-    ({"eos_token_id": []}, "eos_token_id"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+        ({"eos_token_id": [10**7]}, "eos_token_id must be one id or a list of ids in 0..152063"),
+        ({"eos_token_id": []}, "eos_token_id"),
+    ],
+)
 def test_generate_arguments(model, kwargs, match):
     inputs = vision_inputs(model.config, [[1, 2, 3]], [], [], seed=0)
     args = {"max_new_tokens": 4, "eos_token_id": [151645]} | kwargs
@@ -93,6 +98,7 @@ def test_bad_inputs(model):
 
 def test_generate_needs_tokenizer(tiny_checkpoint):
     from qwen25vl.spec.checkpoint import load_checkpoint
+
     config, params = load_checkpoint(tiny_checkpoint)
     m = Qwen25VL.from_params(config, params, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="no tokenizer"):

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.spec.mrope import apply_mrope, mrope_cos_sin
 from qwen25vl.spec.norms import rms_norm as spec_rms_norm
 from qwen25vl.spec.windows import apply_vision_rotary, vision_rotary_cos_sin
@@ -35,8 +34,14 @@ def test_rms_norm(dtype, impl, rows, width, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-@given(B=st.integers(1, 3), L=st.integers(1, 7), kv=st.integers(1, 3), groups=st.integers(1, 4),
-       sections=st.sampled_from([(2, 3, 3), (16, 24, 24), (1, 1, 2)]), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    L=st.integers(1, 7),
+    kv=st.integers(1, 3),
+    groups=st.integers(1, 4),
+    sections=st.sampled_from([(2, 3, 3), (16, 24, 24), (1, 1, 2)]),
+    seed=st.integers(0, 2**16),
+)
 def test_mrope_rotary(dtype, impl, B, L, kv, groups, sections, seed):
     """MRoPE on the q and k heads of a fused q|k|v buffer; v must come back untouched."""
     D, N = 2 * sum(sections), kv * groups
@@ -47,11 +52,11 @@ def test_mrope_rotary(dtype, impl, B, L, kv, groups, sections, seed):
     half = lambda t: t[..., : D // 2].reshape(B * L, D // 2).float().to(DEVICE)  # noqa: E731
     out = fn(qkv.clone().to(DEVICE), half(cos), half(sin), N + kv).cpu()
     q = qkv[:, :N].double().view(B, L, N, D).transpose(1, 2)
-    k = qkv[:, N:N + kv].double().view(B, L, kv, D).transpose(1, 2)
+    k = qkv[:, N : N + kv].double().view(B, L, kv, D).transpose(1, 2)
     q_ref, k_ref = apply_mrope(q, k, cos, sin)
     assert_close(out[:, :N].view(B, L, N, D).transpose(1, 2), q_ref, dtype, what="q")
-    assert_close(out[:, N:N + kv].view(B, L, kv, D).transpose(1, 2), k_ref, dtype, what="k")
-    assert torch.equal(out[:, N + kv:], qkv[:, N + kv:])
+    assert_close(out[:, N : N + kv].view(B, L, kv, D).transpose(1, 2), k_ref, dtype, what="k")
+    assert torch.equal(out[:, N + kv :], qkv[:, N + kv :])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,10 +67,12 @@ def test_vision_rotary(dtype, impl, P, N, D, seed):
     cos, sin = vision_rotary_cos_sin(pos, D)  # float64 [P, D]
     qkv = _rand((P, 3 * N, D), seed, dtype)
     fn = rotary.rotary_triton if impl == "triton" else rotary.rotary_torch
-    out = fn(qkv.clone().to(DEVICE), cos[:, : D // 2].float().to(DEVICE), sin[:, : D // 2].float().to(DEVICE), 2 * N).cpu()
+    out = fn(
+        qkv.clone().to(DEVICE), cos[:, : D // 2].float().to(DEVICE), sin[:, : D // 2].float().to(DEVICE), 2 * N
+    ).cpu()
     assert_close(out[:, :N], apply_vision_rotary(qkv[:, :N].double(), cos, sin), dtype, what="q")
-    assert_close(out[:, N:2 * N], apply_vision_rotary(qkv[:, N:2 * N].double(), cos, sin), dtype, what="k")
-    assert torch.equal(out[:, 2 * N:], qkv[:, 2 * N:])
+    assert_close(out[:, N : 2 * N], apply_vision_rotary(qkv[:, N : 2 * N].double(), cos, sin), dtype, what="k")
+    assert torch.equal(out[:, 2 * N :], qkv[:, 2 * N :])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -93,4 +100,5 @@ def test_rotary_strided_rows():
 
 def test_dispatch_uses_fallback_on_cpu():
     from qwen25vl.impl.kernels import triton_ok
+
     assert not triton_ok(torch.zeros(1))

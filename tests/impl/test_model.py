@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qwen25vl.impl.model import Qwen25VL
 from qwen25vl.spec import forward as spec_forward
 from qwen25vl.spec.generate import generate_greedy
@@ -60,7 +59,9 @@ def batches(draw):
     B = draw(st.integers(1, 3))
     texts = [draw(st.lists(st.integers(0, 151000), min_size=0 if b else 1, max_size=6)) for b in range(B)]
     images = draw(st.lists(st.tuples(st.integers(0, B - 1), st.tuples(st.just(1), grid_hw, grid_hw)), max_size=2))
-    videos = draw(st.lists(st.tuples(st.integers(0, B - 1), st.tuples(st.integers(1, 2), grid_hw, grid_hw)), max_size=1))
+    videos = draw(
+        st.lists(st.tuples(st.integers(0, B - 1), st.tuples(st.integers(1, 2), grid_hw, grid_hw)), max_size=1)
+    )
     spgt = [draw(st.sampled_from([0.5, 1.0, 2 / 24])) for _ in videos]
     return texts, images, videos, spgt, draw(st.integers(0, 2**16))
 
@@ -81,10 +82,16 @@ def test_stages_match_spec(oracle, models, dtype, batch):
 def test_gqa_ratios(heads, kv):
     """Other head layouts (kv groups 1..4), random params, float32, all stages."""
     from qwen25vl.tools.make_tiny_checkpoint import make_random_params, tiny_config
+
     c = tiny_config()
     hidden = 16 * heads
-    config = dataclasses.replace(c, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
-                                 vision=dataclasses.replace(c.vision, out_hidden_size=hidden))
+    config = dataclasses.replace(
+        c,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vision=dataclasses.replace(c.vision, out_hidden_size=hidden),
+    )
     params = make_random_params(config, 3, torch.float64)
     inputs = vision_inputs(config, [[5, 6, 7], [8]], [(1, (1, 6, 10))], [(0, (2, 4, 4))], seed=2)
     _, ref = spec_forward.forward(params, config, inputs, capture="all")
@@ -106,8 +113,14 @@ def test_capture_subset_and_logits(oracle, models):
 def test_greedy_tokens_equal_spec(oracle, models, cuda_graph):
     """float32: the same tokens as spec.generate_greedy, batch of 3 with left padding, image + video."""
     config, params = oracle
-    inputs = vision_inputs(config, [[100, 101, 102, 103], [7], [9, 10]], [(0, (1, 6, 10)), (2, (1, 4, 4))],
-                           [(1, (2, 4, 8))], seed=11, spgt=[0.5])
+    inputs = vision_inputs(
+        config,
+        [[100, 101, 102, 103], [7], [9, 10]],
+        [(0, (1, 6, 10)), (2, (1, 4, 4))],
+        [(1, (2, 4, 8))],
+        seed=11,
+        spgt=[0.5],
+    )
     ref = generate_greedy(params, config, inputs, 12, eos_token_id=[151645])
     model = models[torch.float32]
     got = model.generate_from_inputs(inputs, 12, [151645], cuda_graph=cuda_graph)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qwen25vl.impl.attention import decode_attention
 from qwen25vl.impl.model import Qwen25VL
 
@@ -34,8 +33,15 @@ def _attention_oracle(q, kc, vc, visible):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=10, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 150), K=st.integers(1, 2), G=st.sampled_from([1, 3, 7, 8]),
-       D=st.sampled_from([16, 80, 128]), splits=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 150),
+    K=st.integers(1, 2),
+    G=st.sampled_from([1, 3, 7, 8]),
+    D=st.sampled_from([16, 80, 128]),
+    splits=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 2**16),
+)
 def test_split_kernel_reads_only_filled_keys(dtype, B, T, K, G, D, splits, seed):
     """Keys past n_valid hold NaN: the split kernel must not read them; left padding via the bias."""
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +55,9 @@ def test_split_kernel_reads_only_filled_keys(dtype, B, T, K, G, D, splits, seed)
     kc[:, :, n_valid:] = float("nan")
     vc[:, :, n_valid:] = float("nan")
     d = DEVICE
-    out = dattn.decode_attention_triton(q.to(d), kc.to(d), vc.to(d), bias.to(d), torch.tensor([n_valid], device=d), splits)
+    out = dattn.decode_attention_triton(
+        q.to(d), kc.to(d), vc.to(d), bias.to(d), torch.tensor([n_valid], device=d), splits
+    )
     assert out.dtype == dtype
     assert_close(out, expected, dtype, what="split decode attention")
 
@@ -57,8 +65,14 @@ def test_split_kernel_reads_only_filled_keys(dtype, B, T, K, G, D, splits, seed)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["sdpa", "split", "math"])
 @settings(max_examples=8, deadline=None)
-@given(B=st.integers(1, 3), T=st.integers(1, 40), K=st.integers(1, 3), G=st.sampled_from([1, 2, 7]),
-       bool_mask=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 40),
+    K=st.integers(1, 3),
+    G=st.sampled_from([1, 2, 7]),
+    bool_mask=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_decode_attention_backends(dtype, backend, B, T, K, G, bool_mask, seed):
     g = torch.Generator().manual_seed(seed)
     q, kc, vc = _rand((B, K * G, 16), g, dtype), _rand((B, K, T, 16), g, dtype), _rand((B, K, T, 16), g, dtype)
@@ -91,8 +105,14 @@ def _gemv_oracle(x, w, b, r, nw, eps, swiglu, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @settings(max_examples=10, deadline=None)
-@given(K=st.integers(1, 700), N2=st.integers(1, 40), bias=st.booleans(), norm=st.booleans(),
-       fuse=st.sampled_from(["none", "swiglu", "residual"]), seed=st.integers(0, 2**16))
+@given(
+    K=st.integers(1, 700),
+    N2=st.integers(1, 40),
+    bias=st.booleans(),
+    norm=st.booleans(),
+    fuse=st.sampled_from(["none", "swiglu", "residual"]),
+    seed=st.integers(0, 2**16),
+)
 def test_gemv_fusions(dtype, impl, K, N2, bias, norm, fuse, seed):
     g = torch.Generator().manual_seed(seed)
     N = 2 * N2
@@ -102,18 +122,36 @@ def test_gemv_fusions(dtype, impl, K, N2, bias, norm, fuse, seed):
     r = _rand((1, N), g, dtype) if fuse == "residual" else None
     fn = gemv_mod.gemv_triton if impl == "triton" else gemv_mod.gemv_torch
     d = DEVICE
-    out = fn(x.to(d), w.to(d), None if b is None else b.to(d), residual=None if r is None else r.to(d),
-             norm_weight=None if nw is None else nw.to(d), eps=1e-6, swiglu=fuse == "swiglu")
+    out = fn(
+        x.to(d),
+        w.to(d),
+        None if b is None else b.to(d),
+        residual=None if r is None else r.to(d),
+        norm_weight=None if nw is None else nw.to(d),
+        eps=1e-6,
+        swiglu=fuse == "swiglu",
+    )
     assert out.shape == (1, N2 if fuse == "swiglu" else N) and out.dtype == dtype
     # the product rounds once more than the oracle's float64 sum: "stage" tolerance in bfloat16
-    assert_close(out, _gemv_oracle(x, w, b, r, nw, 1e-6, fuse == "swiglu", dtype), dtype,
-                 kind="kernel" if dtype == torch.float32 else "stage", what="gemv")
+    assert_close(
+        out,
+        _gemv_oracle(x, w, b, r, nw, 1e-6, fuse == "swiglu", dtype),
+        dtype,
+        kind="kernel" if dtype == torch.float32 else "stage",
+        what="gemv",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=10, deadline=None)
-@given(B=st.integers(1, 3), K=st.integers(1, 3), G=st.integers(1, 4), D=st.sampled_from([8, 16, 128]),
-       T=st.integers(1, 9), seed=st.integers(0, 2**16))
+@given(
+    B=st.integers(1, 3),
+    K=st.integers(1, 3),
+    G=st.integers(1, 4),
+    D=st.sampled_from([8, 16, 128]),
+    T=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
 def test_rotary_cache_write(dtype, B, K, G, D, T, seed):
     """Fused rotary + cache write == rotate-half formula (float64) and the cache holds k rotated, v as is."""
     g = torch.Generator().manual_seed(seed)
@@ -131,12 +169,14 @@ def test_rotary_cache_write(dtype, B, K, G, D, T, seed):
     h = D // 2
     c, s = cos.double()[:, None], sin.double()[:, None]
     rot = torch.cat((xr[..., :h] * c - xr[..., h:] * s, xr[..., h:] * c + xr[..., :h] * s), -1)
-    assert_close(xd[:, :N + K], rot[:, :N + K], dtype, what="rotated q|k")
-    assert torch.equal(xd[:, N + K:].cpu(), x[:, N + K:])
-    assert torch.equal(kd[:, :, slot].cpu(), xd[:, N:N + K].cpu())
-    assert torch.equal(vd[:, :, slot].cpu(), x[:, N + K:])
+    assert_close(xd[:, : N + K], rot[:, : N + K], dtype, what="rotated q|k")
+    assert torch.equal(xd[:, N + K :].cpu(), x[:, N + K :])
+    assert torch.equal(kd[:, :, slot].cpu(), xd[:, N : N + K].cpu())
+    assert torch.equal(vd[:, :, slot].cpu(), x[:, N + K :])
     others = torch.arange(T) != slot
-    assert torch.equal(kd[:, :, others].cpu(), kc0[:, :, others]) and torch.equal(vd[:, :, others].cpu(), vc0[:, :, others])
+    assert torch.equal(kd[:, :, others].cpu(), kc0[:, :, others]) and torch.equal(
+        vd[:, :, others].cpu(), vc0[:, :, others]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,12 +190,25 @@ def _one_row(config):
 
 
 def _batch(config):
-    return vision_inputs(config, [[100, 101, 102, 103], [7], [9, 10]], [(0, (1, 6, 10)), (2, (1, 4, 4))],
-                         [(1, (2, 4, 8))], seed=11, spgt=[0.5])
+    return vision_inputs(
+        config,
+        [[100, 101, 102, 103], [7], [9, 10]],
+        [(0, (1, 6, 10)), (2, (1, 4, 4))],
+        [(1, (2, 4, 8))],
+        seed=11,
+        spgt=[0.5],
+    )
 
 
-@pytest.mark.parametrize("kw", [dict(decode_attention="split"), dict(decode_attention="math"),
-                                dict(fused_decode=True), dict(fused_decode=True, decode_attention="split")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(decode_attention="split"),
+        dict(decode_attention="math"),
+        dict(fused_decode=True),
+        dict(fused_decode=True, decode_attention="split"),
+    ],
+)
 def test_variants_give_the_default_tokens(model32, kw):
     """float32: every decode variant gives exactly the default path's greedy tokens (12 steps)."""
     inputs = _one_row(model32.config) if kw.get("fused_decode") else _batch(model32.config)
@@ -219,7 +272,7 @@ def test_pad_mlp_is_exact_up_to_summation_order(tiny_params):
     assert m.visual.pad_mlp(64) == 64 and I == 48
     blk = m.visual.blocks[0]
     assert blk.gate_up.weight.shape[0] == 128 and blk.down.weight.shape[1] == 64
-    assert not blk.gate_up.weight[I:64].any() and not blk.gate_up.weight[64 + I:].any()
+    assert not blk.gate_up.weight[I:64].any() and not blk.gate_up.weight[64 + I :].any()
     assert not blk.down.weight[:, I:].any()
     _, got = m.forward(inputs, capture=["vision."])
     for k in want:

@@ -8,9 +8,16 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
-from qwen25vl.impl.quant import (GROUP_SIZE, Int4Linear, dequantize_int4, kernel_for, linear_weight_bytes,
-                                 pack_int4, quantize_int4, unpack_int4)
+from qwen25vl.impl.quant import (
+    GROUP_SIZE,
+    Int4Linear,
+    dequantize_int4,
+    kernel_for,
+    linear_weight_bytes,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
 
 from .helpers import DEVICE, assert_close, vision_inputs
 
@@ -45,8 +52,9 @@ def test_quantize_error_bound(N, groups, seed):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@given(M=st.integers(1, 9), n16=st.integers(1, 6), groups=st.integers(1, 3), bias=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    M=st.integers(1, 9), n16=st.integers(1, 6), groups=st.integers(1, 3), bias=st.booleans(), seed=st.integers(0, 2**16)
+)
 def test_kernel_matches_formula(dtype, M, n16, groups, bias, seed):
     """The packed kernel (CPU: _weight_int4pack_mm_for_cpu, CUDA: _weight_int4pack_mm) equals
     x @ dequantize_int4(...)^T + b in float64, within the activation dtype's kernel tolerance."""
@@ -79,8 +87,10 @@ def test_cpu_kernel_zero_point_convention():
     assert torch.allclose(y, torch.full((1, N), 4.0))
 
 
-@pytest.mark.parametrize("shape,reason", [((20, 256), "out_features 20 is not a multiple of 16"),
-                                          ((32, 200), "in_features 200 is not a multiple of 128")])
+@pytest.mark.parametrize(
+    "shape,reason",
+    [((20, 256), "out_features 20 is not a multiple of 16"), ((32, 200), "in_features 200 is not a multiple of 128")],
+)
 def test_fallback_layer(shape, reason):
     if DEVICE.type == "cuda" and "out_features" in reason:
         shape, reason = (12, 256), "out_features 12 is not a multiple of 8"
@@ -105,9 +115,15 @@ def test_kernel_for_refuses_dtypes():
 def _wide_config():
     """The tiny config widened so every text linear can take the int4 kernel (widths % 128 == 0)."""
     from qwen25vl.tools.make_tiny_checkpoint import tiny_config
+
     c = tiny_config()
-    return dataclasses.replace(c, hidden_size=128, intermediate_size=256, mrope_section=(8, 12, 12),
-                               vision=dataclasses.replace(c.vision, out_hidden_size=128))
+    return dataclasses.replace(
+        c,
+        hidden_size=128,
+        intermediate_size=256,
+        mrope_section=(8, 12, 12),
+        vision=dataclasses.replace(c.vision, out_hidden_size=128),
+    )
 
 
 def _kl_top1(a, b):
@@ -119,6 +135,7 @@ def _kl_top1(a, b):
 def test_tiny_model_int4_falls_back_and_says_so(tiny_params):
     """Tiny hidden 32 < group 128: every text linear falls back, one warning lists them."""
     from qwen25vl.impl.model import Qwen25VL
+
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     with pytest.warns(UserWarning, match=r"int4: 8 layer\(s\) use the dequantize-then-matmul fallback"):
         m = Qwen25VL.from_params(*tiny_params, dtype=dtype, device=DEVICE, quantize="int4")
@@ -131,6 +148,7 @@ def test_int4_model_kl_and_memory(capsys):
     (KL reported), linear-weight memory <= 0.3x of the same model in bfloat16."""
     from qwen25vl.impl.model import Qwen25VL
     from qwen25vl.tools.make_tiny_checkpoint import make_random_params
+
     cfg = _wide_config()
     params = make_random_params(cfg, 0, torch.float32)
     dtype = torch.bfloat16

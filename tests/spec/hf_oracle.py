@@ -12,7 +12,6 @@ import functools
 
 import numpy as np
 import torch
-
 from qwen25vl.spec.checkpoint import load_checkpoint
 from qwen25vl.spec.tokens import load_tokenizer
 
@@ -58,8 +57,9 @@ def hf_forward_stages(model, config, inputs: dict) -> tuple[torch.Tensor, dict]:
     def visual_post(module, args, kwargs, out):
         grid = current["grid"]
         v = config.vision
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
-                                                  window_size=v.window_size, patch_size=v.patch_size)
+        window_index, _ = get_vision_window_index(
+            grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
+        )
         P = current["vision.patch_embed"].shape[0]
         # transformers' own permutation applied to row numbers: slot s of window order holds row rows[s]
         rows = module.permute_input_for_window_attn(torch.arange(P, dtype=torch.float64)[:, None], window_index, P)
@@ -107,13 +107,23 @@ def hf_forward_stages(model, config, inputs: dict) -> tuple[torch.Tensor, dict]:
 def hf_generate(model, config, inputs: dict, max_new_tokens: int, eos_token_id) -> torch.Tensor:
     """transformers' greedy search, pure argmax: the new tokens int64 [B, n]."""
     with torch.no_grad():
-        out = model.generate(**hf_kwargs(inputs, config), max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1, repetition_penalty=1.0, temperature=None, top_p=None, top_k=None,
-                             eos_token_id=eos_token_id, pad_token_id=config.pad_token_id)
-    return out[:, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **hf_kwargs(inputs, config),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            repetition_penalty=1.0,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos_token_id,
+            pad_token_id=config.pad_token_id,
+        )
+    return out[:, inputs["input_ids"].shape[1] :]
 
 
 # ---------------------------------------------------------------- synthetic media and conversations
+
 
 def noise_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -7,9 +7,9 @@ import jinja2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from qwen25vl.spec.chat import render_chat
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from qwen25vl.spec.chat import render_chat
 from tests.conftest import TOKENIZER_DIR
 
 with open(os.path.join(TOKENIZER_DIR, "chat_template.json"), encoding="utf-8") as f:
@@ -63,7 +63,10 @@ def test_equals_jinja_template(messages, flags):
 
 def test_hand_written_example():
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Describe this image."}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "Describe this image."}],
+        },
     ]
     expected = (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -112,10 +115,24 @@ def test_only_first_message_decides_default_system():
         ([{"role": "user", "content": {"type": "text", "text": "x"}}], TypeError, "messages[0]['content']"),
         ([{"role": "user", "content": b"x"}], TypeError, "messages[0]['content']"),
         ([{"role": "user", "content": ["x"]}], TypeError, "messages[0]['content'][0]"),
-        ([{"role": "user", "content": [{"type": "text", "text": None}]}], TypeError, "messages[0]['content'][0]['text']"),
-        ([{"role": "user", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "audio", "audio": "a.wav"}]}],
-         ValueError, "messages[1]['content'][1] has unknown content type 'audio'"),
-        ([{"role": "user", "content": [{"type": "text"}]}], ValueError, "messages[0]['content'][0] has unknown content type 'text'"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": None}]}],
+            TypeError,
+            "messages[0]['content'][0]['text']",
+        ),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "audio", "audio": "a.wav"}]},
+            ],
+            ValueError,
+            "messages[1]['content'][1] has unknown content type 'audio'",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text"}]}],
+            ValueError,
+            "messages[0]['content'][0] has unknown content type 'text'",
+        ),
         ([{"role": "user", "content": [{}]}], ValueError, "unknown content type None"),
     ],
 )

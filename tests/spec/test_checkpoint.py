@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from qwen25vl.spec.checkpoint import (CheckpointError, expected_shapes, load_checkpoint, to_hub_key, to_v5_key)
+from qwen25vl.spec.checkpoint import CheckpointError, expected_shapes, load_checkpoint, to_hub_key, to_v5_key
 from qwen25vl.spec.config import ConfigError, Qwen25VLConfig
 from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint, tiny_config
+from safetensors.torch import load_file, save_file
 
 from ..conftest import MODEL_CONFIG_DIR
 from .test_vision import CONFIG_3B
@@ -26,6 +25,7 @@ def _copy(src, dst, *, skip_weights=False):
 def _hf_shapes(config_json: dict) -> dict:
     """Key -> shape of transformers' own model built from a config (on the meta device: no memory)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config_json))
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
@@ -77,6 +77,7 @@ def test_load_hub_untied(tiny_checkpoint):
 
 def test_load_agrees_with_transformers(tiny_checkpoint):
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float64)
     _, params = load_checkpoint(tiny_checkpoint, dtype=torch.float64)
     theirs = model.state_dict()
@@ -102,6 +103,7 @@ def test_load_tied(tiny_checkpoint_tied):
     assert params["lm_head.weight"] is params["model.embed_tokens.weight"]  # one tensor even after the cast
     assert params["lm_head.weight"].dtype == torch.float64
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint_tied, dtype=torch.float64)
     assert torch.equal(model.lm_head.weight, params["lm_head.weight"])
 
@@ -216,7 +218,9 @@ def test_config_disagrees_with_tensors(tiny_checkpoint, tmp_path):
         load_checkpoint(folder)
     msg = str(err.value)
     assert "wrong shape 26:" in msg
-    assert len(err.value.problems["wrong shape"]) == 26 and set(err.value.problems) == {"wrong shape"}  # 4 blocks x (3 vision MLP weights + gate/up biases) + 2 layers x 3 text MLP weights
+    assert len(err.value.problems["wrong shape"]) == 26 and set(err.value.problems) == {
+        "wrong shape"
+    }  # 4 blocks x (3 vision MLP weights + gate/up biases) + 2 layers x 3 text MLP weights
     assert "model.layers.1.mlp.down_proj.weight (32, 64) expected (32, 96)" in msg
     assert "visual.blocks.3.mlp.up_proj.bias (48,) expected (40,)" in msg
 
@@ -242,7 +246,9 @@ def test_bin_only_is_refused_without_unpickling(tiny_checkpoint, tmp_path):
     folder = _copy(tiny_checkpoint, tmp_path / "bin", skip_weights=True)
     marker = tmp_path / "unpickled"
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(str(marker))))
-    with pytest.raises(CheckpointError, match=r"only PyTorch pickle files \['pytorch_model.bin'\]; refusing .*executes code"):
+    with pytest.raises(
+        CheckpointError, match=r"only PyTorch pickle files \['pytorch_model.bin'\]; refusing .*executes code"
+    ):
         load_checkpoint(folder)
     assert not marker.exists()
 

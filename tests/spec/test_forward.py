@@ -17,11 +17,19 @@ transformers' sdpa attention (also float64, no such cast).
 
 import pytest
 import torch
-
 from qwen25vl.spec.forward import forward, precision_profile, select_stages, stage_names
 from qwen25vl.spec.tokens import build_inputs
-from tests.spec.hf_oracle import (gradient_image, hf_forward_stages, image_part, load_hf, load_spec, noise_image,
-                                  tokenizer, user)
+
+from tests.spec.hf_oracle import (
+    gradient_image,
+    hf_forward_stages,
+    image_part,
+    load_hf,
+    load_spec,
+    noise_image,
+    tokenizer,
+    user,
+)
 
 BOUND = 1e-6  # relative to the largest |value| of the stage; see the module docstring
 
@@ -31,9 +39,18 @@ def one_image():
 
 
 def padded_batch():
-    return [[user(image_part(noise_image(168, 224, 1)), "Describe this image.")],
-            [user("Compare", image_part(gradient_image(112, 140)), "with", image_part(noise_image(84, 252, 2)),
-                  "please, in detail and at length.")]]
+    return [
+        [user(image_part(noise_image(168, 224, 1)), "Describe this image.")],
+        [
+            user(
+                "Compare",
+                image_part(gradient_image(112, 140)),
+                "with",
+                image_part(noise_image(84, 252, 2)),
+                "please, in detail and at length.",
+            )
+        ],
+    ]
 
 
 def text_only():
@@ -61,13 +78,18 @@ def compare(config, inputs, spec, ref) -> dict:
     return errors
 
 
-@pytest.mark.parametrize("case,tied,attn", [("one_image", False, "eager"), ("padded_batch", False, "sdpa"),
-                                            ("text_only", True, "eager")])
+@pytest.mark.parametrize(
+    "case,tied,attn", [("one_image", False, "eager"), ("padded_batch", False, "sdpa"), ("text_only", True, "eager")]
+)
 def test_every_stage_matches_transformers(case, tied, attn, tiny_checkpoint, tiny_checkpoint_tied):
     folder = str(tiny_checkpoint_tied if tied else tiny_checkpoint)
     config, params = load_spec(folder)
-    inputs = build_inputs({"one_image": one_image, "padded_batch": padded_batch, "text_only": text_only}[case](),
-                          None, None, tokenizer(folder))
+    inputs = build_inputs(
+        {"one_image": one_image, "padded_batch": padded_batch, "text_only": text_only}[case](),
+        None,
+        None,
+        tokenizer(folder),
+    )
     logits, captured = forward(params, config, inputs, capture="all")
     ref_logits, ref = hf_forward_stages(load_hf(folder, attn=attn), config, inputs)
     errors = compare(config, inputs, captured, ref)
@@ -76,8 +98,11 @@ def test_every_stage_matches_transformers(case, tied, attn, tiny_checkpoint, tin
         print(f"  {name:20s} max abs {err:.2e}  rel {rel:.2e}")
     worst = max(errors, key=lambda n: errors[n][1])
     assert errors[worst][1] < BOUND, f"{worst}: {errors[worst]}"
-    expected = set(stage_names(config)) if inputs["pixel_values"] is not None else \
-        {n for n in stage_names(config) if not n.startswith("vision.")}
+    expected = (
+        set(stage_names(config))
+        if inputs["pixel_values"] is not None
+        else {n for n in stage_names(config) if not n.startswith("vision.")}
+    )
     assert set(captured) == expected
     assert logits is captured["logits"]
 
@@ -90,12 +115,24 @@ def test_tied_checkpoint_head_is_embedding(tiny_checkpoint_tied):
 
 # ---------------------------------------------------------------- capture selection
 
+
 def test_stage_names_of_tiny_config(tiny_checkpoint):
     config, _ = load_spec(str(tiny_checkpoint))  # vision depth 4, 2 text layers
     assert stage_names(config) == [
-        "vision.patch_embed", "vision.block.0", "vision.block.1", "vision.block.2", "vision.block.3", "vision.merger",
-        "text.inputs_embeds", "text.position_ids", "text.rope_deltas", "text.layer.0", "text.layer.1", "text.norm",
-        "logits"]
+        "vision.patch_embed",
+        "vision.block.0",
+        "vision.block.1",
+        "vision.block.2",
+        "vision.block.3",
+        "vision.merger",
+        "text.inputs_embeds",
+        "text.position_ids",
+        "text.rope_deltas",
+        "text.layer.0",
+        "text.layer.1",
+        "text.norm",
+        "logits",
+    ]
 
 
 def test_capture_selection(tiny_checkpoint):
@@ -125,6 +162,7 @@ def test_capture_none_and_some(tiny_checkpoint):
 
 # ---------------------------------------------------------------- bad inputs
 
+
 @pytest.fixture(scope="module")
 def good(tiny_checkpoint):
     config, params = load_spec(str(tiny_checkpoint))
@@ -134,8 +172,11 @@ def good(tiny_checkpoint):
 def test_pixel_rows_must_match_grid(good):
     config, params, inputs = good
     bad = {**inputs, "pixel_values": inputs["pixel_values"][:-4]}
-    with pytest.raises(ValueError, match=r"inputs\['pixel_values'\].*has 188 rows but grid_thw \[\[1, 12, 16\]\] "
-                                         r"needs sum\(t\*h\*w\) = 192"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs\['pixel_values'\].*has 188 rows but grid_thw \[\[1, 12, 16\]\] "
+        r"needs sum\(t\*h\*w\) = 192",
+    ):
         forward(params, config, bad)
 
 
@@ -176,6 +217,7 @@ def test_other_bad_inputs(good):
 
 
 # ---------------------------------------------------------------- precision_profile (numbers in test_precision.py)
+
 
 def test_precision_profile_float64_is_exact(good):
     config, params, inputs = good

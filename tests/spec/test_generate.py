@@ -15,13 +15,22 @@ left-padded rows in float64 (see test_forward.py).
 
 import pytest
 import torch
-
 from qwen25vl.spec.forward import prefill
 from qwen25vl.spec.generate import generate_greedy
 from qwen25vl.spec.mrope import rope_index, rope_index_transformers_v53
 from qwen25vl.spec.tokens import build_inputs
-from tests.spec.hf_oracle import (gradient_image, hf_generate, hf_kwargs, image_part, load_hf, load_spec, noise_image,
-                                  tokenizer, user)
+
+from tests.spec.hf_oracle import (
+    gradient_image,
+    hf_generate,
+    hf_kwargs,
+    image_part,
+    load_hf,
+    load_spec,
+    noise_image,
+    tokenizer,
+    user,
+)
 
 NEW = 32
 VIDEO_OPTIONS = {"min_pixels": 3136, "max_pixels": 112 * 112}  # 112 x 112 frames: 8 x 8 patches each
@@ -38,15 +47,31 @@ def video_part(n_frames):
 
 CASES = {
     "one_image": [[user(image_part(noise_image(168, 224, 1)), "What is in this picture?")]],
-    "two_images_text_between": [[user(image_part(gradient_image(112, 140)), "and then",
-                                      image_part(noise_image(84, 252, 2)), "what differs?")]],
-    "image_mid_prompt": [[user("Here is a photo", image_part(noise_image(140, 196, 3)),
-                               "of my garden. Which plants grow there?")]],
-    "multi_turn": [[user(image_part(gradient_image(168, 168)), "What is this?"), assistant("A colour gradient."),
-                    user("Which colours does it use?")]],
-    "padded_batch": [[user(image_part(noise_image(168, 224, 1)), "Describe it.")],
-                     [user("Compare", image_part(gradient_image(112, 140)), "with", image_part(noise_image(84, 252, 2)),
-                           "please, in detail and at great length.")]],
+    "two_images_text_between": [
+        [user(image_part(gradient_image(112, 140)), "and then", image_part(noise_image(84, 252, 2)), "what differs?")]
+    ],
+    "image_mid_prompt": [
+        [user("Here is a photo", image_part(noise_image(140, 196, 3)), "of my garden. Which plants grow there?")]
+    ],
+    "multi_turn": [
+        [
+            user(image_part(gradient_image(168, 168)), "What is this?"),
+            assistant("A colour gradient."),
+            user("Which colours does it use?"),
+        ]
+    ],
+    "padded_batch": [
+        [user(image_part(noise_image(168, 224, 1)), "Describe it.")],
+        [
+            user(
+                "Compare",
+                image_part(gradient_image(112, 140)),
+                "with",
+                image_part(noise_image(84, 252, 2)),
+                "please, in detail and at great length.",
+            )
+        ],
+    ],
 }
 
 
@@ -72,8 +97,13 @@ def test_greedy_tokens_equal_transformers(case, tiny_checkpoint):
 def test_video_odd_frames_equal_transformers_under_its_position_rule(tiny_checkpoint):
     folder = str(tiny_checkpoint)
     config, params = load_spec(folder)
-    inputs = build_inputs([[user(video_part(5), "What happens in this clip?")]], None, None, tokenizer(folder),
-                          video_options=VIDEO_OPTIONS)
+    inputs = build_inputs(
+        [[user(video_part(5), "What happens in this clip?")]],
+        None,
+        None,
+        tokenizer(folder),
+        video_options=VIDEO_OPTIONS,
+    )
     assert inputs["video_grid_thw"].tolist() == [[3, 8, 8]]  # 5 frames padded to 6: 3 temporal patches
     args = (inputs["input_ids"], None, inputs["video_grid_thw"], inputs["second_per_grid_ts"], inputs["attention_mask"])
     training, _ = rope_index(*args, config=config)
@@ -83,8 +113,14 @@ def test_video_odd_frames_equal_transformers_under_its_position_rule(tiny_checkp
     assert training[0, 0, end] == v53[0, 0, end] + 1  # text after it: 1 + max (t reaches 4) vs s + 8/2
     model = load_hf(folder)
     kw = hf_kwargs(inputs, config)
-    hf_positions, _ = model.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], None, kw["video_grid_thw"],
-                                                 kw["second_per_grid_ts"], kw["attention_mask"])
+    hf_positions, _ = model.model.get_rope_index(
+        kw["input_ids"],
+        kw["mm_token_type_ids"],
+        None,
+        kw["video_grid_thw"],
+        kw["second_per_grid_ts"],
+        kw["attention_mask"],
+    )
     assert torch.equal(hf_positions, v53)  # transformers 5.24 follows the v53 rule here
     eos = [config.eos_token_id, config.pad_token_id]
     got = generate_greedy(params, config, inputs, NEW, eos_token_id=eos, rope_rule=rope_index_transformers_v53)
@@ -98,12 +134,29 @@ def test_video_odd_frames_equal_transformers_fed_the_training_rule(tiny_checkpoi
     rope_deltas that come back, in its convention: padded length), must produce the spec's greedy tokens."""
     folder = str(tiny_checkpoint)
     config, params = load_spec(folder)
-    inputs = build_inputs([[user(video_part(5), "What happens in this clip?")]], None, None, tokenizer(folder),
-                          video_options=VIDEO_OPTIONS)
-    positions, deltas = rope_index(inputs["input_ids"], None, inputs["video_grid_thw"], inputs["second_per_grid_ts"],
-                                   inputs["attention_mask"], config=config)
-    v53, _ = rope_index_transformers_v53(inputs["input_ids"], None, inputs["video_grid_thw"],
-                                         inputs["second_per_grid_ts"], inputs["attention_mask"], config=config)
+    inputs = build_inputs(
+        [[user(video_part(5), "What happens in this clip?")]],
+        None,
+        None,
+        tokenizer(folder),
+        video_options=VIDEO_OPTIONS,
+    )
+    positions, deltas = rope_index(
+        inputs["input_ids"],
+        None,
+        inputs["video_grid_thw"],
+        inputs["second_per_grid_ts"],
+        inputs["attention_mask"],
+        config=config,
+    )
+    v53, _ = rope_index_transformers_v53(
+        inputs["input_ids"],
+        None,
+        inputs["video_grid_thw"],
+        inputs["second_per_grid_ts"],
+        inputs["attention_mask"],
+        config=config,
+    )
     assert not torch.equal(positions, v53)  # the two rules really differ on this prompt
     model = load_hf(folder)
     calls = []
@@ -125,8 +178,10 @@ def test_tied_checkpoint(tiny_checkpoint_tied):
     config, params = load_spec(folder)
     inputs = build("two_images_text_between", folder)
     eos = config.eos_token_id
-    assert generate_greedy(params, config, inputs, NEW, eos_token_id=eos).tolist() == \
-        hf_generate(load_hf(folder), config, inputs, NEW, eos).tolist()
+    assert (
+        generate_greedy(params, config, inputs, NEW, eos_token_id=eos).tolist()
+        == hf_generate(load_hf(folder), config, inputs, NEW, eos).tolist()
+    )
 
 
 def test_eos_stops_rows_and_fills_with_pad(tiny_checkpoint):
@@ -141,12 +196,12 @@ def test_eos_stops_rows_and_fills_with_pad(tiny_checkpoint):
     got = generate_greedy(params, config, inputs, 12, eos_token_id=[stop, config.eos_token_id])
     want = hf_generate(load_hf(folder, attn="sdpa"), config, inputs, 12, [stop, config.eos_token_id])
     assert got.tolist() == want.tolist()
-    assert got[0, first[0]] == stop and (got[0, first[0] + 1:] == config.pad_token_id).all()
+    assert got[0, first[0]] == stop and (got[0, first[0] + 1 :] == config.pad_token_id).all()
     # once every row has stopped, generation ends early
     single = build("one_image", folder)
     free = generate_greedy(params, config, single, 3, eos_token_id=config.eos_token_id)[0].tolist()
     solo = generate_greedy(params, config, single, 12, eos_token_id=free[2])
-    assert solo[0].tolist() == free[:free.index(free[2]) + 1]
+    assert solo[0].tolist() == free[: free.index(free[2]) + 1]
 
 
 def test_first_new_token_position_is_max_plus_one(tiny_checkpoint):
@@ -156,8 +211,9 @@ def test_first_new_token_position_is_max_plus_one(tiny_checkpoint):
     folder = str(tiny_checkpoint)
     config, params = load_spec(folder)
     inputs = build("padded_batch", folder)
-    position_ids, deltas = rope_index(inputs["input_ids"], inputs["image_grid_thw"], None, None,
-                                      inputs["attention_mask"], config=config)
+    position_ids, deltas = rope_index(
+        inputs["input_ids"], inputs["image_grid_thw"], None, None, inputs["attention_mask"], config=config
+    )
     real = inputs["attention_mask"].bool()
     maxima = [int(position_ids[:, b, real[b]].max()) for b in range(2)]
     L = inputs["input_ids"].shape[1]

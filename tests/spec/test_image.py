@@ -8,10 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from qwen25vl.spec.image import CLIP_MEAN, CLIP_STD, composite_on_white, load_image, normalize, preprocess_image
 from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-from qwen25vl.spec.image import CLIP_MEAN, CLIP_STD, composite_on_white, load_image, normalize, preprocess_image
 
 
 def hf_preprocess(pil, min_pixels, max_pixels):
@@ -30,8 +29,12 @@ def png_bytes(pil, fmt="PNG", **kw):
     return buf.getvalue()
 
 
-@given(st.integers(1, 150), st.integers(1, 150), st.integers(0, 2**32 - 1),
-       st.sampled_from([(3136, 12845056), (3136, 20000), (20000, 60000), (784, 784 * 8)]))
+@given(
+    st.integers(1, 150),
+    st.integers(1, 150),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([(3136, 12845056), (3136, 20000), (20000, 60000), (784, 784 * 8)]),
+)
 def test_preprocess_equals_transformers(h, w, seed, budget):
     img = noise(seed, h, w)
     pixel_values, grid = preprocess_image(img, min_pixels=budget[0], max_pixels=budget[1])

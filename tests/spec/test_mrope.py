@@ -16,13 +16,24 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.spec.config import Qwen25VLConfig
-from qwen25vl.spec.mrope import (apply_mrope, decode_positions, mrope_cos_sin, rope_index,
-                                 rope_index_transformers_v53, rotate_half)
+from qwen25vl.spec.mrope import (
+    apply_mrope,
+    decode_positions,
+    mrope_cos_sin,
+    rope_index,
+    rope_index_transformers_v53,
+    rotate_half,
+)
 
 CFG = Qwen25VLConfig()
-IMG, VID, VS, VE, PAD = CFG.image_token_id, CFG.video_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id, 151643
+IMG, VID, VS, VE, PAD = (
+    CFG.image_token_id,
+    CFG.video_token_id,
+    CFG.vision_start_token_id,
+    CFG.vision_end_token_id,
+    151643,
+)
 
 
 def rows3(position_ids, b=0):
@@ -39,9 +50,11 @@ EXAMPLE_B = [10, 11, 12, VS] + [VID] * 16 + [VE, 13, 14]
 def test_example_a_image():
     pos, delta = rope_index(torch.tensor([EXAMPLE_A]), torch.tensor([[1, 4, 6]]), None, None, None, config=CFG)
     assert pos.dtype == torch.int64 and pos.shape == (3, 1, 13) and delta.dtype == torch.int64
-    assert rows3(pos) == [[0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9],
-                          [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 7, 8, 9],
-                          [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9]]
+    assert rows3(pos) == [
+        [0, 1, 2, 3, 4, 4, 4, 4, 4, 4, 7, 8, 9],
+        [0, 1, 2, 3, 4, 4, 4, 5, 5, 5, 7, 8, 9],
+        [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8, 9],
+    ]
     assert delta.tolist() == [[-3]]
     pos53, delta53 = rope_index_transformers_v53(torch.tensor([EXAMPLE_A]), [[1, 4, 6]], None, None, None, config=CFG)
     assert torch.equal(pos53, pos) and torch.equal(delta53, delta)  # the rules agree on images
@@ -60,9 +73,11 @@ def test_example_a_left_padded_and_decode():
 def test_example_b_video_both_rules():
     ids = torch.tensor([EXAMPLE_B])
     pos, delta = rope_index(ids, None, torch.tensor([[4, 4, 4]]), torch.tensor([1.0]), None, config=CFG)
-    assert rows3(pos) == [[0, 1, 2, 3] + [4] * 4 + [6] * 4 + [8] * 4 + [10] * 4 + [11, 12, 13],
-                          [0, 1, 2, 3] + [4, 4, 5, 5] * 4 + [11, 12, 13],
-                          [0, 1, 2, 3] + [4, 5, 4, 5] * 4 + [11, 12, 13]]
+    assert rows3(pos) == [
+        [0, 1, 2, 3] + [4] * 4 + [6] * 4 + [8] * 4 + [10] * 4 + [11, 12, 13],
+        [0, 1, 2, 3] + [4, 4, 5, 5] * 4 + [11, 12, 13],
+        [0, 1, 2, 3] + [4, 5, 4, 5] * 4 + [11, 12, 13],
+    ]
     assert delta.tolist() == [[14 - 23]]
     pos53, delta53 = rope_index_transformers_v53(ids, None, [[4, 4, 4]], None, None, config=CFG)
     assert torch.equal(pos53[:, :, :20], pos[:, :, :20])  # same vision positions
@@ -70,11 +85,14 @@ def test_example_b_video_both_rules():
     assert delta53.tolist() == [[11 - 23]]
 
 
-@pytest.mark.parametrize("spgt, relative", [
-    (0.5, [0, 1, 2, 3, 4, 5, 6, 7]),
-    (1.004, [0, 2, 4, 6, 8, 10, 12, 14]),
-    (2 / 24, [0, 0, 0, 0, 0, 0, 1, 1]),
-])
+@pytest.mark.parametrize(
+    "spgt, relative",
+    [
+        (0.5, [0, 1, 2, 3, 4, 5, 6, 7]),
+        (1.004, [0, 2, 4, 6, 8, 10, 12, 14]),
+        (2 / 24, [0, 0, 0, 0, 0, 0, 1, 1]),
+    ],
+)
 def test_example_c_temporal_ids(spgt, relative):
     ids = torch.tensor([[10] + [VID] * 8])  # 8 temporal groups of one merged token each
     pos, _ = rope_index(ids, None, [[8, 2, 2]], [spgt], None, config=CFG)
@@ -83,9 +101,13 @@ def test_example_c_temporal_ids(spgt, relative):
 
 
 def test_batch_text_row_image_row_video_row_by_hand():
-    ids = torch.tensor([[PAD, PAD, PAD, 20, 21, 22, 23, 24],
-                        [20, VS, IMG, IMG, IMG, IMG, VE, 21],
-                        [PAD, PAD, PAD, PAD, VS, VID, VID, VE]])
+    ids = torch.tensor(
+        [
+            [PAD, PAD, PAD, 20, 21, 22, 23, 24],
+            [20, VS, IMG, IMG, IMG, IMG, VE, 21],
+            [PAD, PAD, PAD, PAD, VS, VID, VID, VE],
+        ]
+    )
     mask = (ids != PAD).long()
     pos, delta = rope_index(ids, [[1, 4, 4]], [[2, 2, 2]], [2.0], mask, config=CFG)
     assert rows3(pos, 0) == [[1, 1, 1, 0, 1, 2, 3, 4]] * 3
@@ -119,7 +141,9 @@ def test_mrope_at_5_7_11_is_sectioned():
     inv = inv_freq_by_hand(128, 1e6)
     sel = [5 * f for f in inv[:16]] + [7 * f for f in inv[16:40]] + [11 * f for f in inv[40:64]]
     angles = torch.tensor(sel + sel, dtype=torch.float64)
-    cos, sin = mrope_cos_sin(torch.tensor([5, 7, 11]).view(3, 1, 1), head_dim=128, theta=1e6, mrope_section=(16, 24, 24))
+    cos, sin = mrope_cos_sin(
+        torch.tensor([5, 7, 11]).view(3, 1, 1), head_dim=128, theta=1e6, mrope_section=(16, 24, 24)
+    )
     assert cos.shape == (1, 1, 128) and cos.dtype == torch.float64
     assert torch.allclose(cos[0, 0], angles.cos(), rtol=0, atol=1e-13)
     assert torch.allclose(sin[0, 0], angles.sin(), rtol=0, atol=1e-13)
@@ -138,13 +162,16 @@ def test_text_positions_give_plain_rope(positions):
 def test_apply_mrope_equals_complex_rotation():
     gen = torch.Generator().manual_seed(1)
     B, N, K, L, D = 2, 4, 2, 5, 16
-    q, k = torch.randn(B, N, L, D, generator=gen, dtype=torch.float64), torch.randn(B, K, L, D, generator=gen, dtype=torch.float64)
+    q, k = (
+        torch.randn(B, N, L, D, generator=gen, dtype=torch.float64),
+        torch.randn(B, K, L, D, generator=gen, dtype=torch.float64),
+    )
     pos = torch.randint(0, 100, (3, B, L), generator=gen)
     cos, sin = mrope_cos_sin(pos, head_dim=D, theta=10000.0, mrope_section=[2, 3, 3])
     q2, k2 = apply_mrope(q, k, cos, sin)
     angle = torch.atan2(sin[..., : D // 2], cos[..., : D // 2])[:, None]  # [B, 1, L, D/2]
     for x, y in ((q, q2), (k, k2)):
-        z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * torch.exp(1j * angle)  # pair (i, i + D/2)
+        z = torch.complex(x[..., : D // 2], x[..., D // 2 :]) * torch.exp(1j * angle)  # pair (i, i + D/2)
         assert torch.allclose(y, torch.cat([z.real, z.imag], -1), atol=1e-12)
     assert rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [-3.0, -4.0, 1.0, 2.0]
 
@@ -153,10 +180,17 @@ def test_tables_and_application_match_transformers():
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb
 
-    cfg = Qwen2_5_VLConfig(text_config=dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1,
-                                            intermediate_size=16, num_hidden_layers=1, vocab_size=64,
-                                            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                             "mrope_section": [16, 24, 24]}))
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=256,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            vocab_size=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        )
+    )
     rotary = Qwen2_5_VLRotaryEmbedding(cfg.text_config)  # head_dim 128, as every checkpoint
     gen = torch.Generator().manual_seed(2)
     pos = torch.randint(0, 30000, (3, 2, 7), generator=gen)
@@ -209,7 +243,14 @@ def prompts(draw, videos=True, max_rows=3):
 
 
 def call(fn, p):
-    return fn(p["input_ids"], p["image_grid_thw"], p["video_grid_thw"], p["second_per_grid_ts"], p["attention_mask"], config=CFG)
+    return fn(
+        p["input_ids"],
+        p["image_grid_thw"],
+        p["video_grid_thw"],
+        p["second_per_grid_ts"],
+        p["attention_mask"],
+        config=CFG,
+    )
 
 
 @given(prompts())
@@ -246,20 +287,40 @@ def hf_model():
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=16, num_heads=2, out_hidden_size=32,
-                           spatial_merge_size=2, tokens_per_second=2),
-        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS)
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=16,
+            num_heads=2,
+            out_hidden_size=32,
+            spatial_merge_size=2,
+            tokens_per_second=2,
+        ),
+        image_token_id=IMG,
+        video_token_id=VID,
+        vision_start_token_id=VS,
+    )
     return Qwen2_5_VLModel(cfg).eval()  # ~0.1 M parameters; only get_rope_index is used
 
 
 def hf_rope_index(model, p):
     ids = p["input_ids"]
     mm = (ids == IMG).long() + 2 * (ids == VID).long()  # v5: 0 text, 1 image pad, 2 video pad
-    return model.get_rope_index(ids, mm, p["image_grid_thw"], p["video_grid_thw"], p["second_per_grid_ts"],
-                                p["attention_mask"])
+    return model.get_rope_index(
+        ids, mm, p["image_grid_thw"], p["video_grid_thw"], p["second_per_grid_ts"], p["attention_mask"]
+    )
 
 
 def assert_same_on_unpadded(ours, theirs, mask):
@@ -282,8 +343,13 @@ def test_videos_agree_with_transformers_variant(hf_model, p):
 
 
 def test_training_rule_differs_from_transformers_after_video(hf_model):
-    p = dict(input_ids=torch.tensor([EXAMPLE_B]), attention_mask=torch.ones(1, 23, dtype=torch.int64),
-             image_grid_thw=None, video_grid_thw=torch.tensor([[4, 4, 4]]), second_per_grid_ts=None)
+    p = dict(
+        input_ids=torch.tensor([EXAMPLE_B]),
+        attention_mask=torch.ones(1, 23, dtype=torch.int64),
+        image_grid_thw=None,
+        video_grid_thw=torch.tensor([[4, 4, 4]]),
+        second_per_grid_ts=None,
+    )
     hf_pos, _ = hf_rope_index(hf_model, p)
     ours, _ = call(rope_index, p)
     assert hf_pos[0, 0, 20:].tolist() == [6, 7, 8] and ours[0, 0, 20:].tolist() == [11, 12, 13]
@@ -329,8 +395,11 @@ def test_fewer_pad_runs_than_grid_rows():
 
 def test_run_length_does_not_match_grid():
     ids = torch.tensor([[5, VS] + [IMG] * 4 + [VE]])
-    with pytest.raises(ValueError, match=r"input_ids row 0: image pad run at tokens 2..5 has 4 tokens, "
-                                         r"but image_grid_thw\[0\] = \[1, 4, 6\] needs t\*h\*w/4 = 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"input_ids row 0: image pad run at tokens 2..5 has 4 tokens, "
+        r"but image_grid_thw\[0\] = \[1, 4, 6\] needs t\*h\*w/4 = 6",
+    ):
         rope_index(ids, [[1, 4, 6]], None, None, None, config=CFG)
 
 
@@ -350,13 +419,17 @@ def test_bad_attention_mask_and_inputs():
 
 def test_odd_grid_not_divisible_by_merge():
     ids = torch.tensor([[VS] + [IMG] * 5 + [VE]])
-    with pytest.raises(ValueError, match=r"image_grid_thw\[0\] = \[1, 5, 4\]: h and w must be multiples of merge_size 2"):
+    with pytest.raises(
+        ValueError, match=r"image_grid_thw\[0\] = \[1, 5, 4\]: h and w must be multiples of merge_size 2"
+    ):
         rope_index(ids, [[1, 5, 4]], None, None, None, config=CFG)
 
 
 def test_bad_table_and_decode_arguments():
     pos = torch.zeros(3, 1, 2, dtype=torch.int64)
-    with pytest.raises(ValueError, match=r"mrope_section \[16, 24, 16\] must be three sizes summing to head_dim/2 = 64"):
+    with pytest.raises(
+        ValueError, match=r"mrope_section \[16, 24, 16\] must be three sizes summing to head_dim/2 = 64"
+    ):
         mrope_cos_sin(pos, head_dim=128, theta=1e6, mrope_section=[16, 24, 16])
     with pytest.raises(ValueError, match=r"position_ids must have shape \[3, B, L\]"):
         mrope_cos_sin(pos[0], head_dim=128, theta=1e6, mrope_section=[16, 24, 24])

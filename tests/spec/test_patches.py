@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.spec.patches import patchify, unpatchify
 
 
@@ -25,9 +24,9 @@ def patchify_by_loops(frames, p=14, tp=2, m=2):
                         value = np.empty(C * tp * p * p, frames.dtype)
                         for c in range(C):
                             for tau in range(tp):
-                                patch = frames[t * tp + tau, c, row * p:(row + 1) * p, col * p:(col + 1) * p]
+                                patch = frames[t * tp + tau, c, row * p : (row + 1) * p, col * p : (col + 1) * p]
                                 start = c * tp * p * p + tau * p * p
-                                value[start:start + p * p] = patch.reshape(-1)
+                                value[start : start + p * p] = patch.reshape(-1)
                         rows.append(value)
     return np.stack(rows), [gt, gh, gw]
 

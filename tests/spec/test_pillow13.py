@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
-
 from qwen25vl.spec.resize import _resample_axis, resize_bicubic
 
 PILLOW13 = os.environ.get("QWEN25VL_PILLOW13_PYTHON")
@@ -58,8 +57,12 @@ def pillow13_outputs(tmp_path_factory):
         arrays["size_" + name] = np.array(out_size)
     np.savez(folder / "in.npz", **arrays)
     (folder / "run.py").write_text(SCRIPT)
-    subprocess.run([PILLOW13, str(folder / "run.py"), str(folder / "in.npz"), str(folder / "out.npz")],
-                   check=True, timeout=120, capture_output=True)
+    subprocess.run(
+        [PILLOW13, str(folder / "run.py"), str(folder / "in.npz"), str(folder / "out.npz")],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
     with np.load(folder / "out.npz") as out:
         return images, {name: out[name] for name in out.files}
 

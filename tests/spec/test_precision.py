@@ -10,19 +10,21 @@ import dataclasses
 
 import pytest
 import torch
-
 from qwen25vl.spec import text
 from qwen25vl.spec.checkpoint import load_checkpoint
 from qwen25vl.spec.forward import precision_profile, stage_names
 from qwen25vl.spec.mrope import mrope_cos_sin
+
 from tests.spec.test_generate import build
 from tests.spec.test_text import random_params, tiny_config
 
 
 def table(p32: dict, p16: dict) -> str:
     rows = ["| stage | float32 max abs | float32 rel | bfloat16 max abs | bfloat16 rel |", "|---|---|---|---|---|"]
-    rows += [f"| `{n}` | {p32[n]['max_abs']:.1e} | {p32[n]['rel']:.1e} | {p16[n]['max_abs']:.1e} | {p16[n]['rel']:.1e} |"
-             for n in p32]
+    rows += [
+        f"| `{n}` | {p32[n]['max_abs']:.1e} | {p32[n]['rel']:.1e} | {p16[n]['max_abs']:.1e} | {p16[n]['rel']:.1e} |"
+        for n in p32
+    ]
     return "\n".join(rows)
 
 
@@ -48,13 +50,18 @@ def test_precision_profile_tiny_padded_batch(tiny_checkpoint):
 def test_one_layer_at_real_width(hidden, heads, kv_heads, intermediate):
     """One decoder layer at the 3B width (random bfloat16 weights, 16 tokens): the per-layer error a
     real checkpoint adds, since the tiny width (32) accumulates less rounding per dot product."""
-    cfg = dataclasses.replace(tiny_config(hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
-                                          mrope=(16, 24, 24), layers=1), vocab_size=8)
+    cfg = dataclasses.replace(
+        tiny_config(
+            hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate, mrope=(16, 24, 24), layers=1
+        ),
+        vocab_size=8,
+    )
     params = {k: v.to(torch.bfloat16) for k, v in random_params(cfg, seed=1, dtype=torch.float32).items()}
     x = torch.randn(1, 16, hidden, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     position_ids = torch.arange(16).expand(3, 1, 16)
-    cos, sin = mrope_cos_sin(position_ids, head_dim=128, theta=cfg.rope_theta, mrope_section=cfg.mrope_section,
-                             dtype=torch.float64)
+    cos, sin = mrope_cos_sin(
+        position_ids, head_dim=128, theta=cfg.rope_theta, mrope_section=cfg.mrope_section, dtype=torch.float64
+    )
     mask = torch.ones(1, 16, dtype=torch.int64)
     outs = {}
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
@@ -62,6 +69,8 @@ def test_one_layer_at_real_width(hidden, heads, kv_heads, intermediate):
         outs[dtype], _ = text.decoder_layer(p, cfg, 0, x.to(dtype), cos.to(dtype), sin.to(dtype), mask)
     ref = outs[torch.float64]
     rel = {d: ((outs[d].double() - ref).abs().max() / ref.abs().max()).item() for d in (torch.float32, torch.bfloat16)}
-    print(f"\none layer at width {hidden}: rel err float32 {rel[torch.float32]:.1e}, bfloat16 {rel[torch.bfloat16]:.1e}")
+    print(
+        f"\none layer at width {hidden}: rel err float32 {rel[torch.float32]:.1e}, bfloat16 {rel[torch.bfloat16]:.1e}"
+    )
     assert rel[torch.float32] < 5e-6
     assert 1e-4 < rel[torch.bfloat16] < 5e-2

@@ -8,9 +8,6 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image
-# image_processing_qwen2_vl needs torchvision (not installed); its smart_resize is copied verbatim into the PIL module
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
-
 from qwen25vl.spec.resize import (
     MAX_SIDE,
     PRECISION_BITS,
@@ -19,6 +16,9 @@ from qwen25vl.spec.resize import (
     smart_resize,
     smart_resize_qwen_vl_utils,
 )
+
+# image_processing_qwen2_vl needs torchvision (not installed); its smart_resize is copied verbatim into the PIL module
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 CKPT = dict(min_pixels=3136, max_pixels=12845056)  # hub preprocessor_config.json of Qwen2.5-VL
 HF_CLASS = dict(min_pixels=3136, max_pixels=1003520)  # transformers' class default
@@ -50,8 +50,10 @@ def test_reference_vectors(size, ckpt, hf_class, qvu):
     assert smart_resize_qwen_vl_utils(*size, **CKPT) == qvu
 
 
-@pytest.mark.parametrize("size, expected", [((1080, 1920), (560, 1008)), ((720, 1280), (560, 1008)),
-                                            ((360, 640), (364, 644)), ((240, 320), (280, 392))])
+@pytest.mark.parametrize(
+    "size, expected",
+    [((1080, 1920), (560, 1008)), ((720, 1280), (560, 1008)), ((360, 640), (364, 644)), ((240, 320), (280, 392))],
+)
 def test_video_budget_vectors(size, expected):
     assert smart_resize(*size, **VIDEO) == expected
     assert smart_resize_qwen_vl_utils(*size, **VIDEO) == expected
@@ -100,7 +102,8 @@ def test_smart_resize_equals_transformers(h, w, budget, factor):
     assume(max(h, w) / min(h, w) <= 200)
     lo, hi = budget
     assert smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi) == hf_smart_resize(
-        h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+        h, w, factor=factor, min_pixels=lo, max_pixels=hi
+    )
 
 
 @given(sides, sides, budgets)
@@ -150,24 +153,40 @@ def noise(rng, h, w, c=3):
     return rng.integers(0, 256, (h, w, c), dtype=np.uint8)
 
 
-@given(st.integers(1, 70), st.integers(1, 70), st.integers(1, 90), st.integers(1, 90),
-       st.integers(0, 2**32 - 1), st.sampled_from([1, 3]))
+@given(
+    st.integers(1, 70),
+    st.integers(1, 70),
+    st.integers(1, 90),
+    st.integers(1, 90),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 3]),
+)
 def test_resize_bicubic_equals_pillow(in_h, in_w, out_h, out_w, seed, channels):
     img = noise(np.random.default_rng(seed), in_h, in_w, channels)
     np.testing.assert_array_equal(resize_bicubic(img, (out_h, out_w)), pil_bicubic(img, (out_h, out_w)))
 
 
-@pytest.mark.parametrize("in_size, out_size", [
-    ((64, 48), (32, 24)),  # shrink both
-    ((20, 30), (61, 97)),  # grow both
-    ((60, 20), (30, 50)),  # width grows, height shrinks
-    ((20, 60), (50, 30)),  # width shrinks, height grows
-    ((1, 1), (28, 56)), ((1, 40), (28, 28)), ((40, 1), (28, 28)), ((30, 30), (1, 1)),  # 1-pixel sides
-    ((300, 2), (150, 4)), ((1000, 5), (28, 56)), ((250, 2), (249, 2)),  # >100x taller, height shrinks
-    ((2, 300), (4, 150)),  # >100x wider: no special order
-    ((37, 53), (37, 53)), ((37, 53), (37, 80)), ((37, 53), (10, 53)),  # one or no pass
-    ((333, 257), (28, 28)),  # heavy shrink: wide kernels
-])
+@pytest.mark.parametrize(
+    "in_size, out_size",
+    [
+        ((64, 48), (32, 24)),  # shrink both
+        ((20, 30), (61, 97)),  # grow both
+        ((60, 20), (30, 50)),  # width grows, height shrinks
+        ((20, 60), (50, 30)),  # width shrinks, height grows
+        ((1, 1), (28, 56)),
+        ((1, 40), (28, 28)),
+        ((40, 1), (28, 28)),
+        ((30, 30), (1, 1)),  # 1-pixel sides
+        ((300, 2), (150, 4)),
+        ((1000, 5), (28, 56)),
+        ((250, 2), (249, 2)),  # >100x taller, height shrinks
+        ((2, 300), (4, 150)),  # >100x wider: no special order
+        ((37, 53), (37, 53)),
+        ((37, 53), (37, 80)),
+        ((37, 53), (10, 53)),  # one or no pass
+        ((333, 257), (28, 28)),  # heavy shrink: wide kernels
+    ],
+)
 def test_resize_bicubic_fixed_cases(in_size, out_size):
     rng = np.random.default_rng(sum(in_size) * 1000 + sum(out_size))
     img = noise(rng, *in_size)

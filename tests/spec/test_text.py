@@ -11,15 +11,21 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.spec import text
 from qwen25vl.spec.config import Qwen25VLConfig, VisionConfig
 
 
 def tiny_config(hidden=32, heads=4, kv_heads=2, intermediate=48, vocab=64, layers=1, mrope=(2, 1, 1)):
-    return Qwen25VLConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv_heads, mrope_section=mrope,
-                          vision=VisionConfig(out_hidden_size=hidden))
+    return Qwen25VLConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        mrope_section=mrope,
+        vision=VisionConfig(out_hidden_size=hidden),
+    )
 
 
 def random_params(config, seed=0, dtype=torch.float64, scale=0.3):
@@ -30,17 +36,29 @@ def random_params(config, seed=0, dtype=torch.float64, scale=0.3):
     def r(*shape, s=scale):
         return torch.randn(*shape, generator=g, dtype=dtype) * s
 
-    p = {"model.embed_tokens.weight": r(config.vocab_size, C, s=1.0), "model.norm.weight": 1 + r(C),
-         "lm_head.weight": r(config.vocab_size, C)}
+    p = {
+        "model.embed_tokens.weight": r(config.vocab_size, C, s=1.0),
+        "model.norm.weight": 1 + r(C),
+        "lm_head.weight": r(config.vocab_size, C),
+    }
     for i in range(config.num_hidden_layers):
         a = f"model.layers.{i}."
-        p.update({a + "self_attn.q_proj.weight": r(N * D, C, s=C**-0.5), a + "self_attn.q_proj.bias": r(N * D),
-                  a + "self_attn.k_proj.weight": r(K * D, C, s=C**-0.5), a + "self_attn.k_proj.bias": r(K * D),
-                  a + "self_attn.v_proj.weight": r(K * D, C, s=C**-0.5), a + "self_attn.v_proj.bias": r(K * D),
-                  a + "self_attn.o_proj.weight": r(C, N * D, s=(N * D) ** -0.5),
-                  a + "mlp.gate_proj.weight": r(I, C, s=C**-0.5), a + "mlp.up_proj.weight": r(I, C, s=C**-0.5),
-                  a + "mlp.down_proj.weight": r(C, I, s=I**-0.5),
-                  a + "input_layernorm.weight": 1 + r(C), a + "post_attention_layernorm.weight": 1 + r(C)})
+        p.update(
+            {
+                a + "self_attn.q_proj.weight": r(N * D, C, s=C**-0.5),
+                a + "self_attn.q_proj.bias": r(N * D),
+                a + "self_attn.k_proj.weight": r(K * D, C, s=C**-0.5),
+                a + "self_attn.k_proj.bias": r(K * D),
+                a + "self_attn.v_proj.weight": r(K * D, C, s=C**-0.5),
+                a + "self_attn.v_proj.bias": r(K * D),
+                a + "self_attn.o_proj.weight": r(C, N * D, s=(N * D) ** -0.5),
+                a + "mlp.gate_proj.weight": r(I, C, s=C**-0.5),
+                a + "mlp.up_proj.weight": r(I, C, s=C**-0.5),
+                a + "mlp.down_proj.weight": r(C, I, s=I**-0.5),
+                a + "input_layernorm.weight": 1 + r(C),
+                a + "post_attention_layernorm.weight": 1 + r(C),
+            }
+        )
     return p
 
 
@@ -52,6 +70,7 @@ def random_rotation(B, L, D, seed=1, dtype=torch.float64):
 
 
 # ---------------------------------------------------------------- embedding and scatter
+
 
 def test_embed_picks_rows():
     table = torch.arange(10 * 3, dtype=torch.float64).view(10, 3)
@@ -101,20 +120,26 @@ def test_scatter_video_tokens_without_features():
 
 # ---------------------------------------------------------------- mask
 
+
 def test_attention_allowed_literal():
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     got = text.attention_allowed(mask, 4)[:, 0].int().tolist()
-    assert got[0] == [[1, 0, 0, 0],  # a padding query sees only itself
-                      [0, 1, 0, 0],
-                      [0, 1, 1, 0],
-                      [0, 1, 1, 1]]
+    assert got[0] == [
+        [1, 0, 0, 0],  # a padding query sees only itself
+        [0, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 1, 1, 1],
+    ]
     assert got[1] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     # two new tokens after three cached ones: queries sit at cache index 3 and 4
-    assert text.attention_allowed(torch.tensor([[0, 1, 1, 1, 1]]), 2)[0, 0].int().tolist() == [[0, 1, 1, 1, 0],
-                                                                                               [0, 1, 1, 1, 1]]
+    assert text.attention_allowed(torch.tensor([[0, 1, 1, 1, 1]]), 2)[0, 0].int().tolist() == [
+        [0, 1, 1, 1, 0],
+        [0, 1, 1, 1, 1],
+    ]
 
 
 # ---------------------------------------------------------------- attention
+
 
 def loop_attention(params, cfg, i, x, cos, sin, mask):
     """Per-head, per-query loop: rotate, dot with every allowed key, softmax, weighted sum."""
@@ -126,7 +151,7 @@ def loop_attention(params, cfg, i, x, cos, sin, mask):
     v = (x @ params[p + "v_proj.weight"].T + params[p + "v_proj.bias"]).view(B, L, K, D)
 
     def rot(t, b, s):  # t [D]: t*cos + rotate_half(t)*sin
-        half = torch.cat([-t[D // 2:], t[:D // 2]])
+        half = torch.cat([-t[D // 2 :], t[: D // 2]])
         return t * cos[b, s] + half * sin[b, s]
 
     out = torch.zeros(B, L, N, D, dtype=x.dtype)
@@ -171,15 +196,19 @@ def test_cache_continuation_equals_one_pass():
     outs = [first]
     for s in range(4, 7):  # one token at a time, as decoding does
         step = slice(s, s + 1)
-        o, cache = text.decoder_layer(params, cfg, 0, x[:, step], cos[:, step], sin[:, step], mask[:, :s + 1], cache)
+        o, cache = text.decoder_layer(params, cfg, 0, x[:, step], cos[:, step], sin[:, step], mask[:, : s + 1], cache)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1)[mask.bool()], full[mask.bool()], rtol=0, atol=1e-12)
     torch.testing.assert_close(cache[0], full_cache[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(cache[1], full_cache[1], rtol=0, atol=1e-12)
 
 
-@given(pads=st.lists(st.integers(0, 4), min_size=1, max_size=3), length=st.integers(1, 6),
-       split=st.integers(0, 6), seed=st.integers(0, 2**16))
+@given(
+    pads=st.lists(st.integers(0, 4), min_size=1, max_size=3),
+    length=st.integers(1, 6),
+    split=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_attention_property_loop_and_cache(pads, length, split, seed):
     """Any left padding, any prefix/rest split: one pass = the per-head loop = prefix + cached rest."""
     cfg = tiny_config(heads=4, kv_heads=2)
@@ -219,7 +248,9 @@ def test_attention_mask_shape_mismatch():
     params = random_params(cfg)
     x = torch.zeros(1, 3, 32, dtype=torch.float64)
     cos, sin = random_rotation(1, 3, cfg.head_dim)
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 4\), expected \(batch 1, cached \+ new tokens 3\)"):
+    with pytest.raises(
+        ValueError, match=r"attention_mask has shape \(1, 4\), expected \(batch 1, cached \+ new tokens 3\)"
+    ):
         text.decoder_layer(params, cfg, 0, x, cos, sin, torch.ones(1, 4, dtype=torch.int64))
 
 
@@ -233,28 +264,40 @@ def test_mlp_and_head_formulas():
     torch.testing.assert_close(text.mlp(params, 0, x), want, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(text.lm_head(params, x), torch.einsum("blc,vc->blv", x, params["lm_head.weight"]))
     w = params["model.norm.weight"]
-    torch.testing.assert_close(text.final_norm(params, cfg, x), w * x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(
+        text.final_norm(params, cfg, x), w * x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
+    )
 
 
 # ---------------------------------------------------------------- against transformers, real widths
+
 
 def hf_decoder_layer(cfg, params, dtype):
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 
-    hf_cfg = Qwen2_5_VLTextConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                                  num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                                  num_hidden_layers=1, vocab_size=cfg.vocab_size, rms_norm_eps=cfg.rms_norm_eps)
+    hf_cfg = Qwen2_5_VLTextConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        num_hidden_layers=1,
+        vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.rms_norm_eps,
+    )
     hf_cfg._attn_implementation = "eager"
     with torch.device("meta"):  # skip transformers' own weight init: the weights are ours
         layer = Qwen2_5_VLDecoderLayer(hf_cfg, 0).eval()
-    layer.load_state_dict({k[len("model.layers.0."):]: v.to(dtype) for k, v in params.items()
-                           if k.startswith("model.layers.0.")}, assign=True)
+    layer.load_state_dict(
+        {k[len("model.layers.0.") :]: v.to(dtype) for k, v in params.items() if k.startswith("model.layers.0.")},
+        assign=True,
+    )
     return layer
 
 
-@pytest.mark.parametrize("hidden,heads,kv_heads,intermediate", [(2048, 16, 2, 11008), (3584, 28, 4, 18944)],
-                         ids=["3B", "7B"])
+@pytest.mark.parametrize(
+    "hidden,heads,kv_heads,intermediate", [(2048, 16, 2, 11008), (3584, 28, 4, 18944)], ids=["3B", "7B"]
+)
 def test_decoder_layer_real_width_matches_transformers(hidden, heads, kv_heads, intermediate):
     """One layer at the 3B / 7B widths (head_dim 128), random weights, 6 tokens, one padded, float32."""
     cfg = tiny_config(hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate, mrope=(16, 24, 24))

@@ -10,11 +10,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from qwen25vl.spec.tokens import build_inputs, decode, expand_vision_tokens, load_tokenizer, save_tokenizer
 from transformers import AutoTokenizer, Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from qwen25vl.spec.tokens import build_inputs, decode, expand_vision_tokens, load_tokenizer, save_tokenizer
 from tests.conftest import MODEL_CONFIG_DIR, TOKENIZER_DIR
 
 # ---------------------------------------------------------------------------------------------
@@ -44,10 +44,23 @@ def toks(folders):
     }
 
 
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-            "<tool_call>", "<|fim_pad|>", "<|im_start", "|>"]
-PIECES = SPECIALS + list("aZ é中文日本語한국어عربي😀👍🏽\u0301\u00a0\u3000\t\n\r 0123456789.,!?'\"-_/\\()[]{}<>|") + [
-    "\r\n", "   ", "\n\n", "'s", "'LL", "'re", "Hello", " world", "e\u0301", "ﬁ", "１２３", "x²", "--->"]
+SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<tool_call>",
+    "<|fim_pad|>",
+    "<|im_start",
+    "|>",
+]
+PIECES = (
+    SPECIALS
+    + list("aZ é中文日本語한국어عربي😀👍🏽\u0301\u00a0\u3000\t\n\r 0123456789.,!?'\"-_/\\()[]{}<>|")
+    + ["\r\n", "   ", "\n\n", "'s", "'LL", "'re", "Hello", " world", "e\u0301", "ﬁ", "１２３", "x²", "--->"]
+)
 texts = st.one_of(
     st.lists(st.sampled_from(PIECES), max_size=25).map("".join),
     st.text(max_size=30),
@@ -112,7 +125,7 @@ def test_expand_counts(grids, data):
     # Scatter the pads over 1..3 rows; the i-th pad in reading order must get grid i's count.
     grids = [(t, 2 * h, 2 * w) for t, h, w in grids]
     cuts = sorted(data.draw(st.lists(st.integers(0, len(grids)), min_size=2, max_size=2)))
-    rows = [grids[: cuts[0]], grids[cuts[0]: cuts[1]], grids[cuts[1]:]]
+    rows = [grids[: cuts[0]], grids[cuts[0] : cuts[1]], grids[cuts[1] :]]
     texts = ["#".join(IMG for _ in r) + "." for r in rows]
     out = expand_vision_tokens(texts, grids or None, None)
     for r, text in zip(rows, out):
@@ -123,11 +136,29 @@ def test_expand_counts(grids, data):
 @pytest.mark.parametrize(
     "texts, image_grid, video_grid, error, words",
     [
-        ([IMG, IMG], [[1, 2, 2]], None, ValueError, "more pads than grids: the texts hold 2 <|image_pad|> but image_grid_thw has 1"),
-        ([IMG], [[1, 2, 2], [1, 2, 2]], None, ValueError, "fewer pads than grids: the texts hold 1 <|image_pad|> but image_grid_thw has 2"),
+        (
+            [IMG, IMG],
+            [[1, 2, 2]],
+            None,
+            ValueError,
+            "more pads than grids: the texts hold 2 <|image_pad|> but image_grid_thw has 1",
+        ),
+        (
+            [IMG],
+            [[1, 2, 2], [1, 2, 2]],
+            None,
+            ValueError,
+            "fewer pads than grids: the texts hold 1 <|image_pad|> but image_grid_thw has 2",
+        ),
         ([VID + VID + VID], None, [[1, 2, 2]], ValueError, "more pads than grids: the texts hold 3 <|video_pad|>"),
         (["x"], None, [[1, 2, 2]], ValueError, "fewer pads than grids: the texts hold 0 <|video_pad|>"),
-        ([IMG], [[1, 3, 2]], None, ValueError, "image_grid_thw[0] = [1, 3, 2]: h and w must be multiples of merge_size 2"),
+        (
+            [IMG],
+            [[1, 3, 2]],
+            None,
+            ValueError,
+            "image_grid_thw[0] = [1, 3, 2]: h and w must be multiples of merge_size 2",
+        ),
         ([IMG], [[1, 2]], None, ValueError, "image_grid_thw must have shape [k, 3]"),
         ([VID], None, [[0, 2, 2]], ValueError, "video_grid_thw[0] = [0, 2, 2] must be positive"),
         (IMG, [[1, 2, 2]], None, TypeError, "texts must be a list of str"),
@@ -159,8 +190,12 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
 def processor(toks):
     with open(os.path.join(MODEL_CONFIG_DIR, "preprocessor_config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
-    kwargs = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class", "min_pixels", "max_pixels")}
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": cfg["min_pixels"], "longest_edge": cfg["max_pixels"]}, **kwargs)
+    kwargs = {
+        k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class", "min_pixels", "max_pixels")
+    }
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": cfg["min_pixels"], "longest_edge": cfg["max_pixels"]}, **kwargs
+    )
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=toks["hf_bpe"], chat_template=TEMPLATE)
 
 
@@ -182,8 +217,12 @@ def batches(draw):
         conv = [{"role": "system", "content": "Be brief."}] if draw(st.booleans()) else []
         for turn in range(draw(st.integers(1, 3))):
             parts = draw(st.lists(st.sampled_from(["image", "text"]), min_size=1, max_size=4))
-            content = [{"type": "image"} if p == "image" else {"type": "text", "text": draw(st.sampled_from(["Describe.", " and ", "中文\n", "12 pts"]))}
-                       for p in parts]
+            content = [
+                {"type": "image"}
+                if p == "image"
+                else {"type": "text", "text": draw(st.sampled_from(["Describe.", " and ", "中文\n", "12 pts"]))}
+                for p in parts
+            ]
             conv.append({"role": "user", "content": content})
             if draw(st.booleans()):
                 conv.append({"role": "assistant", "content": "A cat."})
@@ -194,7 +233,9 @@ def batches(draw):
 @given(batches(), st.integers(0, 2**32 - 1))
 def test_build_inputs_equals_processor(toks, processor, batch, seed):
     rng = np.random.default_rng(seed)
-    n_images = sum(p.get("type") == "image" for conv in batch for m in conv if isinstance(m["content"], list) for p in m["content"])
+    n_images = sum(
+        p.get("type") == "image" for conv in batch for m in conv if isinstance(m["content"], list) for p in m["content"]
+    )
     images = [random_image(rng) for _ in range(n_images)]
     ours = build_inputs(batch, images, None, toks["ours_bpe"])
     ref = hf_inputs(processor, batch, images)
@@ -216,14 +257,25 @@ def test_left_padded_batch_mid_prompt_images(toks, processor):
     a = Image.new("RGB", (56, 56), (200, 10, 10))
     b = Image.new("RGB", (112, 56), (10, 200, 10))
     batch = [
-        [{"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image", "image": a},
-                                      {"type": "text", "text": " with "}, {"type": "image", "image": np.asarray(b)},
-                                      {"type": "text", "text": "."}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Compare "},
+                    {"type": "image", "image": a},
+                    {"type": "text", "text": " with "},
+                    {"type": "image", "image": np.asarray(b)},
+                    {"type": "text", "text": "."},
+                ],
+            }
+        ],
         [{"role": "user", "content": "Hi"}],
     ]
     ours = build_inputs(batch, None, None, toks["ours_bpe"])  # media taken from the parts
     ref = hf_inputs(processor, batch, [a, b])
-    assert torch.equal(ours["input_ids"], ref["input_ids"]) and torch.equal(ours["attention_mask"], ref["attention_mask"])
+    assert torch.equal(ours["input_ids"], ref["input_ids"]) and torch.equal(
+        ours["attention_mask"], ref["attention_mask"]
+    )
     assert ours["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
     ids = ours["input_ids"]
     assert (ids[0] == 151655).sum() == 4 + 8
@@ -240,32 +292,83 @@ def test_video_token_count_by_hand(toks):
     # transformers' video processor needs torchvision (not installed), so the count is checked by hand:
     # 4 frames of 56x56 at a 56*56 budget -> grid (4/2, 56/14, 56/14) = (2, 4, 4) -> 2*4*4/4 = 8 tokens.
     frames = [np.full((56, 56, 3), 30 * k, dtype=np.uint8) for k in range(4)]
-    conv = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "image"}, {"type": "text", "text": "What changes?"}]}]
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": frames},
+                {"type": "image"},
+                {"type": "text", "text": "What changes?"},
+            ],
+        }
+    ]
     image = Image.new("RGB", (56, 56))
-    out = build_inputs(conv, [image], None, toks["ours_bpe"], video_options={"min_pixels": 56 * 56, "max_pixels": 56 * 56})
+    out = build_inputs(
+        conv, [image], None, toks["ours_bpe"], video_options={"min_pixels": 56 * 56, "max_pixels": 56 * 56}
+    )
     assert out["video_grid_thw"].tolist() == [[2, 4, 4]]
     assert out["pixel_values_videos"].shape == (2 * 4 * 4, 1176)
     assert out["second_per_grid_ts"].dtype == torch.float64 and out["second_per_grid_ts"].shape == (1,)
     ids = out["input_ids"][0].tolist()
     start = ids.index(151652)  # <|vision_start|>, the video's (it comes first)
-    assert ids[start + 1: start + 10] == [151656] * 8 + [151653]
+    assert ids[start + 1 : start + 10] == [151656] * 8 + [151653]
     assert ids.count(151655) == 4 and out["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
 @pytest.mark.parametrize(
     "conversations, images, videos, error, words",
     [
-        ([{"role": "user", "content": [{"type": "image"}]}], [], None, ValueError, "images has 0 items but the conversations have 1 image parts"),
-        ([{"role": "user", "content": "x"}], ["a.png"], None, ValueError, "images has 1 items but the conversations have 0 image parts"),
-        ([{"role": "user", "content": [{"video": "v.mp4"}]}], None, [], ValueError, "videos has 0 items but the conversations have 1 video parts"),
-        ([{"role": "user", "content": [{"type": "image"}]}], None, None, ValueError, "conversations[0][0]['content'][0] is an image part with no"),
+        (
+            [{"role": "user", "content": [{"type": "image"}]}],
+            [],
+            None,
+            ValueError,
+            "images has 0 items but the conversations have 1 image parts",
+        ),
+        (
+            [{"role": "user", "content": "x"}],
+            ["a.png"],
+            None,
+            ValueError,
+            "images has 1 items but the conversations have 0 image parts",
+        ),
+        (
+            [{"role": "user", "content": [{"video": "v.mp4"}]}],
+            None,
+            [],
+            ValueError,
+            "videos has 0 items but the conversations have 1 video parts",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "image"}]}],
+            None,
+            None,
+            ValueError,
+            "conversations[0][0]['content'][0] is an image part with no",
+        ),
         ([{"role": "user", "content": "<|image_pad|> typed"}], None, None, ValueError, "more pads than grids"),
-        ([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], None, None, ValueError,
-         "conversations[0]: messages[0]['content'][0] has unknown content type 'audio'"),
-        ([[{"role": "user", "content": "x"}], [{"role": "user", "content": "y"}, "hi"]], None, None, TypeError,
-         "conversations[1]: messages[1] must be a dict"),
+        (
+            [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
+            None,
+            None,
+            ValueError,
+            "conversations[0]: messages[0]['content'][0] has unknown content type 'audio'",
+        ),
+        (
+            [[{"role": "user", "content": "x"}], [{"role": "user", "content": "y"}, "hi"]],
+            None,
+            None,
+            TypeError,
+            "conversations[1]: messages[1] must be a dict",
+        ),
         ([{"role": "user", "content": "x"}, "hi"], None, None, TypeError, "messages[1] must be a dict"),
-        ([[{"role": "user", "content": "x"}], "hi"], None, None, TypeError, "conversations[1] must be a list of message dicts"),
+        (
+            [[{"role": "user", "content": "x"}], "hi"],
+            None,
+            None,
+            TypeError,
+            "conversations[1] must be a list of message dicts",
+        ),
         ([], None, None, ValueError, "conversations is empty"),
         ("hello", None, None, TypeError, "conversations must be a list"),
         ([{"role": "user", "content": [{"type": "image"}]}], "a.png", None, TypeError, "images must be a list"),

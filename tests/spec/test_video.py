@@ -15,7 +15,6 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image
-
 from qwen25vl.spec.image import CLIP_MEAN, CLIP_STD
 from qwen25vl.spec.resize import resize_bicubic
 from qwen25vl.spec.video import (
@@ -63,9 +62,30 @@ def frame_count_by_hand(total, video_fps, fps, min_frames, max_frames):
 # ------------------------------------------------------------------------------------------------------
 # frame count and indices
 
+
 def test_hf_reference_examples():
-    assert sample_frame_indices(300, 30) == [0, 16, 31, 47, 63, 79, 94, 110, 126, 142, 157, 173, 189, 205, 220,
-                                             236, 252, 268, 283, 299]
+    assert sample_frame_indices(300, 30) == [
+        0,
+        16,
+        31,
+        47,
+        63,
+        79,
+        94,
+        110,
+        126,
+        142,
+        157,
+        173,
+        189,
+        205,
+        220,
+        236,
+        252,
+        268,
+        283,
+        299,
+    ]
     assert sampled_frame_count(251, 25) == 20  # n0 = 20.08
     assert sample_frame_indices(10, 1.0, nframes=4) == [0, 3, 6, 9]
     assert sampled_frame_count(3, 30) == 2  # min_frames 4 is capped by T: 3 frames -> 2
@@ -81,8 +101,13 @@ def test_sampled_fps_and_second_per_grid_t():
     assert grid.tolist() == [[10, 2, 2]] and spgt == pytest.approx(1.0)  # 2 / (20 / 300 * 30)
 
 
-@given(total=st.integers(1, 3000), video_fps=st.sampled_from([1.0, 7.5, 23.976, 25.0, 29.97, 30.0, 60.0, 120.0]),
-       fps=st.floats(0.05, 8.0), min_frames=st.integers(1, 12), max_frames=st.integers(1, 1000))
+@given(
+    total=st.integers(1, 3000),
+    video_fps=st.sampled_from([1.0, 7.5, 23.976, 25.0, 29.97, 30.0, 60.0, 120.0]),
+    fps=st.floats(0.05, 8.0),
+    min_frames=st.integers(1, 12),
+    max_frames=st.integers(1, 1000),
+)
 def test_frame_count_matches_qwen_vl_utils(qvu, total, video_fps, fps, min_frames, max_frames):
     ele = {"fps": fps, "min_frames": min_frames, "max_frames": max_frames}
     by_hand = frame_count_by_hand(total, video_fps, fps, min_frames, max_frames)
@@ -117,8 +142,13 @@ def test_default_max_frames_equals_min_768_total(qvu):
             assert sampled_frame_count(total, video_fps) == qvu.smart_nframes({}, total, video_fps)
 
 
-@given(total=st.integers(2, 11999), video_fps=st.floats(0.5, 120.0), fps=st.floats(0.05, 8.0),
-       min_frames=st.integers(1, 12), max_frames=st.integers(2, 800))
+@given(
+    total=st.integers(2, 11999),
+    video_fps=st.floats(0.5, 120.0),
+    fps=st.floats(0.05, 8.0),
+    min_frames=st.integers(1, 12),
+    max_frames=st.integers(2, 800),
+)
 def test_indices_properties(total, video_fps, fps, min_frames, max_frames):
     n = frame_count_by_hand(total, video_fps, fps, min_frames, max_frames)
     assume(n is not None)
@@ -142,20 +172,26 @@ def test_long_video_indices_follow_float32_linspace():
 # ------------------------------------------------------------------------------------------------------
 # pixel budget
 
+
 def budget_by_hand(nframes, min_pixels, max_pixels, total_pixels, *, floor):
     """qwen-vl-utils fetch_video budget (float division), or with the division floored (transformers)."""
     per_frame = total_pixels * 2 // nframes if floor else total_pixels / nframes * 2
     return min(max_pixels, max(min(VIDEO_MAX_PIXELS, per_frame), int(min_pixels * 1.05)))
 
 
-@given(height=st.integers(15, 4000), width=st.integers(15, 4000), nframes=st.integers(1, 384).map(lambda k: 2 * k),
-       min_pixels=st.sampled_from([VIDEO_MIN_PIXELS, 3136, 50176]),
-       max_pixels=st.sampled_from([VIDEO_MAX_PIXELS, 200704]),
-       total_pixels=st.sampled_from([VIDEO_TOTAL_PIXELS, 19267584, 2000000]))
+@given(
+    height=st.integers(15, 4000),
+    width=st.integers(15, 4000),
+    nframes=st.integers(1, 384).map(lambda k: 2 * k),
+    min_pixels=st.sampled_from([VIDEO_MIN_PIXELS, 3136, 50176]),
+    max_pixels=st.sampled_from([VIDEO_MAX_PIXELS, 200704]),
+    total_pixels=st.sampled_from([VIDEO_TOTAL_PIXELS, 19267584, 2000000]),
+)
 def test_frame_size_matches_qwen_vl_utils(qvu, height, width, nframes, min_pixels, max_pixels, total_pixels):
     assume(max(height, width) / min(height, width) <= 200)
-    h, w = video_frame_size(height, width, nframes, min_pixels=min_pixels, max_pixels=max_pixels,
-                            total_pixels=total_pixels)
+    h, w = video_frame_size(
+        height, width, nframes, min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels
+    )
     cap = budget_by_hand(nframes, min_pixels, max_pixels, total_pixels, floor=True)
     assert h % 28 == 0 and w % 28 == 0 and h >= 28 and w >= 28
     if round(height / 28) * round(width / 28) * 784 >= min_pixels:
@@ -216,9 +252,17 @@ def test_read_video_round_trip(tmp_path, container, codec, count, height, width,
     assert read_video(data, video_fps=5).fps == 5.0 and read_video(data, video_fps=5).duration == count / 5
 
 
-@pytest.mark.parametrize("ele", [{}, {"fps": 4.0}, {"nframes": 6}, {"fps": 1.0, "min_frames": 6},
-                                 {"min_pixels": 3136, "total_pixels": 20000},
-                                 {"min_pixels": 3136, "total_pixels": 6000}])
+@pytest.mark.parametrize(
+    "ele",
+    [
+        {},
+        {"fps": 4.0},
+        {"nframes": 6},
+        {"fps": 1.0, "min_frames": 6},
+        {"min_pixels": 3136, "total_pixels": 20000},
+        {"min_pixels": 3136, "total_pixels": 6000},
+    ],
+)
 def test_pipeline_matches_qwen_vl_utils_fetch_video(qvu, tmp_path, ele):
     frames = pattern_frames(23, 96, 128, seed=1)
     path = tmp_path / "clip.mp4"
@@ -245,6 +289,7 @@ def test_pipeline_matches_qwen_vl_utils_fetch_video(qvu, tmp_path, ele):
 # ------------------------------------------------------------------------------------------------------
 # layout and frame lists
 
+
 def expected_rows(frames):
     """Hand-built pixel_values for uint8 frames [T, H, W, 3] already at a valid size (hf_reference.md §2):
     value[c*392 + tau*196 + y*14 + x] = norm(frame[2t + tau])[c, 14*row + y, 14*col + x], rows ordered
@@ -260,7 +305,7 @@ def expected_rows(frames):
                 for mh in range(2):
                     for mw in range(2):
                         r, c = 2 * bh + mh, 2 * bw + mw
-                        patch = norm[2 * t:2 * t + 2, 14 * r:14 * r + 14, 14 * c:14 * c + 14]  # [tau, y, x, C]
+                        patch = norm[2 * t : 2 * t + 2, 14 * r : 14 * r + 14, 14 * c : 14 * c + 14]  # [tau, y, x, C]
                         rows.append(patch.transpose(3, 0, 1, 2).reshape(-1))
     return np.stack(rows)
 
@@ -299,6 +344,7 @@ def test_budget_respected_and_total_budget_binds():
 
 # ------------------------------------------------------------------------------------------------------
 # bad input: each a ValueError / TypeError that names the input
+
 
 def test_corrupt_and_truncated_bytes(tmp_path):
     good = lossless_video(pattern_frames(6, 48, 64), 10)

@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.spec.checkpoint import expected_shapes, load_checkpoint
 from qwen25vl.spec.config import Qwen25VLConfig
 from qwen25vl.spec.norms import rms_norm
-from qwen25vl.spec.vision import (patch_embed, patch_merger, vision_attention, vision_block, vision_encoder,
-                                  vision_mlp)
+from qwen25vl.spec.vision import patch_embed, patch_merger, vision_attention, vision_block, vision_encoder, vision_mlp
 from qwen25vl.spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition
 from qwen25vl.tools.make_tiny_checkpoint import make_random_params
 
@@ -44,6 +42,7 @@ def tiny64(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def hf_visual(tiny_checkpoint):
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float64)
     return model.model
 
@@ -51,10 +50,13 @@ def hf_visual(tiny_checkpoint):
 def _hf_run(hf_model, pixel_values, grid, kind):
     """Run the transformers tower; return (merged [P/4, C] item order, per-block outputs in ROW order)."""
     from transformers.vision_utils import get_vision_window_index
+
     visual = hf_model.visual
     outs = {}
-    hooks = [blk.register_forward_hook(lambda mod, args, out, i=i: outs.__setitem__(i, out))
-             for i, blk in enumerate(visual.blocks)]
+    hooks = [
+        blk.register_forward_hook(lambda mod, args, out, i=i: outs.__setitem__(i, out))
+        for i, blk in enumerate(visual.blocks)
+    ]
     hooks.append(visual.patch_embed.register_forward_hook(lambda mod, args, out: outs.__setitem__("embed", out)))
     grid_t = torch.tensor(grid)
     try:
@@ -105,8 +107,11 @@ def test_matches_transformers(tiny64, hf_visual, kind, grid):
         assert (capture[f"vision.block.{i}"] - blocks[i]).abs().max() < 2e-6, i
 
 
-_grids = st.lists(st.tuples(st.integers(1, 2), st.integers(1, 10).map(lambda n: 2 * n),
-                            st.integers(1, 10).map(lambda n: 2 * n)), min_size=1, max_size=3)
+_grids = st.lists(
+    st.tuples(st.integers(1, 2), st.integers(1, 10).map(lambda n: 2 * n), st.integers(1, 10).map(lambda n: 2 * n)),
+    min_size=1,
+    max_size=3,
+)
 
 
 @given(grid=_grids)
@@ -173,6 +178,7 @@ def test_lower_precision_error_shrinks(tiny64):
 
 def test_bfloat16_close_to_transformers_bfloat16(tiny_checkpoint):
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).model
     config, params = load_checkpoint(tiny_checkpoint)  # stored dtype: bfloat16
     grid = IMAGES
@@ -254,8 +260,9 @@ def test_vision_attention_segments_do_not_mix(tiny64):
     assert torch.equal(a[:4], b[:4])
     assert not torch.allclose(a[4:], b[4:])
     # and the first segment alone gives the same rows
-    assert torch.allclose(vision_attention(params, config, 0, x[:4], cos[:4], sin[:4], torch.tensor([0, 4])), a[:4],
-                          atol=1e-14)
+    assert torch.allclose(
+        vision_attention(params, config, 0, x[:4], cos[:4], sin[:4], torch.tensor([0, 4])), a[:4], atol=1e-14
+    )
 
 
 def test_vision_block_is_two_residual_steps(tiny64):
@@ -268,8 +275,9 @@ def test_vision_block_is_two_residual_steps(tiny64):
     m = rms_norm(h, params["visual.blocks.2.norm2.weight"], 1e-6)
     gate = m @ params["visual.blocks.2.mlp.gate_proj.weight"].T + params["visual.blocks.2.mlp.gate_proj.bias"]
     up = m @ params["visual.blocks.2.mlp.up_proj.weight"].T + params["visual.blocks.2.mlp.up_proj.bias"]
-    mlp = (gate * torch.sigmoid(gate) * up) @ params["visual.blocks.2.mlp.down_proj.weight"].T \
-        + params["visual.blocks.2.mlp.down_proj.bias"]
+    mlp = (gate * torch.sigmoid(gate) * up) @ params["visual.blocks.2.mlp.down_proj.weight"].T + params[
+        "visual.blocks.2.mlp.down_proj.bias"
+    ]
     assert torch.allclose(vision_mlp(params, 2, m), mlp, atol=1e-12)
     assert torch.allclose(vision_block(params, config, 2, x, cos, sin, cu), h + mlp, atol=1e-12)
 
@@ -285,13 +293,16 @@ def test_items_are_independent(tiny64):
     assert torch.allclose(both, torch.cat([first, second]), atol=1e-13)
 
 
-@pytest.mark.parametrize("pv_shape,grid,match", [
-    ((24, 1000), [[1, 4, 6]], r"pixel_values must have shape \[P, 1176\]"),
-    ((23, 1176), [[1, 4, 6]], r"pixel_values has 23 rows but grid_thw \[\[1, 4, 6\]\] needs sum\(t\*h\*w\) = 24"),
-    ((15, 1176), [[1, 3, 5]], r"multiples of merge_size 2"),
-    ((24, 1176), [[1, 4, 6, 1]], r"grid_thw must have shape \[k, 3\]"),
-    ((0, 1176), [[0, 4, 6]], r"must be positive"),
-])
+@pytest.mark.parametrize(
+    "pv_shape,grid,match",
+    [
+        ((24, 1000), [[1, 4, 6]], r"pixel_values must have shape \[P, 1176\]"),
+        ((23, 1176), [[1, 4, 6]], r"pixel_values has 23 rows but grid_thw \[\[1, 4, 6\]\] needs sum\(t\*h\*w\) = 24"),
+        ((15, 1176), [[1, 3, 5]], r"multiples of merge_size 2"),
+        ((24, 1176), [[1, 4, 6, 1]], r"grid_thw must have shape \[k, 3\]"),
+        ((0, 1176), [[0, 4, 6]], r"must be positive"),
+    ],
+)
 def test_bad_inputs(tiny64, pv_shape, grid, match):
     config, params = tiny64
     with pytest.raises(ValueError, match=match):
@@ -310,12 +321,29 @@ def test_bad_pixel_type(tiny64):
 # Real sizes
 
 CONFIG_3B = {  # hf_reference.md §8.1, 3B-Instruct
-    "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
-    "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
-    "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                      "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2, "window_size": 112,
-                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vision_config": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
 }
 
 
@@ -337,6 +365,7 @@ def test_real_width_block_matches_transformers():
     """One vision block at real width (1280, 16 heads, head_dim 80) with random weights, vs transformers."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
+
     config = _real_configs()["7B"]
     params = make_random_params(config, seed=0, dtype=torch.float32, prefixes=("visual.blocks.0.",))
     grid = [[1, 12, 20]]  # 240 patches, 6x10 units: full and partial windows

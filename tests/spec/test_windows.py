@@ -11,7 +11,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from qwen25vl.spec.windows import apply_vision_rotary, vision_rotary_cos_sin, vision_rotary_positions, window_partition
 
 # ---------------------------------------------------------------------------------------------
@@ -19,8 +18,32 @@ from qwen25vl.spec.windows import apply_vision_rotary, vision_rotary_cos_sin, vi
 
 
 def test_rotary_positions_grid_1_4_6():
-    expected = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3), (0, 4), (0, 5), (1, 4), (1, 5),
-                (2, 0), (2, 1), (3, 0), (3, 1), (2, 2), (2, 3), (3, 2), (3, 3), (2, 4), (2, 5), (3, 4), (3, 5)]
+    expected = [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (0, 2),
+        (0, 3),
+        (1, 2),
+        (1, 3),
+        (0, 4),
+        (0, 5),
+        (1, 4),
+        (1, 5),
+        (2, 0),
+        (2, 1),
+        (3, 0),
+        (3, 1),
+        (2, 2),
+        (2, 3),
+        (3, 2),
+        (3, 3),
+        (2, 4),
+        (2, 5),
+        (3, 4),
+        (3, 5),
+    ]
     pos = vision_rotary_positions(torch.tensor([[1, 4, 6]]))
     assert pos.dtype == torch.int64 and pos.shape == (24, 2)
     assert [tuple(p) for p in pos.tolist()] == expected
@@ -32,12 +55,19 @@ def test_rotary_positions_repeat_per_temporal_group_and_concatenate_items():
     assert pos == block + block + block + [[0, 2], [0, 3], [1, 2], [1, 3]]
 
 
-@pytest.mark.parametrize("grid, index, cu", [
-    ([[1, 8, 12]], [0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21, 4, 5, 10, 11, 16, 17, 22, 23], [0, 64, 96]),
-    ([[2, 8, 8]], list(range(32)), [0, 64, 128]),
-    ([[1, 4, 4]], [0, 1, 2, 3], [0, 16]),
-    ([[1, 10, 6], [1, 4, 4]], list(range(19)), [0, 48, 60, 76]),
-])
+@pytest.mark.parametrize(
+    "grid, index, cu",
+    [
+        (
+            [[1, 8, 12]],
+            [0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21, 4, 5, 10, 11, 16, 17, 22, 23],
+            [0, 64, 96],
+        ),
+        ([[2, 8, 8]], list(range(32)), [0, 64, 128]),
+        ([[1, 4, 4]], [0, 1, 2, 3], [0, 16]),
+        ([[1, 10, 6], [1, 4, 4]], list(range(19)), [0, 48, 60, 76]),
+    ],
+)
 def test_window_partition_literal(grid, index, cu):
     window_index, cu_window_seqlens, _ = window_partition(torch.tensor(grid))
     assert window_index.dtype == torch.int64 and cu_window_seqlens.dtype == torch.int64
@@ -72,7 +102,9 @@ def test_apply_vision_rotary_by_hand():
     cos, sin = torch.zeros(1, 4, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64)
     assert apply_vision_rotary(x, cos, sin).tolist() == [[[-3.0, -4.0, 1.0, 2.0]]]
     # identity at angle 0
-    assert torch.equal(apply_vision_rotary(x, torch.ones(1, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)), x)
+    assert torch.equal(
+        apply_vision_rotary(x, torch.ones(1, 4, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.float64)), x
+    )
 
 
 def test_apply_vision_rotary_keeps_input_dtype():
@@ -116,7 +148,9 @@ def test_canvas_walk_matches_documented_raw_lists():
 
 grids = st.lists(
     st.tuples(st.integers(1, 3), st.integers(1, 14).map(lambda v: 2 * v), st.integers(1, 14).map(lambda v: 2 * v)),
-    min_size=1, max_size=3)
+    min_size=1,
+    max_size=3,
+)
 
 
 @given(grids)
@@ -136,10 +170,15 @@ def test_window_partition_properties(grid):
     assert bool((torch.diff(cu_window) > 0).all())  # strictly increasing: no empty windows
     assert bool((cu_window % 4 == 0).all())  # windows never split a merge block
     # where every unit lives: (item, frame, unit row, unit col)
-    where = [(i, tt, r, c) for i, (t, h, w) in enumerate(grid) for tt in range(t)
-             for r in range(h // 2) for c in range(w // 2)]
+    where = [
+        (i, tt, r, c)
+        for i, (t, h, w) in enumerate(grid)
+        for tt in range(t)
+        for r in range(h // 2)
+        for c in range(w // 2)
+    ]
     for a, b in zip(cu_window.tolist(), cu_window[1:].tolist()):
-        units = [where[u] for u in window_index[a // 4:b // 4].tolist()]
+        units = [where[u] for u in window_index[a // 4 : b // 4].tolist()]
         assert len({(i, tt) for i, tt, _, _ in units}) == 1  # one frame of one item
         assert len({(r // 4, c // 4) for _, _, r, c in units}) == 1  # one aligned 4x4 square
         assert [(r, c) for _, _, r, c in units] == sorted((r, c) for _, _, r, c in units)  # row-major inside
@@ -149,7 +188,7 @@ def test_window_partition_properties(grid):
     frame_of_unit = [(i, tt) for i, tt, _, _ in where]
     permuted = [frame_of_unit[u] for u in window_index.tolist()]
     for a, b in zip(cu_full.tolist(), cu_full[1:].tolist()):
-        assert len(set(permuted[a // 4:b // 4])) == 1
+        assert len(set(permuted[a // 4 : b // 4])) == 1
 
 
 @given(grids)
@@ -165,8 +204,11 @@ def test_rotary_positions_follow_patchify_row_formula(grid):
                     # hf_reference.md §10 step 6: row of patch (t, r, c)
                     row = tt * h * w + ((r // 2) * (w // 2) + c // 2) * 4 + (r % 2) * 2 + (c % 2)
                     expected[row] = torch.tensor([r, c])
-        assert torch.equal(pos[offset:offset + t * h * w], expected)
-        assert int(pos[offset:offset + t * h * w, 0].max()) == h - 1 and int(pos[offset:offset + t * h * w, 1].max()) == w - 1
+        assert torch.equal(pos[offset : offset + t * h * w], expected)
+        assert (
+            int(pos[offset : offset + t * h * w, 0].max()) == h - 1
+            and int(pos[offset : offset + t * h * w, 1].max()) == w - 1
+        )
         offset += t * h * w
 
 
@@ -192,8 +234,9 @@ def hf_vision_rotary():
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionRotaryEmbedding
 
-    cfg = Qwen2_5_VLConfig(vision_config=dict(depth=1, hidden_size=160, num_heads=2, intermediate_size=16,
-                                              out_hidden_size=32))
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(depth=1, hidden_size=160, num_heads=2, intermediate_size=16, out_hidden_size=32)
+    )
     return Qwen2_5_VLVisionRotaryEmbedding(cfg.vision_config)  # head_dim 80, theta 10000, as the checkpoints
 
 
@@ -220,13 +263,16 @@ def test_rotary_tables_and_application_match_transformers(hf_vision_rotary):
 # Bad input
 
 
-@pytest.mark.parametrize("grid, match", [
-    ([[1, 5, 4]], r"grid_thw\[0\] = \[1, 5, 4\]: h and w must be multiples of merge_size 2"),
-    ([[1, 4, 4], [1, 4, 6], [2, 4, 7]], r"grid_thw\[2\] = \[2, 4, 7\]"),
-    ([[0, 4, 4]], r"grid_thw\[0\] = \[0, 4, 4\] must be positive"),
-    ([1, 4, 4], r"grid_thw must have shape \[k, 3\].*\[3\]"),
-    ([[1.0, 4.0, 4.0]], r"grid_thw must hold integers"),
-])
+@pytest.mark.parametrize(
+    "grid, match",
+    [
+        ([[1, 5, 4]], r"grid_thw\[0\] = \[1, 5, 4\]: h and w must be multiples of merge_size 2"),
+        ([[1, 4, 4], [1, 4, 6], [2, 4, 7]], r"grid_thw\[2\] = \[2, 4, 7\]"),
+        ([[0, 4, 4]], r"grid_thw\[0\] = \[0, 4, 4\] must be positive"),
+        ([1, 4, 4], r"grid_thw must have shape \[k, 3\].*\[3\]"),
+        ([[1.0, 4.0, 4.0]], r"grid_thw must hold integers"),
+    ],
+)
 def test_bad_grid(grid, match):
     with pytest.raises(ValueError, match=match):
         window_partition(grid)

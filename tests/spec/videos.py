@@ -102,7 +102,8 @@ def _torchvision_stub():
     tv.transforms = types.ModuleType("torchvision.transforms")
     tv.transforms.InterpolationMode = enum.Enum("InterpolationMode", {"BICUBIC": "bicubic"})
     tv.transforms.functional = types.SimpleNamespace(
-        resize=lambda video, size, interpolation, antialias: torchvision_resize_uint8(video, size))
+        resize=lambda video, size, interpolation, antialias: torchvision_resize_uint8(video, size)
+    )
     return {"torchvision": tv, "torchvision.io": tv.io, "torchvision.transforms": tv.transforms}
 
 

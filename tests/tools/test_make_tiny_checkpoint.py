@@ -5,12 +5,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from qwen25vl.spec.checkpoint import expected_shapes
 from qwen25vl.spec.config import Qwen25VLConfig
 from qwen25vl.tools import make_tiny_checkpoint as mtc
 from qwen25vl.tools.make_tiny_checkpoint import main, make_random_params, make_tiny_checkpoint, tiny_config
+from safetensors.torch import load_file
 
 
 def _sha(path):
@@ -26,8 +25,16 @@ def test_deterministic(tiny_checkpoint, tmp_path):
 
 def test_folder_contents(tiny_checkpoint):
     names = {p.name for p in tiny_checkpoint.iterdir()}
-    assert names == {"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
-                     "tokenizer_config.json", "chat_template.json", "preprocessor_config.json"}
+    assert names == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+    }
     raw = json.loads((tiny_checkpoint / "config.json").read_text())
     assert raw["hidden_size"] == 32 and raw["vocab_size"] == 152064 and raw["num_key_value_heads"] == 1
     assert raw["rope_scaling"]["mrope_section"] == [2, 3, 3]
@@ -41,8 +48,10 @@ def test_folder_contents(tiny_checkpoint):
 
 def test_loads_in_transformers(tiny_checkpoint):
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tiny_checkpoint, dtype=torch.float64, output_loading_info=True)
+        tiny_checkpoint, dtype=torch.float64, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.config.vision_config.depth == 4 and model.config.text_config.num_key_value_heads == 1
 
@@ -51,6 +60,7 @@ def test_loads_in_transformers(tiny_checkpoint):
 def test_logits_are_not_degenerate(which, request):
     """Greedy tokens depend on the input and the top-1 is never a near-tie (untied and tied)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(request.getfixturevalue(which), dtype=torch.float64)
     ids = torch.randint(0, 151643, (8, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -118,6 +128,7 @@ def test_bad_arguments(tmp_path):
 def test_nothing_written_half_way(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(mtc, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         make_tiny_checkpoint(tmp_path / "half")

@@ -12,7 +12,6 @@ from dataclasses import replace
 from unittest import mock
 
 import torch
-
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.spec import forward as spec_forward
 from qwen25vl.spec import generate as spec_generate
@@ -26,6 +25,7 @@ class RoundHalfUp(SpecAdapter):
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
         def up(x):  # a side of factor*(k + 1/2) is a tie; nudge it so round() goes up
             return x + 1 if (2 * x) % factor == 0 and (2 * x // factor) % 2 == 1 else x
+
         return super().smart_resize(up(height), up(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
@@ -40,8 +40,9 @@ class PatchOrderRaster(SpecAdapter):
     """Patchify (ports.md §1.3): patches in plain raster order instead of 2x2 merge blocks."""
 
     def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
-        pv, grid = patches.patchify(frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size,
-                                    merge_size=merge_size)
+        pv, grid = patches.patchify(
+            frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
+        )
         gt, gh, gw = grid[0].tolist()
         m = merge_size
         # undo the block order: rows are (t, block row, block col, row in block, col in block)
@@ -54,10 +55,13 @@ class WindowNoDedup(SpecAdapter):
     multiple of the window are kept as empty segments (cu_window_seqlens not de-duplicated)."""
 
     def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
-        wi, cw, cu = super().window_partition(grid_thw, window_size=window_size, patch_size=patch_size,
-                                              merge_size=merge_size)
+        wi, cw, cu = super().window_partition(
+            grid_thw, window_size=window_size, patch_size=patch_size, merge_size=merge_size
+        )
         ws = window_size // (patch_size * merge_size)
-        if any((h // merge_size) % ws == 0 or (w // merge_size) % ws == 0 for _, h, w in torch.as_tensor(grid_thw).tolist()):
+        if any(
+            (h // merge_size) % ws == 0 or (w // merge_size) % ws == 0 for _, h, w in torch.as_tensor(grid_thw).tolist()
+        ):
             cw = torch.cat([cw, cw[-1:]])
         return wi, cw, cu
 
@@ -76,15 +80,19 @@ class RotaryNotReordered(SpecAdapter):
 
     def _patched(self, grid):
         m2 = self.config.vision.spatial_merge_size**2
-        wi, _, _ = windows.window_partition(grid, window_size=self.config.vision.window_size,
-                                            patch_size=self.config.vision.patch_size,
-                                            merge_size=self.config.vision.spatial_merge_size)
+        wi, _, _ = windows.window_partition(
+            grid,
+            window_size=self.config.vision.window_size,
+            patch_size=self.config.vision.patch_size,
+            merge_size=self.config.vision.spatial_merge_size,
+        )
         restore = torch.argsort((wi[:, None] * m2 + torch.arange(m2)).reshape(-1))
         real = windows.vision_rotary_cos_sin
 
         def cos_sin(*args, **kwargs):  # tables pre-permuted so that the model's reorder cancels out
             cos, sin = real(*args, **kwargs)
             return cos[restore], sin[restore]
+
         return mock.patch.object(vision, "vision_rotary_cos_sin", cos_sin)
 
     @staticmethod
@@ -147,8 +155,9 @@ class TextPositionAfterImage(SpecAdapter):
     number of vision tokens instead of (largest position so far) + 1."""
 
     def rope_rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
-        pos, deltas = super().rope_rule(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-                                        config=config)
+        pos, deltas = super().rope_rule(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=config
+        )
         new, deltas = pos.clone(), deltas.clone()
         vision_ids = (config.image_token_id, config.video_token_id)
         for b in range(input_ids.shape[0]):
@@ -174,8 +183,9 @@ class NoVideoTimeScaling(SpecAdapter):
     def rope_rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
         if second_per_grid_ts is not None:
             second_per_grid_ts = torch.full_like(second_per_grid_ts, 1.0 / config.vision.tokens_per_second)
-        return super().rope_rule(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-                                 config=config)
+        return super().rope_rule(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=config
+        )
 
 
 def _positions_without_deltas(rope_deltas, start, steps):
