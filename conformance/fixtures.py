@@ -48,6 +48,72 @@ def check_files(folder: Path, digests: dict[str, str]) -> dict[str, str]:
     return bad
 
 
+# How far a regenerated float may move from the committed one on another CPU. Vectorised cos/sin,
+# exp and BLAS round differently per SIMD path (ATEN_CPU_CAPABILITY), so no float is compared by hash
+# across machines: integers, strings and bytes stay exact, floats get a relative Frobenius budget.
+# Goldens and exact-case tables are float64 computed: 1e-6 (far above a few ulps, far below any bug).
+# A control_<dtype> file is the spec run in that dtype: two CPUs may round its accumulations
+# differently, so it gets two unit roundoffs of its dtype. A tensor stored in a narrower type than
+# it was computed in (a bfloat16 checkpoint drawn in float32) may flip one ulp of that type where the
+# wider value moved by one ulp: it gets at least one unit roundoff of its storage type.
+REGEN_RTOL = {"float64": 1e-6, "float32": 1e-6, "float16": 2 * 2.0**-11, "bfloat16": 2 * 2.0**-8}
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+JSON_FLOAT_RTOL = 1e-9
+
+
+def _json_difference(a, b, path: str = "") -> str | None:
+    if isinstance(a, float) and isinstance(b, float):  # an int never equals a float here: 3 vs 3.0 is a change
+        close = a == b or abs(a - b) <= JSON_FLOAT_RTOL * max(abs(a), abs(b))
+        return None if close else f"{path or 'value'}: {a!r} vs {b!r}"
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{path or 'value'}: keys {sorted(a.keys() ^ b.keys())} on one side only"
+        return next((d for k in a if (d := _json_difference(a[k], b[k], f"{path}.{k}"))), None)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path or 'value'}: length {len(a)} vs {len(b)}"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _json_difference(x, y, f"{path}[{i}]"))), None)
+    return None if a == b and type(a) is type(b) else f"{path or 'value'}: {a!r} vs {b!r}"
+
+
+def content_difference(new: str | os.PathLike, old: str | os.PathLike) -> str | None:
+    """None when a regenerated fixture file carries the committed file's content under the
+    cross-machine rule (REGEN_RTOL); otherwise what differs. Bytes first: equal files are equal.
+    .safetensors: same keys, dtypes and shapes; integer tensors equal; float tensors within the
+    relative Frobenius budget of their precision (a control_<dtype> file: that dtype's; at least one
+    unit roundoff of the type they are stored in).
+    .json: equal, except floats within JSON_FLOAT_RTOL. Anything else: byte for byte."""
+    new, old = Path(new), Path(old)
+    if sha256_file(new) == sha256_file(old):
+        return None
+    if old.suffix == ".json":
+        return _json_difference(json.loads(new.read_text("utf-8")), json.loads(old.read_text("utf-8")))
+    if old.suffix != ".safetensors":
+        return f"{old.name}: bytes differ"
+    a, b = load_file(str(new)), load_file(str(old))
+    if a.keys() != b.keys():
+        return f"{old.name}: tensors {sorted(a.keys() ^ b.keys())} on one side only"
+    dtype = old.stem.split("_", 1)[1] if old.stem.startswith("control_") else "float64"
+    rtol = REGEN_RTOL.get(dtype, REGEN_RTOL["float64"])
+    for k in sorted(b):
+        x, y = a[k], b[k]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return f"{old.name}:{k}: {x.dtype} {list(x.shape)} vs {y.dtype} {list(y.shape)}"
+        if not y.is_floating_point():
+            if not torch.equal(x, y):
+                return f"{old.name}:{k}: integer values differ"
+            continue
+        budget = max(rtol, UNIT_ROUNDOFF.get(y.dtype, 0.0))
+        x, y = x.double(), y.double()
+        if not torch.equal(x.isnan(), y.isnan()):
+            return f"{old.name}:{k}: NaN at different places"
+        x, y = x.nan_to_num(0.0), y.nan_to_num(0.0)
+        rel = ((x - y).norm() / y.norm().clamp_min(1e-300)).item()
+        if rel > budget:
+            return f"{old.name}:{k}: relative difference {rel:.2e} > {budget:.1e} ({dtype}, stored {y.dtype})"
+    return None
+
+
 def dump_json(obj) -> bytes:
     """The one JSON encoding used in fixtures: sorted keys, one-space indent, UTF-8, trailing newline
     (so a regeneration is byte-identical)."""
