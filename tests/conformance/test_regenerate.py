@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from qwen25vl.conformance.fixtures import REGEN_RTOL, content_difference, load_case
 from qwen25vl.tools import generate_fixtures
+from safetensors.torch import save_file
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
