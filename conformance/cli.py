@@ -9,11 +9,14 @@ qwen25vl conform --export-inputs DIR     inputs of every case, for a port in ano
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from . import report, runner
+from . import report, runner, stages
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "fixtures"
@@ -41,8 +44,26 @@ def conform_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None, help="regex on stage names")
     p.add_argument("--dtype", default=None, help="dtype the target runs in (default: the adapter's)")
     p.add_argument("--device", default=None, help="device for the target (default: the adapter's)")
-    p.add_argument("--jobs", "-j", type=int, default=1, help="cases run in N processes")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per port call (default 120)")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="cases run in N supervised worker processes")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds allowed per port call; past it the worker is killed and the stage is an error "
+        "(default 120; 0: no limit)",
+    )
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="resident memory allowed to the port's worker, GiB (default: 80%% of this machine's memory)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="call the port in the harness's own process, for a debugger (a crash then ends the run)",
+    )
     p.add_argument(
         "--teacher-forced",
         choices=("first", "all", "none"),
@@ -68,20 +89,111 @@ def conform_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str) -> int:
+    print(f"qwen25vl conform: {message}", file=sys.stderr)
+    return 2
+
+
+def _compile(flag: str, pattern: str | None) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _check_output_path(flag: str, path: str | None) -> None:
+    """A report path must be writable before the run starts, not after it."""
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {out.parent} is not writable")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, xpu)") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }.get(dev.type)
+    if available is None:
+        raise ValueError(f"--device {device!r}: device type {dev.type!r} is not supported here (cpu, cuda, mps, xpu)")
+    if not available():
+        raise ValueError(f"--device {device!r}: no {dev.type} device on this machine")
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a report."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _stage_names(paths: list[Path]) -> list[str]:
+    from .fixtures import load_case
+
+    names: set[str] = set()
+    for p in paths:
+        try:
+            names |= set(load_case(p, verify=False).stages)
+        except ValueError:
+            continue
+    return sorted(names, key=lambda n: stages.order_key(n) if stages.is_known(n) else (-1, 0))
+
+
 def conform(argv: list[str]) -> int:
     args = conform_parser().parse_args(argv)
+    # everything the command line can get wrong is refused here, before any work
     try:
-        paths = runner.select_cases(args.fixtures, args.cases)
+        cases_rx = _compile("--cases", args.cases)
+        stages_rx = _compile("--stages", args.stages)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: must be at least 1")
+        if args.timeout < 0 or args.timeout != args.timeout:
+            raise ValueError(f"--timeout {args.timeout:g}: must be a number of seconds >= 0 (0: no limit)")
+        if args.memory_limit is not None and not args.memory_limit > 0:
+            raise ValueError(f"--memory-limit {args.memory_limit:g}: must be a positive number of GiB")
+        if args.in_process and args.jobs > 1:
+            raise ValueError("--in-process runs one case at a time: drop --jobs")
+        _check_output_path("--json", args.json)
+        _check_output_path("--junit", args.junit)
+        _check_device(args.device)
+        all_paths = runner.select_cases(args.fixtures)
     except ValueError as e:
-        print(f"qwen25vl conform: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    if not all_paths:
+        return _fail(f"no fixture case under {args.fixtures}")
+    paths = [p for p in all_paths if cases_rx is None or cases_rx.search(p.name)]
     if not paths:
-        print(
-            f"qwen25vl conform: no fixture case under {args.fixtures}"
-            + (f" matches {args.cases!r}" if args.cases else ""),
-            file=sys.stderr,
-        )
-        return 2
+        names = ", ".join(p.name for p in all_paths)
+        return _fail(f"--cases {args.cases!r} matches no case; the cases are: {names}")
+    if stages_rx is not None:
+        names = _stage_names(paths)
+        if not any(stages_rx.search(n) for n in names):
+            return _fail(
+                f"--stages {args.stages!r} matches no stage of the selected cases; the stages are: " + ", ".join(names)
+            )
     if args.list:
         from .fixtures import load_case
 
@@ -95,8 +207,7 @@ def conform(argv: list[str]) -> int:
         try:
             names = export_inputs(paths, args.export_inputs)
         except (ValueError, OSError) as e:
-            print(f"qwen25vl conform: {e}", file=sys.stderr)
-            return 2
+            return _fail(str(e))
         print(
             f"wrote the inputs of {len(names)} cases under {args.export_inputs} "
             "(output layout: conformance/adapters/files.py, fixtures/FORMAT.md)"
@@ -109,25 +220,28 @@ def conform(argv: list[str]) -> int:
         target=args.target,
         dtype=args.dtype,
         device=args.device,
-        timeout=args.timeout,
+        timeout=args.timeout or None,
         teacher=args.teacher_forced,
         only_stages=args.stages,
+        in_process=args.in_process,
     )
+    if args.memory_limit is not None:
+        opts.memory_limit = int(args.memory_limit * 2**30)
     t0 = time.perf_counter()
     try:
         expectations = [] if args.no_expectations else runner.load_expectations(exp_path)
-        # one process: build the adapter here, so a bad target fails before any case runs
-        adapter = runner.make_adapter(args.target, dtype=args.dtype, device=args.device) if args.jobs <= 1 else None
+        # in process: build the adapter here, so a bad target fails before any case runs (the
+        # supervised workers report a bad target the same way, from their first call)
+        adapter = runner.make_adapter(args.target, dtype=args.dtype, device=args.device) if args.in_process else None
         desc, results = runner.run_suite(paths, opts, jobs=args.jobs, expectations=expectations, adapter=adapter)
     except ValueError as e:
-        print(f"qwen25vl conform: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     secs = time.perf_counter() - t0
     print(report.render(desc, results, verbose=args.verbose, seconds=secs))
     if args.json:
-        Path(args.json).write_text(report.to_json(desc, results, secs), encoding="utf-8")
+        _write_atomically(args.json, report.to_json(desc, results, secs))
     if args.junit:
-        Path(args.junit).write_text(report.to_junit(desc, results), encoding="utf-8")
+        _write_atomically(args.junit, report.to_junit(desc, results))
     return report.exit_code(results)
 
 

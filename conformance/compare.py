@@ -88,9 +88,26 @@ def first_difference(expected, got, path: str = "") -> str | None:
         same = isinstance(got, (int, float)) and not isinstance(got, bool) and got == expected
     else:  # str, bool, None
         same = type(got) is type(expected) and got == expected
+        if not same and isinstance(expected, str) and isinstance(got, str):
+            return f"{path or 'value'}: {string_difference(expected, got)}"
     if not same:
         return f"{path or 'value'}: expected {_short(expected)}, got {_short(got)}"
     return None
+
+
+def string_difference(expected: str, got: str, context: int = 30) -> str:
+    """Where two strings first differ, with context on both sides (two long prompts that share an
+    80-character prefix would otherwise look the same)."""
+    i = next((k for k, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    lo = max(0, i - context)
+
+    def window(s: str) -> str:
+        return ("…" if lo else "") + repr(s[lo : i + context]) + ("…" if i + context < len(s) else "")
+
+    return (
+        f"first difference at character {i} (lengths {len(expected)} and {len(got)}; "
+        f"{i - lo} shared characters shown before it): expected {window(expected)}, got {window(got)}"
+    )
 
 
 def _short(x, n: int = 80) -> str:
@@ -168,10 +185,14 @@ def exact_items(expected: list, got: list, inputs: list | None = None, tol: floa
     and its inputs, so the report shows the call that went wrong."""
     if not isinstance(got, list) or len(got) != len(expected):
         return _error(f"expected {len(expected)} item results, got {_short(got)}", "equal")
-    bad, crashes = [], 0
+    bad, crashes, malformed = [], 0, 0
     skipped = sum(isinstance(g, dict) and "not_covered" in g for g in got)
     for k, (e, g) in enumerate(zip(expected, got)):
         if isinstance(g, dict) and "not_covered" in g:
+            continue
+        if isinstance(g, dict) and "malformed" in g:  # an answer in the wrong layout: an error, never credited
+            bad.append((k, f"malformed result: {g['malformed']}"))
+            malformed += 1
             continue
         if isinstance(g, dict) and "crash" in g and not (isinstance(e, dict) and e.get("error") == g.get("error")):
             bad.append((k, f"port raised {g['error']}: {g['crash']}"))
@@ -191,10 +212,14 @@ def exact_items(expected: list, got: list, inputs: list | None = None, tol: floa
     where = f"item {k}" + (f" {_short(inputs[k], 160)}" if inputs else "") + f": {d}"
     if len(bad) > 1:
         where += f" (and {len(bad) - 1} more: items {[j for j, _ in bad[1:21]]})"
-    status = "error" if crashes == len(bad) else "fail"  # only crashes: the port broke, it did not disagree
+    # only crashes, or any malformed answer: the port broke, it did not disagree
+    status = "error" if crashes == len(bad) or malformed else "fail"
     return Verdict(
         status,
-        f"{n - len(bad)}/{n} items equal" + (f", {crashes} raised" if crashes else "") + more,
+        f"{n - len(bad)}/{n} items equal"
+        + (f", {crashes} raised" if crashes else "")
+        + (f", {malformed} malformed" if malformed else "")
+        + more,
         tol_text,
         where=where,
         values={

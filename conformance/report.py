@@ -17,6 +17,13 @@ def summary(results: list[StageResult]) -> dict:
     return {s: c.get(s, 0) for s in ORDER} | {"total": len(results)}
 
 
+def coverage(results: list[StageResult]) -> dict:
+    """How much of the suite the port was judged on: a stage it does not expose is not covered."""
+    judged = [r for r in results if r.mode != "teacher"]
+    missing = [f"{r.case}/{r.stage}" for r in judged if r.status == "not_covered"]
+    return {"covered": len(judged) - len(missing), "total": len(judged), "not_covered": missing}
+
+
 def exit_code(results: list[StageResult]) -> int:
     """0 when nothing failed or errored unexpectedly, 1 otherwise."""
     return int(any(r.status in BAD for r in results))
@@ -29,16 +36,20 @@ def _cut(s: str, n: int) -> str:
 
 def table(results: list[StageResult], *, verbose: bool = False) -> str:
     """One line per stage: case, stage, status, metric, tolerance. Passing stages of a passing case
-    are folded into one line unless verbose."""
+    are folded into one line, and stages not covered are left to one summary line, unless verbose;
+    verbose also prints the full texts (metric, where, note) under each line."""
     lines = [f"{'case':<24} {'stage':<26} {'status':<11} {'metric':<46} tolerance", "-" * 140]
     by_case: dict[str, list[StageResult]] = {}
     for r in results:
         by_case.setdefault(r.case, []).append(r)
     for case, rows in by_case.items():
-        if not verbose and all(r.status == "pass" for r in rows):
-            lines.append(f"{_cut(case, 24):<24} {f'{len(rows)} stages':<26} {'pass':<11}")
+        shown = rows if verbose else [r for r in rows if r.status != "not_covered"]
+        if not shown:
             continue
-        for r in rows:
+        if not verbose and all(r.status == "pass" for r in shown):
+            lines.append(f"{_cut(case, 24):<24} {f'{len(shown)} stages':<26} {'pass':<11}")
+            continue
+        for r in shown:
             st = r.status.upper() if r.status in BAD else r.status
             if r.mode == "teacher":
                 st += "(tf)"
@@ -46,9 +57,23 @@ def table(results: list[StageResult], *, verbose: bool = False) -> str:
                 f"{_cut(case, 24):<24} {_cut(r.stage, 26):<26} {st:<11} {_cut(r.metric, 46):<46} "
                 f"{_cut(r.tolerance, 60)}"
             )
-            if r.note and (verbose or r.status != "pass"):
+            if verbose:
+                for label, text in (("metric", r.metric), ("where", r.where), ("note", r.note)):
+                    if text and (label != "metric" or len(str(text)) > 46):
+                        lines.append(f"{'':<27}{label}: {text}")
+            elif r.note and r.status != "pass":
                 lines.append(f"{'':<24}   {_cut(r.note, 110)}")
     return "\n".join(lines)
+
+
+def not_covered_line(results: list[StageResult]) -> str | None:
+    """'not covered: 70 stages (fn.smart_resize x1, vision.block.* x12, ...); -v lists them'."""
+    rows = [r for r in results if r.status == "not_covered" and r.mode != "teacher"]
+    if not rows:
+        return None
+    groups = Counter(stages.template(r.stage).replace("{i}", "*") for r in rows)
+    text = ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in groups.items())
+    return f"not covered: {len(rows)} stages ({_cut(text, 400)}); -v lists them"
 
 
 def explain(r: StageResult) -> str:
@@ -83,7 +108,14 @@ def render(desc: dict, results: list[StageResult], *, verbose: bool = False, sec
         lines += [explain(first), ""]
     tail = ", ".join(f"{s[k]} {k}" for k in ORDER if s[k]) or "nothing run"
     lines.append(f"{s['total']} stages: {tail}" + (f" in {seconds:.1f} s" if seconds is not None else ""))
-    lines.append("RESULT: " + ("FAIL" if exit_code(results) else "PASS"))
+    if not verbose and (nc := not_covered_line(results)):
+        lines.append(nc)
+    if desc.get("worker_restarts"):
+        lines.append(f"the port's worker was restarted {desc['worker_restarts']} time(s) after a crash or hang")
+    cov = coverage(results)
+    lines.append(
+        "RESULT: " + ("FAIL" if exit_code(results) else "PASS") + f" ({cov['covered']} of {cov['total']} stages covered)"
+    )
     return "\n".join(lines)
 
 
@@ -93,6 +125,7 @@ def to_json(desc: dict, results: list[StageResult], seconds: float | None = None
         {
             "target": desc,
             "summary": summary(results),
+            "coverage": coverage(results),
             "seconds": seconds,
             "first_divergence": first.to_dict() if first else None,
             "results": [r.to_dict() for r in results],

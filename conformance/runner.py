@@ -14,15 +14,13 @@ the others.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import importlib
+import inspect
 import json
-import multiprocessing
 import re
 import signal
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from ..spec.config import Qwen25VLConfig
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
 from .fixtures import FixtureError, check_files, find_cases, load_case
+from .supervisor import PortCrashed, PortFailed, SupervisedAdapter, default_memory_limit, describe_exception
 
 BAD = ("fail", "error")
 
@@ -95,11 +94,9 @@ def call_with_timeout(fn, timeout: float | None):
 
 
 def _describe_exc(e: BaseException) -> str:
-    if isinstance(e, StageTimeout):
-        return str(e)
-    tb = traceback.extract_tb(e.__traceback__)
-    at = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
-    return f"port raised {type(e).__name__}: {str(e)[:300]}{at}"
+    if isinstance(e, (StageTimeout, PortCrashed, PortFailed)):
+        return str(e)  # already says what happened, where
+    return describe_exception(e)
 
 
 # ------------------------------------------------------------------------- targets
@@ -110,6 +107,8 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
     if target.startswith("files:"):
         from .adapters.files import FilesAdapter
 
+        if device is not None:
+            raise ValueError(f"target {target!r}: a files target reads a port's outputs; --device does not apply")
         return FilesAdapter(target[len("files:") :], dtype=dtype)
     builtin = {
         "impl": ("qwen25vl.conformance.adapters.impl", "ImplAdapter"),
@@ -136,8 +135,28 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
         klass = getattr(module, cls)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"target {target!r}: cannot import {mod}.{cls}: {e}") from None
+    if not isinstance(klass, type) or not issubclass(klass, Adapter):
+        raise ValueError(
+            f"target {target!r}: {mod}.{cls} is not a subclass of qwen25vl.conformance.adapters.base.Adapter"
+        )
     kwargs = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
-    return klass(**kwargs)
+    try:
+        params = inspect.signature(klass).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for k in kwargs:
+        if params and not takes_any and k not in params:
+            raise ValueError(
+                f"target {target!r}: --{k} was given but {cls}() takes no {k!r} argument "
+                f"(drop --{k}, or add a {k}= parameter to its constructor)"
+            )
+    try:
+        return klass(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"target {target!r}: {cls}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {e}"
+        ) from None
 
 
 # ------------------------------------------------------------------------- expectations
@@ -637,25 +656,11 @@ class SuiteOptions:
     target: str = "impl"
     dtype: str | None = None
     device: str | None = None
-    timeout: float | None = 120.0
+    timeout: float | None = 120.0  # seconds per port call; None: no limit
     teacher: str = "first"
     only_stages: str | None = None
-
-
-_WORKER: dict = {}
-
-
-def _run_one(path: str, opts: SuiteOptions) -> tuple[dict, list[dict]]:
-    """One case in a worker process (the adapter and its runner are built once per process, so the
-    checkpoint is loaded once per process, not once per case)."""
-    torch.set_num_threads(1)
-    if "runner" not in _WORKER:
-        adapter = make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
-        _WORKER["runner"] = CaseRunner(
-            adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages
-        )
-    runner = _WORKER["runner"]
-    return runner.adapter.describe(), [r.to_dict() for r in runner.run(path)]
+    in_process: bool = False  # call the port in this process (for a debugger); a crash ends the run
+    memory_limit: int | None = field(default_factory=default_memory_limit)  # bytes resident, supervised only
 
 
 def select_cases(fixtures: str | Path, only: str | None = None) -> list[Path]:
@@ -666,6 +671,59 @@ def select_cases(fixtures: str | Path, only: str | None = None) -> list[Path]:
     return paths
 
 
+def _run_supervised(paths: list[Path], opts: SuiteOptions, jobs: int) -> tuple[dict, list[StageResult]]:
+    """Each of `jobs` supervised workers takes the next case until none is left (a crash costs only
+    the stage that was running: see supervisor.py). BadTarget (a ValueError) is raised before any case."""
+    n = max(1, min(jobs, len(paths)))
+    adapters = [
+        SupervisedAdapter(
+            opts.target,
+            dtype=opts.dtype,
+            device=opts.device,
+            timeout=opts.timeout,
+            memory_limit=opts.memory_limit,
+            threads=1 if n > 1 else None,
+        )
+        for _ in range(n)
+    ]
+    try:
+        try:
+            desc = adapters[0].describe()
+        except (PortCrashed, PortFailed) as e:  # the report is still written: every stage says why
+            desc = {
+                "name": opts.target,
+                "dtype": opts.dtype or "float32",
+                "device": opts.device or "cpu",
+                "error": str(e),
+            }
+            for a in adapters:
+                a._description = desc
+        queue = list(enumerate(paths))
+        lock = threading.Lock()
+        rows: dict[int, list[StageResult]] = {}
+
+        def work(adapter: SupervisedAdapter) -> None:
+            runner = CaseRunner(adapter, timeout=None, teacher=opts.teacher, only_stages=opts.only_stages)
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    k, path = queue.pop(0)
+                rows[k] = runner.run(path)
+
+        threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in adapters]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        restarts = sum(a.restarts for a in adapters)
+    finally:
+        for a in adapters:
+            a.close()
+    desc = {**desc, "workers": n, "worker_restarts": restarts}
+    return desc, [r for k in sorted(rows) for r in rows[k]]
+
+
 def run_suite(
     paths: list[Path],
     opts: SuiteOptions,
@@ -674,24 +732,16 @@ def run_suite(
     expectations: list[dict] | None = None,
     adapter: Adapter | None = None,
 ) -> tuple[dict, list[StageResult]]:
-    """Run every case; returns (the adapter's description, results in case then data-flow order)."""
-    results: list[StageResult] = []
-    if jobs > 1 and adapter is None and len(paths) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_run_one, str(p), opts) for p in paths]
-            desc = {}
-            for p, fut in zip(paths, futures):
-                try:
-                    desc, rows = fut.result()
-                except Exception as e:  # the worker died (a port that crashes the interpreter)
-                    rows = [StageResult(p.name, "manifest", "error", f"worker failed: {e}").to_dict()]
-                results += [StageResult(**r) for r in rows]
+    """Run every case; returns (the adapter's description, results in case then data-flow order).
+
+    By default the target runs in supervised worker processes (`jobs` of them). With an adapter
+    object, or opts.in_process, it is called in this process (timeouts by SIGALRM, no crash safety)."""
+    if adapter is None and not opts.in_process:
+        desc, results = _run_supervised(paths, opts, jobs)
     else:
         adapter = adapter or make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
         runner = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages)
-        for p in paths:
-            results += runner.run(p)
+        results = [r for p in paths for r in runner.run(p)]
         desc = adapter.describe()
     apply_expectations(results, expectations or [])
     return desc, results

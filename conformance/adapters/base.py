@@ -40,12 +40,26 @@ pixel_values row order, text stages [B, L, C] including padded positions (they a
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
 
 class NotCovered(Exception):
     """The port does not expose this stage (reported as 'not covered', never as a failure)."""
+
+
+class PortRefusal(Exception):
+    """The port raised ValueError/TypeError for an item: its refusal of that input (some items expect one)."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+class MalformedResult(Exception):
+    """The port's answer does not have the layout of the stage's result (e.g. three values for (h, w))."""
 
 
 class Adapter:
@@ -129,8 +143,10 @@ class Adapter:
             except NotCovered as e:  # this item only (a port may cover still images but not videos)
                 out.append({"not_covered": str(e)})
                 uncovered = e
-            except (ValueError, TypeError) as e:
-                out.append({"error": "ValueError" if isinstance(e, ValueError) else "TypeError"})
+            except PortRefusal as e:
+                out.append({"error": e.kind})
+            except MalformedResult as e:  # the port answered, in the wrong layout: never a refusal
+                out.append({"error": "malformed", "malformed": str(e)})
             except Exception as e:  # a crash on one item is that item's result; the table goes on
                 out.append({"error": type(e).__name__, "crash": str(e)[:200]})
         if uncovered is not None and all(isinstance(o, dict) and "not_covered" in o for o in out):
@@ -139,8 +155,36 @@ class Adapter:
 
 
 # ----------------------------------------------------------------- item drivers
-# Each turns one fixture item (JSON inputs; tensors already loaded) into one adapter call and the
-# result into the plain layout of the fixture's expected value.
+# Each turns one fixture item (JSON inputs; tensors already loaded) into one adapter call (`_ask`) and
+# the port's answer into the plain layout of the fixture's expected value (`_reading`). The two are
+# kept apart so that the harness's own unpacking of a malformed answer is never taken for the port
+# refusing the input.
+
+
+def _ask(method, *args, **kwargs):
+    """Call the port. A ValueError/TypeError raised inside it is its refusal of this input."""
+    try:
+        return method(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise PortRefusal("ValueError" if isinstance(e, ValueError) else "TypeError") from e
+
+
+def _show(x, n: int = 160) -> str:
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return f"{type(x).__name__} of shape {list(x.shape)} and dtype {x.dtype}"
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@contextmanager
+def _reading(expected: str, answer):
+    """Read the port's answer; any failure to do so says what was expected and what came back."""
+    try:
+        yield
+    except MalformedResult:
+        raise
+    except Exception as e:
+        raise MalformedResult(f"expected {expected}, got {_show(answer)} ({type(e).__name__}: {e})") from None
 
 
 def _grid(x):
@@ -160,81 +204,142 @@ def _np(x):
     return torch.from_numpy(np.array(x))  # a copy: the port's array may be read-only
 
 
+def _int(x) -> int:
+    """An integer the port returned (Python, numpy or a one-element tensor); a float is not one."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        if x.dtype.is_floating_point if isinstance(x, torch.Tensor) else np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"a float value {x}")
+        return int(x.item())
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{x!r} is not an integer")
+    return int(x)
+
+
 def _ints(x):
-    return [int(v) for v in (x.tolist() if hasattr(x, "tolist") else x)]
+    return [_int(v) for v in (x.tolist() if hasattr(x, "tolist") else x)]
+
+
+def _pair(answer, what: str):
+    """A 2-tuple answer (pixel_values, grid), read strictly."""
+    with _reading(what, answer):
+        if isinstance(answer, (str, bytes, dict)) or len(answer) != 2:
+            raise ValueError(f"{len(answer) if hasattr(answer, '__len__') else 'no'} values")
+        return answer[0], answer[1]
 
 
 def _smart_resize(a, it, _):
-    h, w = a.smart_resize(
-        it["height"], it["width"], factor=it["factor"], min_pixels=it["min_pixels"], max_pixels=it["max_pixels"]
+    got = _ask(
+        a.smart_resize,
+        it["height"],
+        it["width"],
+        factor=it["factor"],
+        min_pixels=it["min_pixels"],
+        max_pixels=it["max_pixels"],
     )
-    return [int(h), int(w)]
+    h, w = _pair(got, "(h, w): two integers")
+    with _reading("(h, w): two integers", got):
+        return [_int(h), _int(w)]
 
 
 def _resize_bicubic(a, it, _):
-    return _np(a.resize_bicubic(it["image"].numpy(), tuple(it["size"])))
+    got = _ask(a.resize_bicubic, it["image"].numpy(), tuple(it["size"]))
+    with _reading("a uint8 image [h, w, 3]", got):
+        return _np(got)
 
 
 def _frames(a, it, _):
-    return _ints(
-        a.sample_frame_indices(
-            it["total_frames"],
-            it["video_fps"],
-            fps=it["fps"],
-            min_frames=it["min_frames"],
-            max_frames=it["max_frames"],
-            nframes=it["nframes"],
-        )
+    got = _ask(
+        a.sample_frame_indices,
+        it["total_frames"],
+        it["video_fps"],
+        fps=it["fps"],
+        min_frames=it["min_frames"],
+        max_frames=it["max_frames"],
+        nframes=it["nframes"],
     )
+    with _reading("a list of frame indices", got):
+        return _ints(got)
 
 
 def _patchify(a, it, _):
-    pv, grid = a.patchify(
+    got = _ask(
+        a.patchify,
         it["frames"],
         patch_size=it["patch_size"],
         temporal_patch_size=it["temporal_patch_size"],
         merge_size=it["merge_size"],
     )
-    return {"pixel_values": _np(pv), "grid_thw": _np(grid).tolist()}
+    pv, grid = _pair(got, "(pixel_values, grid_thw)")
+    with _reading("(pixel_values, grid_thw)", got):
+        return {"pixel_values": _np(pv), "grid_thw": _np(grid).tolist()}
 
 
 def _preprocess_image(a, it, _):
-    pv, grid = a.preprocess_image(it["image"].numpy(), min_pixels=it["min_pixels"], max_pixels=it["max_pixels"])
-    return {"pixel_values": _np(pv), "grid_thw": _np(grid).tolist()}
+    got = _ask(a.preprocess_image, it["image"].numpy(), min_pixels=it["min_pixels"], max_pixels=it["max_pixels"])
+    pv, grid = _pair(got, "(pixel_values [P, 1176], grid_thw [1, 3])")
+    with _reading("(pixel_values [P, 1176], grid_thw [1, 3])", got):
+        return {"pixel_values": _np(pv), "grid_thw": _np(grid).tolist()}
 
 
 def _rotary(a, it, _):
-    return _np(a.vision_rotary_positions(_grid(it["grid_thw"]), merge_size=it["merge_size"]))
+    got = _ask(a.vision_rotary_positions, _grid(it["grid_thw"]), merge_size=it["merge_size"])
+    with _reading("an integer tensor [P, 2]", got):
+        return _np(got)
 
 
 def _windows(a, it, _):
-    wi, cw, cu = a.window_partition(
-        _grid(it["grid_thw"]), window_size=it["window_size"], patch_size=it["patch_size"], merge_size=it["merge_size"]
+    got = _ask(
+        a.window_partition,
+        _grid(it["grid_thw"]),
+        window_size=it["window_size"],
+        patch_size=it["patch_size"],
+        merge_size=it["merge_size"],
     )
-    return {"window_index": _np(wi), "cu_window_seqlens": _ints(cw), "cu_seqlens": _ints(cu)}
+    what = "(window_index, cu_window_seqlens, cu_seqlens)"
+    with _reading(what, got):
+        if isinstance(got, (str, bytes, dict)) or len(got) != 3:
+            raise ValueError("not three values")
+        wi, cw, cu = got
+        return {"window_index": _np(wi), "cu_window_seqlens": _ints(cw), "cu_seqlens": _ints(cu)}
 
 
 def _chat(a, it, _):
-    return a.render_chat(
-        it["messages"], add_generation_prompt=it["add_generation_prompt"], add_vision_id=it["add_vision_id"]
+    got = _ask(
+        a.render_chat,
+        it["messages"],
+        add_generation_prompt=it["add_generation_prompt"],
+        add_vision_id=it["add_vision_id"],
     )
+    with _reading("a string", got):
+        if not isinstance(got, str):
+            raise TypeError("not a str")
+        return got
 
 
 def _expand(a, it, _):
-    return list(
-        a.expand_vision_tokens(
-            it["texts"], _grid(it["image_grid_thw"]), _grid(it["video_grid_thw"]), merge_size=it["merge_size"]
-        )
+    got = _ask(
+        a.expand_vision_tokens,
+        it["texts"],
+        _grid(it["image_grid_thw"]),
+        _grid(it["video_grid_thw"]),
+        merge_size=it["merge_size"],
     )
+    with _reading("a list of strings", got):
+        if isinstance(got, str) or not all(isinstance(t, str) for t in got):
+            raise TypeError("not a list of str")
+        return list(got)
 
 
 def _tokenize(a, it, tokenizer_dir):
-    return _ints(a.tokenize(it["text"], tokenizer_dir=tokenizer_dir))
+    got = _ask(a.tokenize, it["text"], tokenizer_dir=tokenizer_dir)
+    with _reading("a list of token ids", got):
+        return _ints(got)
 
 
 def _rope_index(a, it, _):
     spg = it["second_per_grid_ts"]
-    pos, deltas = a.rope_index(
+    got = _ask(
+        a.rope_index,
         _t(it["input_ids"]),
         _grid(it["image_grid_thw"]),
         _grid(it["video_grid_thw"]),
@@ -242,18 +347,28 @@ def _rope_index(a, it, _):
         _t(it["attention_mask"]),
         config=it["config"],
     )
-    return {"position_ids": _np(pos), "rope_deltas": _np(deltas)}
+    pos, deltas = _pair(got, "(position_ids [3, B, L], rope_deltas [B, 1])")
+    with _reading("(position_ids [3, B, L], rope_deltas [B, 1])", got):
+        return {"position_ids": _np(pos), "rope_deltas": _np(deltas)}
 
 
 def _decode(a, it, _):
-    return _np(a.decode_positions(_t(it["rope_deltas"]), it["start"], it["steps"]))
+    got = _ask(a.decode_positions, _t(it["rope_deltas"]), it["start"], it["steps"])
+    with _reading("an integer tensor [3, B, steps]", got):
+        return _np(got)
 
 
 def _cos_sin(a, it, _):
-    cos, sin = a.mrope_cos_sin(
-        _t(it["position_ids"]), head_dim=it["head_dim"], theta=it["theta"], mrope_section=tuple(it["mrope_section"])
+    got = _ask(
+        a.mrope_cos_sin,
+        _t(it["position_ids"]),
+        head_dim=it["head_dim"],
+        theta=it["theta"],
+        mrope_section=tuple(it["mrope_section"]),
     )
-    return {"cos": _np(cos), "sin": _np(sin)}
+    cos, sin = _pair(got, "(cos, sin) [B, L, D]")
+    with _reading("(cos, sin) [B, L, D]", got):
+        return {"cos": _np(cos), "sin": _np(sin)}
 
 
 ITEM_CALLS = {

@@ -112,15 +112,17 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
     from ..fixtures import dump_json, load_case
 
     out = Path(out)
-    names = []
-    for path in case_paths:
-        case = load_case(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--export-inputs {out}: exists and is not a folder")
+    cases = [load_case(path) for path in case_paths]  # every case checked before anything is written
+    for case in cases:
         if case.bad_files:
             raise ValueError(f"case {case.name}: cannot export, bad files {case.bad_files}")
+    names = []
+    for case in cases:
+        # only the files named below are (over)written: a port's own files in the folder stay
         d = out / case.name
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)
         info = {
             "case": case.name,
             "kind": case.kind,

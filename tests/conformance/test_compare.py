@@ -13,7 +13,13 @@ def test_first_difference_names_the_path_and_values():
     assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 4]]) is None
     assert compare.first_difference([[1, 2], [3, 4]], [[1, 2], [3, 5]]) == "[1][1]: expected 4, got 5"
     assert compare.first_difference({"a": [1]}, {"a": [1, 2]}) == ".a: expected length 1, got 2"
-    assert compare.first_difference("ab", "ac") == "value: expected 'ab', got 'ac'"
+    assert compare.first_difference("ab", "ac") == (
+        "value: first difference at character 1 (lengths 2 and 2; 1 shared characters shown before it): "
+        "expected 'ab', got 'ac'"
+    )
+    long = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" * 3 + "Picture 1: <|vision_start|>"
+    d = compare.first_difference(long, long.replace("Picture 1: ", "Picture 1:"))
+    assert "character 184" in d and "'Picture 1: <|vision_start|>'" in d and "'Picture 1:<|vision_start|>'" in d
 
 
 def test_first_difference_integers_are_not_floats():
