@@ -19,7 +19,7 @@ def test_first_difference_names_the_path_and_values():
     )
     long = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" * 3 + "Picture 1: <|vision_start|>"
     d = compare.first_difference(long, long.replace("Picture 1: ", "Picture 1:"))
-    assert "character 184" in d and "'Picture 1: <|vision_start|>'" in d and "'Picture 1:<|vision_start|>'" in d
+    assert "character 184" in d and "Picture 1: <|vision_start|>'" in d and "Picture 1:<|vision_start|>'" in d
 
 
 def test_first_difference_integers_are_not_floats():
