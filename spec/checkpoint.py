@@ -36,8 +36,8 @@ INDEX_FILE = "model.safetensors.index.json"
 class CheckpointError(ValueError):
     """A checkpoint folder cannot be read, or its tensors do not match its config.
 
-    `problems` maps a kind ("missing", "unexpected", "wrong shape", "not floating point") to the full
-    list of entries; the message shows the first 40 of each kind.
+    `problems` maps a kind ("missing", "unexpected", "wrong shape", "not floating point", "not finite")
+    to the full list of entries; the message shows the first 40 of each kind.
     """
 
     def __init__(self, message: str, problems: dict[str, list[str]] | None = None):
@@ -46,26 +46,45 @@ class CheckpointError(ValueError):
 
 
 def expected_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
-    """The key table: hub key name -> shape, for every tensor of the model, lm_head.weight included.
+    """The key table: hub key name -> shape, for every tensor of the model, lm_head.weight included."""
+    return {key: tuple(size for size, _ in dims) for key, dims in _key_table(config).items()}
+
+
+def _key_table(config: Qwen25VLConfig) -> dict[str, tuple[tuple[int, str], ...]]:
+    """expected_shapes with each size paired with the config fields it comes from (for error messages).
 
     Legend: Cv/Iv vision hidden/intermediate, C/I text hidden/intermediate, V vocab, N/K heads and
     kv heads, D text head dim. Linear weights are [out, in] as torch stores them; no transposes.
     """
     v = config.vision
-    Cv, Iv, m2 = v.hidden_size, v.intermediate_size, v.spatial_merge_size**2
-    C, I, V, D = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    N, K = config.num_attention_heads, config.num_key_value_heads
-    shapes: dict[str, tuple[int, ...]] = {
-        # Conv3d with kernel = stride: one [Cv, c, tp, p, p] filter bank applied to each pixel_values row
-        "visual.patch_embed.proj.weight": (Cv, v.in_chans, v.temporal_patch_size, v.patch_size, v.patch_size),
-    }
+    m2 = v.spatial_merge_size**2
+    N, K, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    Cv = (v.hidden_size, f"vision_config.hidden_size={v.hidden_size}")
+    Iv = (v.intermediate_size, f"vision_config.intermediate_size={v.intermediate_size}")
+    Cv3 = (3 * v.hidden_size, f"3*vision_config.hidden_size={3 * v.hidden_size}")
+    Cm = (m2 * v.hidden_size, f"vision_config.spatial_merge_size**2*hidden_size={m2 * v.hidden_size}")
+    Out = (v.out_hidden_size, f"vision_config.out_hidden_size={v.out_hidden_size}")
+    C = (config.hidden_size, f"hidden_size={config.hidden_size}")
+    I = (config.intermediate_size, f"intermediate_size={config.intermediate_size}")  # noqa: E741
+    V = (config.vocab_size, f"vocab_size={config.vocab_size}")
+    ND = (N * D, f"num_attention_heads*head_dim={N * D}")
+    KD = (K * D, f"num_key_value_heads*head_dim={K * D} (head_dim = hidden_size/num_attention_heads = {D})")
+    patch = (
+        Cv,
+        (v.in_chans, f"vision_config.in_chans={v.in_chans}"),
+        (v.temporal_patch_size, f"vision_config.temporal_patch_size={v.temporal_patch_size}"),
+        (v.patch_size, f"vision_config.patch_size={v.patch_size}"),
+        (v.patch_size, f"vision_config.patch_size={v.patch_size}"),
+    )
+    # Conv3d with kernel = stride: one [Cv, c, tp, p, p] filter bank applied to each pixel_values row
+    table: dict[str, tuple[tuple[int, str], ...]] = {"visual.patch_embed.proj.weight": patch}
     for i in range(v.depth):
         b = f"visual.blocks.{i}"
-        shapes |= {
+        table |= {
             f"{b}.norm1.weight": (Cv,),
             f"{b}.norm2.weight": (Cv,),
-            f"{b}.attn.qkv.weight": (3 * Cv, Cv),  # rows [q | k | v], each head-major
-            f"{b}.attn.qkv.bias": (3 * Cv,),
+            f"{b}.attn.qkv.weight": (Cv3, Cv),  # rows [q | k | v], each head-major
+            f"{b}.attn.qkv.bias": (Cv3,),
             f"{b}.attn.proj.weight": (Cv, Cv),
             f"{b}.attn.proj.bias": (Cv,),
             f"{b}.mlp.gate_proj.weight": (Iv, Cv),
@@ -75,32 +94,32 @@ def expected_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
             f"{b}.mlp.down_proj.weight": (Cv, Iv),
             f"{b}.mlp.down_proj.bias": (Cv,),
         }
-    shapes |= {
+    table |= {
         "visual.merger.ln_q.weight": (Cv,),
-        "visual.merger.mlp.0.weight": (m2 * Cv, m2 * Cv),  # nn.Sequential index 1 is the GELU
-        "visual.merger.mlp.0.bias": (m2 * Cv,),
-        "visual.merger.mlp.2.weight": (v.out_hidden_size, m2 * Cv),
-        "visual.merger.mlp.2.bias": (v.out_hidden_size,),
+        "visual.merger.mlp.0.weight": (Cm, Cm),  # nn.Sequential index 1 is the GELU
+        "visual.merger.mlp.0.bias": (Cm,),
+        "visual.merger.mlp.2.weight": (Out, Cm),
+        "visual.merger.mlp.2.bias": (Out,),
         "model.embed_tokens.weight": (V, C),
     }
     for i in range(config.num_hidden_layers):
         b = f"model.layers.{i}"
-        shapes |= {
+        table |= {
             f"{b}.input_layernorm.weight": (C,),
-            f"{b}.self_attn.q_proj.weight": (N * D, C),
-            f"{b}.self_attn.q_proj.bias": (N * D,),
-            f"{b}.self_attn.k_proj.weight": (K * D, C),
-            f"{b}.self_attn.k_proj.bias": (K * D,),
-            f"{b}.self_attn.v_proj.weight": (K * D, C),
-            f"{b}.self_attn.v_proj.bias": (K * D,),
-            f"{b}.self_attn.o_proj.weight": (C, N * D),
+            f"{b}.self_attn.q_proj.weight": (ND, C),
+            f"{b}.self_attn.q_proj.bias": (ND,),
+            f"{b}.self_attn.k_proj.weight": (KD, C),
+            f"{b}.self_attn.k_proj.bias": (KD,),
+            f"{b}.self_attn.v_proj.weight": (KD, C),
+            f"{b}.self_attn.v_proj.bias": (KD,),
+            f"{b}.self_attn.o_proj.weight": (C, ND),
             f"{b}.post_attention_layernorm.weight": (C,),
             f"{b}.mlp.gate_proj.weight": (I, C),
             f"{b}.mlp.up_proj.weight": (I, C),
             f"{b}.mlp.down_proj.weight": (C, I),
         }
-    shapes |= {"model.norm.weight": (C,), "lm_head.weight": (V, C)}
-    return shapes
+    table |= {"model.norm.weight": (C,), "lm_head.weight": (V, C)}
+    return table
 
 
 def to_hub_key(key: str) -> str:
@@ -187,15 +206,19 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def check_params(params: dict[str, torch.Tensor], config: Qwen25VLConfig, *, source: str = "checkpoint") -> None:
-    """Compare params (hub names) with the key table; raise ONE CheckpointError listing every problem."""
-    table = expected_shapes(config)
+    """Compare params (hub names) with the key table; raise ONE CheckpointError listing every problem.
+
+    A wrong shape names the config fields its expected sizes come from; a layer count that differs
+    from the file's says so; fields that config.json lacked (config.defaulted) are named as a likely cause.
+    """
+    table = _key_table(config)
     problems = {
         "missing": [k for k in table if k not in params],
         "unexpected": sorted(k for k in params if k not in table),
         "wrong shape": [
-            f"{k} {tuple(params[k].shape)} expected {table[k]}"
+            f"{k} has shape {list(params[k].shape)}, config says [{', '.join(name for _, name in table[k])}]"
             for k in table
-            if k in params and tuple(params[k].shape) != table[k]
+            if k in params and tuple(params[k].shape) != tuple(size for size, _ in table[k])
         ],
         "not floating point": [
             f"{k} {params[k].dtype}" for k in table if k in params and not params[k].is_floating_point()
@@ -204,7 +227,49 @@ def check_params(params: dict[str, torch.Tensor], config: Qwen25VLConfig, *, sou
     problems = {kind: items for kind, items in problems.items() if items}
     if problems:
         lines = [f"{kind} {len(items)}: {_short(items)}" for kind, items in problems.items()]
+        lines += _layer_counts(params, config) + ([config.defaults_note] if config.defaulted else [])
         raise CheckpointError(f"{source} does not match its config:\n  " + "\n  ".join(lines), problems)
+
+
+def _layer_counts(params: dict[str, torch.Tensor], config: Qwen25VLConfig) -> list[str]:
+    """A line per block stack whose indices in the file are not 0..(the config's count - 1)."""
+    lines = []
+    for prefix, field, want in (
+        ("model.layers.", "num_hidden_layers", config.num_hidden_layers),
+        ("visual.blocks.", "vision_config.depth", config.vision.depth),
+    ):
+        found = sorted(
+            {int(i) for k in params if k.startswith(prefix) for i in [k[len(prefix) :].split(".")[0]] if i.isdigit()}
+        )
+        if found != list(range(want)):
+            runs, start = [], None
+            for j, i in enumerate(found):
+                start = i if start is None else start
+                if j + 1 == len(found) or found[j + 1] != i + 1:
+                    runs.append(f"{start}..{i}" if i > start else f"{start}")
+                    start = None
+            lines.append(f"{prefix}N in the file: N = {', '.join(runs) or 'none'}; config says {field}={want}")
+    return lines
+
+
+def check_weights_finite(params: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every tensor that holds a NaN or an infinity, with counts.
+
+    One pass, torch.isfinite(t).all() per tensor; the counts are taken only for the offending ones.
+    """
+    bad = []
+    for key, t in params.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            bad.append(f"{key} ({nan} NaN, {inf} inf of {t.numel()} values)")
+    if bad:
+        raise CheckpointError(
+            f"{source} holds non-finite weights in {len(bad)} tensor(s): {_short(bad)}. A model built from them "
+            "computes NaN; re-download or re-convert the checkpoint (load_checkpoint(..., check_finite=False) "
+            "loads it anyway, for inspection)",
+            {"not finite": bad},
+        )
 
 
 def _short(items: list[str], limit: int = 40) -> str:
@@ -213,13 +278,14 @@ def _short(items: list[str], limit: int = 40) -> str:
 
 
 def load_checkpoint(
-    folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+    folder: str | os.PathLike, *, dtype: torch.dtype | None = None, check_finite: bool = True
 ) -> tuple[Qwen25VLConfig, dict[str, torch.Tensor]]:
     """Read config.json and the safetensors of `folder`.
 
     Returns (config, params): params maps every hub key of `expected_shapes(config)` to a tensor,
     lm_head.weight always present (the embedding itself when tied). dtype: cast every tensor to it
-    (torch.float64 for the oracle); None keeps the stored dtype.
+    (torch.float64 for the oracle); None keeps the stored dtype. check_finite: refuse a checkpoint with
+    a NaN or infinite weight, naming every such tensor (False only to inspect a broken file).
     Raises ConfigError for a bad config.json and CheckpointError for everything about the tensors.
     """
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -250,6 +316,8 @@ def load_checkpoint(
             )
         params["lm_head.weight"] = embed
     check_params(params, config, source=str(folder))
+    if check_finite:
+        check_weights_finite(params, source=str(folder))
 
     if dtype is not None:
         cast = {id(t): t.to(dtype) for t in params.values()}  # keep tied tensors one object

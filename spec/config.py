@@ -6,17 +6,70 @@ kv groups) are computed once here and validated, never overwritten.
 
 Hub config.json files are "flat" (text fields at the top level, `vision_config` nested); transformers
 v5 writes a nested `text_config`. Both are read.
+
+A field missing from config.json gets the default transformers 5.24 gives it (Qwen2_5_VLTextConfig,
+Qwen2_5_VLVisionConfig, Qwen2_5_VLConfig in configuration_qwen2_5_vl.py: the TRANSFORMERS_DEFAULTS
+table), and is reported: `config.defaulted` names it and a ConfigDefaultWarning says which value was
+used. The dataclass defaults below are the 7B checkpoint's and are used only when a config is built
+in code. Two exceptions:
+  - REQUIRED fields raise ConfigError naming the field: sizes whose transformers default fits no
+    published checkpoint (3B, 7B, 72B), so a guess could only end as a list of wrongly shaped tensors.
+  - pad_token_id (absent from every published config.json; transformers' default is None) quietly
+    takes bos_token_id, as every published generation_config.json does (151643).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 
 
 class ConfigError(ValueError):
-    """A config.json field has the wrong type, or the sizes it gives cannot work together."""
+    """A config.json field is missing, has the wrong type, or the sizes it gives cannot work together."""
+
+
+class ConfigDefaultWarning(UserWarning):
+    """config.json lacks a field, and transformers' default was used for it."""
+
+
+# config.json key (vision keys as vision_config.<key>) -> transformers 5.24's default for it. mrope_section has
+# no config default: Qwen2_5_VLRotaryEmbedding falls back to [16, 24, 24] (modeling_qwen2_5_vl.py).
+TRANSFORMERS_DEFAULTS: dict[str, object] = {
+    "vocab_size": 152064,
+    "hidden_size": 8192,  # the text defaults are the 72B checkpoint's
+    "intermediate_size": 29568,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,  # every published checkpoint says 1e-6
+    "rope_theta": 1_000_000.0,
+    "rope_scaling.mrope_section": (16, 24, 24),
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 32768,  # published: 128000
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_config.depth": 32,
+    "vision_config.intermediate_size": 3420,
+    "vision_config.num_heads": 16,
+    "vision_config.in_chans": 3,  # transformers reads in_channels; hub files write in_chans
+    "vision_config.out_hidden_size": 3584,
+    "vision_config.patch_size": 14,
+    "vision_config.temporal_patch_size": 2,
+    "vision_config.spatial_merge_size": 2,
+    "vision_config.window_size": 112,
+    "vision_config.fullatt_block_indexes": (7, 15, 23, 31),
+    "vision_config.tokens_per_second": 4,  # published: 2
+    "vision_config.hidden_act": "silu",
+}
+# transformers' vision hidden_size default is 3584; every published vision tower is 1280 wide.
+REQUIRED = ("vision_config.hidden_size",)
 
 
 @dataclass(frozen=True)
@@ -94,6 +147,8 @@ class Qwen25VLConfig:
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision: VisionConfig = field(default_factory=VisionConfig)
+    # config.json keys that were missing and took TRANSFORMERS_DEFAULTS; not part of equality
+    defaulted: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         _check_types(self, "config")
@@ -127,6 +182,11 @@ class Qwen25VLConfig:
         """Query heads served by one key/value head."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def defaults_note(self) -> str:
+        """One line naming the defaulted fields and their values; empty when config.json gave every field."""
+        return _defaults_note(self.defaulted)
+
     @classmethod
     def from_dict(cls, raw: dict, *, source: str = "config") -> Qwen25VLConfig:
         return _parse(raw, source)
@@ -148,7 +208,8 @@ class Qwen25VLConfig:
 
     def to_dict(self) -> dict:
         """The flat hub layout of config.json (what make_tiny_checkpoint writes)."""
-        text = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("vision", "mrope_section")}
+        skip = ("vision", "mrope_section", "defaulted")
+        text = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         vision = {f.name: getattr(self.vision, f.name) for f in fields(self.vision) if f.name != "rms_norm_eps"}
         vision["fullatt_block_indexes"] = list(self.vision.fullatt_block_indexes)
         vision["spatial_patch_size"] = self.vision.patch_size
@@ -167,6 +228,8 @@ class Qwen25VLConfig:
 
 def _check_types(obj, where: str) -> None:
     for f in fields(obj):
+        if f.name == "defaulted":
+            continue
         value = getattr(obj, f.name)
         expected = f.type if isinstance(f.type, str) else f.type.__name__
         if expected == "int" and (not isinstance(value, int) or isinstance(value, bool)):
@@ -185,9 +248,37 @@ def _check_types(obj, where: str) -> None:
 
 
 def _pick(raw: dict, cls) -> dict:
-    """Keep the fields of `cls` that `raw` sets; lists become tuples."""
-    names = {f.name for f in fields(cls)}
+    """Keep the config.json fields of `cls` that `raw` sets; lists become tuples."""
+    names = {f.name for f in fields(cls)} - {"vision", "defaulted"}
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in names}
+
+
+def _defaults_note(defaulted: tuple[str, ...]) -> str:
+    if not defaulted:
+        return ""
+    used = ", ".join(
+        f"{k}={list(v) if isinstance(v, tuple) else v!r}" for k in defaulted for v in [TRANSFORMERS_DEFAULTS[k]]
+    )
+    return f"config.json has no {', '.join(defaulted)}; transformers' defaults were used: {used}"
+
+
+def _fill_defaults(text_fields: dict, vision_fields: dict, source: str) -> tuple[str, ...]:
+    """Put TRANSFORMERS_DEFAULTS into the missing fields (in place); return their config.json keys."""
+    for key in REQUIRED:
+        if key.rsplit(".", 1)[-1] not in vision_fields:
+            raise ConfigError(
+                f"{source}: {key} is missing; it sets the width of every vision tensor, and transformers' "
+                "default (3584) fits no published checkpoint (all are 1280 wide)"
+            )
+    defaulted = []
+    for key, value in TRANSFORMERS_DEFAULTS.items():
+        fields_ = vision_fields if key.startswith("vision_config.") else text_fields
+        name = key.rsplit(".", 1)[-1]
+        if name not in fields_:
+            fields_[name] = value
+            defaulted.append(key)
+    text_fields.setdefault("pad_token_id", text_fields["bos_token_id"])  # generation_config.json's pad id
+    return tuple(defaulted)
 
 
 def _parse(raw: dict, source: str) -> Qwen25VLConfig:
@@ -219,10 +310,21 @@ def _parse(raw: dict, source: str) -> Qwen25VLConfig:
     if text.get("pad_token_id") is None:
         text.pop("pad_token_id", None)
     vision_fields = _pick(vision_raw, VisionConfig)
-    if "out_hidden_size" not in vision_fields and "hidden_size" in text:
-        vision_fields["out_hidden_size"] = text["hidden_size"]
+    if "in_channels" in vision_raw:  # the name transformers reads (it ignores the hub's in_chans)
+        if "in_chans" in vision_fields and vision_fields["in_chans"] != vision_raw["in_channels"]:
+            raise ConfigError(
+                f"{source}: vision_config.in_chans {vision_fields['in_chans']!r} and vision_config.in_channels "
+                f"{vision_raw['in_channels']!r} disagree (transformers reads in_channels)"
+            )
+        vision_fields["in_chans"] = vision_raw["in_channels"]
+    text_fields = _pick(text, Qwen25VLConfig)
+    defaulted = _fill_defaults(text_fields, vision_fields, source)
+    note = _defaults_note(defaulted)
     try:
         vision = VisionConfig(**vision_fields)
-        return Qwen25VLConfig(**_pick(text, Qwen25VLConfig), vision=vision)
+        config = Qwen25VLConfig(**text_fields, vision=vision, defaulted=defaulted)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {note}; with those: {e}" if note else f"{source}: {e}") from None
+    if note:
+        warnings.warn(f"{source}: {note}", ConfigDefaultWarning, stacklevel=3)
+    return config

@@ -184,7 +184,11 @@ def test_all_problems_in_one_error(tiny_checkpoint, tmp_path):
     msg = str(err.value)
     assert "missing 2: visual.blocks.2.attn.qkv.bias, model.norm.weight" in msg
     assert "unexpected 1: visual.blocks.9.norm1.weight" in msg
-    assert "wrong shape 1: model.layers.0.self_attn.k_proj.weight (32, 32) expected (16, 32)" in msg
+    assert (
+        "wrong shape 1: model.layers.0.self_attn.k_proj.weight has shape [32, 32], config says "
+        "[num_key_value_heads*head_dim=16 (head_dim = hidden_size/num_attention_heads = 16), hidden_size=32]"
+    ) in msg
+    assert "visual.blocks.N in the file: N = 0..3, 9; config says vision_config.depth=4" in msg
     assert "not floating point 1: model.layers.1.mlp.up_proj.weight torch.int32" in msg
     assert err.value.problems["missing"] == ["visual.blocks.2.attn.qkv.bias", "model.norm.weight"]
 
@@ -221,8 +225,11 @@ def test_config_disagrees_with_tensors(tiny_checkpoint, tmp_path):
     assert len(err.value.problems["wrong shape"]) == 26 and set(err.value.problems) == {
         "wrong shape"
     }  # 4 blocks x (3 vision MLP weights + gate/up biases) + 2 layers x 3 text MLP weights
-    assert "model.layers.1.mlp.down_proj.weight (32, 64) expected (32, 96)" in msg
-    assert "visual.blocks.3.mlp.up_proj.bias (48,) expected (40,)" in msg
+    assert (
+        "model.layers.1.mlp.down_proj.weight has shape [32, 64], config says [hidden_size=32, intermediate_size=96]"
+        in msg
+    )
+    assert "visual.blocks.3.mlp.up_proj.bias has shape [48], config says [vision_config.intermediate_size=40]" in msg
 
 
 def test_no_folder_or_no_weights(tmp_path):
