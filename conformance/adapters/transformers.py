@@ -31,6 +31,24 @@ def _token_types(input_ids, image_token_id: int, video_token_id: int) -> torch.T
     return t
 
 
+def open_image(path):
+    """An image file as the in-memory PIL image a user holds after Image.open: decoded, turned upright by
+    its EXIF orientation (as transformers' load_image does for files), its mode untouched (RGBA keeps alpha).
+
+    This target hands images to the processor in memory, never as paths. transformers 5.24 turns a path
+    or URL into an image with image_utils.load_image, which ends in convert("RGB") and so drops alpha
+    (transparent pixels keep their hidden colour); a PIL image in memory instead goes through the image
+    processor's convert_to_rgb, which composites transparency over white: the spec's colour rule
+    (spec/image.py). expectations/transformers.json lists no image divergence because images are fed
+    this way; tests/conformance/test_transformers_images.py fails if the feeding changes.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)  # a transposed copy, or a plain copy without EXIF orientation
+
+
 class TransformersAdapter(Adapter):
     name = "transformers"
 
@@ -221,7 +239,7 @@ class TransformersAdapter(Adapter):
             raise NotCovered("transformers' video processor needs torchvision, which is not installed")
         proc = self.processor(tokenizer_dir)
         texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-        imgs = [Image.open(p).convert("RGB") for p in images] or None
+        imgs = [open_image(p) for p in images] or None  # in memory, alpha kept: see open_image
         vids = [[np.asarray(Image.open(f).convert("RGB")) for f in v["frames"]] for v in videos] or None
         kwargs = {}
         if options.get("min_pixels"):
