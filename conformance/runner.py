@@ -142,11 +142,11 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
     kwargs = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
     try:
         params = inspect.signature(klass).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):  # a signature Python cannot read: let the call say
+        params = None
+    takes_any = params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for k in kwargs:
-        if params and not takes_any and k not in params:
+        if not takes_any and k not in params:
             raise ValueError(
                 f"target {target!r}: --{k} was given but {cls}() takes no {k!r} argument "
                 f"(drop --{k}, or add a {k}= parameter to its constructor)"

@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from qwen25vl.conformance import runner
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.compare import to_plain
@@ -48,7 +50,10 @@ def test_python_adapter_target_module_class(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 1, out
-    assert "FIRST DIVERGENCE  case exact_resize, stage fn.smart_resize" in out and "\nRESULT: FAIL (2 of 2 stages covered)" in out
+    assert (
+        "FIRST DIVERGENCE  case exact_resize, stage fn.smart_resize" in out
+        and "\nRESULT: FAIL (2 of 2 stages covered)" in out
+    )
     status = {r["stage"]: r["status"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     assert status == {"fn.smart_resize": "fail", "fn.resize_bicubic": "pass"}
     assert cli.main(["conform", "--target", "tests.conformance.planted:NoSuchAdapter"]) == 2
@@ -177,3 +182,65 @@ def test_pytest_plugin_items_per_stage(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout and "bringing up nodes" in proc.stdout
+
+
+# ---- the command line refuses what it cannot do, before doing any work
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--stages", "no_such_stage"], "matches no stage of the selected cases; the stages are: fn.smart_resize"),
+        (["--cases", "no_such_case"], "matches no case; the cases are: exact_patches"),
+        (["--stages", "vision.(block"], "--stages 'vision.(block' is not a valid regular expression"),
+        (["--cases", "*model"], "--cases '*model' is not a valid regular expression"),
+        (["--jobs", "0"], "--jobs 0: must be at least 1"),
+        (["--timeout", "-1"], "--timeout -1: must be a number of seconds >= 0"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--memory-limit", "0"], "--memory-limit 0: must be a positive number"),
+        (["--in-process", "--jobs", "2"], "--in-process runs one case at a time"),
+    ],
+)
+def test_bad_options_exit_2_with_a_clear_message(capsys, argv, says):
+    assert cli.main(["conform", *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
+def test_report_paths_are_checked_before_the_run(capsys, tmp_path):
+    t0 = time.perf_counter()
+    assert cli.main(["conform", "--json", str(tmp_path / "missing" / "r.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["conform", "--junit", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 5  # refused before any case ran (the suite takes longer)
+
+
+def test_dtype_for_an_adapter_that_takes_no_arguments(capsys):
+    code = cli.main(["conform", "--target", "tests.conformance.hostile:OnlyResize", "--dtype", "bfloat16"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--dtype was given but OnlyResize() takes no 'dtype' argument" in err and "Traceback" not in err
+
+
+def test_a_partial_port_is_told_its_coverage(capsys, tmp_path):
+    code = cli.main(["conform", "--target", "tests.conformance.hostile:OnlyResize", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    cov = report["coverage"]
+    assert code == 0 and cov["covered"] == 1 and cov["total"] > 60 and len(cov["not_covered"]) == cov["total"] - 1
+    assert f"RESULT: PASS (1 of {cov['total']} stages covered)" in out
+    assert "not covered: " in out and "-v lists them" in out
+    assert out.count("not_covered") == 1  # in the totals line only: no row each
+    assert not list(tmp_path.glob(".r.json*"))  # the atomic write left no temporary file
+
+
+def test_export_inputs_keeps_what_it_did_not_write(tmp_path):
+    own = tmp_path / "exact_resize" / "fn.smart_resize.json"
+    own.parent.mkdir(parents=True)
+    own.write_text('{"items": []}')  # a port's output beside the exported inputs
+    assert cli.main(["conform", "--cases", "exact_resize", "--export-inputs", str(tmp_path)]) == 0
+    assert own.read_text() == '{"items": []}'
+    assert (tmp_path / "exact_resize" / "case.json").is_file()
+    assert cli.main(["conform", "--cases", "exact_resize", "--export-inputs", str(tmp_path)]) == 0  # again: fine
+    assert own.is_file()

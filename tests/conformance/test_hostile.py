@@ -1,0 +1,137 @@
+"""A port cannot take the harness down: each hostile port (tests/conformance/hostile) runs through the
+real command line with --jobs 1 and 2; the crash, hang, exit, memory blow-up or garbage becomes an
+error on exactly the stage that was running, every other stage is still judged, and the report,
+JSON and JUnit are written."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from qwen25vl import cli
+
+HOSTILE = "tests.conformance.hostile:"
+
+
+def conform(capsys, tmp_path, target, cases, jobs, *extra):
+    out_json, out_xml = tmp_path / "r.json", tmp_path / "r.xml"
+    code = cli.main(
+        [
+            "conform",
+            "--target",
+            HOSTILE + target,
+            "--cases",
+            cases,
+            "--jobs",
+            str(jobs),
+            "--json",
+            str(out_json),
+            "--junit",
+            str(out_xml),
+            *extra,
+        ]
+    )
+    text = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    ET.fromstring(out_xml.read_text())  # well-formed
+    by_stage = {(r["case"], r["stage"]): r for r in report["results"]}
+    return code, text, report, by_stage
+
+
+def assert_only(by_stage, bad_key, status="error"):
+    """`bad_key` has `status`; every other stage passed."""
+    assert by_stage[bad_key]["status"] == status, by_stage[bad_key]
+    others = {k: r["status"] for k, r in by_stage.items() if k != bad_key}
+    assert others and set(others.values()) == {"pass"}, others
+
+
+JOBS = pytest.mark.parametrize("jobs", [1, 2])
+
+
+@JOBS
+def test_abort_is_an_error_of_the_stage_that_ran(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(capsys, tmp_path, "AbortInWindows", "exact_(windows|resize|prompt)", jobs)
+    assert code == 1
+    key = ("exact_windows", "fn.window_partition")
+    assert_only(by_stage, key)
+    assert "port crashed: signal 6 (SIGABRT) in fn.window_partition" in by_stage[key]["metric"]
+    assert report["first_divergence"]["case"] == "exact_windows"
+    assert "FIRST DIVERGENCE  case exact_windows, stage fn.window_partition" in text
+    assert report["target"]["worker_restarts"] >= 0 and "RESULT: FAIL" in text
+
+
+@JOBS
+def test_a_native_hang_with_signals_blocked_is_killed_at_the_timeout(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(
+        capsys, tmp_path, "NativeHangInWindows", "exact_(windows|resize)", jobs, "--timeout", "4"
+    )
+    key = ("exact_windows", "fn.window_partition")
+    assert_only(by_stage, key)
+    assert "port timed out after 4 s in fn.window_partition" in by_stage[key]["metric"]
+    assert code == 1
+
+
+@JOBS
+@pytest.mark.parametrize("target, says", [("ExitInResize", "exit code 3"), ("SysExitInResize", "sys.exit(4)")])
+def test_exit_is_contained(capsys, tmp_path, jobs, target, says):
+    code, text, report, by_stage = conform(capsys, tmp_path, target, "exact_(resize|windows)", jobs)
+    key = ("exact_resize", "fn.smart_resize")
+    assert_only(by_stage, key)
+    assert says in by_stage[key]["metric"] and code == 1
+
+
+@JOBS
+def test_garbage_is_never_credited(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(capsys, tmp_path, "ZerosFromResize", "exact_resize", jobs, "-v")
+    r = by_stage[("exact_resize", "fn.smart_resize")]
+    assert r["status"] == "error"
+    assert r["metric"].startswith("0/") and "malformed" in r["metric"], r["metric"]
+    assert r["values"]["bad"] == r["values"]["items"]  # not one item credited, refusal items included
+    assert "expected (h, w): two integers, got (0, 0, 0)" in r["where"]
+    assert "expected (h, w): two integers, got (0, 0, 0)" in text  # -v prints the full text
+
+
+@JOBS
+def test_an_answer_that_cannot_be_sent_back_is_an_error(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(
+        capsys, tmp_path, "LambdaFromBuildInputs", "model_image", jobs, "--stages", "preprocess|vision.patch_embed"
+    )
+    pre = {k: r for k, r in by_stage.items() if k[1].startswith("preprocess.")}
+    assert pre and all(r["status"] == "error" and "cannot be sent back" in r["metric"] for r in pre.values())
+    assert by_stage[("model_image", "vision.patch_embed")]["status"] == "pass"
+
+
+@JOBS
+def test_a_port_that_prints_without_end_does_not_reach_the_report(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(capsys, tmp_path, "ChattyTokenizer", "exact_prompt", jobs)
+    assert code == 0 and set(r["status"] for r in report["results"]) == {"pass"}
+    assert len(text) < 20_000 and "port log line" not in text and "RESULT: PASS" in text
+
+
+@JOBS
+def test_a_memory_hog_is_stopped_by_the_limit(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(
+        capsys, tmp_path, "MemoryHogInWindows", "exact_(windows|resize)", jobs, "--memory-limit", "1.5"
+    )
+    key = ("exact_windows", "fn.window_partition")
+    assert_only(by_stage, key)
+    assert "exceeded the memory limit" in by_stage[key]["metric"] and "1.50 GiB" in by_stage[key]["metric"]
+
+
+@JOBS
+def test_nan_from_the_model_is_an_error_of_that_stage(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(
+        capsys, tmp_path, "NaNVision", "model_image", jobs, "--stages", "vision\\.(patch_embed|block\\.[01])$"
+    )
+    assert by_stage[("model_image", "vision.block.0")]["status"] == "error"
+    assert "NaN" in by_stage[("model_image", "vision.block.0")]["metric"]
+    assert by_stage[("model_image", "vision.patch_embed")]["status"] == "pass"
+
+
+@JOBS
+def test_every_stage_errors_and_the_reports_are_still_written(capsys, tmp_path, jobs):
+    code, text, report, by_stage = conform(capsys, tmp_path, "AbortOnLoad", "exact_(windows|resize)", jobs)
+    assert code == 1 and by_stage
+    assert all(r["status"] == "error" for r in by_stage.values())
+    assert all("signal 6 (SIGABRT)" in r["metric"] for r in by_stage.values())
+    assert "RESULT: FAIL" in text
