@@ -18,6 +18,7 @@ import pytest
 from . import report, runner, stages
 from .cli import default_expectations
 from .fixtures import FORMAT, load_case
+from .supervisor import SupervisedAdapter, default_memory_limit
 
 
 def pytest_addoption(parser):
@@ -26,6 +27,11 @@ def pytest_addoption(parser):
     g.addoption("--conform-dtype", default=None, help="dtype of the target (default: the adapter's)")
     g.addoption("--conform-device", default=None, help="device of the target")
     g.addoption("--conform-timeout", type=float, default=120.0, help="seconds per port call")
+    g.addoption(
+        "--conform-in-process",
+        action="store_true",
+        help="call the port in the pytest process (for a debugger); by default it runs in a supervised worker",
+    )
     g.addoption(
         "--conform-expectations",
         default=None,
@@ -68,10 +74,17 @@ def _results(config, case_dir) -> dict:
         if "runner" not in _STATE:  # one runner per process: the checkpoint is loaded once, not once per case
             opt = config.getoption
             target = opt("--conform-target")
-            adapter = runner.make_adapter(target, dtype=opt("--conform-dtype"), device=opt("--conform-device"))
+            dtype, device, timeout = opt("--conform-dtype"), opt("--conform-device"), opt("--conform-timeout")
+            if opt("--conform-in-process"):
+                adapter = runner.make_adapter(target, dtype=dtype, device=device)
+            else:  # a crash or hang of the port fails the stage that was running, not the pytest session
+                adapter = SupervisedAdapter(
+                    target, dtype=dtype, device=device, timeout=timeout, memory_limit=default_memory_limit()
+                )
+                timeout = None  # the supervisor enforces it
             exp = opt("--conform-expectations")
             _STATE["expectations"] = runner.load_expectations(default_expectations(target) if exp is None else exp)
-            _STATE["runner"] = runner.CaseRunner(adapter, timeout=opt("--conform-timeout"))
+            _STATE["runner"] = runner.CaseRunner(adapter, timeout=timeout)
         rows = _STATE["runner"].run(case_dir)
         runner.apply_expectations(rows, _STATE["expectations"])
         _STATE[key] = {}
