@@ -1,4 +1,4 @@
-"""`qwen25vl conform`: the harness's command line (the `qwen25vl` dispatcher is qwen25vl/cli.py).
+"""`qwen25vl conform`: the harness's command line (the `qwen25vl` dispatcher is tools/cli.py).
 
 qwen25vl conform                         the whole bundled suite against impl
 qwen25vl conform --target spec|transformers|files:DIR|module:Class

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 
 from . import stages
-from .runner import BAD, StageResult, first_divergence
+from .results import BAD, StageResult, first_divergence
 
 ORDER = ("pass", "fail", "error", "not_covered", "xfail", "xpass")
 
@@ -114,7 +114,9 @@ def render(desc: dict, results: list[StageResult], *, verbose: bool = False, sec
         lines.append(f"the port's worker was restarted {desc['worker_restarts']} time(s) after a crash or hang")
     cov = coverage(results)
     lines.append(
-        "RESULT: " + ("FAIL" if exit_code(results) else "PASS") + f" ({cov['covered']} of {cov['total']} stages covered)"
+        "RESULT: "
+        + ("FAIL" if exit_code(results) else "PASS")
+        + f" ({cov['covered']} of {cov['total']} stages covered)"
     )
     return "\n".join(lines)
 

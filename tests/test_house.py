@@ -35,7 +35,7 @@ HOUSE_RULES = {
     "conformance": (("spec",), ()),  # implementations only through the adapters ...
     "conformance/adapters": (("spec", "impl"), ()),  # ... which implement the adapter protocol
     "tools": (("spec", "impl", "conformance", PACKAGE), ()),
-    PACKAGE: (("conformance", "impl"), ()),  # cli.py dispatches to each package's command
+    PACKAGE: (("conformance", "impl"), ()),  # may dispatch to each package (today __main__ runs tools/cli.py by name)
 }
 
 
@@ -44,7 +44,7 @@ def python_files(root: Path, folders=CODE) -> list[Path]:
 
 
 def logical_package(root: Path, path: Path, package: str = PACKAGE) -> list[str]:
-    """Dotted package of `path` once installed: spec/x.py -> [qwen25vl, spec]; qwen25vl/cli.py -> [qwen25vl]."""
+    """Dotted package of `path` once installed: spec/x.py -> [qwen25vl, spec]; qwen25vl/__main__.py -> [qwen25vl]."""
     parts = list(path.relative_to(root).parent.parts)
     return [package] + (parts[1:] if parts[0] == package else parts)
 

@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from qwen25vl.conformance import runner
+from qwen25vl.conformance import case_runner
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.compare import to_plain
+from qwen25vl.tools import cli
 from safetensors.torch import save_file
-
-from qwen25vl import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
@@ -83,7 +82,7 @@ def _write_outputs_like_a_port(inputs_dir: Path, out_dir: Path, skip=()):
                 if stage in skip:
                     continue
                 items = json.loads((case_dir / f"{stage}.inputs.json").read_text())["items"]
-                resolved = runner._resolve([it["inputs"] for it in items], tensors)
+                resolved = case_runner._resolve([it["inputs"] for it in items], tensors)
                 outs = spec.run_items(stage, resolved, tokenizer_dir=info.get("tokenizer"))
                 (dst / f"{stage}.json").write_text(json.dumps({"items": to_plain(outs)}))
         else:

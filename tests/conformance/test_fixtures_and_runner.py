@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from qwen25vl.conformance import report, runner, stages
+from qwen25vl.conformance import case_runner, report, runner, stages
 from qwen25vl.conformance.adapters.base import Adapter
 from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, sha256_file, write_case
+from qwen25vl.conformance.golden import Checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -125,15 +126,15 @@ def test_a_port_that_hangs_times_out_and_the_run_goes_on(tmp_path):
 
 
 def test_timeout_outside_the_main_thread():
-    with pytest.raises(runner.StageTimeout):
+    with pytest.raises(case_runner.StageTimeout):
         import threading
 
         box = {}
 
         def go():
             try:
-                runner.call_with_timeout(lambda: time.sleep(5), 0.2)
-            except runner.StageTimeout as e:
+                case_runner.call_with_timeout(lambda: time.sleep(5), 0.2)
+            except case_runner.StageTimeout as e:
                 box["e"] = e
 
         th = threading.Thread(target=go)
@@ -205,7 +206,7 @@ def test_bundled_fixtures_are_intact_and_small():
         for stage, entry in case.stages.items():
             assert stages.is_known(stage), stage
             assert entry["tolerance"] == stages.info(stage).tolerance
-    assert runner.checkpoint_problem(FIXTURES / "checkpoints" / "tiny") is None
+    assert Checkpoint(FIXTURES / "checkpoints" / "tiny").problem is None
 
 
 def test_fixture_errors_name_the_file(tmp_path):

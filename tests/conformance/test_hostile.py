@@ -7,8 +7,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-
-from qwen25vl import cli
+from qwen25vl.tools import cli
 
 HOSTILE = "tests.conformance.hostile:"
 

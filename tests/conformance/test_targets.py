@@ -3,8 +3,7 @@
 from pathlib import Path
 
 from qwen25vl.conformance import runner
-
-from qwen25vl import cli
+from qwen25vl.tools import cli
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 

@@ -3,8 +3,9 @@
     qwen25vl conform ...     the conformance harness (conformance/cli.py)
     qwen25vl generate ...    the fast path's generation command (impl/cli.py)
 
-It lives at the package root, above `conformance` and `impl`, because the house rules forbid the
-harness to import `impl` (it reaches implementations only through adapters).
+It lives in `tools`, the one package that may import all the others (docs/DESIGN.md): the harness
+may not import `impl` (it reaches implementations only through adapters), and nothing imports
+`tools`, so the dispatcher sits above both. `python -m qwen25vl` runs it too (qwen25vl/__main__.py).
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "conform":
-        from .conformance.cli import conform
+        from ..conformance.cli import conform
 
         return conform(rest)
     if cmd == "generate":
         try:
-            from .impl.cli import main as generate
+            from ..impl.cli import main as generate
         except ImportError as e:
             print(f"qwen25vl generate: not available ({e})", file=sys.stderr)
             return 2
         return generate(rest)
     print(f"qwen25vl: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""One fixture case against one adapter: every stage judged, one stage's trouble never stopping the others.
+
+  exact case   call each fn.* stage's function on its item table and compare item by item;
+  model case   build the inputs from the request (preprocess.*), run the model end to end with
+               every stage captured (vision.*, text.*, logits), generate greedily (generate.tokens),
+               and run the first failing float stage again teacher-forced (fed the golden output of
+               the stage before it) to tell "this stage is wrong" from "drift from upstream".
+Every stage gets a status: pass, fail, error (the port raised, crashed, hung, returned NaN or a
+wrong shape or dtype, or the fixture is bad), not_covered (the port does not expose it); the
+expectations file later turns known divergences into xfail / xpass (expectations.py).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from . import compare, stages
+from .adapters.base import Adapter, NotCovered
+from .fixtures import FixtureError, load_case
+from .golden import Checkpoint
+from .locate import locate
+from .results import BAD, StageResult
+from .supervisor import PortCrashed, PortFailed, describe_exception
+
+
+class StageTimeout(BaseException):
+    """A port call ran past the per-stage timeout (BaseException so a port's `except Exception` cannot eat it)."""
+
+
+def call_with_timeout(fn, timeout: float | None):
+    """fn() with a wall-clock limit. In the main thread SIGALRM interrupts Python code; elsewhere the
+    call runs in a daemon thread that is abandoned when it overruns."""
+    if not timeout or timeout <= 0:
+        return fn()
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
+
+        def on_alarm(signum, frame):
+            raise StageTimeout(f"timed out after {timeout:g} s")
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the caller below
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise StageTimeout(f"timed out after {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _describe_exc(e: BaseException) -> str:
+    if isinstance(e, (StageTimeout, PortCrashed, PortFailed)):
+        return str(e)  # already says what happened, where
+    return describe_exception(e)
+
+
+# ------------------------------------------------------------------------- targets
+
+
+def _describe_exc(e: BaseException) -> str:
+    if isinstance(e, (StageTimeout, PortCrashed, PortFailed)):
+        return str(e)  # already says what happened, where
+    return describe_exception(e)
+
+
+def _resolve(obj, tensors):
+    """{"$tensor": name} -> the tensor `name` of the case's tensors file, recursively."""
+    if isinstance(obj, dict):
+        if set(obj) == {"$tensor"}:
+            return tensors[obj["$tensor"]]
+        return {k: _resolve(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(v, tensors) for v in obj]
+    return obj
+
+
+def _rope_padding_zeroed(inputs: dict, value):
+    """Positions at left padding are never used (masked in attention); ports fill them with 0 or 1.
+    Zero them on both sides before the exact comparison."""
+    if not isinstance(value, dict) or "position_ids" not in value or inputs.get("attention_mask") is None:
+        return value
+    try:
+        pos = torch.as_tensor(value["position_ids"]).clone()
+        mask = torch.as_tensor(inputs["attention_mask"]).bool()
+        pos[:, ~mask] = 0
+    except (TypeError, ValueError, RuntimeError, IndexError):
+        return value  # a malformed answer is judged as it is
+    return {**value, "position_ids": pos}
+
+
+NORMALIZE = {"fn.rope_index": _rope_padding_zeroed}
+
+
+class CaseRunner:
+    """Runs cases against one adapter. Checkpoints are read once per runner (`checkpoint`), and the
+    adapter is prepared once per checkpoint. timeout: per port call, enforced here by SIGALRM or a
+    thread (in process); None when a supervisor enforces it (supervisor.py)."""
+
+    def __init__(
+        self, adapter: Adapter, *, timeout: float | None = 120.0, teacher: str = "first", only_stages: str | None = None
+    ):
+        self.adapter = adapter
+        self.timeout = timeout
+        self.teacher = teacher  # "first" (the first failing float stage), "all" or "none"
+        self.only = re.compile(only_stages) if only_stages else None
+        self._prepared: str | None = None
+        self._checkpoints: dict[str, Checkpoint] = {}
+
+    def checkpoint(self, folder: Path) -> Checkpoint:
+        """The Checkpoint value of a folder, made once per runner."""
+        return self._checkpoints.setdefault(str(folder), Checkpoint(folder))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.adapter.describe().get("dtype", "float32")).replace("torch.", "")
+
+    def run(self, path) -> list[StageResult]:
+        try:
+            case = load_case(path)
+        except FixtureError as e:
+            return [StageResult(Path(path).name, "manifest", "error", str(e))]
+        try:
+            self.adapter.begin_case(case)
+        except Exception as e:
+            return [StageResult(case.name, s, "error", _describe_exc(e)) for s in case.stages]
+        results = self._exact(case) if case.kind == "exact" else self._model(case)
+        return [r for r in results if self._wanted(r.stage)]
+
+    def _wanted(self, stage: str) -> bool:
+        return self.only is None or bool(self.only.search(stage))
+
+    # exact cases
+    def _exact(self, case) -> list[StageResult]:
+        out = []
+        tok = case.manifest.get("tokenizer")
+        tokenizer_dir = str((case.path / tok).resolve()) if tok else None
+        for stage in sorted(case.stages, key=stages.order_key):
+            entry = case.stages[stage]
+            if not self._wanted(stage):
+                continue
+            t0 = time.perf_counter()
+            problem = case.stage_problem(stage)
+            if problem:
+                out.append(StageResult(case.name, stage, "error", problem, mode="items"))
+                continue
+            tensors = case.tensors(entry["tensors"]) if entry.get("tensors") else {}
+            table = _resolve(case.json(entry["items"])["items"], tensors)
+            inputs = [it["inputs"] for it in table]
+            labels = [it.get("label", "") for it in table]
+            expected = [it["expected"] for it in table]
+            try:
+                got = call_with_timeout(
+                    lambda: self.adapter.run_items(stage, inputs, tokenizer_dir=tokenizer_dir), self.timeout
+                )
+            except NotCovered as e:
+                out.append(StageResult(case.name, stage, "not_covered", str(e), mode="items"))
+                continue
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                out.append(
+                    StageResult(
+                        case.name, stage, "error", _describe_exc(e), mode="items", seconds=time.perf_counter() - t0
+                    )
+                )
+                continue
+            if stage in NORMALIZE:
+                expected = [NORMALIZE[stage](i, e) for i, e in zip(inputs, expected)]
+                got = [NORMALIZE[stage](i, g) for i, g in zip(inputs, got)] if isinstance(got, list) else got
+            tol = {"pixels": compare.PIXELS_MAX_ABS, "cos_sin": compare.COS_SIN_MAX_ABS}.get(entry["tolerance"], 0.0)
+            v = compare.exact_items(expected, got, labels, tol=tol)
+            out.append(
+                StageResult(
+                    case.name,
+                    stage,
+                    v.status,
+                    v.metric,
+                    v.tolerance,
+                    v.where,
+                    "items",
+                    seconds=time.perf_counter() - t0,
+                    values=v.values,
+                )
+            )
+        return out
+
+    # model cases
+    def _model(self, case) -> list[StageResult]:
+        out: list[StageResult] = []
+        name = case.name
+        ck = self.checkpoint(case.checkpoint()) if case.checkpoint() else None
+        ck_problem = ck.problem if ck else "the manifest names no checkpoint"
+        req_problem = next(
+            (
+                f"fixture file {f}: {case.bad_files[f]}"
+                for f in (case.manifest["request"], case.manifest["inputs"])
+                if f in case.bad_files
+            ),
+            None,
+        )
+        if req_problem or ck_problem:
+            return [StageResult(name, s, "error", req_problem or ck_problem) for s in case.stages if self._wanted(s)]
+        request = case.json(case.manifest["request"])
+        inputs = dict(case.tensors(case.manifest["inputs"]))
+        golden = case.tensors("golden.safetensors") if "golden.safetensors" not in case.bad_files else {}
+        mask = inputs["attention_mask"]
+        names = [s for s in case.stages if self._wanted(s)]
+
+        # preprocessing, from the request (conversation + media files)
+        pre = [s for s in names if s.startswith("preprocess.")]
+        if pre:
+            out += self._preprocess(case, request, inputs, pre)
+
+        # the model, end to end
+        model_names = [s for s in names if not s.startswith("preprocess.") and s != "generate.tokens"]
+        if model_names or "generate.tokens" in names:
+            try:
+                self._prepare(ck)
+            except NotCovered as e:
+                return out + [StageResult(name, s, "not_covered", f"prepare: {e}") for s in names if s not in pre]
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                return out + [
+                    StageResult(name, s, "error", f"prepare: {_describe_exc(e)}") for s in names if s not in pre
+                ]
+        if model_names:
+            capture = [s for s in case.stages if stages.is_known(s) and not s.startswith(("preprocess.", "generate."))]
+            t0 = time.perf_counter()
+            captured, failure = None, None
+            try:
+                captured = call_with_timeout(
+                    lambda: self.adapter.run(dict(inputs), capture=list(capture)), self.timeout
+                )
+                if not isinstance(captured, dict):
+                    failure = ("error", f"run returned {type(captured).__name__}, not a dict of stage tensors")
+            except NotCovered as e:
+                failure = ("not_covered", f"run: {e}")
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failure = ("error", _describe_exc(e))
+            secs = time.perf_counter() - t0
+            for s in model_names:
+                if failure:
+                    out.append(StageResult(name, s, failure[0], failure[1], mode="e2e"))
+                    continue
+                problem = case.stage_problem(s)
+                if problem:
+                    out.append(StageResult(name, s, "error", problem, mode="e2e"))
+                elif s not in captured or captured[s] is None:
+                    out.append(StageResult(name, s, "not_covered", "the port does not capture this stage", mode="e2e"))
+                else:
+                    v = self._judge(case, s, golden, captured[s], mask, ck)
+                    where = v.where
+                    if v.status in BAD and v.values.get("worst") is not None:
+                        where += locate(s, v.values["worst"], inputs, ck.config)
+                    out.append(
+                        StageResult(
+                            name, s, v.status, v.metric, v.tolerance, where, "e2e", seconds=secs, values=v.values
+                        )
+                    )
+                    secs = 0.0
+            self._teacher_forced(case, out, inputs, golden, mask, ck)
+
+        if "generate.tokens" in names:
+            out.append(self._generate(case, request, inputs))
+        return sorted(out, key=lambda r: (stages.order_key(r.stage), r.mode == "teacher"))
+
+    def _prepare(self, ck: Checkpoint) -> None:
+        if self._prepared != str(ck.folder):
+            call_with_timeout(
+                lambda: self.adapter.prepare(str(ck.folder), dtype=self.dtype, device=self.adapter.device), self.timeout
+            )
+            self._prepared = str(ck.folder)
+
+    def _preprocess(self, case, request, inputs, names) -> list[StageResult]:
+        media = case.path
+        images = [str(media / p) for p in request.get("images", [])]
+        videos = [{**v, "frames": [str(media / p) for p in v["frames"]]} for v in request.get("videos", [])]
+        t0 = time.perf_counter()
+        try:
+            got = call_with_timeout(
+                lambda: self.adapter.build_inputs(
+                    request["conversations"],
+                    images,
+                    videos,
+                    tokenizer_dir=str(case.checkpoint()),
+                    options=request.get("options", {}),
+                ),
+                self.timeout,
+            )
+        except NotCovered as e:
+            return [StageResult(case.name, s, "not_covered", f"build_inputs: {e}", mode="e2e") for s in names]
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return [StageResult(case.name, s, "error", _describe_exc(e), mode="e2e") for s in names]
+        secs = time.perf_counter() - t0
+        out = []
+        for s in names:
+            key = s[len("preprocess.") :]
+            problem = case.stage_problem(s)
+            if problem:
+                out.append(StageResult(case.name, s, "error", problem, mode="e2e"))
+                continue
+            g, x = inputs.get(key), got.get(key) if isinstance(got, dict) else None
+            if g is None:
+                v = (
+                    compare.Verdict("pass", "absent on both sides", "absent")
+                    if x is None
+                    else compare.Verdict("fail", f"the port returned {key}, the spec has none", "absent")
+                )
+            elif x is None:
+                v = compare.Verdict("fail", f"the port returned no {key}", "equal")
+            elif key == "second_per_grid_ts":
+                v = compare.max_abs(g, torch.as_tensor(x, dtype=torch.float64), limit=1e-9)
+            elif stages.info(s).tolerance == "pixels":
+                v = compare.max_abs(g, x, limit=compare.PIXELS_MAX_ABS)
+            else:
+                v = compare.exact_tensor(g, x)
+            out.append(
+                StageResult(
+                    case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs, values=v.values
+                )
+            )
+            secs = 0.0
+        return out
+
+    def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
+        entry = case.stages[stage]
+        tol = entry["tolerance"]
+        if isinstance(got, torch.Tensor) and got.is_floating_point() and tol == "exact":
+            return compare.Verdict("error", f"wrong dtype: {got.dtype} for an integer stage", "equal")
+        try:  # logits are derived: stored as text.norm; logits = text.norm @ lm_head^T (FORMAT.md)
+            g = ck.logits(golden["text.norm"]) if stage == "logits" else golden[stage]
+        except Exception as e:
+            return compare.Verdict("error", f"golden value unreadable: {e}")
+        if tol == "exact":
+            m = mask[None] if stage == "text.position_ids" else None
+            return compare.exact_tensor(g, got, mask=m)
+        if tol == "logits":
+            return compare.logits(g, got, control=entry.get(control_key), dtype=self.dtype, mask=mask)
+        m = mask if stage.startswith("text.") else None
+        return compare.floats(g, got, control=entry.get(control_key), dtype=self.dtype, mask=m)
+
+    def _teacher_forced(self, case, out, inputs, golden, mask, ck) -> None:
+        if self.teacher == "none":
+            return
+        depth = int(case.manifest["depth"]["vision"])
+        layers = int(case.manifest["depth"]["text"])
+        float_bad = sorted(
+            (
+                r
+                for r in out
+                if r.mode == "e2e"
+                and r.status in BAD
+                and case.stages.get(r.stage, {}).get("tolerance") in ("float", "logits")
+            ),
+            key=lambda r: stages.order_key(r.stage),
+        )
+        todo = (
+            [
+                r
+                for r in out
+                if r.mode == "e2e"
+                and r.stage in case.stages
+                and case.stages[r.stage]["tolerance"] in ("float", "logits")
+            ]
+            if self.teacher == "all"
+            else float_bad[:1]
+        )
+        for r in todo:
+            prev = stages.previous(r.stage, depth, layers)
+            feeds = dict(inputs)
+            if prev is not None:
+                feeds["hidden"] = golden[prev]
+            feeds["position_ids"] = golden.get("text.position_ids")
+            try:
+                got = call_with_timeout(lambda: self.adapter.run_stage(r.stage, feeds), self.timeout)
+            except NotCovered:
+                if self.teacher == "all":
+                    out.append(StageResult(case.name, r.stage, "not_covered", "run_stage", mode="teacher"))
+                continue
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                v = compare.Verdict("error", _describe_exc(e))
+            else:
+                v = self._judge(case, r.stage, golden, got, mask, ck, control_key="control_teacher")
+            if self.teacher == "all":
+                out.append(
+                    StageResult(
+                        case.name, r.stage, v.status, v.metric, v.tolerance, v.where, "teacher", values=v.values
+                    )
+                )
+            else:
+                verdict = (
+                    "the stage itself is wrong: it fails fed with the golden input too"
+                    if v.status in BAD
+                    else "drift from upstream: fed the golden input it passes"
+                )
+                r.note = f"teacher-forced: {v.status} ({v.metric}); {verdict}"
+
+    def _generate(self, case, request, inputs) -> StageResult:
+        s = "generate.tokens"
+        problem = case.stage_problem(s)
+        if problem:
+            return StageResult(case.name, s, "error", problem, mode="e2e")
+        gen = case.json("generate.json")
+        g_tokens = torch.tensor(gen["tokens"], dtype=torch.int64)
+        g_topk = torch.tensor(gen["topk"], dtype=torch.int64)
+        t0 = time.perf_counter()
+        try:
+            got = call_with_timeout(
+                lambda: self.adapter.generate(
+                    dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
+                ),
+                self.timeout,
+            )
+        except NotCovered as e:
+            return StageResult(case.name, s, "not_covered", f"generate: {e}", mode="e2e")
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e")
+        topk = None
+        if isinstance(got, tuple):
+            got, topk = got
+        v = compare.tokens(g_tokens, g_topk, got, topk)
+        return StageResult(
+            case.name,
+            s,
+            v.status,
+            v.metric,
+            v.tolerance,
+            v.where,
+            "e2e",
+            seconds=time.perf_counter() - t0,
+            values=v.values,
+        )
