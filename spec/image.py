@@ -11,21 +11,28 @@ convert("RGB"): L and 1 are repeated to 3 channels, CMYK uses Pillow's naive con
 integer modes (I;16, I) are CLIPPED to 255, not rescaled (that is what transformers does too).
 Decoded files (path or bytes) are turned upright by their EXIF orientation (as transformers' load_image);
 a PIL image or an array is taken as it is.
+
+Decompression bombs: a file or bytes whose header declares more than `max_decoded_pixels` pixels (default
+MAX_DECODED_PIXELS = 89,478,485, the size at which Pillow starts to warn) is refused BEFORE it is decoded.
+max_decoded_pixels=None opts in to large images; Pillow's own hard limit (2 x PIL.Image.MAX_IMAGE_PIXELS,
+178,956,970 pixels by default) still applies and is reported the same way.
 """
 
 import io
 import os
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from .patches import patchify
-from .resize import resize_bicubic, smart_resize
+from .resize import resize_bicubic, smart_resize, smart_resize_qwen_vl_utils
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESCALE = 1 / 255
+MAX_DECODED_PIXELS = 89_478_485  # Pillow's DecompressionBombWarning threshold (PIL.Image.MAX_IMAGE_PIXELS default)
 
 
 def composite_on_white(rgba):
@@ -47,36 +54,62 @@ def pil_to_rgb(image):
     return np.asarray(image.convert("RGB")).copy()
 
 
-def _decode(data, what):
+def check_decoded_pixels(max_decoded_pixels):
+    """None (no limit of ours) or an int >= 1; anything else is refused by name."""
+    if max_decoded_pixels is None:
+        return None
+    if isinstance(max_decoded_pixels, bool) or not isinstance(max_decoded_pixels, (int, np.integer)):
+        raise TypeError(f"max_decoded_pixels must be an int or None, got {type(max_decoded_pixels).__name__}")
+    if max_decoded_pixels < 1:
+        raise ValueError(f"max_decoded_pixels must be >= 1 or None, got {max_decoded_pixels}")
+    return int(max_decoded_pixels)
+
+
+def _decode(data, what, max_decoded_pixels):
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # a truncated file fails here, not later
-            im = ImageOps.exif_transpose(im)
-            return pil_to_rgb(im)
-    except (
-        Image.UnidentifiedImageError,
-        Image.DecompressionBombError,
-        OSError,
-        SyntaxError,
-        EOFError,
-        ValueError,
-    ) as e:
+        with warnings.catch_warnings():
+            # We apply our own limit below, before decoding; Pillow's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+                if max_decoded_pixels is not None and width * height > max_decoded_pixels:
+                    raise ValueError(
+                        f"{what} ({len(data)} bytes) declares {width}x{height} = {width * height:,} pixels "
+                        f"({width * height * 3 / 1e9:.2f} GB as RGB), over the limit of {max_decoded_pixels:,} "
+                        "decoded pixels (a decompression bomb?); if you trust it, raise max_decoded_pixels or "
+                        "pass max_decoded_pixels=None (CLI: --allow-large-images)"
+                    )
+                im.load()  # a truncated file fails here, not later
+                im = ImageOps.exif_transpose(im)
+                return pil_to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"{what} ({len(data)} bytes) is over Pillow's hard decompression-bomb limit: {e} "
+            "(raise PIL.Image.MAX_IMAGE_PIXELS yourself if you really mean it)"
+        ) from None
+    except (Image.UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError) as e:
+        if str(e).startswith(what):
+            raise
         raise ValueError(f"{what} ({len(data)} bytes) could not be decoded as an image: {e}") from None
 
 
-def load_image(image):
-    """path | bytes | PIL image | uint8 array [H, W, 3] -> uint8 array [H, W, 3] (a fresh copy)."""
+def load_image(image, *, max_decoded_pixels=MAX_DECODED_PIXELS):
+    """path | bytes | PIL image | uint8 array [H, W, 3] -> uint8 array [H, W, 3] (a fresh copy).
+
+    Paths and bytes are refused when they declare more than max_decoded_pixels pixels (module doc).
+    """
+    limit = check_decoded_pixels(max_decoded_pixels)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise ValueError(f"image path {path!r} does not exist or is not a file")
         with open(path, "rb") as f:
-            return _decode(f.read(), f"image file {path!r}")
+            return _decode(f.read(), f"image file {path!r}", limit)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         if not data:
             raise ValueError("image bytes are empty (0 bytes)")
-        return _decode(data, "image bytes")
+        return _decode(data, "image bytes", limit)
     if isinstance(image, Image.Image):
         return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
@@ -110,6 +143,20 @@ def normalize(frames, *, image_mean=CLIP_MEAN, image_std=CLIP_STD):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+def fixed_size(resized_height, resized_width, factor):
+    """qwen-vl-utils' resized_height/resized_width rule -> (h, w), or None when neither is given."""
+    if resized_height is None and resized_width is None:
+        return None
+    if resized_height is None or resized_width is None:
+        raise ValueError(
+            f"give both resized_height and resized_width or neither, got {resized_height} and {resized_width}"
+        )
+    h, w = smart_resize_qwen_vl_utils(resized_height, resized_width, factor=factor)
+    if h < factor or w < factor:
+        raise ValueError(f"resized_height x resized_width = {resized_height}x{resized_width} rounds to {h}x{w}")
+    return h, w
+
+
 def preprocess_image(
     image,
     *,
@@ -120,14 +167,21 @@ def preprocess_image(
     merge_size=2,
     image_mean=CLIP_MEAN,
     image_std=CLIP_STD,
+    resized_height=None,
+    resized_width=None,
+    max_decoded_pixels=MAX_DECODED_PIXELS,
 ):
     """One image -> (pixel_values float32 [P, 3*tp*p*p] = [P, 1176], grid_thw int64 [1, 3] = (1, h/14, w/14)).
 
     Equals transformers' Qwen2VLImageProcessorPil under Pillow 12 (same smart_resize rule, same bicubic).
+    resized_height + resized_width (both or neither): qwen-vl-utils' per-part fixed size, rounded by its
+    smart_resize (defaults 3136..12845056, factor 28); min_pixels/max_pixels then do not apply.
     """
-    rgb = load_image(image)
+    rgb = load_image(image, max_decoded_pixels=max_decoded_pixels)
     height, width = rgb.shape[:2]
-    size = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    factor = patch_size * merge_size
+    fixed = fixed_size(resized_height, resized_width, factor)
+    size = fixed or smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     resized = resize_bicubic(rgb, size)
     frames = normalize(resized[None], image_mean=image_mean, image_std=image_std)  # [1, 3, h, w]
     return patchify(frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size)

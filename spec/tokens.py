@@ -26,13 +26,15 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from .chat import check_messages, part_kind, render_chat
-from .image import preprocess_image
+from .image import MAX_DECODED_PIXELS, preprocess_image
+from .media import FetchLimits, part_options, part_source, resolve
 from .mrope import check_grid_thw
 from .video import preprocess_video
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 PAD_TOKEN_ID = 151643  # <|endoftext|>
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 # Qwen2's pre-tokenizer: contractions, letter runs (with one leading non-letter), single digits,
 # punctuation runs, newline runs, and whitespace that keeps its last space for the next word.
@@ -210,9 +212,16 @@ def _vision_parts(batch: list, kind: str) -> list[tuple[str, Mapping]]:
     return found
 
 
-def _media(parts: list, given, kind: str) -> list[tuple[str, object]]:
-    """Pair each vision part with its media: from the separate list when given, else from the part."""
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 90 else text[:60] + "..." + text[-20:]
+
+
+def _media(parts: list, given, kind: str) -> list[tuple[str, str, object, dict]]:
+    """Pair each vision part with (name, source key, value, per-part options): the value from the separate
+    list when given (the list wins over the parts' own keys), else from the part (spec/media.py rules)."""
     listname = kind + "s"
+    options = [part_options(part, kind, where) for where, part in parts]
     if given is not None:
         if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
             raise TypeError(
@@ -220,51 +229,142 @@ def _media(parts: list, given, kind: str) -> list[tuple[str, object]]:
             )
         if len(given) != len(parts):
             raise ValueError(f"{listname} has {len(given)} items but the conversations have {len(parts)} {kind} parts")
-        return [(f"{listname}[{k}]", item) for k, item in enumerate(given)]
+        return [(f"{listname}[{k}]", kind, item, opts) for k, (item, opts) in enumerate(zip(given, options))]
     out = []
-    for where, part in parts:
-        keys = ("image", "image_url") if kind == "image" else ("video",)
-        item = next((part[k] for k in keys if part.get(k) is not None), None)
-        if isinstance(item, Mapping) and "url" in item:  # OpenAI style {"image_url": {"url": ...}}
-            item = item["url"]
-        if item is None:
-            raise ValueError(
-                f"{where} is {'an image' if kind == 'image' else 'a video'} part with no {' or '.join(map(repr, keys))} value, and no {listname} list was given"
+    for (where, part), opts in zip(parts, options):
+        found = part_source(part, kind, where)
+        if found is None:
+            keys = " / ".join(
+                map(
+                    repr,
+                    ("image", "image_url", "url", "path", "base64")
+                    if kind == "image"
+                    else ("video", "url", "path", "base64"),
+                )
             )
-        out.append((where, item))
+            raise ValueError(
+                f"{where} is {'an image' if kind == 'image' else 'a video'} part with no {keys} value, "
+                f"and no {listname} list was given"
+            )
+        key, value = found
+        label = f"{where} ({key} {_short(value)})" if isinstance(value, (str, os.PathLike)) else where
+        out.append((label, key, value, opts))
     return out
 
 
-def _preprocess_all(items: list, fn, options: Mapping) -> list[tuple]:
-    """Run the preprocessor on each item, naming the item in any error it raises."""
+def _preprocess_all(items: list, fn, options: Mapping, kind: str, fetch: FetchLimits) -> list[tuple]:
+    """Resolve and preprocess each item with the call's options updated by the part's, naming the item in
+    any error. A part that sets fps or nframes replaces both of the call's (they exclude each other)."""
     results = []
-    for where, item in items:
+    for where, key, item, part_opts in items:
+        merged = dict(options)
+        if "fps" in part_opts or "nframes" in part_opts:
+            merged.pop("fps", None)
+            merged.pop("nframes", None)
+        merged.update(part_opts)
         try:
-            results.append(fn(item, **options))
+            results.append(fn(resolve(item, key=key, kind=kind, limits=fetch), **merged))
         except (ValueError, TypeError) as e:
             raise type(e)(f"{where}: {e}") from e
     return results
 
 
+def _batch_checked(conversations) -> list:
+    batch = _as_batch(conversations)
+    for b, conv in enumerate(batch):
+        try:
+            check_messages(conv)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"conversations[{b}]: {e}") from e
+    return batch
+
+
+def prepare_media(
+    conversations,
+    images=None,
+    videos=None,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    fps: float | None = None,
+    nframes: int | None = None,
+    video_options: Mapping | None = None,
+    max_decoded_pixels: int | None = MAX_DECODED_PIXELS,
+    fetch: FetchLimits | None = None,
+) -> dict:
+    """Every image and video of a batch, loaded and preprocessed (the media half of build_inputs).
+
+    Takes build_inputs' arguments (see there) and returns pixel_values float32 [P_img, 1176] | None,
+    image_grid_thw int64 [n_img, 3] | None, pixel_values_videos float32 [P_vid, 1176] | None,
+    video_grid_thw int64 [n_vid, 3] | None, second_per_grid_ts float64 [n_vid] | None. Run it first to
+    check media (paths, URLs, sizes, budgets) before anything expensive; pass the result as build_inputs(media=).
+    """
+    if video_options is not None and not isinstance(video_options, Mapping):
+        raise TypeError(
+            f"video_options must be a dict of preprocess_video keyword arguments, got {type(video_options).__name__}"
+        )
+    if fetch is not None and not isinstance(fetch, FetchLimits):
+        raise TypeError(f"fetch must be a spec.media.FetchLimits, got {type(fetch).__name__}")
+    fetch = fetch or FetchLimits()
+    batch = _batch_checked(conversations)
+
+    image_opts = {"max_decoded_pixels": max_decoded_pixels}
+    image_opts.update({k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None})
+    video_opts = {"max_decoded_pixels": max_decoded_pixels}
+    video_opts.update({k: v for k, v in (("fps", fps), ("nframes", nframes)) if v is not None})
+    video_opts.update(video_options or {})
+    imgs = _preprocess_all(
+        _media(_vision_parts(batch, "image"), images, "image"), preprocess_image, image_opts, "image", fetch
+    )
+    vids = _preprocess_all(
+        _media(_vision_parts(batch, "video"), videos, "video"), preprocess_video, video_opts, "video", fetch
+    )
+
+    def cat(results, i, dtype):
+        return torch.cat([torch.as_tensor(r[i], dtype=dtype).reshape(-1, r[i].shape[-1]) for r in results])
+
+    return {
+        "pixel_values": cat(imgs, 0, torch.float32) if imgs else None,
+        "image_grid_thw": cat(imgs, 1, torch.int64) if imgs else None,
+        "pixel_values_videos": cat(vids, 0, torch.float32) if vids else None,
+        "video_grid_thw": cat(vids, 1, torch.int64) if vids else None,
+        "second_per_grid_ts": torch.tensor([float(r[2]) for r in vids], dtype=torch.float64) if vids else None,
+    }
+
+
 def build_inputs(
     conversations,
-    images,
-    videos,
-    tokenizer: Tokenizer,
+    images=None,
+    videos=None,
+    tokenizer: Tokenizer | None = None,
     *,
     add_generation_prompt: bool = True,
     add_vision_id: bool = False,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    fps: float | None = None,
+    nframes: int | None = None,
     video_options: Mapping | None = None,
+    max_decoded_pixels: int | None = MAX_DECODED_PIXELS,
+    fetch: FetchLimits | None = None,
+    media: Mapping | None = None,
 ) -> dict:
     """Model inputs for a batch of B conversations.
 
     conversations: one conversation (list of message dicts) or a list of B of them.
     images / videos: flat lists, one entry per image / video part in order of appearance over the
-      batch, or None to take each item from its part ({"type": "image", "image": <path/PIL/array/bytes>}).
+      batch, or None to take each item from its part: {"type": "image", "image" | "url" | "path" | "base64": ...},
+      {"type": "video", "video" | "url" | "path" | "base64": ...}; paths, http(s)/file/data: URLs, bytes,
+      PIL images, arrays, frame lists (spec/media.py says which key wins and what is refused).
     min_pixels / max_pixels: image budget passed to preprocess_image (None: its defaults).
-    video_options: keyword arguments of preprocess_video (fps, min_pixels, max_pixels, ...).
+    fps / nframes: video sampling for every video (transformers' apply_chat_template(fps=...)).
+    video_options: other keyword arguments of preprocess_video (min_pixels, max_pixels, max_video_bytes, ...).
+      A part's own options (qwen-vl-utils keys: min_pixels, max_pixels, resized_height, resized_width, and for
+      videos fps, nframes, min_frames, max_frames, total_pixels, video_start, video_end) override the call's.
+    max_decoded_pixels: decompression-bomb limit for decoded images and frames (None: opt in to large ones).
+    fetch: spec.media.FetchLimits for http(s) URLs (timeout, max_bytes, max_redirects).
+    media: the result of prepare_media for these conversations (then images, videos and the media options
+      must not be given: the media were prepared already).
     Returns input_ids int64 [B, L], attention_mask int64 [B, L] (left padded with 151643),
       pixel_values float32 [P_img, 1176] | None, image_grid_thw int64 [n_img, 3] | None,
       pixel_values_videos float32 [P_vid, 1176] | None, video_grid_thw int64 [n_vid, 3] | None,
@@ -277,37 +377,27 @@ def build_inputs(
     for pad in (IMAGE_PAD, VIDEO_PAD):
         if tokenizer.token_to_id(pad) is None:
             raise ValueError(f"tokenizer has no {pad} token: it is not a Qwen2.5-VL tokenizer")
-    if video_options is not None and not isinstance(video_options, Mapping):
-        raise TypeError(
-            f"video_options must be a dict of preprocess_video keyword arguments, got {type(video_options).__name__}"
+    batch = _batch_checked(conversations)
+    if media is None:
+        media = prepare_media(
+            batch,
+            images,
+            videos,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            fps=fps,
+            nframes=nframes,
+            video_options=video_options,
+            max_decoded_pixels=max_decoded_pixels,
+            fetch=fetch,
         )
-    batch = _as_batch(conversations)
-    for b, conv in enumerate(batch):
-        try:
-            check_messages(conv)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"conversations[{b}]: {e}") from e
-
-    image_opts = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    imgs = _preprocess_all(_media(_vision_parts(batch, "image"), images, "image"), preprocess_image, image_opts)
-    vids = _preprocess_all(
-        _media(_vision_parts(batch, "video"), videos, "video"), preprocess_video, dict(video_options or {})
-    )
-
-    pixel_values = torch.cat([torch.as_tensor(r[0], dtype=torch.float32) for r in imgs]) if imgs else None
-    image_grid_thw = (
-        torch.cat([torch.as_tensor(r[1], dtype=torch.int64).reshape(-1, 3) for r in imgs]) if imgs else None
-    )
-    pixel_values_videos = torch.cat([torch.as_tensor(r[0], dtype=torch.float32) for r in vids]) if vids else None
-    video_grid_thw = (
-        torch.cat([torch.as_tensor(r[1], dtype=torch.int64).reshape(-1, 3) for r in vids]) if vids else None
-    )
-    second_per_grid_ts = torch.tensor([float(r[2]) for r in vids], dtype=torch.float64) if vids else None
+    elif images is not None or videos is not None:
+        raise ValueError("give either media= (from prepare_media) or images / videos, not both")
 
     texts = [
         render_chat(conv, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id) for conv in batch
     ]
-    texts = expand_vision_tokens(texts, image_grid_thw, video_grid_thw)
+    texts = expand_vision_tokens(texts, media["image_grid_thw"], media["video_grid_thw"])
     rows = [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     L = max(len(r) for r in rows)
@@ -320,9 +410,5 @@ def build_inputs(
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "pixel_values": pixel_values,
-        "image_grid_thw": image_grid_thw,
-        "pixel_values_videos": pixel_values_videos,
-        "video_grid_thw": video_grid_thw,
-        "second_per_grid_ts": second_per_grid_ts,
+        **{k: media[k] for k in MEDIA_KEYS},
     }

@@ -12,6 +12,12 @@ The rules are qwen-vl-utils' (what the Qwen team fed Qwen2.5-VL), named by versi
     torchvision's antialiased bicubic instead, which differs by up to a few levels on some pixels (README).
 A list of frames is taken as already sampled (qwen-vl-utils does the same): no frame is dropped, an odd count is
 padded by repeating the last frame, and its rate is `fps` (default 2.0).
+  - video_start / video_end (seconds) cut the clip first, by qwen-vl-utils 0.0.14's decord/torchcodec rule
+    (`frame_range`); resized_height / resized_width fix the frame size by its rule (spec/image.py fixed_size).
+
+Memory: a file is decoded twice, once to count its frames and once to keep only the sampled ones, straight into
+one preallocated uint8 [n, H, W, 3] array. Sampled frames over `max_video_bytes` (default MAX_VIDEO_BYTES = 4 GiB,
+about 690 sampled 1080p frames) are refused before the second pass; the caller may raise the budget.
 """
 
 import io
@@ -23,7 +29,7 @@ import av
 import numpy as np
 import torch
 
-from .image import CLIP_MEAN, CLIP_STD, load_image, normalize
+from .image import CLIP_MEAN, CLIP_STD, MAX_DECODED_PIXELS, fixed_size, load_image, normalize
 from .patches import patchify
 from .resize import resize_bicubic, smart_resize
 
@@ -34,6 +40,7 @@ VIDEO_MAX_FRAMES = 768
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # 100352 per frame
 VIDEO_MAX_PIXELS = 768 * 28 * 28  # 602112 per frame
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)  # 90316800 for the whole video (qwen-vl-utils 0.0.10, 0.0.11)
+MAX_VIDEO_BYTES = 4 * 2**30  # budget for the kept (sampled) uint8 frames
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,47 +98,104 @@ def _describe(source):
 # decoding
 
 
-def read_video(source, *, video_fps=None):
+def _check_budget(name, count, height, width, max_video_bytes, what="frames"):
+    if max_video_bytes is None:
+        return
+    need = count * height * width * 3
+    if need > _positive_int("max_video_bytes", max_video_bytes):
+        raise ValueError(
+            f"video {name}: {count} {what} of {width}x{height} need {need:,} bytes ({need / 2**30:.2f} GiB) "
+            f"as uint8 RGB, over the budget of {max_video_bytes:,} bytes (max_video_bytes); sample fewer frames "
+            "(fps, nframes, max_frames, video_start/video_end) or raise max_video_bytes (CLI: --max-video-bytes)"
+        )
+
+
+def _open_source(source):
+    """A path or bytes -> (name for errors, a function returning a fresh file for av.open)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("video bytes are empty")
+        data = bytes(source)
+        return _describe(source), lambda: io.BytesIO(data)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise ValueError(f"video file {_describe(source)} does not exist or is not a file")
+        return _describe(source), lambda: path
+    raise TypeError(f"video source must be a path or bytes, got {type(source).__name__}")
+
+
+def _decode_pass(name, opener, keep=None, out=None):
+    """One decoding pass. keep: {frame index: slot in out}, or None to only count.
+
+    Returns (frame count, (H, W) of frame 0, average rate or None); a frame of another size is refused.
+    """
+    count, size = 0, None
+    try:
+        with av.open(opener()) as container:
+            if not container.streams.video:
+                raise ValueError(f"video {name} has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate
+            for frame in container.decode(stream):
+                if size is None:
+                    size = (frame.height, frame.width)
+                elif (frame.height, frame.width) != size:
+                    raise ValueError(
+                        f"video {name} changes frame size mid-stream (frame {count} is {frame.width}x{frame.height}, "
+                        f"frame 0 is {size[1]}x{size[0]}); resize it to one size first"
+                    )
+                if keep is not None and count in keep:
+                    out[keep[count]] = frame.to_ndarray(format="rgb24")
+                count += 1
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode video {name}: {e}") from e
+    if count == 0:
+        raise ValueError(f"video {name} has no frames")
+    return count, size, rate
+
+
+def _rate(name, rate, video_fps):
+    if video_fps is not None:
+        return _positive_float("video_fps", video_fps)
+    if rate is None or rate <= 0:
+        raise ValueError(
+            f"video {name} carries no frame rate (average_rate is {rate}); pass video_fps=<frames per second>"
+        )
+    return float(rate)
+
+
+def _decode_indices(name, opener, indices, size, total):
+    """Second pass: the frames at `indices` (of `total`) -> uint8 [n, H, W, 3], one preallocated array."""
+    out = np.empty((len(indices), size[0], size[1], 3), dtype=np.uint8)
+    slots = {}
+    for slot, index in enumerate(indices):
+        slots.setdefault(index, slot)
+    count, _, _ = _decode_pass(name, opener, slots, out)
+    if count != total:  # the first pass counted what this one must find again
+        raise ValueError(f"video {name} gave {total} frames on the first pass but {count} on the second")
+    for slot, index in enumerate(indices):  # a repeated index shares its first slot's frame
+        if slots[index] != slot:
+            out[slot] = out[slots[index]]
+    return out
+
+
+def read_video(source, *, video_fps=None, max_video_bytes=MAX_VIDEO_BYTES):
     """Decode every frame of a video file (path or bytes) with PyAV -> Video(frames uint8 [T, H, W, 3], fps, duration).
 
     fps is the stream's average frame rate (what torchvision.io.read_video and decord report), or `video_fps`
     when given (it overrides the metadata; needed for streams without a rate). duration = T / fps. A container
     cut short yields the frames before the cut, as ffmpeg does; nothing decodable raises ValueError.
-    Memory: T * H * W * 3 bytes (all frames are kept, because sampling needs T first).
+    Memory: T * H * W * 3 bytes in one array, refused over max_video_bytes (None: no budget).
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ValueError("video bytes are empty")
-        name, file = _describe(source), io.BytesIO(bytes(source))
-    elif isinstance(source, (str, os.PathLike)):
-        name, file = _describe(source), os.fspath(source)
-        if not os.path.isfile(file):
-            raise ValueError(f"video file {name} does not exist or is not a file")
-    else:
-        raise TypeError(f"video source must be a path or bytes, got {type(source).__name__}")
+    name, opener = _open_source(source)
     if video_fps is not None:
         video_fps = _positive_float("video_fps", video_fps)
-    try:
-        with av.open(file) as container:
-            if not container.streams.video:
-                raise ValueError(f"video {name} has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot decode video {name}: {e}") from e
-    if not frames:
-        raise ValueError(f"video {name} has no frames")
-    if video_fps is None:
-        if rate is None or rate <= 0:
-            raise ValueError(
-                f"video {name} carries no frame rate (average_rate is {rate}); pass video_fps=<frames per second>"
-            )
-        video_fps = float(rate)
-    sizes = {f.shape for f in frames}
-    if len(sizes) != 1:
-        raise ValueError(f"video {name} changes frame size mid-stream ({sorted(sizes)}); resize it to one size first")
-    return Video(np.stack(frames), video_fps, len(frames) / video_fps)
+    count, size, rate = _decode_pass(name, opener)
+    video_fps = _rate(name, rate, video_fps)
+    _check_budget(name, count, size[0], size[1], max_video_bytes)
+    frames = _decode_indices(name, opener, list(range(count)), size, count)
+    return Video(frames, video_fps, count / video_fps)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -174,37 +238,81 @@ def sampled_frame_count(
     return n
 
 
+def frame_range(total_frames, video_fps, *, video_start=None, video_end=None):
+    """(first, last) frame of the clip cut by video_start / video_end seconds: qwen-vl-utils 0.0.14's rule
+    for its decord and torchcodec readers.
+
+    Both times are clamped to [0, T / video_fps]; first = ceil(start * video_fps),
+    last = min(floor(end * video_fps), T - 1); first >= last raises ValueError. Neither given: (0, T - 1).
+    """
+    if video_start is None and video_end is None:
+        return 0, total_frames - 1  # sampled_frame_count checks T and the rate
+    total_frames = _positive_int("total_frames", total_frames)
+    video_fps = _positive_float("video_fps", video_fps)
+    duration = total_frames / video_fps
+    first, last = 0, total_frames - 1
+    if video_start is not None:
+        if isinstance(video_start, bool) or not isinstance(video_start, (int, float)) or not math.isfinite(video_start):
+            raise ValueError(f"video_start must be a finite number of seconds, got {video_start!r}")
+        first = math.ceil(max(0.0, min(video_start, duration)) * video_fps)
+    if video_end is not None:
+        if isinstance(video_end, bool) or not isinstance(video_end, (int, float)) or not math.isfinite(video_end):
+            raise ValueError(f"video_end must be a finite number of seconds, got {video_end!r}")
+        last = min(math.floor(max(0.0, min(video_end, duration)) * video_fps), total_frames - 1)
+    if first >= last:
+        raise ValueError(
+            f"video_start={video_start}, video_end={video_end} select frames {first}..{last} of a "
+            f"{duration:.3f} s video ({total_frames} frames at {video_fps} fps); the cut must keep 2 frames or more"
+        )
+    return first, last
+
+
 def sample_frame_indices(
-    total_frames, video_fps, *, fps=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES, nframes=None
+    total_frames,
+    video_fps,
+    *,
+    fps=None,
+    min_frames=VIDEO_MIN_FRAMES,
+    max_frames=VIDEO_MAX_FRAMES,
+    nframes=None,
+    video_start=None,
+    video_end=None,
 ):
     """Indices (list of n ints, increasing, first 0, last T-1) of the frames to keep; n = sampled_frame_count(...).
 
     round(linspace(0, T-1, n)) in float32 with torch's half-to-even rounding, exactly as qwen-vl-utils. The exact
     rational k*(T-1)/(n-1) never sits on a .5 tie (n is even), but float32 rounding moves some indices by one
     from it once T reaches about 12000 frames; those are qwen-vl-utils' indices, so we keep them.
+    With video_start / video_end the clip is frames first..last (frame_range): n counts those, and the
+    indices are round(linspace(first, last, n)).
     """
+    first, last = frame_range(total_frames, video_fps, video_start=video_start, video_end=video_end)
     n = sampled_frame_count(
-        total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
+        last - first + 1, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
     )
-    return torch.linspace(0, total_frames - 1, n).round().long().tolist()
+    return torch.linspace(first, last, n).round().long().tolist()
 
 
-def _frame_list(frames):
-    """A list of images (anything load_image takes) -> uint8 [T, H, W, 3], all frames the same size."""
+def _frame_list(frames, max_decoded_pixels, max_video_bytes):
+    """A list of images (anything load_image takes) -> uint8 [T, H, W, 3] in one array, all frames one size."""
     if len(frames) == 0:
         raise ValueError("video frame list is empty")
-    arrays = []
+    out = None
     for i, frame in enumerate(frames):
         try:
-            arrays.append(load_image(frame))
+            array = load_image(frame, max_decoded_pixels=max_decoded_pixels)
         except (TypeError, ValueError) as e:
             raise type(e)(f"video frame {i}: {e}") from e
-        if arrays[-1].shape != arrays[0].shape:
+        if out is None:
+            _check_budget(f"<list of {len(frames)} frames>", len(frames), *array.shape[:2], max_video_bytes)
+            out = np.empty((len(frames),) + array.shape, dtype=np.uint8)
+        elif array.shape != out.shape[1:]:
             raise ValueError(
-                f"video frame {i} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} (WxH) but frame 0 is "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all frames of a video must share one size"
+                f"video frame {i} is {array.shape[1]}x{array.shape[0]} (WxH) but frame 0 is "
+                f"{out.shape[2]}x{out.shape[1]}; all frames of a video must share one size"
             )
-    return np.stack(arrays)
+        out[i] = array
+    return out
 
 
 def _check_video(video):
@@ -220,38 +328,58 @@ def _check_video(video):
 
 
 def sample_video(
-    video, *, fps=None, nframes=None, min_frames=VIDEO_MIN_FRAMES, max_frames=VIDEO_MAX_FRAMES, video_fps=None
+    video,
+    *,
+    fps=None,
+    nframes=None,
+    min_frames=VIDEO_MIN_FRAMES,
+    max_frames=VIDEO_MAX_FRAMES,
+    video_fps=None,
+    video_start=None,
+    video_end=None,
+    max_video_bytes=MAX_VIDEO_BYTES,
+    max_decoded_pixels=MAX_DECODED_PIXELS,
 ):
     """Pick the frames the model sees -> SampledVideo (frames uint8 [n, H, W, 3], indices, rates).
 
-    video: a path or bytes (decoded with read_video), a Video, or a list/tuple of frames (images).
-    Decoded videos and Video objects are sampled with sample_frame_indices; video_fps overrides their rate.
-    A frame list is kept whole (nframes and video_fps do not apply to it); `fps` is its rate, default 2.0.
+    video: a path or bytes (decoded twice: count, then keep the sampled frames), a Video, or a list/tuple of
+    frames (images). Decoded videos and Video objects are sampled with sample_frame_indices (video_start /
+    video_end cut them first); video_fps overrides their rate. A frame list is kept whole (nframes, video_fps,
+    video_start and video_end do not apply to it); `fps` is its rate, default 2.0. The kept frames must fit
+    max_video_bytes (None: no budget); frame-list images obey max_decoded_pixels (spec/image.py).
     """
+    pick = dict(fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes)
+    cut = dict(video_start=video_start, video_end=video_end)
     if isinstance(video, (list, tuple)):
-        if nframes is not None or video_fps is not None:
+        if nframes is not None or video_fps is not None or video_start is not None or video_end is not None:
             raise ValueError(
-                "a frame list is used as given: nframes and video_fps do not apply "
+                "a frame list is used as given: nframes, video_fps, video_start and video_end do not apply "
                 "(slice the list, and give its rate as fps)"
             )
-        frames = _frame_list(video)
+        frames = _frame_list(video, max_decoded_pixels, max_video_bytes)
         rate = DEFAULT_FPS if fps is None else _positive_float("fps", fps)
         return SampledVideo(frames, tuple(range(len(frames))), len(frames), rate, rate)
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
-        video = read_video(video, video_fps=video_fps)
+        name, opener = _open_source(video)
+        if video_fps is not None:
+            video_fps = _positive_float("video_fps", video_fps)
+        total, size, rate = _decode_pass(name, opener)
+        rate = _rate(name, rate, video_fps)
+        indices = sample_frame_indices(total, rate, **pick, **cut)
+        _check_budget(name, len(indices), size[0], size[1], max_video_bytes, "sampled frames")
+        frames = _decode_indices(name, opener, indices, size, total)
     elif isinstance(video, Video):
         _check_video(video)
-        if video_fps is None:
-            video_fps = _positive_float("Video.fps", video.fps)
-        video = Video(video.frames, video_fps, len(video.frames) / video_fps)
+        total = len(video.frames)
+        rate = _positive_float("Video.fps", video.fps) if video_fps is None else _positive_float("video_fps", video_fps)
+        indices = sample_frame_indices(total, rate, **pick, **cut)
+        _check_budget("<Video>", len(indices), *video.frames.shape[1:3], max_video_bytes, "sampled frames")
+        frames = video.frames[indices]
     else:
         raise TypeError(f"video must be a path, bytes, Video or list of frames, got {type(video).__name__}")
-    total = len(video.frames)
-    indices = sample_frame_indices(
-        total, video.fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
-    )
-    n = len(indices)
-    return SampledVideo(video.frames[indices], tuple(indices), total, video.fps, n / total * video.fps)
+    first, last = frame_range(total, rate, **cut)
+    span = last - first + 1
+    return SampledVideo(frames, tuple(indices), total, rate, len(indices) / span * rate)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -294,9 +422,15 @@ def preprocess_video(
     min_frames=VIDEO_MIN_FRAMES,
     max_frames=VIDEO_MAX_FRAMES,
     video_fps=None,
+    video_start=None,
+    video_end=None,
     min_pixels=VIDEO_MIN_PIXELS,
     max_pixels=VIDEO_MAX_PIXELS,
     total_pixels=VIDEO_TOTAL_PIXELS,
+    resized_height=None,
+    resized_width=None,
+    max_video_bytes=MAX_VIDEO_BYTES,
+    max_decoded_pixels=MAX_DECODED_PIXELS,
     patch_size=14,
     temporal_patch_size=2,
     merge_size=2,
@@ -305,28 +439,43 @@ def preprocess_video(
 ):
     """Video -> (pixel_values float32 [P, 1176], grid_thw int64 [1, 3], second_per_grid_t: float).
 
-    Steps: sample_video (which frames), video_frame_size (one size for all, budget counted on the padded
-    frame count), resize_bicubic each frame, rescale + normalise (spec/image.py), patchify (pads an odd count
-    by repeating the last frame). second_per_grid_t = temporal_patch_size / sampled_fps: the seconds one
-    temporal patch spans, used by MRoPE.
+    Steps: sample_video (which frames; video_start / video_end cut first), video_frame_size (one size for all,
+    budget counted on the padded frame count) unless resized_height + resized_width fix it (qwen-vl-utils rule,
+    budgets ignored), resize_bicubic each frame into one array, rescale + normalise (spec/image.py), patchify
+    (pads an odd count by repeating the last frame). second_per_grid_t = temporal_patch_size / sampled_fps:
+    the seconds one temporal patch spans, used by MRoPE.
     """
     sampled = sample_video(
-        video, fps=fps, nframes=nframes, min_frames=min_frames, max_frames=max_frames, video_fps=video_fps
+        video,
+        fps=fps,
+        nframes=nframes,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        video_fps=video_fps,
+        video_start=video_start,
+        video_end=video_end,
+        max_video_bytes=max_video_bytes,
+        max_decoded_pixels=max_decoded_pixels,
     )
     n, height, width, _ = sampled.frames.shape
     padded = math.ceil(n / temporal_patch_size) * temporal_patch_size
-    size = video_frame_size(
+    factor = patch_size * merge_size
+    size = fixed_size(resized_height, resized_width, factor) or video_frame_size(
         height,
         width,
         padded,
         min_pixels=min_pixels,
         max_pixels=max_pixels,
         total_pixels=total_pixels,
-        factor=patch_size * merge_size,
+        factor=factor,
     )
-    resized = np.stack([resize_bicubic(frame, size) for frame in sampled.frames])  # uint8 [n, h, w, 3]
+    resized = np.empty((n, size[0], size[1], 3), dtype=np.uint8)  # uint8 [n, h, w, 3]
+    for i, frame in enumerate(sampled.frames):
+        resized[i] = resize_bicubic(frame, size)
+    sampled_fps = sampled.sampled_fps
+    del sampled  # the full-size frames are no longer needed
     pixels = normalize(resized, image_mean=image_mean, image_std=image_std)  # float32 [n, 3, h, w]
     pixel_values, grid_thw = patchify(
         pixels, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
     )
-    return pixel_values, grid_thw, temporal_patch_size / sampled.sampled_fps
+    return pixel_values, grid_thw, temporal_patch_size / sampled_fps

@@ -436,5 +436,5 @@ def test_frame_list_errors():
         preprocess_video(frames[:2] + [np.zeros((28, 56, 3), np.uint8)])
     with pytest.raises(TypeError, match="video frame 1: "):
         preprocess_video([frames[0], np.zeros((28, 28, 3), np.float32)])
-    with pytest.raises(ValueError, match="nframes and video_fps do not apply"):
+    with pytest.raises(ValueError, match="nframes, video_fps, video_start and video_end do not apply"):
         preprocess_video(frames, nframes=2)
