@@ -507,10 +507,12 @@ class Qwen25VL(nn.Module):
         max_pixels=None,
         video_options=None,
         on_token=None,
+        **input_options,
     ):
         """Chat messages (one conversation, or a list of them for a left-padded batch) -> decoded text
         (a str, or a list of str for a batch). images / videos: as spec.tokens.build_inputs takes them.
-        on_token(list_of_B_ids): called after each generated step (streaming)."""
+        on_token(list_of_B_ids): called after each generated step (streaming). input_options: passed on to
+        build_inputs (add_vision_id, fps, nframes, max_decoded_pixels, fetch, media)."""
         from ..spec.tokens import build_inputs, decode
 
         if self.tokenizer is None:
@@ -524,6 +526,7 @@ class Qwen25VL(nn.Module):
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             video_options=video_options,
+            **input_options,
         )
         eos = eos_token_id if eos_token_id is not None else [self.config.eos_token_id, self.config.pad_token_id]
         tokens = self.generate_from_inputs(inputs, max_new_tokens, eos, on_token=on_token)

@@ -129,7 +129,9 @@ def fetch_url(url: str, *, limits: FetchLimits = FetchLimits(), what: str = "med
         raise ValueError(f"{head}: {e}") from None
     except http.client.HTTPException as e:
         raise ValueError(f"{head}: the server broke the HTTP exchange ({type(e).__name__}: {e})") from None
-    except (TimeoutError, OSError) as e:
+    except TimeoutError:
+        raise ValueError(f"{head}: timed out after {limits.timeout} s (FetchLimits.timeout)") from None
+    except OSError as e:
         raise ValueError(
             f"{head}: {type(e).__name__}: {e or 'timed out'} (FetchLimits.timeout {limits.timeout} s)"
         ) from None
@@ -141,8 +143,9 @@ def decode_base64(text, *, what: str = "media") -> bytes:
         return decode_data_url(text, what=what)
     if not isinstance(text, (str, bytes)):
         raise TypeError(f"{what} base64 value must be a str, got {type(text).__name__}")
+    compact = "".join(text.split()) if isinstance(text, str) else b"".join(text.split())  # MIME line breaks
     try:
-        data = base64.b64decode(text, validate=False)
+        data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"{what} base64 value ({len(text)} characters) is not valid base64: {e}") from None
     if not data:
