@@ -94,23 +94,6 @@ def _resolve(obj, tensors):
     return obj
 
 
-def _rope_padding_zeroed(inputs: dict, value):
-    """Positions at left padding are never used (masked in attention); ports fill them with 0 or 1.
-    Zero them on both sides before the exact comparison."""
-    if not isinstance(value, dict) or "position_ids" not in value or inputs.get("attention_mask") is None:
-        return value
-    try:
-        pos = torch.as_tensor(value["position_ids"]).clone()
-        mask = torch.as_tensor(inputs["attention_mask"]).bool()
-        pos[:, ~mask] = 0
-    except (TypeError, ValueError, RuntimeError, IndexError):
-        return value  # a malformed answer is judged as it is
-    return {**value, "position_ids": pos}
-
-
-NORMALIZE = {"fn.rope_index": _rope_padding_zeroed}
-
-
 class CaseRunner:
     """Runs cases against one adapter. Checkpoints are read once per runner (`checkpoint`), and the
     adapter is prepared once per checkpoint. timeout: per port call, enforced here by SIGALRM or a
@@ -184,11 +167,11 @@ class CaseRunner:
                     )
                 )
                 continue
-            if stage in NORMALIZE:
-                expected = [NORMALIZE[stage](i, e) for i, e in zip(inputs, expected)]
-                got = [NORMALIZE[stage](i, g) for i, g in zip(inputs, got)] if isinstance(got, list) else got
-            tol = {"pixels": compare.PIXELS_MAX_ABS, "cos_sin": compare.COS_SIN_MAX_ABS}.get(entry["tolerance"], 0.0)
-            v = compare.exact_items(expected, got, labels, tol=tol)
+            normalize = stages.info(stage).normalize
+            if normalize is not None:
+                expected = [normalize(i, e) for i, e in zip(inputs, expected)]
+                got = [normalize(i, g) for i, g in zip(inputs, got)] if isinstance(got, list) else got
+            v = stages.info(stage).tolerance.items(expected, got, labels)
             out.append(
                 StageResult(
                     case.name,
@@ -324,21 +307,22 @@ class CaseRunner:
             if problem:
                 out.append(StageResult(case.name, s, "error", problem, mode="e2e"))
                 continue
-            g, x = inputs.get(key), got.get(key) if isinstance(got, dict) else None
+            if not isinstance(got, dict):
+                v = compare.Verdict("error", f"build_inputs returned {type(got).__name__}, not a dict of inputs")
+                out.append(StageResult(case.name, s, v.status, v.metric, mode="e2e"))
+                continue
+            g, x = inputs.get(key), got.get(key)
             if g is None:
                 v = (
                     compare.Verdict("pass", "absent on both sides", "absent")
                     if x is None
                     else compare.Verdict("fail", f"the port returned {key}, the spec has none", "absent")
                 )
-            elif x is None:
-                v = compare.Verdict("fail", f"the port returned no {key}", "equal")
-            elif key == "second_per_grid_ts":
-                v = compare.max_abs(g, torch.as_tensor(x, dtype=torch.float64), limit=1e-9)
-            elif stages.info(s).tolerance == "pixels":
-                v = compare.max_abs(g, x, limit=compare.PIXELS_MAX_ABS)
+            elif x is None:  # a port that does not build this input is not judged on it
+                out.append(StageResult(case.name, s, "not_covered", f"build_inputs returned no {key}", mode="e2e"))
+                continue
             else:
-                v = compare.exact_tensor(g, x)
+                v = stages.info(s).tolerance.tensor(g, x, control=None, dtype=self.dtype)
             out.append(
                 StageResult(
                     case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs, values=v.values
@@ -348,21 +332,16 @@ class CaseRunner:
         return out
 
     def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
-        entry = case.stages[stage]
-        tol = entry["tolerance"]
-        if isinstance(got, torch.Tensor) and got.is_floating_point() and tol == "exact":
-            return compare.Verdict("error", f"wrong dtype: {got.dtype} for an integer stage", "equal")
+        """The stage's tolerance object judges the port's value; the registry row says which axes the
+        attention mask covers."""
+        row = stages.info(stage)
         try:  # logits are derived: stored as text.norm; logits = text.norm @ lm_head^T (FORMAT.md)
             g = ck.logits(golden["text.norm"]) if stage == "logits" else golden[stage]
         except Exception as e:
             return compare.Verdict("error", f"golden value unreadable: {e}")
-        if tol == "exact":
-            m = mask[None] if stage == "text.position_ids" else None
-            return compare.exact_tensor(g, got, mask=m)
-        if tol == "logits":
-            return compare.logits(g, got, control=entry.get(control_key), dtype=self.dtype, mask=mask)
-        m = mask if stage.startswith("text.") else None
-        return compare.floats(g, got, control=entry.get(control_key), dtype=self.dtype, mask=m)
+        m = {"BL": mask, "3BL": mask[None]}.get(row.masked)
+        control = case.stages[stage].get(control_key)
+        return row.tolerance.tensor(g, got, control=control, dtype=self.dtype, mask=m)
 
     def _teacher_forced(self, case, out, inputs, golden, mask, ck) -> None:
         if self.teacher == "none":
@@ -375,18 +354,13 @@ class CaseRunner:
                 for r in out
                 if r.mode == "e2e"
                 and r.status in BAD
-                and case.stages.get(r.stage, {}).get("tolerance") in ("float", "logits")
+                and stages.is_known(r.stage)
+                and stages.info(r.stage).tolerance.scaled
             ),
             key=lambda r: stages.order_key(r.stage),
         )
         todo = (
-            [
-                r
-                for r in out
-                if r.mode == "e2e"
-                and r.stage in case.stages
-                and case.stages[r.stage]["tolerance"] in ("float", "logits")
-            ]
+            [r for r in out if r.mode == "e2e" and r.stage in case.stages and stages.info(r.stage).tolerance.scaled]
             if self.teacher == "all"
             else float_bad[:1]
         )
@@ -447,7 +421,7 @@ class CaseRunner:
         topk = None
         if isinstance(got, tuple):
             got, topk = got
-        v = compare.tokens(g_tokens, g_topk, got, topk)
+        v = stages.info(s).tolerance.judge_tokens(g_tokens, g_topk, got, topk)
         return StageResult(
             case.name,
             s,

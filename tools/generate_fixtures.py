@@ -593,7 +593,11 @@ def write_exact(name: str, out: Path, spec: SpecAdapter, tokenizer_dir: str) -> 
     files, st = {}, {}
     for stage, items in built["stages"].items():
         files[f"{stage}.json"] = {"items": items}
-        st[stage] = {"tolerance": stages.info(stage).tolerance, "items": f"{stage}.json", "files": [f"{stage}.json"]}
+        st[stage] = {
+            "tolerance": stages.info(stage).tolerance.name,
+            "items": f"{stage}.json",
+            "files": [f"{stage}.json"],
+        }
         if built["tensors"]:
             st[stage]["tensors"] = "tensors.safetensors"
             st[stage]["files"].append("tensors.safetensors")
@@ -759,7 +763,7 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
         tf = {}
         feeds = {**inputs, "position_ids": g64["text.position_ids"]}
         for s in names:
-            if stages.info(s).tolerance not in ("float", "logits"):
+            if not stages.info(s).tolerance.scaled:
                 continue
             prev = stages.previous(s, gold.config.vision.depth, gold.config.num_hidden_layers)
             tf[s] = low.run_stage(s, feeds if prev is None else {**feeds, "hidden": stored[prev]})
@@ -768,7 +772,7 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
 
     st = {}
     for s in ["preprocess." + k for k in stages.INPUT_KEYS] + names + ["generate.tokens"]:
-        tol = stages.info(s).tolerance
+        tol = stages.info(s).tolerance.name
         entry = {"tolerance": tol}
         if s.startswith("preprocess."):
             entry["files"] = ["inputs.safetensors", "request.json"]

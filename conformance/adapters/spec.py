@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ...spec import chat, image, mrope, patches, resize, text, tokens, video, vision, windows
+from ...spec import mrope, text, tokens, vision, windows
 from ...spec.checkpoint import load_checkpoint
 from ...spec.config import Qwen25VLConfig
 from ...spec.forward import forward
 from ...spec.generate import generate_greedy
+from .. import stages
 from .base import Adapter
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,47 +56,14 @@ class SpecAdapter(Adapter):
             self._tokenizers[folder] = tokens.load_tokenizer(folder)
         return self._tokenizers[folder]
 
-    # ---- exact-stage functions
-    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
-        return resize.smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-
-    def resize_bicubic(self, image_, size):
-        return resize.resize_bicubic(image_, size)
-
-    def sample_frame_indices(self, total_frames, video_fps, *, fps, min_frames, max_frames, nframes):
-        return video.sample_frame_indices(
-            total_frames, video_fps, fps=fps, min_frames=min_frames, max_frames=max_frames, nframes=nframes
-        )
-
-    def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
-        return patches.patchify(
-            frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
-        )
-
-    def preprocess_image(self, image_, *, min_pixels, max_pixels):
-        return image.preprocess_image(image_, min_pixels=min_pixels, max_pixels=max_pixels)
-
-    def vision_rotary_positions(self, grid_thw, *, merge_size):
-        return windows.vision_rotary_positions(grid_thw, merge_size)
-
-    def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
-        return windows.window_partition(grid_thw, window_size=window_size, patch_size=patch_size, merge_size=merge_size)
-
-    def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
-        return chat.render_chat(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
-
-    def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
-        return tokens.expand_vision_tokens(texts, image_grid_thw, video_grid_thw, merge_size=merge_size)
-
+    # ---- exact-stage functions: the rows marked `direct` call their spec function (made below);
+    # these three adapt the protocol's arguments
     def tokenize(self, text_, *, tokenizer_dir):
         return self.tokenizer(tokenizer_dir).encode(text_, add_special_tokens=False).ids
 
     def rope_index(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
         cfg = Qwen25VLConfig.from_dict(config) if isinstance(config, dict) else config
         return self.rope_rule(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=cfg)
-
-    def decode_positions(self, rope_deltas, start, steps):
-        return mrope.decode_positions(rope_deltas, start, steps)
 
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
         return mrope.mrope_cos_sin(
@@ -207,3 +175,22 @@ class SpecAdapter(Adapter):
         if stage == "logits":
             return text.lm_head(params, hidden)
         return super().run_stage(stage, feeds)
+
+
+def _forward_to_spec(row):
+    spec_fn = row.spec[0]
+
+    def method(self, *args, **kwargs):
+        return spec_fn(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = row.method
+    method.__doc__ = f"{row.read}"
+    return method
+
+
+def _attach(row) -> None:
+    if row.direct and row.method not in vars(SpecAdapter):
+        setattr(SpecAdapter, row.method, _forward_to_spec(row))
+
+
+stages.on_register(_attach)  # each direct fn.* row: the protocol method is the spec function itself

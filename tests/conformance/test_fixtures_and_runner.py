@@ -205,7 +205,7 @@ def test_bundled_fixtures_are_intact_and_small():
         assert case.bad_files == {}, (path, case.bad_files)
         for stage, entry in case.stages.items():
             assert stages.is_known(stage), stage
-            assert entry["tolerance"] == stages.info(stage).tolerance
+            assert entry["tolerance"] == stages.info(stage).tolerance.name
     assert Checkpoint(FIXTURES / "checkpoints" / "tiny").problem is None
 
 
@@ -270,4 +270,4 @@ def test_every_stage_the_spec_captures_has_a_tolerance_class_and_a_meaning():
     assert len(names) == 1 + 32 + 1 + 3 + 28 + 2
     for name in names:
         assert stages.is_known(name), name
-        assert stages.info(name).tolerance in ("exact", "float", "logits"), name
+        assert stages.info(name).tolerance.name in ("exact", "float", "logits"), name

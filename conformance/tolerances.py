@@ -1,0 +1,98 @@
+"""Tolerance classes: each a small object that judges a port's value against the golden one.
+
+A stage row (stages.py) names its tolerance object; fixture manifests record the object's `name`.
+The arithmetic of every rule (relative errors, KL, top-k) lives in compare.py; an object here only
+says which rule applies to an item table (`items`) and to a tensor of a model run (`tensor`), so a
+new tolerance class is one object, not an if-chain in the runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import compare
+from .compare import Verdict
+
+SECONDS_MAX_ABS = 1e-9  # float-valued exact stages (second_per_grid_ts): only representation noise
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    name: str
+    rule: str  # one line for FORMAT.md and the report
+
+    @property
+    def scaled(self) -> bool:
+        """True where the budget comes from the spec's own control at the port's dtype (float stages)."""
+        return False
+
+    def items(self, expected: list, got, inputs: list) -> Verdict:
+        return compare.exact_items(expected, got, inputs)
+
+    def tensor(self, golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=None) -> Verdict:
+        raise NotImplementedError(f"tolerance {self.name} does not judge tensors")
+
+
+@dataclass(frozen=True)
+class Exact(Tolerance):
+    def tensor(self, golden, got, *, control=None, dtype="float32", mask=None) -> Verdict:
+        if isinstance(got, torch.Tensor) and got.is_floating_point() and not golden.is_floating_point():
+            return Verdict("error", f"wrong dtype: {got.dtype} for an integer stage", "equal")
+        if golden.is_floating_point():  # seconds per grid: exact up to how a float holds them
+            return compare.max_abs(golden, torch.as_tensor(got, dtype=torch.float64), limit=SECONDS_MAX_ABS)
+        return compare.exact_tensor(golden, got, mask=mask)
+
+
+@dataclass(frozen=True)
+class MaxAbs(Tolerance):
+    limit: float = 0.0
+
+    def items(self, expected, got, inputs) -> Verdict:
+        return compare.exact_items(expected, got, inputs, tol=self.limit)
+
+    def tensor(self, golden, got, *, control=None, dtype="float32", mask=None) -> Verdict:
+        return compare.max_abs(golden, got, limit=self.limit, mask=mask)
+
+
+@dataclass(frozen=True)
+class Floats(Tolerance):
+    @property
+    def scaled(self) -> bool:
+        return True
+
+    def tensor(self, golden, got, *, control, dtype, mask=None) -> Verdict:
+        return compare.floats(golden, got, control=control, dtype=dtype, mask=mask)
+
+
+@dataclass(frozen=True)
+class Logits(Tolerance):
+    @property
+    def scaled(self) -> bool:
+        return True
+
+    def tensor(self, golden, got, *, control, dtype, mask=None) -> Verdict:
+        return compare.logits(golden, got, control=control, dtype=dtype, mask=mask)
+
+
+@dataclass(frozen=True)
+class Tokens(Tolerance):
+    def judge_tokens(self, golden: torch.Tensor, golden_topk: torch.Tensor, got, got_topk=None) -> Verdict:
+        return compare.tokens(golden, golden_topk, got, got_topk)
+
+
+EXACT = Exact("exact", "integers, strings, index tensors: equal, element for element (seconds within 1e-9)")
+PIXELS = MaxAbs(
+    "pixels", f"max |port - spec| <= {compare.PIXELS_MAX_ABS:g} (float32 arithmetic order only)", compare.PIXELS_MAX_ABS
+)
+COS_SIN = MaxAbs(
+    "cos_sin",
+    f"max abs error <= {compare.COS_SIN_MAX_ABS:g} (float32 tables pass, bfloat16 or interleaved sections do not)",
+    compare.COS_SIN_MAX_ABS,
+)
+FLOAT = Floats("float", f"rel_err <= {compare.ALPHA:g} x control[dtype] + floor[dtype]")
+LOGITS = Logits("logits", f"mean KL(spec || port) <= {compare.ALPHA:g} x control + floor, top-1 agreement")
+TOKENS = Tokens("tokens", "greedy tokens equal until the first divergence, each side's pick in the other's top-5")
+
+TOLERANCES = {t.name: t for t in (EXACT, PIXELS, COS_SIN, FLOAT, LOGITS, TOKENS)}
