@@ -15,8 +15,8 @@ padded by repeating the last frame, and its rate is `fps` (default 2.0).
   - video_start / video_end (seconds) cut the clip first, by qwen-vl-utils 0.0.14's decord/torchcodec rule
     (`frame_range`); resized_height / resized_width fix the frame size by its rule (spec/image.py fixed_size).
 
-Memory: a file is decoded twice, once to count its frames and once to keep only the sampled ones, straight into
-one preallocated uint8 [n, H, W, 3] array. Sampled frames over `max_video_bytes` (default MAX_VIDEO_BYTES = 4 GiB,
+Memory: a file is demuxed once to count its frames (no decoding), then decoded once, converting only the
+sampled frames, straight into one preallocated uint8 [n, H, W, 3] array. Sampled frames over `max_video_bytes` (default MAX_VIDEO_BYTES = 4 GiB,
 about 690 sampled 1080p frames) are refused before the second pass; the caller may raise the budget.
 """
 
@@ -125,34 +125,43 @@ def _open_source(source):
     raise TypeError(f"video source must be a path or bytes, got {type(source).__name__}")
 
 
-def _decode_pass(name, opener, keep=None, out=None):
-    """One decoding pass. keep: {frame index: slot in out}, or None to only count.
-
-    Returns (frame count, (H, W) of frame 0, average rate or None); a frame of another size is refused.
-    """
-    count, size = 0, None
+def _packet_count(name, opener):
+    """(video packets with a payload, demuxed but not decoded; the stream's average rate or None)."""
     try:
         with av.open(opener()) as container:
             if not container.streams.video:
                 raise ValueError(f"video {name} has no video stream")
             stream = container.streams.video[0]
-            rate = stream.average_rate
-            for frame in container.decode(stream):
+            return sum(1 for packet in container.demux(stream) if packet.size > 0), stream.average_rate
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode video {name}: {e}") from e
+
+
+def _decode_pass(name, opener, keep=None, alloc=None):
+    """One decoding pass. keep: {frame index: slot}, filled into alloc((H, W)) made at the first frame;
+    None to only count. Returns (frame count, the filled array or None); a frame of another size is refused."""
+    count, size, out = 0, None, None
+    try:
+        with av.open(opener()) as container:
+            if not container.streams.video:
+                raise ValueError(f"video {name} has no video stream")
+            for frame in container.decode(container.streams.video[0]):
                 if size is None:
                     size = (frame.height, frame.width)
+                    out = alloc(size) if keep is not None else None
                 elif (frame.height, frame.width) != size:
                     raise ValueError(
                         f"video {name} changes frame size mid-stream (frame {count} is {frame.width}x{frame.height}, "
                         f"frame 0 is {size[1]}x{size[0]}); resize it to one size first"
                     )
                 if keep is not None and count in keep:
-                    out[keep[count]] = frame.to_ndarray(format="rgb24")
+                    out[keep[count]] = frame.to_ndarray(format="rgb24")  # only kept frames are converted
                 count += 1
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot decode video {name}: {e}") from e
     if count == 0:
         raise ValueError(f"video {name} has no frames")
-    return count, size, rate
+    return count, out
 
 
 def _rate(name, rate, video_fps):
@@ -165,19 +174,40 @@ def _rate(name, rate, video_fps):
     return float(rate)
 
 
-def _decode_indices(name, opener, indices, size, total):
-    """Second pass: the frames at `indices` (of `total`) -> uint8 [n, H, W, 3], one preallocated array."""
-    out = np.empty((len(indices), size[0], size[1], 3), dtype=np.uint8)
-    slots = {}
-    for slot, index in enumerate(indices):
-        slots.setdefault(index, slot)
-    count, _, _ = _decode_pass(name, opener, slots, out)
-    if count != total:  # the first pass counted what this one must find again
-        raise ValueError(f"video {name} gave {total} frames on the first pass but {count} on the second")
-    for slot, index in enumerate(indices):  # a repeated index shares its first slot's frame
-        if slots[index] != slot:
-            out[slot] = out[slots[index]]
-    return out
+def _decode_selected(source, video_fps, choose, max_video_bytes, what):
+    """Decode only the frames choose(T, rate) picks -> (frames uint8 [n, H, W, 3], indices, T, rate).
+
+    T is first taken from the demuxed packet count (no decoding); the decode pass counts the frames for real,
+    and when the two differ (a damaged or unusual file) the indices are chosen again from the true count and
+    the file is decoded once more. The kept frames go into one array, checked against max_video_bytes first.
+    """
+    name, opener = _open_source(source)
+    if video_fps is not None:
+        video_fps = _positive_float("video_fps", video_fps)
+    total, rate = _packet_count(name, opener)
+    for _ in range(2):
+        if total == 0:
+            total, _ = _decode_pass(name, opener)
+        rate = _rate(name, rate, video_fps)
+        indices = choose(total, rate)
+        slots = {}
+        for slot, index in enumerate(indices):
+            slots.setdefault(index, slot)
+
+        n = len(indices)
+
+        def alloc(size, n=n):
+            _check_budget(name, n, size[0], size[1], max_video_bytes, what)
+            return np.empty((n, size[0], size[1], 3), dtype=np.uint8)
+
+        count, out = _decode_pass(name, opener, slots, alloc)
+        if count == total:
+            for slot, index in enumerate(indices):  # a repeated index shares its first slot's frame
+                if slots[index] != slot:
+                    out[slot] = out[slots[index]]
+            return out, indices, total, rate
+        total = count
+    raise AssertionError(f"video {name}: the frame count changed between two decodes of the same file")
 
 
 def read_video(source, *, video_fps=None, max_video_bytes=MAX_VIDEO_BYTES):
@@ -188,14 +218,10 @@ def read_video(source, *, video_fps=None, max_video_bytes=MAX_VIDEO_BYTES):
     cut short yields the frames before the cut, as ffmpeg does; nothing decodable raises ValueError.
     Memory: T * H * W * 3 bytes in one array, refused over max_video_bytes (None: no budget).
     """
-    name, opener = _open_source(source)
-    if video_fps is not None:
-        video_fps = _positive_float("video_fps", video_fps)
-    count, size, rate = _decode_pass(name, opener)
-    video_fps = _rate(name, rate, video_fps)
-    _check_budget(name, count, size[0], size[1], max_video_bytes)
-    frames = _decode_indices(name, opener, list(range(count)), size, count)
-    return Video(frames, video_fps, count / video_fps)
+    frames, _, total, rate = _decode_selected(
+        source, video_fps, lambda total, rate: list(range(total)), max_video_bytes, "frames"
+    )
+    return Video(frames, rate, total / rate)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -342,7 +368,7 @@ def sample_video(
 ):
     """Pick the frames the model sees -> SampledVideo (frames uint8 [n, H, W, 3], indices, rates).
 
-    video: a path or bytes (decoded twice: count, then keep the sampled frames), a Video, or a list/tuple of
+    video: a path or bytes (only the sampled frames are kept), a Video, or a list/tuple of
     frames (images). Decoded videos and Video objects are sampled with sample_frame_indices (video_start /
     video_end cut them first); video_fps overrides their rate. A frame list is kept whole (nframes, video_fps,
     video_start and video_end do not apply to it); `fps` is its rate, default 2.0. The kept frames must fit
@@ -360,14 +386,13 @@ def sample_video(
         rate = DEFAULT_FPS if fps is None else _positive_float("fps", fps)
         return SampledVideo(frames, tuple(range(len(frames))), len(frames), rate, rate)
     if isinstance(video, (str, os.PathLike, bytes, bytearray, memoryview)):
-        name, opener = _open_source(video)
-        if video_fps is not None:
-            video_fps = _positive_float("video_fps", video_fps)
-        total, size, rate = _decode_pass(name, opener)
-        rate = _rate(name, rate, video_fps)
-        indices = sample_frame_indices(total, rate, **pick, **cut)
-        _check_budget(name, len(indices), size[0], size[1], max_video_bytes, "sampled frames")
-        frames = _decode_indices(name, opener, indices, size, total)
+        frames, indices, total, rate = _decode_selected(
+            video,
+            video_fps,
+            lambda total, rate: sample_frame_indices(total, rate, **pick, **cut),
+            max_video_bytes,
+            "sampled frames",
+        )
     elif isinstance(video, Video):
         _check_video(video)
         total = len(video.frames)
