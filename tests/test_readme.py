@@ -83,17 +83,28 @@ def test_readme_is_a_front_door():
     assert lines <= 250, f"README.md has {lines} lines; move detail into docs/"
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped, spaces to '-')."""
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    heads = re.findall(r"^#+ (.*)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 def test_links_stay_inside_the_repository():
-    """Every relative Markdown link of README.md and docs/*.md names a file of this repository."""
+    """Every relative Markdown link of README.md and docs/*.md names a file of this repository, and
+    a #fragment names a heading of that file."""
     bad = []
     for path in DOCS:
         for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
             if re.match(r"[a-z]+:", target):  # http(s), mailto: outside links are fine
                 continue
-            file = (path.parent / target.split("#")[0]).resolve()
+            name, _, anchor = target.partition("#")
+            file = (path.parent / name).resolve() if name else path
             if not file.is_relative_to(ROOT) or not file.exists():
-                bad.append(f"{path.relative_to(ROOT)}: {target}")
-    assert not bad, "links that leave the repository or name no file:\n" + "\n".join(bad)
+                bad.append(f"{path.relative_to(ROOT)}: {target} (no such file in the repository)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+                bad.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not bad, "broken links:\n" + "\n".join(bad)
 
 
 def test_readme_adapter_passes_through_the_command_line(tmp_path):
