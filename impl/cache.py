@@ -1,8 +1,9 @@
 """The preallocated key/value cache of the text decoder: fixed shapes, set up by an explicit call.
 
-k and v are each one tensor [layers, B, K, T, D]; the prompt fills slots 0..L-1 and decode step s
-writes slot L+s in place (index_copy_ with a device-side index, so a captured CUDA graph can replay
-it). Before allocating, `check_cache_fits` compares the bytes needed with the free memory of the
+k and v are each one tensor [layers, B, K, T, D], allocated by the model's `setup_caches` (K: the
+layers' own kv heads, fewer per rank under tensor parallelism); the prompt fills slots 0..L-1 and
+decode step s writes slot L+s in place (index_copy_ with a device-side index, so a captured CUDA
+graph can replay it). Before allocating, `check_cache_fits` compares the bytes needed with the free memory of the
 device and refuses with the numbers rather than failing inside the allocator.
 """
 
@@ -15,10 +16,12 @@ import torch
 GiB = 1024**3
 
 
-def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype) -> int:
-    """Bytes of k and v for `batch` rows of `max_len` tokens: 2 * layers * B * K * T * D * itemsize."""
+def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype, *, kv_heads: int | None = None) -> int:
+    """Bytes of k and v for `batch` rows of `max_len` tokens: 2 * layers * B * K * T * D * itemsize
+    (K = kv_heads, default the config's)."""
     item = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * max_len * config.head_dim * item
+    K = config.num_key_value_heads if kv_heads is None else kv_heads
+    return 2 * config.num_hidden_layers * batch * K * max_len * config.head_dim * item
 
 
 def free_bytes(device: torch.device) -> int:
@@ -45,6 +48,7 @@ def check_cache_fits(
     extra_bytes: int = 0,
     headroom: float = 0.9,
     alloc_len: int | None = None,
+    kv_heads: int | None = None,
 ) -> int:
     """Raise ValueError when the cache for `max_len` tokens (allocated as `alloc_len` >= max_len slots,
     plus `extra_bytes` of working memory) would not fit in `headroom` of the free memory, or when
@@ -54,7 +58,7 @@ def check_cache_fits(
             f"prompt + max_new_tokens = {max_len} tokens exceeds max_position_embeddings "
             f"{config.max_position_embeddings}"
         )
-    need = cache_bytes(config, batch, alloc_len or max_len, dtype)
+    need = cache_bytes(config, batch, alloc_len or max_len, dtype, kv_heads=kv_heads)
     free = free_bytes(device)
     if need + extra_bytes > headroom * free:
         raise ValueError(
@@ -66,22 +70,14 @@ def check_cache_fits(
 
 
 class KVCache:
-    """k, v [layers, B, K, T, D] in the model dtype on the model device, zero-filled."""
+    """k, v [layers, B, K, T, D] in `dtype` on `device`, zero-filled."""
 
-    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (layers, batch, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.max_len = batch, max_len
 
-    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [B, K, L, D] -> slots 0..L-1 of layer `layer`."""
-        L = k.shape[2]
-        assert L <= self.max_len, f"prompt of {L} tokens does not fit a cache of {self.max_len}"
-        self.k[layer, :, :, :L] = k
-        self.v[layer, :, :, :L] = v
-
-    def write_step(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
-        """k, v [B, K, 1, D] -> slot `slot` (int64 tensor [1], on the device) of layer `layer`."""
-        self.k[layer].index_copy_(2, slot, k)
-        self.v[layer].index_copy_(2, slot, v)
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (k, v), each a view [B, K, T, D]."""
+        return self.k[i], self.v[i]

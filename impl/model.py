@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from ..spec.checkpoint import check_params
 from ..spec.forward import check_inputs, select_stages
 from ..spec.mrope import mrope_cos_sin, rope_index
-from ..spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition
+from ..spec.vision import VISION_ROPE_THETA
+from ..spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition, window_row_order
 from .attention import SegmentPlan, check_backend, decode_attention, prefill_attention, prefill_mask, segment_attention
+from .cache import KVCache
+from .generate import generate_tokens
 from .kernels.rmsnorm import rms_norm
 from .kernels.rotary import apply_rotary_
 from .kernels.swiglu import swiglu
 
-VISION_ROPE_THETA = 10000.0
 SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16, torch.float16, torch.float32)}
 
 
@@ -119,16 +121,9 @@ class VisionTower(nn.Module):
         wanted: set = frozenset(),
     ) -> tuple[torch.Tensor, dict]:
         """pixel_values [P, 1176], grid_thw [k, 3] -> (merged [P/4, C] in item order, {"window": label, "full": label})."""
-        v, m2 = self.cfg, self.cfg.spatial_merge_size**2
+        v = self.cfg
         dev, dt = self.ln_q.device, self.ln_q.dtype
-        P = pixel_values.shape[0]
-        key = (tuple(map(tuple, grid_thw.tolist())), backend)
-        geo = self.geometry_cache.get(key) if self.geometry_cache is not None else None
-        if geo is None:
-            geo = self.geometry(grid_thw, P, backend)
-            if self.geometry_cache is not None:
-                self.geometry_cache[key] = geo
-        perm, inv_perm, cos, sin, plans, merge_index = geo
+        perm, inv_perm, cos, sin, plans, merge_index = self._geometry(grid_thw, pixel_values.shape[0], backend)
 
         x = self.patch_embed(pixel_values.to(device=dev, dtype=dt))  # [P, Cv]
         if "vision.patch_embed" in wanted:
@@ -138,10 +133,31 @@ class VisionTower(nn.Module):
             x = block(x, cos, sin, plans["full" if i in v.fullatt_block_indexes else "window"])
             if f"vision.block.{i}" in wanted:
                 captured[f"vision.block.{i}"] = x.index_select(0, inv_perm)
-        x = rms_norm(x, self.ln_q, v.rms_norm_eps, use_triton=self.use_triton).view(P // m2, -1)  # [P/4, 4*Cv]
-        x = self.mlp2(F.gelu(self.mlp0(x)))  # [P/4, C]
-        merged = x.index_select(0, merge_index)  # item order
+        merged = self.merge(x).index_select(0, merge_index)  # item order
         return merged, {k: p.label for k, p in plans.items()}
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch merger: x [P, Cv] (each run of m² rows one merge block) -> [P/m², C]."""
+        x = rms_norm(x, self.ln_q, self.cfg.rms_norm_eps, use_triton=self.use_triton)
+        x = x.view(x.shape[0] // self.cfg.spatial_merge_size**2, -1)  # [P/m², m²*Cv]
+        return self.mlp2(F.gelu(self.mlp0(x)))
+
+    def block(self, i: int, x: torch.Tensor, grid_thw: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """Block i alone (teacher forcing): x [P, Cv] in pixel_values row order -> [P, Cv] in that order."""
+        perm, inv_perm, cos, sin, plans, _ = self._geometry(grid_thw, x.shape[0], backend)
+        plan = plans["full" if i in self.cfg.fullatt_block_indexes else "window"]
+        x = x.to(device=self.ln_q.device, dtype=self.ln_q.dtype).index_select(0, perm)
+        return self.blocks[i](x, cos, sin, plan).index_select(0, inv_perm)
+
+    def _geometry(self, grid_thw: torch.Tensor, P: int, backend: str):
+        """`geometry`, through geometry_cache when it is a dict."""
+        key = (tuple(map(tuple, grid_thw.tolist())), backend)
+        geo = self.geometry_cache.get(key) if self.geometry_cache is not None else None
+        if geo is None:
+            geo = self.geometry(grid_thw, P, backend)
+            if self.geometry_cache is not None:
+                self.geometry_cache[key] = geo
+        return geo
 
     def pad_mlp(self, multiple: int = 64) -> int:
         """Pad every block's MLP intermediate width (3420 in the released configs) with zeros up to a
@@ -170,7 +186,7 @@ class VisionTower(nn.Module):
     def geometry(self, grid_thw: torch.Tensor, P: int, backend: str):
         """What depends only on the grids: (perm [P], inv_perm [P], cos, sin float32 [P, D/2] in window
         order, {"window", "full"}: SegmentPlan, merge_index [P/4]), all on the tower's device."""
-        v, m2 = self.cfg, self.cfg.spatial_merge_size**2
+        v = self.cfg
         dev, dt = self.ln_q.device, self.ln_q.dtype
         window_index, cu_win, cu_full = window_partition(
             grid_thw, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
@@ -178,7 +194,7 @@ class VisionTower(nn.Module):
         cos, sin = vision_rotary_cos_sin(
             vision_rotary_positions(grid_thw, v.spatial_merge_size), v.head_dim, VISION_ROPE_THETA, dtype=torch.float32
         )
-        perm = (window_index[:, None] * m2 + torch.arange(m2)).reshape(-1).to(dev)  # patch rows in window order
+        perm = window_row_order(window_index, v.spatial_merge_size).to(dev)  # patch rows in window order
         inv_perm = torch.argsort(perm)
         half = v.head_dim // 2
         cos, sin = (t[:, :half].to(dev).index_select(0, perm).contiguous() for t in (cos, sin))
@@ -186,65 +202,104 @@ class VisionTower(nn.Module):
         return perm, inv_perm, cos, sin, plans, torch.argsort(window_index).to(dev)
 
 
+class Attention(nn.Module):
+    """The attention half of a decoder layer, residual included: x -> x + o_proj(attention(rotary(q|k|v(norm(x))))).
+
+    The decode step is `decode` = `step_in`, attention over the cache, `step_out`; the variants of
+    impl.variants replace step_in / step_out, and impl.tp shards qkv / o_proj and sets N, K."""
+
+    variant = "eager"
+
+    def __init__(self, norm, qkv: nn.Module, o_proj: nn.Module, N: int, K: int, D: int, eps: float, use_triton: bool):
+        super().__init__()
+        self.norm, self.qkv, self.o_proj = norm, qkv, o_proj
+        self.N, self.K, self.D, self.eps, self.use_triton = N, K, D, eps, use_triton
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, C], cos, sin float32 [T, D/2] -> rotated q|k|v [T, N+2K, D]."""
+        qkv = self.qkv(rms_norm(x, self.norm, self.eps, use_triton=self.use_triton)).view(x.shape[0], -1, self.D)
+        return apply_rotary_(qkv, cos, sin, self.N + self.K, use_triton=self.use_triton)
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, kv) -> torch.Tensor:
+        """x [B, L, C]; cos, sin [B*L, D/2]; mask from prefill_mask; kv None or this layer's caches
+        (k, v) [B, K, T, D], written at slots 0..L-1 -> [B, L, C]."""
+        B, L, C = x.shape
+        N, K, D = self.N, self.K, self.D
+        qkv = self.project(x.reshape(B * L, C), cos, sin).view(B, L, N + 2 * K, D)
+        q = qkv[:, :, :N].transpose(1, 2)  # [B, N, L, D]
+        k, v = qkv[:, :, N : N + K].transpose(1, 2), qkv[:, :, N + K :].transpose(1, 2)  # [B, K, L, D]
+        if kv is not None:
+            kv[0][:, :, :L], kv[1][:, :, :L] = k, v
+        return self.step_out(x, prefill_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, N * D))
+
+    def step_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, slot: torch.Tensor) -> torch.Tensor:
+        """Decode, before attention: x [B, C] -> q [B, N, D]; k and v written into kv at `slot` (int64 [1])."""
+        N, K = self.N, self.K
+        qkv = self.project(x, cos, sin)  # [B, N+2K, D]
+        kv[0].index_copy_(2, slot, qkv[:, N : N + K, None])
+        kv[1].index_copy_(2, slot, qkv[:, N + K :, None])
+        return qkv[:, :N]
+
+    def step_out(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """x [..., C] + o_proj(o [..., N*D])."""
+        return x + self.o_proj(o)
+
+    def decode(self, x, cos, sin, key_mask, kv, slot, attn: str = "sdpa", n_valid=None) -> torch.Tensor:
+        """One token per row: x [B, C]; cos, sin [B, D/2]; key_mask [B, T] (see decode_attention);
+        kv (k, v) [B, K, T, D]; slot int64 [1]; attn, n_valid: decode_attention's backend and filled
+        length -> [B, C]."""
+        q = self.step_in(x, cos, sin, kv, slot)
+        o = decode_attention(q, kv[0], kv[1], key_mask, attn, n_valid, use_triton=self.use_triton)  # [B, N, D]
+        return self.step_out(x, o.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    """The MLP half of a decoder layer, residual included: x -> x + down(swiglu(gate|up(norm(x))))."""
+
+    variant = "eager"
+
+    def __init__(self, norm, gate_up: nn.Module, down: nn.Module, eps: float, use_triton: bool):
+        super().__init__()
+        self.norm, self.gate_up, self.down, self.eps, self.use_triton = norm, gate_up, down, eps, use_triton
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.use_triton
+        return x + self.down(swiglu(self.gate_up(rms_norm(x, self.norm, self.eps, use_triton=t)), use_triton=t))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, get, i: int, config, use_triton: bool):
         super().__init__()
-        p = f"model.layers.{i}."
-        self.i, self.use_triton, self.eps = i, use_triton, config.rms_norm_eps
-        self.N, self.K, self.D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        a = p + "self_attn."
-        self.norm1 = _norm(get(p + "input_layernorm.weight"))
-        self.norm2 = _norm(get(p + "post_attention_layernorm.weight"))
-        self.qkv = _linear(
-            get(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-            get(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+        p, a, eps = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", config.rms_norm_eps
+        self.i = i
+        self.attn = Attention(
+            _norm(get(p + "input_layernorm.weight")),
+            _linear(
+                get(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                get(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+            ),
+            _linear(get(a + "o_proj.weight")),
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            eps,
+            use_triton,
         )
-        self.o_proj = _linear(get(a + "o_proj.weight"))
-        self.gate_up = _linear(get(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"))
-        self.down = _linear(get(p + "mlp.down_proj.weight"))
+        self.mlp = MLP(
+            _norm(get(p + "post_attention_layernorm.weight")),
+            _linear(get(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
+            _linear(get(p + "mlp.down_proj.weight")),
+            eps,
+            use_triton,
+        )
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, C], cos, sin float32 [T, D/2] -> rotated qkv [T, N+2K, D]."""
-        qkv = self.qkv(rms_norm(x, self.norm1, self.eps, use_triton=self.use_triton)).view(x.shape[0], -1, self.D)
-        return apply_rotary_(qkv, cos, sin, self.N + self.K, use_triton=self.use_triton)
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, kv=None) -> torch.Tensor:
+        """x [B, L, C] -> [B, L, C]; see Attention.prefill."""
+        return self.mlp(self.attn.prefill(x, cos, sin, mask, kv))
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.use_triton
-        return x + self.down(swiglu(self.gate_up(rms_norm(x, self.norm2, self.eps, use_triton=t)), use_triton=t))
-
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> torch.Tensor:
-        """x [B, L, C]; cos, sin [B*L, D/2]; mask from prefill_mask; cache KVCache or None -> [B, L, C]."""
-        B, L, C = x.shape
-        N, K, D = self.N, self.K, self.D
-        qkv = self._qkv(x.reshape(B * L, C), cos, sin).view(B, L, N + 2 * K, D)
-        q = qkv[:, :, :N].transpose(1, 2)  # [B, N, L, D]
-        k, v = qkv[:, :, N : N + K].transpose(1, 2), qkv[:, :, N + K :].transpose(1, 2)  # [B, K, L, D]
-        if cache is not None:
-            cache.write_prompt(self.i, k, v)
-        o = prefill_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, N * D)
-        return self._mlp(x + self.o_proj(o))
-
-    def decode(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        key_mask: torch.Tensor,
-        cache,
-        slot: torch.Tensor,
-        attn: str = "sdpa",
-        n_valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One token per row: x [B, C]; cos, sin [B, D/2]; key_mask [B, T] (see decode_attention);
-        slot int64 [1]; attn, n_valid: decode_attention's backend and filled length -> [B, C]."""
-        B = x.shape[0]
-        N, K, D = self.N, self.K, self.D
-        qkv = self._qkv(x, cos, sin)  # [B, N+2K, D]
-        cache.write_step(self.i, qkv[:, N : N + K, None], qkv[:, N + K :, None], slot)
-        o = decode_attention(
-            qkv[:, :N], cache.k[self.i], cache.v[self.i], key_mask, attn, n_valid, use_triton=self.use_triton
-        )  # [B, N, D]
-        return self._mlp(x + self.o_proj(o.reshape(B, N * D)))
+    def decode(self, x, cos, sin, key_mask, kv, slot, attn: str = "sdpa", n_valid=None) -> torch.Tensor:
+        """x [B, C] -> [B, C]; see Attention.decode."""
+        return self.mlp(self.attn.decode(x, cos, sin, key_mask, kv, slot, attn, n_valid))
 
 
 class TextModel(nn.Module):
@@ -293,7 +348,7 @@ class Qwen25VL(nn.Module):
         check_backend(attention, device, dtype)
         check_params(params, config, source="params")
         self.config, self.dtype_, self.device_, self.attention = config, dtype, device, attention
-        self.tokenizer, self.quant_report, self.last_stats = tokenizer, None, {}
+        self.tokenizer, self.quant_report, self.last_stats, self.cache = tokenizer, None, {}, None
         done = [0]
         total = len(params)
 
@@ -390,6 +445,21 @@ class Qwen25VL(nn.Module):
             tokenizer=tokenizer,
         )
 
+    def to_device(self, device) -> Qwen25VL:
+        """Move every weight to `device` in place, keeping the dtype (e.g. onto a rank's GPU after
+        impl.tp.apply_tp on the CPU). Before int4: its packed layouts are device specific."""
+        if self.quant_report is not None:
+            raise ValueError("to_device must come before int4 quantization (packed layouts are per device)")
+        dtype, device = check_dtype_device(self.dtype_, device)
+        check_backend(self.attention, device, dtype)
+        self.to(device)
+        if self.config.tie_word_embeddings:  # .to() copies each Parameter on its own: share the table again
+            self.text.lm_head.weight = self.text.embed
+        self.device_, self.cache = device, None
+        if self.visual.geometry_cache is not None:
+            self.visual.geometry_cache = {}
+        return self
+
     # ------------------------------------------------------------------------------------------
     # forward pieces
 
@@ -437,8 +507,9 @@ class Qwen25VL(nn.Module):
                 x = x.masked_scatter(mask[..., None], feats.to(x.dtype))  # flattened (row, position) order
         return x
 
-    def _prefill(self, inputs: dict, cache, *, captured: dict, wanted: set, all_logits: bool):
-        """-> (logits [B, L, V] or [B, V] (last position), rope_deltas [B, 1])."""
+    def _run(self, inputs: dict, *, captured: dict, wanted: set, all_logits: bool, cache: KVCache | None):
+        """Prompt -> (logits [B, L, V], or [B, V] for the last position, rope_deltas [B, 1]); keys and
+        values written into `cache` when given."""
         check_inputs(self.config, inputs)
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
@@ -459,10 +530,10 @@ class Qwen25VL(nn.Module):
         ):
             if name in wanted:
                 captured[name] = val
-        cos, sin = mrope_half_tables(position_ids, self.config, self.device_)
+        cos, sin = self.rope_tables(position_ids)
         amask = prefill_mask(mask.to(self.device_))
         for layer in self.text.layers:
-            x = layer.prefill(x, cos, sin, amask, cache)
+            x = layer.prefill(x, cos, sin, amask, None if cache is None else cache.layer(layer.i))
             if f"text.layer.{layer.i}" in wanted:
                 captured[f"text.layer.{layer.i}"] = x
         if not all_logits and "text.norm" not in wanted:
@@ -480,17 +551,69 @@ class Qwen25VL(nn.Module):
         """Model inputs (spec.tokens.build_inputs) -> (logits [B, L, V], captured {stage: tensor}).
 
         capture: (), "all", or stage names / prefixes (spec.forward.stage_names); vision stages in
-        pixel_values row order, as spec gives them.
+        pixel_values row order, as spec gives them. Uses no cache.
         """
         wanted = select_stages(self.config, capture)
         captured: dict = {}
-        logits, _ = self._prefill(inputs, None, captured=captured, wanted=wanted, all_logits=True)
+        logits, _ = self._run(inputs, captured=captured, wanted=wanted, all_logits=True, cache=None)
         return logits, captured
+
+    # ------------------------------------------------------------------------------------------
+    # generation: caches set up explicitly, then prefill once and decode one token per row at a time
+
+    def setup_caches(self, batch: int, max_len: int) -> KVCache:
+        """Allocate the KV cache for `batch` rows of `max_len` tokens (zero-filled, fixed shape), sized by
+        the layers' own kv head count (local heads under tensor parallelism). prefill and decode use it."""
+        a = self.text.layers[0].attn
+        self.cache = KVCache(len(self.text.layers), batch, a.K, max_len, a.D, self.dtype_, self.device_)
+        return self.cache
+
+    def _check_cache(self, batch: int, length: int) -> None:
+        assert self.cache is not None, "call setup_caches(batch, max_len) first"
+        assert self.cache.batch == batch and length <= self.cache.max_len, (
+            f"cache holds batch {self.cache.batch} x {self.cache.max_len} tokens; asked batch {batch} x {length}"
+        )
+
+    @torch.inference_mode()
+    def prefill(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt into the cache: model inputs -> (logits of the last position [B, V], rope_deltas [B, 1])."""
+        self._check_cache(*inputs["input_ids"].shape)
+        return self._run(inputs, captured={}, wanted=set(), all_logits=False, cache=self.cache)
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_mask: torch.Tensor,
+        slot: torch.Tensor,
+        attn: str = "sdpa",
+        n_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """THE decode step: tokens int64 [B] at cache slot `slot` (int64 [1]); cos, sin [B, D/2]; key_mask
+        [B, T]; attn, n_valid: see decode_attention -> logits [B, V]. Shapes never change (CUDA graphs)."""
+        x = F.embedding(tokens, self.text.embed)  # [B, C]
+        for layer in self.text.layers:
+            x = layer.decode(x, cos, sin, key_mask, self.cache.layer(layer.i), slot, attn, n_valid)
+        return self.text.lm_head(self.text.final(x))
+
+    def rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids int64 [3, B, L] -> the text rotary tables (cos, sin) float32 [B*L, D/2] on the device."""
+        return mrope_half_tables(position_ids, self.config, self.device_)
+
+    # ------------------------------------------------------------------------------------------
+    # one stage alone, fed its golden input (the conformance harness's teacher forcing)
+
+    @torch.inference_mode()
+    def text_layer(self, i: int, x: torch.Tensor, position_ids: torch.Tensor, attention_mask) -> torch.Tensor:
+        """Decoder layer i alone: x [B, L, C], position_ids [3, B, L], attention_mask [B, L] or None -> [B, L, C]."""
+        x = x.to(device=self.device_, dtype=self.dtype_)
+        mask = torch.ones(x.shape[:2], dtype=torch.int64) if attention_mask is None else attention_mask
+        cos, sin = self.rope_tables(position_ids)
+        return self.text.layers[i].prefill(x, cos, sin, prefill_mask(mask.to(self.device_)))
 
     def generate_from_inputs(self, inputs: dict, max_new_tokens: int, eos_token_id=None, **kwargs) -> torch.Tensor:
         """Greedy tokens int64 [B, n] (CPU), n <= max_new_tokens, pad after each row's eos (impl.generate)."""
-        from .generate import generate_tokens
-
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         return generate_tokens(self, inputs, max_new_tokens, eos_token_id, **kwargs)

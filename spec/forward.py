@@ -125,6 +125,43 @@ def vision_features(params: dict, config, inputs: dict, dtype: torch.dtype, capt
     return image_feats, video_feats
 
 
+def decoder_stack(
+    params: dict,
+    config,
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: list | None = None,
+    *,
+    captured: dict | None = None,
+    wanted: set = frozenset(),
+) -> tuple[torch.Tensor, list]:
+    """Every decoder layer, for a prompt (cache None) or a decode step: x [B, L, C] -> (x [B, L, C]
+    before the final norm, cache: one (k, v) per layer, each [B, K, S, D]).
+
+    position_ids int64 [3, B, L] place the L new tokens; their MRoPE angles are computed in float64
+    and rounded once to x's dtype. attention_mask int [B, S] covers the cached and the new tokens.
+    `text.layer.{i}` in `wanted` stores that layer's output in `captured`.
+    """
+    cos, sin = mrope_cos_sin(
+        position_ids,
+        head_dim=config.head_dim,
+        theta=config.rope_theta,
+        mrope_section=config.mrope_section,
+        dtype=torch.float64,
+    )
+    cos, sin = cos.to(device=x.device, dtype=x.dtype), sin.to(device=x.device, dtype=x.dtype)
+    new_cache = []
+    for i in range(config.num_hidden_layers):
+        x, layer_cache = text.decoder_layer(
+            params, config, i, x, cos, sin, attention_mask, None if cache is None else cache[i]
+        )
+        new_cache.append(layer_cache)
+        if f"text.layer.{i}" in wanted:
+            captured[f"text.layer.{i}"] = x
+    return x, new_cache
+
+
 def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_index):
     """Everything up to the final norm: (hidden [B, L, C], captured, cache, rope_deltas int64 [B, 1]).
 
@@ -155,25 +192,10 @@ def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_in
         mask,
         config=config,
     )
-    # angles in float64, then rounded once to the working dtype
-    cos, sin = mrope_cos_sin(
-        position_ids,
-        head_dim=config.head_dim,
-        theta=config.rope_theta,
-        mrope_section=config.mrope_section,
-        dtype=torch.float64,
-    )
-    cos, sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
     mask = mask.to(device)
     stages = {"text.inputs_embeds": x, "text.position_ids": position_ids, "text.rope_deltas": rope_deltas}
     captured.update({k: v for k, v in stages.items() if k in wanted})
-
-    cache = []
-    for i in range(config.num_hidden_layers):
-        x, layer_cache = text.decoder_layer(params, config, i, x, cos, sin, mask)
-        cache.append(layer_cache)
-        if f"text.layer.{i}" in wanted:
-            captured[f"text.layer.{i}"] = x
+    x, cache = decoder_stack(params, config, x, position_ids, mask, captured=captured, wanted=wanted)
     x = text.final_norm(params, config, x)
     if "text.norm" in wanted:
         captured["text.norm"] = x

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import text
-from .forward import check_inputs, prefill
-from .mrope import decode_positions, mrope_cos_sin, rope_index
+from .forward import check_inputs, decoder_stack, prefill
+from .mrope import decode_positions, rope_index
 
 
 def decode_step(
@@ -28,20 +28,8 @@ def decode_step(
 
     attention_mask [B, S] covers the cache and the new token; cache holds one (k, v) per layer.
     """
-    dtype, device = params["model.embed_tokens.weight"].dtype, params["model.embed_tokens.weight"].device
-    x = text.embed(params, tokens.to(device))
-    cos, sin = mrope_cos_sin(
-        position_ids,
-        head_dim=config.head_dim,
-        theta=config.rope_theta,
-        mrope_section=config.mrope_section,
-        dtype=torch.float64,
-    )
-    cos, sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
-    new_cache = []
-    for i in range(config.num_hidden_layers):
-        x, layer_cache = text.decoder_layer(params, config, i, x, cos, sin, attention_mask, cache[i])
-        new_cache.append(layer_cache)
+    x = text.embed(params, tokens.to(params["model.embed_tokens.weight"].device))
+    x, new_cache = decoder_stack(params, config, x, position_ids, attention_mask, cache)
     return text.lm_head(params, text.final_norm(params, config, x)), new_cache
 
 

@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from .mrope import check_grid_thw
 from .norms import rms_norm
 from .norms import work_dtype as _work_dtype
-from .windows import apply_vision_rotary, vision_rotary_cos_sin, vision_rotary_positions, window_partition
+from .windows import (
+    apply_vision_rotary,
+    vision_rotary_cos_sin,
+    vision_rotary_positions,
+    window_partition,
+    window_row_order,
+)
 
 VISION_ROPE_THETA = 10000.0  # fixed in the reference ViT, not read from config.json
 
@@ -129,7 +135,6 @@ def vision_encoder(
     v = config.vision
     check_pixel_values(config, pixel_values, grid_thw)
     grid = torch.as_tensor(grid_thw, dtype=torch.int64)
-    m2 = v.spatial_merge_size**2
 
     x = patch_embed(params, config, pixel_values)  # [P, Cv]
     positions = vision_rotary_positions(grid, v.spatial_merge_size)  # [P, 2], row order
@@ -140,8 +145,7 @@ def vision_encoder(
     )
     window_index = window_index.to(x.device)
 
-    # window_index orders merged units; expand it to rows (each unit = m² consecutive rows)
-    order = (window_index[:, None] * m2 + torch.arange(m2, device=x.device)).reshape(-1)  # [P]
+    order = window_row_order(window_index, v.spatial_merge_size)  # [P]: window_index orders units of m² rows
     restore = torch.argsort(order)  # [P], window order -> row order
     if capture is not None:
         capture["vision.patch_embed"] = x

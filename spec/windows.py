@@ -86,6 +86,18 @@ def apply_vision_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return apply_rotary(x, cos[:, None, :], sin[:, None, :])  # broadcast over heads
 
 
+def window_row_order(window_index: torch.Tensor, merge_size: int = 2) -> torch.Tensor:
+    """The unit order of `window_partition` expanded to patch rows: window_index int64 [P/m²] -> int64 [P].
+
+    Unit u is rows m²u .. m²u+m²-1 of pixel_values (one m x m block), so place i of the window order
+    holds rows m²·window_index[i] + 0 .. m²-1. `x[order]` puts rows [P, ...] in window order and
+    `argsort(order)` undoes it. On the device of window_index.
+    Example, m = 2, window_index [1, 0]: [4, 5, 6, 7, 0, 1, 2, 3].
+    """
+    m2 = merge_size**2
+    return (window_index[:, None] * m2 + torch.arange(m2, device=window_index.device)).reshape(-1)
+
+
 def window_partition(
     grid_thw, *, window_size: int = 112, patch_size: int = 14, merge_size: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

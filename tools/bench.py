@@ -256,7 +256,6 @@ class Bench:
         return (torch.cuda.max_memory_allocated() - base + weights) / 2**30
 
     def run_size(self, size: str):
-        from ..impl.cache import KVCache
         from ..impl.model import Qwen25VL
         from .make_tiny_checkpoint import make_random_params
 
@@ -297,8 +296,8 @@ class Bench:
 
         # 2. prefill (vision + prompt), last-position logits
         def impl_prefill():
-            cache = KVCache(config, 1, L + 1, dt, dev)
-            impl._prefill(inputs1, cache, captured={}, wanted=set(), all_logits=False)
+            impl.setup_caches(1, L + 1)
+            impl.prefill(inputs1)
 
         fns = {"impl": impl_prefill}
         if hf is not None:

@@ -5,7 +5,7 @@
 
 Parts, most important first (each under its own alarm; a failure is recorded and the next part runs):
   decode   greedy decode at batch 1, N tokens after the 1346-token prompt, for each variant of
-           generate_tokens(decode_attention=..., fused_decode=..., compile_decode=...); tokens compared
+           a layer variant of impl.variants with generate_tokens(decode_attention=...); tokens compared
            with the baseline (sdpa, eager layers, CUDA graph); decode attention of each backend vs
            float64; the fused matrix-vector kernels vs F.linear + unfused ops (time, error)
   profile  torch.profiler over decode steps of the baseline (eager and graph replay) and of fused+split
@@ -120,20 +120,31 @@ def kernel_table(prof, top: int = 15) -> list[dict]:
     return rows[:top], round(sum(v[0] for v in agg.values()), 1)
 
 
-DECODE_VARIANTS = {  # name -> generate_tokens keyword arguments; the first is the baseline
-    "sdpa": {},
-    "split": {"decode_attention": "split"},
-    "math": {"decode_attention": "math"},
-    "fused": {"fused_decode": True},
-    "fused+split": {"fused_decode": True, "decode_attention": "split"},
-    "compile+split": {"decode_attention": "split", "compile_decode": "default"},
-    "compile+sdpa": {"compile_decode": "default"},
-    "autotune+split": {"decode_attention": "split", "compile_decode": "max-autotune-no-cudagraphs"},
+DECODE_VARIANTS = {  # name -> (impl.variants layer variant, generate_tokens keyword arguments); first = baseline
+    "sdpa": ("eager", {}),
+    "split": ("eager", {"decode_attention": "split"}),
+    "math": ("eager", {"decode_attention": "math"}),
+    "fused": ("fused", {}),
+    "fused+split": ("fused", {"decode_attention": "split"}),
+    "compile+split": ("compiled:default", {"decode_attention": "split"}),
+    "compile+sdpa": ("compiled:default", {}),
+    "autotune+split": ("compiled:max-autotune-no-cudagraphs", {"decode_attention": "split"}),
 }
 
 
 def _compiled(variant: str) -> bool:
-    return bool(DECODE_VARIANTS[variant].get("compile_decode"))
+    return DECODE_VARIANTS[variant][0].startswith("compiled")
+
+
+def _apply_layers(model, layers: str) -> None:
+    """Swap the model's decoder layers to the impl.variants variant named `layers` ("eager", "fused", "compiled:MODE")."""
+    from ..impl import variants
+
+    kind, _, mode = layers.partition(":")
+    if kind == "compiled":
+        variants.apply_compiled(model, mode)
+    else:
+        getattr(variants, f"apply_{kind}")(model)
 
 
 class Perf:
@@ -165,18 +176,23 @@ class Perf:
         self.base_tokens = {}
 
     # -- decode ---------------------------------------------------------------------------------
-    def decode_variant(self, name: str, kw: dict, B: int = 1, reps: int = 3, model=None, tag: str = ""):
+    def decode_variant(self, name: str, variant: tuple, B: int = 1, reps: int = 3, model=None, tag: str = ""):
         model = model or self.model
+        layers, kw = variant
         inputs = self.inputs1 if B == 1 else self.inputs8
         N = self.a.decode_tokens
-        t = time.perf_counter()
-        toks = model.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True, **kw)  # warm-up (compiles)
-        first_s = time.perf_counter() - t
-        st0 = dict(model.last_stats)
-        rates = []
-        for _ in range(reps):
-            toks = model.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True, **kw)
-            rates.append(model.last_stats["decode_tok_per_s"] * B)
+        _apply_layers(model, layers)
+        try:
+            t = time.perf_counter()
+            toks = model.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True, **kw)  # warm-up (compiles)
+            first_s = time.perf_counter() - t
+            st0 = dict(model.last_stats)
+            rates = []
+            for _ in range(reps):
+                toks = model.generate_from_inputs(inputs, N + 1, [0], ignore_eos=True, **kw)
+                rates.append(model.last_stats["decode_tok_per_s"] * B)
+        finally:
+            _apply_layers(model, "eager")
         st = model.last_stats
         key = (tag, B)
         if key not in self.base_tokens:
@@ -197,8 +213,7 @@ class Perf:
             cuda_graph=st.get("cuda_graph"),
             graph_error=st.get("cuda_graph_error"),
             decode_attention=st.get("decode_attention"),
-            compile_decode=st.get("compile_decode"),
-            compile_error=st0.get("compile_error") or st.get("compile_error"),
+            decode_variant=st.get("decode_variant"),
             first_call_s=round(first_s, 1),
             graph_capture_s=round(st0.get("graph_capture_s", 0), 1),
         )
@@ -238,23 +253,23 @@ class Perf:
         """impl.kernels.gemv (fused) against F.linear + the unfused ops, at the model's decode shapes."""
         from ..impl.kernels.gemv import gemv
 
-        layer, text = self.model.text.layers[0], self.model.text
+        (a, mlp), text = (self.model.text.layers[0].attn, self.model.text.layers[0].mlp), self.model.text
         C = self.config.hidden_size
         g = torch.Generator().manual_seed(5)
         x = torch.randn(1, C, generator=g).to(self.dev, self.dt)
         h = torch.randn(1, self.config.intermediate_size, generator=g).to(self.dev, self.dt)
-        o = torch.randn(1, layer.N * layer.D, generator=g).to(self.dev, self.dt)
+        o = torch.randn(1, a.N * a.D, generator=g).to(self.dev, self.dt)
         cases = {
-            "qkv+norm+bias": (x, layer.qkv.weight, layer.qkv.bias, dict(norm_weight=layer.norm1, eps=layer.eps)),
-            "o_proj+residual": (o, layer.o_proj.weight, None, dict(residual=x)),
+            "qkv+norm+bias": (x, a.qkv.weight, a.qkv.bias, dict(norm_weight=a.norm, eps=a.eps)),
+            "o_proj+residual": (o, a.o_proj.weight, None, dict(residual=x)),
             "gate_up+norm+swiglu": (
                 x,
-                layer.gate_up.weight,
+                mlp.gate_up.weight,
                 None,
-                dict(norm_weight=layer.norm2, eps=layer.eps, swiglu=True),
+                dict(norm_weight=mlp.norm, eps=mlp.eps, swiglu=True),
             ),
-            "down+residual": (h, layer.down.weight, None, dict(residual=x)),
-            "lm_head+norm": (x, text.lm_head.weight, None, dict(norm_weight=text.norm, eps=layer.eps)),
+            "down+residual": (h, mlp.down.weight, None, dict(residual=x)),
+            "lm_head+norm": (x, text.lm_head.weight, None, dict(norm_weight=text.norm, eps=a.eps)),
         }
         for name, (inp, w, b, kw) in cases.items():
             try:
@@ -308,26 +323,26 @@ class Perf:
     def part_profile(self):
         from torch.profiler import ProfilerActivity, profile
 
-        from ..impl.cache import KVCache
         from ..impl.generate import DecodeState, _capture_graph, decode_step
 
-        m, dev, cfg = self.model, self.dev, self.config
+        m, dev = self.model, self.dev
         inputs = self.inputs1
         L = inputs["input_ids"].shape[1]
         steps = 8
         T = -(-(L + steps + 2) // 16) * 16
         with torch.inference_mode():
-            cache = KVCache(cfg, 1, T, self.dt, dev)
-            logits, rd = m._prefill(inputs, cache, captured={}, wanted=set(), all_logits=False)
+            m.setup_caches(1, T)
+            logits, rd = m.prefill(inputs)
             st = DecodeState(
-                m, logits.argmax(-1), torch.ones_like(inputs["input_ids"]), rd, L, steps + 2, torch.tensor([-1]), cache
+                m, logits.argmax(-1), torch.ones_like(inputs["input_ids"]), rd, L, steps + 2, torch.tensor([-1])
             )
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
             for mode in ("eager", "graph", "graph fused+split"):
                 if mode.startswith("graph") and dev.type != "cuda":
                     continue
                 if mode == "graph fused+split":
-                    st.fused, st.attn = True, "split"
+                    _apply_layers(m, "fused")
+                    st.attn = "split"
                 run = (lambda: decode_step(m, st)) if mode == "eager" else _capture_graph(m, st).replay
                 run()
                 st.step.zero_()
@@ -348,6 +363,7 @@ class Perf:
                     top=[dict(r, us=round(r["us"] / 3, 1)) for r in top],
                 )
                 self.rec.profile_text(f"profile_decode_{mode.replace(' ', '_').replace('+', '_')}.txt", prof)
+        _apply_layers(m, "eager")
 
     # -- vision ---------------------------------------------------------------------------------
     def part_vision(self):

@@ -4,8 +4,13 @@ impl takes preprocessing, the chat template, window partition, rotary positions 
 from spec by design (impl/model.py docstring), so those fn.* stages call the very functions impl
 imports; what impl computes itself is judged on its own code: the rotary tables it builds
 (`mrope_half_tables`, fn.mrope_cos_sin), every model stage end to end, teacher-forced vision
-blocks and decoder layers (its modules fed the golden input), and its cached greedy decode.
-Whatever impl does not expose (yet) is reported as not covered, never as passed.
+blocks and decoder layers (its public one-stage methods fed the golden input), and its cached greedy
+decode. A stage impl has no method for is reported as not covered, never as passed; an error inside
+impl is an error.
+
+tp_group: a torch.distributed group; the model is then sharded over it (impl.tp.apply_tp) after
+loading on the CPU. Every rank runs the same calls in the same order (tests/impl/test_tp.py runs the
+harness so under 2 gloo processes).
 """
 
 from __future__ import annotations
@@ -27,12 +32,12 @@ def _impl():
 class ImplAdapter(SpecAdapter):
     name = "impl"
 
-    def __init__(self, dtype: str | None = None, device: str | None = None, attention: str = "auto"):
+    def __init__(self, dtype: str | None = None, device: str | None = None, attention: str = "auto", tp_group=None):
         cuda = torch.cuda.is_available()
         device = device or ("cuda" if cuda else "cpu")
         dtype = dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
         super().__init__(dtype, device)
-        self.attention = attention
+        self.attention, self.tp_group = attention, tp_group
         self.model = None
 
     def run_items(self, stage, items, *, tokenizer_dir=None):
@@ -50,6 +55,7 @@ class ImplAdapter(SpecAdapter):
             "dtype": self.dtype,
             "device": self.device,
             "attention": self.attention,
+            **({"tp": torch.distributed.get_world_size(self.tp_group)} if self.tp_group is not None else {}),
         }
 
     def prepare(self, checkpoint, *, dtype, device):
@@ -57,8 +63,16 @@ class ImplAdapter(SpecAdapter):
         if not hasattr(m, "Qwen25VL") or not hasattr(m.Qwen25VL, "from_pretrained"):
             raise NotCovered("qwen25vl.impl has no Qwen25VL.from_pretrained")
         self.model = m.Qwen25VL.from_pretrained(
-            checkpoint, dtype=torch_dtype(self.dtype), device=self.device, attention=self.attention
+            checkpoint,
+            dtype=torch_dtype(self.dtype),
+            device="cpu" if self.tp_group is not None else self.device,
+            attention=self.attention,
         )
+        if self.tp_group is not None:
+            from ...impl.tp import apply_tp
+
+            apply_tp(self.model, self.tp_group)
+            self.model.to_device(self.device)
         self.config = self.model.config
 
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
@@ -86,60 +100,28 @@ class ImplAdapter(SpecAdapter):
         return self.model.generate_from_inputs(self._inputs(inputs), max_new_tokens, eos_token_id).cpu()
 
     def run_stage(self, stage, feeds):
-        """Teacher-forced stages through impl's own modules (vision blocks, decoder layers, norm, head)."""
-        m, model = _impl(), self.model
-        try:
-            dev, dt = model.device_, model.dtype_
-            hidden = feeds.get("hidden")
-            hidden = hidden.to(device=dev, dtype=dt) if hidden is not None else None
-            v = self.config.vision
-            if stage.startswith("vision.block."):
-                i = int(stage.rsplit(".", 1)[1])
-                grid = torch.cat([feeds[k] for k in ("image_grid_thw", "video_grid_thw") if feeds.get(k) is not None])
-                m2 = v.spatial_merge_size**2
-                wi, cu_w, cu = m.window_partition(
-                    grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
-                )
-                cos, sin = m.vision_rotary_cos_sin(
-                    m.vision_rotary_positions(grid, v.spatial_merge_size),
-                    v.head_dim,
-                    m.VISION_ROPE_THETA,
-                    dtype=torch.float32,
-                )
-                perm = (wi[:, None] * m2 + torch.arange(m2)).reshape(-1).to(dev)
-                half = v.head_dim // 2
-                cos, sin = (t[:, :half].to(dev).index_select(0, perm).contiguous() for t in (cos, sin))
-                P = hidden.shape[0]
-                plan = m.SegmentPlan(cu if i in v.fullatt_block_indexes else cu_w, P, dev, dt, self.attention)
-                with torch.inference_mode():
-                    out = model.visual.blocks[i](hidden.index_select(0, perm), cos, sin, plan)
-                return out.index_select(0, torch.argsort(perm)).cpu()
+        """Teacher-forced stages through impl's public one-stage methods (vision blocks and merger,
+        decoder layers, final norm, LM head)."""
+        model = self.model
+        dev, dt = model.device_, model.dtype_
+        hidden = feeds.get("hidden")
+        hidden = hidden.to(device=dev, dtype=dt) if hidden is not None else None
+        with torch.inference_mode():
             if stage == "vision.patch_embed":
                 pixels = torch.cat(
                     [feeds[k] for k in ("pixel_values", "pixel_values_videos") if feeds.get(k) is not None]
                 )
-                with torch.inference_mode():
-                    return model.visual.patch_embed(pixels.to(device=dev, dtype=dt)).cpu()
+                return model.visual.patch_embed(pixels.to(device=dev, dtype=dt)).cpu()
+            if stage.startswith("vision.block."):
+                grid = torch.cat([feeds[k] for k in ("image_grid_thw", "video_grid_thw") if feeds.get(k) is not None])
+                return model.visual.block(int(stage.rsplit(".", 1)[1]), hidden, grid, self.attention).cpu()
             if stage == "vision.merger":  # rows in pixel_values order already group each merge block
-                vt = model.visual
-                P = hidden.shape[0]
-                with torch.inference_mode():
-                    x = m.rms_norm(hidden, vt.ln_q, v.rms_norm_eps, use_triton=vt.use_triton)
-                    x = x.view(P // v.spatial_merge_size**2, -1)
-                    return vt.mlp2(torch.nn.functional.gelu(vt.mlp0(x))).cpu()
+                return model.visual.merge(hidden).cpu()
             if stage.startswith("text.layer."):
                 i = int(stage.rsplit(".", 1)[1])
-                cos, sin = m.mrope_half_tables(feeds["position_ids"], self.config, dev)
-                mask = feeds.get("attention_mask")
-                mask = torch.ones_like(feeds["input_ids"]) if mask is None else mask
-                with torch.inference_mode():
-                    return model.text.layers[i].prefill(hidden, cos, sin, m.prefill_mask(mask.to(dev)), None).cpu()
+                return model.text_layer(i, hidden, feeds["position_ids"], feeds.get("attention_mask")).cpu()
             if stage == "text.norm":
-                with torch.inference_mode():
-                    return model.text.final(hidden).cpu()
+                return model.text.final(hidden).cpu()
             if stage == "logits":
-                with torch.inference_mode():
-                    return model.text.lm_head(hidden).cpu()
-        except (AttributeError, TypeError) as e:  # impl's internals moved: say so, do not guess
-            raise NotCovered(f"teacher-forced {stage}: impl internals changed ({e})") from None
+                return model.text.lm_head(hidden).cpu()
         raise NotCovered(f"teacher-forced {stage}")

@@ -133,7 +133,6 @@ class SpecAdapter(Adapter):
         if stage.startswith("vision.block."):
             i = int(stage.rsplit(".", 1)[1])
             grid = torch.cat(grids)
-            m2 = v.spatial_merge_size**2
             positions = windows.vision_rotary_positions(grid, v.spatial_merge_size)
             # through spec.vision's own name, so a subclass that patches the model's rotary patches this too
             cos, sin = vision.vision_rotary_cos_sin(
@@ -142,7 +141,7 @@ class SpecAdapter(Adapter):
             wi, cu_w, cu = windows.window_partition(
                 grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
             )
-            order = (wi[:, None] * m2 + torch.arange(m2)).reshape(-1)
+            order = windows.window_row_order(wi, v.spatial_merge_size)
             seg = cu if i in v.fullatt_block_indexes else cu_w
             out = vision.vision_block(params, cfg, i, hidden[order], cos[order], sin[order], seg)
             return out[torch.argsort(order)]

@@ -290,12 +290,13 @@ class TransformersAdapter(Adapter):
         if grid is not None:
             from transformers.vision_utils import get_vision_window_index
 
+            from ...spec.windows import window_row_order
+
             v = m.config.vision_config
             wi, _ = get_vision_window_index(
                 grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
             )
-            m2 = v.spatial_merge_size**2
-            restore = torch.argsort((wi[:, None] * m2 + torch.arange(m2)).reshape(-1))  # window order -> row order
+            restore = torch.argsort(window_row_order(wi, v.spatial_merge_size))  # window order -> row order
         merged: list = []
 
         def keep(name, fn=lambda o: o):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qwen25vl.impl import variants
 from qwen25vl.impl.attention import decode_attention
 from qwen25vl.impl.model import Qwen25VL
 
@@ -201,43 +202,65 @@ def _batch(config):
 
 
 @pytest.mark.parametrize(
-    "kw",
+    "variant,attn,batch1",
     [
-        dict(decode_attention="split"),
-        dict(decode_attention="math"),
-        dict(fused_decode=True),
-        dict(fused_decode=True, decode_attention="split"),
+        ("eager", "split", False),
+        ("eager", "math", False),
+        ("fused", "sdpa", True),
+        ("fused", "split", True),
+        ("fused", "sdpa", False),  # more than one row: the fused layers run the plain path
     ],
 )
-def test_variants_give_the_default_tokens(model32, kw):
+def test_variants_give_the_default_tokens(model32, variant, attn, batch1):
     """float32: every decode variant gives exactly the default path's greedy tokens (12 steps)."""
-    inputs = _one_row(model32.config) if kw.get("fused_decode") else _batch(model32.config)
+    inputs = _one_row(model32.config) if batch1 else _batch(model32.config)
     want = model32.generate_from_inputs(inputs, 12, [151645])
-    got = model32.generate_from_inputs(inputs, 12, [151645], **kw)
+    getattr(variants, f"apply_{variant}")(model32)
+    try:
+        got = model32.generate_from_inputs(inputs, 12, [151645], decode_attention=attn)
+        st_ = model32.last_stats
+    finally:
+        variants.apply_eager(model32)
     assert torch.equal(got, want)
-    st_ = model32.last_stats
-    assert st_["decode_attention"] == kw.get("decode_attention", "sdpa")
-    assert st_["fused_decode"] == bool(kw.get("fused_decode"))
+    assert st_["decode_attention"] == attn and st_["decode_variant"] == f"{variant}/{variant}"
+
+
+def test_variants_share_the_weights(model32):
+    layer = model32.text.layers[0]
+    qkv, down = layer.attn.qkv, layer.mlp.down
+    variants.apply_fused(model32)
+    try:
+        assert isinstance(layer.attn, variants.FusedAttention) and layer.attn.qkv is qkv and layer.mlp.down is down
+    finally:
+        variants.apply_eager(model32)
+    assert type(layer.attn).__name__ == "Attention" and layer.attn.qkv is qkv
 
 
 def test_compiled_decode_gives_the_default_tokens(model32):
     """torch.compile of the per-layer pieces (one compilation for all layers) keeps the tokens."""
     inputs = _batch(model32.config)
     want = model32.generate_from_inputs(inputs, 6, [151645])
-    got = model32.generate_from_inputs(inputs, 6, [151645], compile_decode=True, decode_attention="math")
-    assert model32.last_stats.get("compile_error") is None
-    assert model32.last_stats["compile_decode"] == "default"
+    variants.apply_compiled(model32)
+    try:
+        got = model32.generate_from_inputs(inputs, 6, [151645], decode_attention="math")
+        assert model32.last_stats["decode_variant"] == "compiled/compiled"
+    finally:
+        variants.apply_eager(model32)
     assert torch.equal(got, want)
 
 
-def test_variant_arguments_are_checked(model32):
+def test_variant_arguments_are_checked(model32, tiny_params):
     inputs = _batch(model32.config)
     with pytest.raises(ValueError, match="decode_attention must be one of"):
         model32.generate_from_inputs(inputs, 3, [151645], decode_attention="flash")
-    with pytest.raises(ValueError, match="compile_decode must be one of"):
-        model32.generate_from_inputs(inputs, 3, [151645], compile_decode="fast")
-    with pytest.raises(ValueError, match="fused_decode needs batch 1, got batch 3"):
-        model32.generate_from_inputs(inputs, 3, [151645], fused_decode=True)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        variants.apply_compiled(model32, "fast")
+    config, params = tiny_params
+    q = Qwen25VL.from_params(config, params, dtype=torch.float32, device=DEVICE, quantize="int4")
+    with pytest.raises(
+        ValueError, match="compiled decode needs plain nn.Linear layers; layer 0 attn.qkv is Int4Linear"
+    ):
+        variants.apply_compiled(q)
 
 
 def test_fused_decode_with_int4_layers(tiny_params):
@@ -246,7 +269,8 @@ def test_fused_decode_with_int4_layers(tiny_params):
     q = Qwen25VL.from_params(config, params, dtype=torch.float32, device=DEVICE, quantize="int4")
     inputs = _one_row(config)
     want = q.generate_from_inputs(inputs, 8, [151645])
-    assert torch.equal(q.generate_from_inputs(inputs, 8, [151645], fused_decode=True, decode_attention="split"), want)
+    variants.apply_fused(q)
+    assert torch.equal(q.generate_from_inputs(inputs, 8, [151645], decode_attention="split"), want)
 
 
 def test_geometry_cache_changes_nothing(model32):

@@ -140,7 +140,7 @@ def test_tiny_model_int4_falls_back_and_says_so(tiny_params):
     with pytest.warns(UserWarning, match=r"int4: 8 layer\(s\) use the dequantize-then-matmul fallback"):
         m = Qwen25VL.from_params(*tiny_params, dtype=dtype, device=DEVICE, quantize="int4")
     assert m.quant_report["quantized"] == []
-    assert m.quant_report["fallback"]["text.layers.0.qkv"] == "in_features 32 is not a multiple of 128"
+    assert m.quant_report["fallback"]["text.layers.0.attn.qkv"] == "in_features 32 is not a multiple of 128"
 
 
 def test_int4_model_kl_and_memory(capsys):

@@ -1,0 +1,94 @@
+"""Tensor parallelism for the text decoder, applied to a built impl.model.Qwen25VL from outside.
+
+    apply_tp(model, group)   (torch.distributed initialised; every rank built the same model)
+
+Megatron's split, with explicit collectives (torch.distributed.all_reduce, NCCL on CUDA, gloo on
+the CPU):
+  attention  q|k|v rows sliced by head (column parallel): rank r keeps query heads
+             [r*N/W, (r+1)*N/W) and the kv heads they read; o_proj columns sliced the same way
+             (row parallel) and its output all-reduced (sum) before the residual add.
+  MLP        gate and up rows sliced to I/W each (column parallel); down columns sliced (row
+             parallel) and its output all-reduced.
+  kv heads   K % W == 0: each rank keeps K/W kv heads. W % K == 0 (fewer kv heads than ranks, as
+             the tiny test model's K = 1): each kv head is replicated on the W/K ranks whose query
+             heads read it. Anything else is refused.
+  replicated the vision tower (0.67B; its MLP width 3420 does not divide by 8), embeddings, final
+             norm, lm_head (logits are whole on every rank, so every rank picks the same token).
+Two all-reduces per layer; everything else is local. The layers' N and K become the local counts,
+so setup_caches allocates the local kv heads only. The result equals TP=1 up to the summation
+order of the reduced products (float32: ~1e-6 relative).
+
+Sharding happens where the weights are: build the model on the CPU (or a device that holds the
+whole model), apply_tp, then `model.to_device` onto the rank's GPU; apply int4 after that.
+
+Shapes: N heads, K kv heads, D head dim, C hidden, I intermediate, W world size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .model import _linear
+
+
+class RowParallel(nn.Module):
+    """A linear layer whose input features are sharded: y = all_reduce_sum(x_local @ w_local^T)."""
+
+    def __init__(self, linear: nn.Module, group):
+        super().__init__()
+        assert getattr(linear, "bias", None) is None, "a row-parallel layer adds its bias after the reduce"
+        self.linear, self.group = linear, group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        return y
+
+
+def tp_heads(N: int, K: int, world: int, rank: int) -> tuple[range, range]:
+    """The query heads and kv heads rank `rank` of `world` keeps (see the module doc's rule)."""
+    if N % world:
+        raise ValueError(f"tensor parallel size {world} must divide num_attention_heads {N}")
+    if K % world == 0:
+        kv = range(rank * K // world, (rank + 1) * K // world)
+    elif world % K == 0:
+        r = rank // (world // K)  # ranks r*(W/K) .. (r+1)*(W/K)-1 share kv head r
+        kv = range(r, r + 1)
+    else:
+        raise ValueError(f"num_key_value_heads {K} and tensor parallel size {world}: one must divide the other")
+    return range(rank * N // world, (rank + 1) * N // world), kv
+
+
+def _rows(w: torch.Tensor, blocks: list[range], size: int) -> torch.Tensor:
+    """Concatenate the row blocks [i*size, (i+1)*size) for i in each range of `blocks` (a fresh tensor)."""
+    return torch.cat([w[r.start * size : r.stop * size] for r in blocks]).contiguous()
+
+
+def apply_tp(model, group=None) -> None:
+    """Shard model.text's layers over `group` (default: the world), in place (see module doc)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    cfg = model.config
+    N, K, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    if I % world:
+        raise ValueError(f"tensor parallel size {world} must divide intermediate_size {I}")
+    q_heads, kv_heads = tp_heads(N, K, world, rank)
+    local_i = range(rank * I // world, (rank + 1) * I // world)
+    for layer in model.text.layers:
+        a, m = layer.attn, layer.mlp
+        assert type(a.qkv) is nn.Linear and type(m.gate_up) is nn.Linear, "apply_tp before int4 or other variants"
+        # q|k|v rows: q heads 0..N-1, then k heads at N.., v heads at N+K..
+        blocks = [
+            q_heads,
+            range(N + kv_heads.start, N + kv_heads.stop),
+            range(N + K + kv_heads.start, N + K + kv_heads.stop),
+        ]
+        a.qkv = _linear(_rows(a.qkv.weight, blocks, D), None if a.qkv.bias is None else _rows(a.qkv.bias, blocks, D))
+        wo = a.o_proj.weight[:, q_heads.start * D : q_heads.stop * D].contiguous()
+        a.o_proj = RowParallel(_linear(wo), group)
+        a.N, a.K = len(q_heads), len(kv_heads)
+        # gate|up rows: gate at 0..I-1, up at I..2I-1
+        gu = [local_i, range(I + local_i.start, I + local_i.stop)]
+        m.gate_up = _linear(_rows(m.gate_up.weight, gu, 1))
+        m.down = RowParallel(_linear(m.down.weight[:, local_i.start : local_i.stop].contiguous()), group)
