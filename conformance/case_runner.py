@@ -18,13 +18,14 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
+from .diagnosis import Diagnosis
 from .fixtures import FixtureError, load_case
 from .golden import Checkpoint
 from .locate import locate
+from .precision import Profile
+from .reference import Reference
 from .results import BAD, StageResult
 from .supervisor import PortCrashed, PortFailed, describe_exception
 
@@ -100,14 +101,41 @@ class CaseRunner:
     thread (in process); None when a supervisor enforces it (supervisor.py)."""
 
     def __init__(
-        self, adapter: Adapter, *, timeout: float | None = 120.0, teacher: str = "first", only_stages: str | None = None
+        self,
+        adapter: Adapter,
+        *,
+        timeout: float | None = 120.0,
+        teacher: str = "first",
+        only_stages: str | None = None,
+        profile=None,
+        diagnose: bool = True,
+        mistakes_for=None,
     ):
         self.adapter = adapter
         self.timeout = timeout
         self.teacher = teacher  # "first" (the first failing float stage), "all" or "none"
         self.only = re.compile(only_stages) if only_stages else None
+        self.diagnose = diagnose  # local errors, precision signatures, known mistakes (diagnosis.py)
+        self.mistakes_for = mistakes_for or known_mistakes
+        self._profile_arg = profile  # a profile given by the user overrides the port's own
+        self._profile: Profile | None = None
         self._prepared: str | None = None
         self._checkpoints: dict[str, Checkpoint] = {}
+        self._references: dict[str, Reference] = {}
+
+    @property
+    def profile(self) -> Profile:
+        """The precision of each stage: the user's --profile, else the port's describe()["profile"]
+        (port.json for files), else the port's dtype everywhere."""
+        if self._profile is None:
+            desc = self.adapter.describe()
+            given, source = (
+                (self._profile_arg, "--profile")
+                if self._profile_arg is not None
+                else (desc.get("profile"), f"the profile of target {desc.get('name', '?')}")
+            )
+            self._profile = Profile.parse(given, self.dtype, source=source)
+        return self._profile
 
     def checkpoint(self, folder: Path) -> Checkpoint:
         """The Checkpoint value of a folder, made once per runner."""
@@ -122,6 +150,10 @@ class CaseRunner:
             case = load_case(path)
         except FixtureError as e:
             return [StageResult(Path(path).name, "manifest", "error", str(e))]
+        try:
+            _ = self.profile  # a port's malformed profile is an error of every stage
+        except ValueError as e:
+            return [StageResult(case.name, s, "error", str(e)) for s in case.stages if self._wanted(s)]
         try:
             self.adapter.begin_case(case)
         except Exception as e:
@@ -264,6 +296,8 @@ class CaseRunner:
                         )
                     )
                     secs = 0.0
+            if captured and not failure and self.diagnose:
+                self._diagnose(case, out, captured, inputs, golden, mask, ck)
             self._teacher_forced(case, out, inputs, golden, mask, ck)
 
         if "generate.tokens" in names:
@@ -332,16 +366,31 @@ class CaseRunner:
         return out
 
     def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
-        """The stage's tolerance object judges the port's value; the registry row says which axes the
-        attention mask covers."""
-        row = stages.info(stage)
+        """The port's value of `stage` against the golden one, at the stage's precision."""
         try:  # logits are derived: stored as text.norm; logits = text.norm @ lm_head^T (FORMAT.md)
             g = ck.logits(golden["text.norm"]) if stage == "logits" else golden[stage]
         except Exception as e:
             return compare.Verdict("error", f"golden value unreadable: {e}")
+        return self._judge_value(case, stage, g, got, mask, self.profile(stage), control_key)
+
+    def _judge_value(self, case, stage, expected, got, mask, precision, control_key) -> compare.Verdict:
+        """The stage's tolerance object judges; the registry row says which axes the mask covers."""
+        row = stages.info(stage)
         m = {"BL": mask, "3BL": mask[None]}.get(row.masked)
         control = case.stages[stage].get(control_key)
-        return row.tolerance.tensor(g, got, control=control, dtype=self.dtype, mask=m)
+        return row.tolerance.tensor(expected, got, control=control, dtype=precision, mask=m)
+
+    def _diagnose(self, case, out, captured, inputs, golden, mask, ck) -> None:
+        def judge(stage, expected, got, precision, control_key):
+            return self._judge_value(case, stage, expected, got, mask, precision, control_key)
+
+        reference = self._references.setdefault(str(ck.folder), Reference(ck.folder))
+        try:
+            Diagnosis(case, reference, self.profile, judge, self.mistakes_for).run(out, captured, inputs, golden)
+        except Exception as e:  # a fault of the harness's own diagnosis must not cost the port its report
+            for r in out:
+                if r.mode == "e2e" and stages.is_known(r.stage) and stages.info(r.stage).tolerance.scaled:
+                    r.note = "; ".join(n for n in (r.note, f"diagnosis failed: {describe_exception(e)}") if n)
 
     def _teacher_forced(self, case, out, inputs, golden, mask, ck) -> None:
         if self.teacher == "none":
@@ -394,7 +443,7 @@ class CaseRunner:
                     if v.status in BAD
                     else "drift from upstream: fed the golden input it passes"
                 )
-                r.note = f"teacher-forced: {v.status} ({v.metric}); {verdict}"
+                r.note = "; ".join(n for n in (r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}") if n)
 
     def _generate(self, case, request, inputs) -> StageResult:
         s = "generate.tokens"
@@ -402,8 +451,6 @@ class CaseRunner:
         if problem:
             return StageResult(case.name, s, "error", problem, mode="e2e")
         gen = case.json("generate.json")
-        g_tokens = torch.tensor(gen["tokens"], dtype=torch.int64)
-        g_topk = torch.tensor(gen["topk"], dtype=torch.int64)
         t0 = time.perf_counter()
         try:
             got = call_with_timeout(
@@ -418,10 +465,7 @@ class CaseRunner:
             if isinstance(e, KeyboardInterrupt):
                 raise
             return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e")
-        topk = None
-        if isinstance(got, tuple):
-            got, topk = got
-        v = stages.info(s).tolerance.judge_tokens(g_tokens, g_topk, got, topk)
+        v = stages.info(s).tolerance.judge_tokens(gen, got, precision=self.profile(s))
         return StageResult(
             case.name,
             s,
@@ -433,3 +477,10 @@ class CaseRunner:
             seconds=time.perf_counter() - t0,
             values=v.values,
         )
+
+
+def known_mistakes(stage: str) -> list:
+    """The catalogue's entries for a stage (mistakes.py)."""
+    from .mistakes import for_stage
+
+    return for_stage(stage)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import report, runner, stages
+from .precision import PRECISIONS, Profile
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "fixtures"
@@ -58,6 +59,18 @@ def conform_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="GIB",
         help="resident memory allowed to the port's worker, GiB (default: 80%% of this machine's memory)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help='precision per stage pattern, as JSON or one precision for all: \'{"vision.patch_embed": '
+        '"float16-inputs", "vision.*": "float32"}\' (default: the port\'s own, from describe() or port.json); '
+        "precisions: " + ", ".join(PRECISIONS),
+    )
+    p.add_argument(
+        "--no-diagnosis",
+        action="store_true",
+        help="judge end to end only: no local errors, precision signatures or known-mistake matching",
     )
     p.add_argument(
         "--in-process",
@@ -179,6 +192,9 @@ def conform(argv: list[str]) -> int:
         _check_output_path("--json", args.json)
         _check_output_path("--junit", args.junit)
         _check_device(args.device)
+        profile = (
+            None if args.profile is None else Profile.parse(args.profile, args.dtype or "float32", source="--profile")
+        )
         all_paths = runner.select_cases(args.fixtures)
     except ValueError as e:
         return _fail(str(e))
@@ -224,6 +240,8 @@ def conform(argv: list[str]) -> int:
         teacher=args.teacher_forced,
         only_stages=args.stages,
         in_process=args.in_process,
+        profile=profile,
+        diagnose=not args.no_diagnosis,
     )
     if args.memory_limit is not None:
         opts.memory_limit = int(args.memory_limit * 2**30)

@@ -286,20 +286,35 @@ def float_errors(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | N
     }
 
 
-def float_budget(control: dict | None, dtype: str) -> tuple[float, str]:
-    """Allowed rel_err for a port running in `dtype`, and the words that say where it came from.
-    `control` maps dtype -> the spec's own rel_err in that dtype. float16 borrows the bfloat16
-    control when none was measured (a looser budget, stated in the tolerance text)."""
-    floor = FLOOR.get(dtype, FLOOR["bfloat16"])
+# When a fixture measured no control at a precision, the nearest looser one stands in (stated in the
+# tolerance text): rounded inputs borrow their dtype's full control, float16 borrows bfloat16's.
+STAND_IN = {"float16-inputs": "float16", "bfloat16-inputs": "bfloat16", "float16": "bfloat16", "float32": "bfloat16"}
+
+
+def control_at(control: dict | None, precision: str):
+    """(the control measured at `precision`, or its stand-in; the precision it was measured at)."""
     control = control or {}
+    src = precision
+    while src not in control and src in STAND_IN:
+        src = STAND_IN[src]
+    return control.get(src), src
+
+
+def _floor(table: dict, precision: str) -> float:
+    """Output-rounding floor of the dtype the arithmetic runs in ('float16-inputs' computes in float32)."""
+    dtype = "float32" if precision.endswith("-inputs") else precision
+    return table.get(dtype, table["bfloat16"])
+
+
+def float_budget(control: dict | None, dtype: str) -> tuple[float, str]:
+    """Allowed rel_err for a port running a stage at precision `dtype` (conformance/precision.py),
+    and the words that say where it came from. `control` maps precision -> the spec's own rel_err."""
+    floor = _floor(FLOOR, dtype)
     if dtype == "float64":
         c, src = 0.0, "float64"
-    elif dtype in control:
-        c, src = control[dtype], dtype
-    elif dtype == "float16" and "bfloat16" in control:
-        c, src = control["bfloat16"], "bfloat16"
     else:
-        c, src = control.get("bfloat16", 0.0), "bfloat16"
+        c, src = control_at(control, dtype)
+        c = c or 0.0
     return ALPHA * c + floor, f"{ALPHA:g}x{c:.2e} ({src} control) + {floor:.1e}"
 
 
@@ -379,10 +394,10 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
 def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=None) -> Verdict:
     """Mean KL within ALPHA x the control's + KL_FLOOR, top-1 agreement at least the control's - TOP1_SLACK."""
     got, why = check_tensor(golden, got, floating=True)
-    control = control or {}
-    src = dtype if dtype in control else "bfloat16"
-    c = control.get(src, {"mean_kl": 0.0, "top1": 1.0}) if dtype != "float64" else {"mean_kl": 0.0, "top1": 1.0}
-    kl_budget = ALPHA * c["mean_kl"] + KL_FLOOR.get(dtype, KL_FLOOR["bfloat16"])
+    c, src = control_at(control, dtype)
+    if dtype == "float64" or c is None:
+        c = {"mean_kl": 0.0, "top1": 1.0}
+    kl_budget = ALPHA * c["mean_kl"] + _floor(KL_FLOOR, dtype)
     top1_min = max(0.0, c["top1"] - TOP1_SLACK)
     tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
     if why:
@@ -398,30 +413,84 @@ def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=
     )
 
 
-def tokens(golden: torch.Tensor, golden_topk: torch.Tensor, got, got_topk=None) -> Verdict:
-    """Greedy tokens [B, n]: equal until the first divergence; there the port's pick must be in the
-    golden top-5 and (when the port gives its own top-5) the golden pick in the port's top-5.
-    After a divergence the two continuations see different prefixes and are not compared."""
-    tol = f"equal until a divergence where each pick is in the other's top-{TOPK}"
+def tokens(
+    golden: torch.Tensor,
+    golden_topk: torch.Tensor,
+    got,
+    got_topk=None,
+    *,
+    golden_logits: torch.Tensor | None = None,
+    golden_logprobs: torch.Tensor | None = None,
+    got_logprobs=None,
+    noise: float | None = None,
+    eos=None,
+) -> Verdict:
+    """Greedy tokens [B, n]: equal until the first divergence of each row. A divergence is allowed only
+    at a near tie: the port's pick is in the golden top-5 and its golden logit is within `noise` (the
+    logit noise the spec itself shows at the port's precision) of the golden pick's, and (when the
+    port gives its own top-5) the golden pick is in the port's. A row that goes on after the golden
+    row's eos never passes. Where the port gives top-k log-probs, they are judged at every step before
+    the divergence: for the ids both sides list, within `noise`. After a divergence the two
+    continuations see different prefixes and are not compared. Without golden logits (older fixtures)
+    the top-5 rule alone applies."""
+    tol = (
+        f"equal until a divergence at a near tie (gap <= {noise:.2g} logit)"
+        if noise is not None
+        else (f"equal until a divergence where each pick is in the other's top-{TOPK}")
+    )
     got, why = check_tensor(golden, got, floating=False)
     if why:
         return _error(why, tol)
-    if got_topk is not None:
-        got_topk = torch.as_tensor(got_topk)
-        if tuple(got_topk.shape[:2]) != tuple(golden.shape):
-            return _error(f"wrong top-k shape: expected {list(golden.shape)} + [k], got {list(got_topk.shape)}", tol)
+    for name, extra in (("top-k", got_topk), ("top-k log-prob", got_logprobs)):
+        if extra is not None and tuple(torch.as_tensor(extra).shape[:2]) != tuple(golden.shape):
+            return _error(
+                f"wrong {name} shape: expected {list(golden.shape)} + [k], got {list(torch.as_tensor(extra).shape)}",
+                tol,
+            )
+    got_topk = None if got_topk is None else torch.as_tensor(got_topk)
+    eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
     notes, failed = [], []
     for b in range(golden.shape[0]):
         diff = (golden[b] != got[b]).nonzero()
-        if not len(diff):
+        s = int(diff[0]) if len(diff) else golden.shape[1]
+        if got_logprobs is not None and golden_logprobs is not None and noise is not None:
+            lp_bad = _logprob_difference(golden_topk[b, :s], golden_logprobs[b, :s], got_topk, got_logprobs, b, noise)
+            if lp_bad:
+                failed.append(f"row {b}: {lp_bad}")
+                continue
+        if s == golden.shape[1]:
             continue
-        s = int(diff[0])
         g_tok, p_tok = int(golden[b, s]), int(got[b, s])
-        ok = p_tok in golden_topk[b, s, :TOPK].tolist()
-        if got_topk is not None:
-            ok = ok and g_tok in got_topk[b, s, :TOPK].tolist()
-        (notes if ok else failed).append(f"row {b} diverges at step {s}: golden {g_tok}, got {p_tok}")
+        ended = [t for t in range(s) if int(golden[b, t]) in eos_ids]
+        if ended:
+            failed.append(f"row {b} goes on after eos at step {ended[0]}: step {s} golden {g_tok}, got {p_tok}")
+            continue
+        top = golden_topk[b, s, :TOPK].tolist()
+        ok = p_tok in top
+        why = "" if ok else f"{p_tok} is not in the golden top-{TOPK} {top}"
+        if ok and golden_logits is not None and noise is not None:
+            gap = float(golden_logits[b, s, 0] - golden_logits[b, s, top.index(p_tok)])
+            ok = gap <= noise
+            why = f"golden logit gap {gap:.3g} > noise {noise:.2g}: not a near tie"
+        if ok and got_topk is not None and g_tok not in got_topk[b, s, :TOPK].tolist():
+            ok, why = False, f"the golden pick {g_tok} is not in the port's top-{TOPK}"
+        (notes if ok else failed).append(
+            f"row {b} diverges at step {s}: golden {g_tok}, got {p_tok}" + (f" ({why})" if why else "")
+        )
     if failed:
         return Verdict("fail", failed[0], tol, where="; ".join(failed), values={"failed": len(failed)})
-    metric = "identical" if not notes else f"{len(notes)} row(s) diverge within top-{TOPK}"
+    metric = "identical" if not notes else f"{len(notes)} row(s) diverge at a near tie"
     return Verdict("pass", metric, tol, where="; ".join(notes))
+
+
+def _logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str | None:
+    """First step where a log-prob the port gives for an id in the golden top-k is off by > noise."""
+    if got_ids is None:
+        return None
+    got_lp = torch.as_tensor(got_lp, dtype=torch.float64)
+    for t in range(golden_ids.shape[0]):
+        ours = dict(zip(got_ids[b, t].tolist(), got_lp[b, t].tolist()))
+        for tok, lp in zip(golden_ids[t].tolist(), golden_lp[t].tolist()):
+            if tok in ours and abs(ours[tok] - lp) > noise:
+                return f"step {t}: log-prob of {tok} is {ours[tok]:.4f}, golden {lp:.4f} (> noise {noise:.2g})"
+    return None

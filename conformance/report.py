@@ -38,7 +38,7 @@ def table(results: list[StageResult], *, verbose: bool = False) -> str:
     """One line per stage: case, stage, status, metric, tolerance. Passing stages of a passing case
     are folded into one line, and stages not covered are left to one summary line, unless verbose;
     verbose also prints the full texts (metric, where, note) under each line."""
-    lines = [f"{'case':<24} {'stage':<26} {'status':<11} {'metric':<46} tolerance", "-" * 140]
+    lines = [f"{'case':<24} {'stage':<26} {'status':<11} {'precision':<15} {'metric':<46} tolerance", "-" * 156]
     by_case: dict[str, list[StageResult]] = {}
     for r in results:
         by_case.setdefault(r.case, []).append(r)
@@ -54,11 +54,12 @@ def table(results: list[StageResult], *, verbose: bool = False) -> str:
             if r.mode == "teacher":
                 st += "(tf)"
             lines.append(
-                f"{_cut(case, 24):<24} {_cut(r.stage, 26):<26} {st:<11} {_cut(r.metric, 46):<46} "
+                f"{_cut(case, 24):<24} {_cut(r.stage, 26):<26} {st:<11} {r.precision:<15} {_cut(r.metric, 46):<46} "
                 f"{_cut(r.tolerance, 60)}"
             )
             if verbose:
-                for label, text in (("metric", r.metric), ("where", r.where), ("note", r.note)):
+                local = f"{r.local['metric']} (budget {r.local['tolerance']}; fed {r.local['fed']})" if r.local else ""
+                for label, text in (("metric", r.metric), ("local", local), ("where", r.where), ("note", r.note)):
                     if text and (label != "metric" or len(str(text)) > 46):
                         lines.append(f"{'':<27}{label}: {text}")
             elif r.note and r.status != "pass":
@@ -88,6 +89,10 @@ def explain(r: StageResult) -> str:
         f"  metric     {r.metric}",
         f"  tolerance  {r.tolerance}",
     ]
+    if r.precision:
+        out.append(f"  precision  {r.precision}")
+    if r.local:
+        out.append(f"  local      {r.local['metric']} (budget {r.local['tolerance']}; fed {r.local['fed']})")
     if r.where:
         out.append(f"  where      {_cut(r.where, 300)}")
     if r.note:

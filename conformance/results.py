@@ -21,6 +21,9 @@ class StageResult:
     note: str = ""
     seconds: float = 0.0
     values: dict = field(default_factory=dict)
+    precision: str = ""  # what a float stage was judged at (the port's profile, conformance/precision.py)
+    local: dict = field(default_factory=dict)  # the stage fed the port's own upstream value (diagnosis.py)
+    end_to_end: dict = field(default_factory=dict)  # the stage as the port ran it from the inputs
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,6 +34,8 @@ class SuiteOptions:
     teacher: str = "first"
     only_stages: str | None = None
     in_process: bool = False  # call the port in this process (for a debugger); a crash ends the run
+    profile: object = None  # precision per stage pattern (precision.py); None: the port's own declaration
+    diagnose: bool = True  # local errors, precision signatures and known mistakes (diagnosis.py)
     memory_limit: int | None = field(default_factory=default_memory_limit)  # bytes resident, supervised only
 
 
@@ -77,7 +79,14 @@ def _run_supervised(paths: list[Path], opts: SuiteOptions, jobs: int) -> tuple[d
         rows: dict[int, list[StageResult]] = {}
 
         def work(adapter: SupervisedAdapter) -> None:
-            runner = CaseRunner(adapter, timeout=None, teacher=opts.teacher, only_stages=opts.only_stages)
+            runner = CaseRunner(
+                adapter,
+                timeout=None,
+                teacher=opts.teacher,
+                only_stages=opts.only_stages,
+                profile=opts.profile,
+                diagnose=opts.diagnose,
+            )
             while True:
                 with lock:
                     if not queue:
@@ -114,7 +123,14 @@ def run_suite(
         desc, results = _run_supervised(paths, opts, jobs)
     else:
         adapter = adapter or make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
-        runner = CaseRunner(adapter, timeout=opts.timeout, teacher=opts.teacher, only_stages=opts.only_stages)
+        runner = CaseRunner(
+            adapter,
+            timeout=opts.timeout,
+            teacher=opts.teacher,
+            only_stages=opts.only_stages,
+            profile=opts.profile,
+            diagnose=opts.diagnose,
+        )
         results = [r for p in paths for r in runner.run(p)]
         desc = adapter.describe()
     apply_expectations(results, expectations or [])

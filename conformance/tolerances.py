@@ -78,8 +78,31 @@ class Logits(Tolerance):
 
 @dataclass(frozen=True)
 class Tokens(Tolerance):
-    def judge_tokens(self, golden: torch.Tensor, golden_topk: torch.Tensor, got, got_topk=None) -> Verdict:
-        return compare.tokens(golden, golden_topk, got, got_topk)
+    def judge_tokens(self, gen: dict, got, *, precision: str) -> Verdict:
+        """gen: the case's generate.json; got: the port's answer (tokens [B, n], or (tokens, topk ids),
+        or {"tokens", "topk", "topk_logprobs"}); precision: what the port decodes at."""
+        if isinstance(got, dict):
+            tokens, topk, logprobs = got.get("tokens"), got.get("topk"), got.get("topk_logprobs")
+        elif isinstance(got, tuple):
+            tokens, topk, logprobs = (*got, None, None)[:3]
+        else:
+            tokens, topk, logprobs = got, None, None
+        noise = None
+        if "logit_noise" in gen:
+            measured, _ = compare.control_at(gen["logit_noise"], precision)
+            noise = 0.0 if precision == "float64" else measured
+        f64 = torch.float64
+        return compare.tokens(
+            torch.tensor(gen["tokens"], dtype=torch.int64),
+            torch.tensor(gen["topk"], dtype=torch.int64),
+            tokens,
+            topk,
+            golden_logits=torch.tensor(gen["topk_logits"], dtype=f64) if "topk_logits" in gen else None,
+            golden_logprobs=torch.tensor(gen["topk_logprobs"], dtype=f64) if "topk_logprobs" in gen else None,
+            got_logprobs=logprobs,
+            noise=noise,
+            eos=gen.get("eos_token_id"),
+        )
 
 
 EXACT = Exact("exact", "integers, strings, index tensors: equal, element for element (seconds within 1e-9)")

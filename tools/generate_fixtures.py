@@ -28,6 +28,8 @@ import torch
 from ..conformance import compare, stages
 from ..conformance.adapters.spec import SpecAdapter
 from ..conformance.fixtures import dump_json, sha256_file, write_case
+from ..conformance.precision import COMPUTE
+from ..conformance.reference import Reference
 from ..spec.config import Qwen25VLConfig
 from ..spec.generate import generate_greedy
 
@@ -684,6 +686,14 @@ def _rel_control(golden: dict, run: dict, mask) -> dict:
     return out
 
 
+def _before_eos(tokens: torch.Tensor, eos) -> torch.Tensor:
+    """[B, n] 1.0 on each row's steps up to and including its first eos, 0.0 after (padding)."""
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    is_eos = torch.isin(tokens, torch.tensor(eos))
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after).double()
+
+
 def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
     spec_case = MODEL_CASES[name]
     ck = out / CHECKPOINT
@@ -743,32 +753,41 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
     files["logits_topk.safetensors"] = {"values": top.values.to(torch.float32), "indices": top.indices}
 
     new = generate_greedy(gold.params, gold.config, inputs, MAX_NEW_TOKENS, eos_token_id=gold.config.eos_token_id)
-    topk = gold.step_topk(inputs, new)
+    step = gold.step_logits(inputs, new).double()  # [B, n, V]
+    step_top = step.topk(compare.TOPK, dim=-1)
+    valid = _before_eos(new, gold.config.eos_token_id)  # [B, n]: steps up to each row's eos
     files["generate.json"] = {
         "tokens": new.tolist(),
-        "topk": topk.tolist(),
+        "topk": step_top.indices.tolist(),
+        "topk_logits": step_top.values.tolist(),
+        "topk_logprobs": step.log_softmax(-1).gather(-1, step_top.indices).tolist(),
         "max_new_tokens": MAX_NEW_TOKENS,
         "eos_token_id": gold.config.eos_token_id,
     }
 
-    # controls: the spec itself in lower precision, end to end and teacher-forced
-    control, control_tf, bf16_store = {}, {}, {}
-    for dt in ("bfloat16", "float32"):
-        low = SpecAdapter(dt)
-        low.prepare(str(ck), dtype=dt, device="cpu")
-        run = low.run(inputs, capture=names)
-        control[dt] = _rel_control(g64, run, mask)
-        if dt == "bfloat16":
-            bf16_store = {k: v for k, v in run.items() if k != "logits"}
+    # controls: the spec itself at each precision a port may declare (conformance/precision.py), end
+    # to end (compute dtypes) and teacher-forced (every precision; rounded inputs are a local property)
+    control, control_tf, bf16_store, noise = {}, {}, {}, {}
+    feeds = {**inputs, "position_ids": g64["text.position_ids"]}
+    scaled = [s for s in names if stages.info(s).tolerance.scaled]
+    depth, layers = gold.config.vision.depth, gold.config.num_hidden_layers
+    ref = Reference(str(ck))
+    for precision in ("bfloat16", "float16", "float32", "float16-inputs", "bfloat16-inputs"):
+        if precision in COMPUTE:
+            run = ref.adapter(precision).run(inputs, capture=names)
+            control[precision] = _rel_control(g64, run, mask)
+            if precision == "bfloat16":
+                bf16_store = {k: v for k, v in run.items() if k != "logits"}
         tf = {}
-        feeds = {**inputs, "position_ids": g64["text.position_ids"]}
-        for s in names:
-            if not stages.info(s).tolerance.scaled:
-                continue
-            prev = stages.previous(s, gold.config.vision.depth, gold.config.num_hidden_layers)
-            tf[s] = low.run_stage(s, feeds if prev is None else {**feeds, "hidden": stored[prev]})
-        control_tf[dt] = _rel_control(g64, tf, mask)
+        for s in scaled:
+            prev = stages.previous(s, depth, layers)
+            tf[s] = ref.stage(s, feeds if prev is None else {**feeds, "hidden": stored[prev]}, precision)
+        control_tf[precision] = _rel_control(g64, tf, mask)
+        if precision in COMPUTE:  # how far the spec's own decode logits move at this precision
+            low = ref.adapter(precision).step_logits(inputs, new).double().gather(-1, step_top.indices)
+            noise[precision] = 2 * float(((low - step_top.values).abs().amax(-1) * valid).max())
     files["control_bfloat16.safetensors"] = bf16_store
+    files["generate.json"]["logit_noise"] = noise
 
     st = {}
     for s in ["preprocess." + k for k in stages.INPUT_KEYS] + names + ["generate.tokens"]:

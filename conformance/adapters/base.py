@@ -21,7 +21,8 @@ what your port exposes:
         missing from the dict is not covered
     run_stage(stage, feeds) -> tensor   one stage teacher-forced: feeds = model inputs plus "hidden",
         the golden output of the previous stage (float32), and "position_ids" for text layers
-    generate(inputs, *, max_new_tokens, eos_token_id) -> tokens int [B, n], or (tokens, topk int [B, n, k])
+    generate(inputs, *, max_new_tokens, eos_token_id) -> tokens int [B, n], or (tokens, topk int [B, n, k]),
+        or {"tokens", "topk", "topk_logprobs" float [B, n, k]}: log-probs are judged at every step
 
 Stage outputs are in the canonical order of docs/INTERFACES.md ("Stage names"): vision stages in
 pixel_values row order, text stages [B, L, C] including padded positions (they are masked out).

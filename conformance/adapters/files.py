@@ -14,7 +14,8 @@
                                   nested lists; a refused item is {"error": "ValueError"}
      outputs.safetensors          model stages, keyed by stage name (vision.block.3, logits, ...) and
                                   preprocess.<key> for the inputs it built from request.json
-     generate.tokens.json         {"tokens": [[...]], "topk": [[[5 ids] per step]] (optional)}
+     generate.tokens.json         {"tokens": [[...]], "topk": [[[5 ids] per step]] (optional),
+                                  "topk_logprobs": [[[5 log-probs] per step]] (optional, judged)}
      and optionally OUT/port.json {"name": ..., "version": ..., "dtype": "bfloat16"}
 3. `qwen25vl conform --target files:OUT` compares. A file or key that is absent is "not covered".
 """
@@ -52,6 +53,7 @@ class FilesAdapter(Adapter):
             "version": self.meta.get("version", ""),
             "dtype": self.dtype,
             "device": self.meta.get("device", "n/a"),
+            "profile": self.meta.get("profile"),  # precision per stage pattern (conformance/precision.py)
         }
 
     def begin_case(self, case) -> None:
@@ -92,8 +94,11 @@ class FilesAdapter(Adapter):
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         got = self._json("generate.tokens.json")
-        tokens = torch.tensor(got["tokens"], dtype=torch.int64)
-        return (tokens, torch.tensor(got["topk"])) if got.get("topk") is not None else tokens
+        return {
+            "tokens": torch.tensor(got["tokens"], dtype=torch.int64),
+            "topk": None if got.get("topk") is None else torch.tensor(got["topk"]),
+            "topk_logprobs": None if got.get("topk_logprobs") is None else torch.tensor(got["topk_logprobs"]),
+        }
 
 
 def _inputs_only(obj, tensors: dict, used: dict):

@@ -107,9 +107,12 @@ class SpecAdapter(Adapter):
         return new, self.step_topk(inputs, new)
 
     def step_topk(self, inputs: dict, new: torch.Tensor, k: int = 5) -> torch.Tensor:
-        """Top-k ids [B, n, k] of the distribution each new token was picked from: one forward over
-        prompt + new tokens (text after the prompt takes the decode positions, so this equals the
-        cached decode up to rounding)."""
+        """Top-k ids [B, n, k] of the distribution each new token was picked from."""
+        return self.step_logits(inputs, new).topk(k, dim=-1).indices
+
+    def step_logits(self, inputs: dict, new: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n, V] each new token was picked from: one forward over prompt + new tokens (text
+        after the prompt takes the decode positions, so this equals the cached decode up to rounding)."""
         B, L = inputs["input_ids"].shape
         ids = torch.cat([inputs["input_ids"], new], dim=1)
         mask = torch.cat(
@@ -118,7 +121,7 @@ class SpecAdapter(Adapter):
         logits, _ = forward(
             self.params, self.config, {**inputs, "input_ids": ids, "attention_mask": mask}, rope_rule=self.rope_rule
         )
-        return logits[:, L - 1 : L - 1 + new.shape[1]].topk(k, dim=-1).indices
+        return logits[:, L - 1 : L - 1 + new.shape[1]]
 
     def run_stage(self, stage, feeds):
         cfg, params = self.config, self.params

@@ -1,0 +1,215 @@
+"""Diagnosis of a model run: is a stage itself wrong, or does it only inherit drift from upstream?
+
+For every float stage k the port captured, the harness runs the spec's stage k in float64 on the
+port's OWN output of stage k-1 (golden positions and mask for the text layers) and compares it with
+the port's stage k: the local error, judged against the spec's teacher-forced control at the
+stage's precision (the port's profile, precision.py). Then, per stage:
+
+  local in budget, end to end in budget   pass
+  local in budget, end to end not         "drift inherited from upstream": pass when the end-to-end
+                                          error stays within the upstream error grown as the spec's
+                                          own control grows over this stage, plus the local budget
+  local out of budget                     fail: "the stage is itself wrong", blamed even when its
+                                          end-to-end error happens to be small
+
+A stage that is itself wrong is then compared with the spec at other precisions (a port that rounds
+its patch inputs to float16 on purpose is told to declare it) and with the catalogue of known
+mistakes run on the same inputs (mistakes.py). Both numbers go into the result (`local`,
+`end_to_end`) and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import compare, stages
+from .compare import ALPHA
+from .precision import SAYS, SIGNATURES, Profile, compute_dtype
+from .reference import Reference
+from .results import StageResult
+
+# A precision signature explains a failure when the port is this much closer to the spec run at that
+# precision than to the float64 spec, and within that precision's own budget.
+SIGNATURE_SHARE = 0.25
+
+
+def _metric(v: compare.Verdict) -> float:
+    """The number a verdict is judged on: rel for floats, mean KL for logits."""
+    return v.values.get("rel", v.values.get("mean_kl", float("nan")))
+
+
+def _summary(v: compare.Verdict) -> dict:
+    return {
+        "status": v.status,
+        "metric": v.metric,
+        "tolerance": v.tolerance,
+        "value": _metric(v),
+        "budget": v.values.get("budget"),
+    }
+
+
+def _growth(control: dict | None, control_prev: dict | None, precision: str) -> float:
+    """How much the spec's own end-to-end error grows over one stage at this precision (>= 1)."""
+    c, _ = compare.control_at(control, compute_dtype(precision))
+    p, _ = compare.control_at(control_prev, compute_dtype(precision))
+    if not isinstance(c, float) or not isinstance(p, float) or p <= 0:
+        return 1.0
+    return max(1.0, c / p)
+
+
+class Diagnosis:
+    """Local judgement of one model run. judge(stage, golden, got, precision, control_key) -> Verdict
+    is the case runner's own judge, so local and end-to-end use the same tolerance objects."""
+
+    def __init__(self, case, reference: Reference, profile: Profile, judge: Callable, mistakes_for: Callable):
+        self.case = case
+        self.reference = reference
+        self.profile = profile
+        self.judge = judge
+        self.mistakes_for = mistakes_for  # stage -> [Mistake]; the catalogue, injected
+        self._variants: dict[str, Reference] = {}
+
+    def feeds(self, stage: str, inputs: dict, golden: dict, captured: dict) -> tuple[dict | None, str]:
+        """The spec's inputs for `stage` from the port's own previous output; (None, why) when absent."""
+        depth, layers = int(self.case.manifest["depth"]["vision"]), int(self.case.manifest["depth"]["text"])
+        prev = stages.previous(stage, depth, layers)
+        feeds = {**inputs, "position_ids": golden.get("text.position_ids")}
+        if prev is None:
+            return feeds, "the model inputs"
+        got = captured.get(prev)
+        if not isinstance(got, torch.Tensor) or not got.is_floating_point():
+            return None, f"the port did not capture {prev}"
+        if not bool(torch.isfinite(got).all()):
+            return None, f"the port's {prev} is not finite"
+        what = f"the port's own {prev}"
+        if stage.startswith("text."):
+            what += ", golden positions and mask"
+        return {**feeds, "hidden": got.detach().double()}, what
+
+    def run(self, results: list[StageResult], captured: dict, inputs: dict, golden: dict) -> None:
+        by_stage = {r.stage: r for r in results if r.mode == "e2e"}
+        order = sorted((s for s in by_stage if stages.is_known(s)), key=stages.order_key)
+        upstream_bad: str | None = None
+        for stage in order:
+            r = by_stage[stage]
+            row = stages.info(stage)
+            if not row.tolerance.scaled or r.status not in ("pass", "fail") or stage not in captured:
+                if r.status in ("fail", "error") and upstream_bad is None:
+                    upstream_bad = stage
+                continue
+            depth, layers = int(self.case.manifest["depth"]["vision"]), int(self.case.manifest["depth"]["text"])
+            prev = stages.previous(stage, depth, layers)
+            if prev is not None and prev in by_stage and by_stage[prev].status == "error":
+                r.note = _join(r.note, f"local error not measured: {prev} is an error")
+                continue
+            self.one(r, stage, captured, inputs, golden, by_stage, upstream_bad)
+            if r.status == "fail" and upstream_bad is None:
+                upstream_bad = stage
+
+    def one(self, r: StageResult, stage: str, captured, inputs, golden, by_stage, upstream_bad) -> None:
+        precision = self.profile(stage)
+        r.precision = precision
+        r.end_to_end = {
+            "status": r.status,
+            "metric": r.metric,
+            "tolerance": r.tolerance,
+            "value": r.values.get("rel", r.values.get("mean_kl")),
+            "budget": r.values.get("budget"),
+        }
+        feeds, fed = self.feeds(stage, inputs, golden, captured)
+        if feeds is None:
+            r.note = _join(r.note, f"local error not measured: {fed}")
+            return
+        try:
+            ref = self.reference.stage(stage, feeds)
+        except Exception as e:  # the spec refuses the port's value (a shape the spec cannot take)
+            r.note = _join(r.note, f"local error not measured: the spec cannot run on {fed} ({type(e).__name__}: {e})")
+            return
+        local = self.judge(stage, ref, captured[stage], precision, "control_teacher")
+        r.local = {**_summary(local), "fed": fed}
+        if local.status == "error":
+            return
+        if local.status == "pass":
+            if r.status == "fail":
+                self._inherited(r, stage, local, by_stage)
+            return
+        # the stage itself is wrong
+        r.status = "fail"
+        upstream = "upstream drift explains none of it (measured on the port's own input)"
+        if upstream_bad is not None:
+            upstream += f"; upstream, {upstream_bad} fails too"
+        r.note = _join(
+            f"{stage} is itself wrong: local {local.metric} (budget {local.tolerance}, fed {fed}); {upstream}",
+            self._signature(stage, feeds, captured[stage], ref, local, precision),
+            self._mistake(stage, feeds, captured[stage], local, precision),
+        )
+
+    def _inherited(self, r: StageResult, stage: str, local: compare.Verdict, by_stage: dict) -> None:
+        depth, layers = int(self.case.manifest["depth"]["vision"]), int(self.case.manifest["depth"]["text"])
+        prev = stages.previous(stage, depth, layers)
+        up = by_stage.get(prev) if prev else None
+        up_value = (up.end_to_end or {}).get("value") if up is not None else None
+        value, budget = r.end_to_end.get("value"), local.values.get("budget")
+        entry = self.case.stages.get(stage, {})
+        if stage == "logits" or up_value is None or value is None or budget is None:
+            allowed = None  # KL does not grow like a relative error: local in budget is the verdict
+        else:
+            grow = _growth(entry.get("control"), self.case.stages.get(prev, {}).get("control"), r.precision)
+            allowed = ALPHA * grow * up_value + budget
+        if allowed is None or value <= allowed:
+            r.status = "pass"
+            r.note = _join(
+                r.note,
+                f"drift inherited from upstream: end to end {r.end_to_end['metric'].split(' max_abs')[0]} is over its "
+                f"{r.precision} budget, but fed {r.local['fed']} the stage is within budget (local "
+                f"{local.metric.split(' max_abs')[0]})",
+            )
+        else:
+            r.note = _join(
+                r.note,
+                f"end-to-end error {value:.2e} grows faster than upstream drift explains (allowed {allowed:.2e}: "
+                f"{ALPHA:g} x growth x {prev} {up_value:.2e} + local budget), though the stage is locally within budget",
+            )
+
+    def _signature(self, stage, feeds, got, ref, local, precision) -> str:
+        """'matches float16 rounding of the stage's inputs; declare ...' when another precision explains it."""
+        best = None
+        for p in SIGNATURES:
+            if p == precision:
+                continue
+            try:
+                at_p = self.reference.stage(stage, feeds, p)
+            except Exception:
+                continue
+            v = self.judge(stage, at_p, got, p, "control_teacher")
+            closer = _metric(v) <= SIGNATURE_SHARE * _metric(local)
+            if v.status == "pass" and closer and (best is None or _metric(v) < best[1]):
+                best = (p, _metric(v))
+        if best is None:
+            return ""
+        p, d = best
+        return (
+            f"matches {SAYS[p]} ({d:.1e} from the spec run that way): declare "
+            f'{{"{stage}": "{p}"}} in your profile if intended'
+        )
+
+    def _mistake(self, stage, feeds, got, local, precision) -> str:
+        names = []
+        for m in self.mistakes_for(stage):
+            try:
+                ref = self._variants.setdefault(m.name, Reference(self.reference.checkpoint, m.adapter))
+                variant = ref.stage(stage, feeds)
+            except Exception:
+                continue
+            v = self.judge(stage, variant, got, precision, "control_teacher")
+            if v.status == "pass":
+                names.append(f"{m.description} (seen in {m.seen})")
+        if names:
+            return "likely mistake: " + "; or ".join(names)
+        return "no known mistake matches" if self.mistakes_for(stage) else ""
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)

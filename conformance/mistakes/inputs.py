@@ -1,0 +1,451 @@
+"""Mistakes of the input half: resize, resampling, frame sampling, patchify, prompt, tokenizer, batch.
+
+Each adapter breaks one protocol method (a fn.* stage) or build_inputs (a preprocess.* stage).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tokenizers import Regex, normalizers, pre_tokenizers
+
+from ...spec import chat, image, patches, resize
+from ..adapters.spec import SpecAdapter
+from ._base import Mistake, Patched
+
+# ---------------------------------------------------------------------------------------------- resize
+
+
+class ResizeTiesAwayFromZero(SpecAdapter):
+    """smart_resize rounds ties up (C's std::round) instead of Python's half-to-even: 70 px -> 84, not 56."""
+
+    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
+        def up(x):  # a side of factor*(k + 1/2) is a tie; nudge it so round() goes up
+            return x + 1 if (2 * x) % factor == 0 and (2 * x // factor) % 2 == 1 else x
+
+        return super().smart_resize(up(height), up(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class ResizeFloat32(SpecAdapter):
+    """smart_resize computed in float32 (the ratio, the square root and the scaled sides)."""
+
+    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
+        resize._check_resize_args(height, width, factor, min_pixels, max_pixels)
+        f32 = np.float32
+        h = round(float(f32(height) / f32(factor))) * factor
+        w = round(float(f32(width) / f32(factor))) * factor
+        if h * w > max_pixels:
+            beta = np.sqrt(f32(height) * f32(width) / f32(max_pixels))
+            h = max(factor, math.floor(float(f32(height) / beta / f32(factor))) * factor)
+            w = max(factor, math.floor(float(f32(width) / beta / f32(factor))) * factor)
+        elif h * w < min_pixels:
+            beta = np.sqrt(f32(min_pixels) / (f32(height) * f32(width)))
+            h = math.ceil(float(f32(height) * beta / f32(factor))) * factor
+            w = math.ceil(float(f32(width) * beta / f32(factor))) * factor
+        return h, w
+
+
+class ResizeRefusesSmallSides(SpecAdapter):
+    """Older transformers: a side under the factor (28) raises instead of being scaled up."""
+
+    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
+        if height < factor or width < factor:
+            raise ValueError(f"height:{height} or width:{width} must be larger than factor:{factor}")
+        return super().smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class ResizeQwenVlUtilsRule(SpecAdapter):
+    """qwen-vl-utils' smart_resize: first rounding clamped to the factor, floor branch unclamped."""
+
+    def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
+        return resize.smart_resize_qwen_vl_utils(
+            height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels
+        )
+
+
+def _torch_bicubic(img, size):
+    """Antialiased bicubic on float values, rounded back to uint8 (the fast, torchvision processor)."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].to(torch.float32)  # [1, 3, H, W]
+    y = torch.nn.functional.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+class ResizeTorchBicubic(SpecAdapter):
+    """Resampling with torch's antialiased bicubic (the fast processor) instead of Pillow's."""
+
+    def resize_bicubic(self, image_, size):
+        return _torch_bicubic(image_, size)
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+class FramesFloorSampling(SpecAdapter):
+    """Frame indices floor(k * T / n) (transformers' sample_frames) instead of round(linspace(0, T-1, n))."""
+
+    def sample_frame_indices(self, total_frames, video_fps, **kwargs):
+        n = len(super().sample_frame_indices(total_frames, video_fps, **kwargs))
+        return [k * total_frames // n for k in range(n)]
+
+
+class OddFramesDropped(SpecAdapter):
+    """An odd frame count is floored to whole temporal pairs (last frame dropped), not padded by repeating it."""
+
+    def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
+        frames = torch.as_tensor(np.asarray(frames)) if not isinstance(frames, torch.Tensor) else frames
+        keep = max(temporal_patch_size, frames.shape[0] // temporal_patch_size * temporal_patch_size)
+        return super().patchify(
+            frames[:keep], patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
+        )
+
+
+class PatchOrderRaster(SpecAdapter):
+    """Patches in plain raster order instead of 2x2 merge blocks."""
+
+    def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
+        pv, grid = patches.patchify(
+            frames, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size
+        )
+        gt, gh, gw = grid[0].tolist()
+        m = merge_size
+        # undo the block order: rows are (t, block row, block col, row in block, col in block)
+        raster = pv.view(gt, gh // m, gw // m, m, m, -1).permute(0, 1, 3, 2, 4, 5).reshape(pv.shape)
+        return raster, grid
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def _letterbox(img, size):
+    """Scale to fit inside size (h, w) keeping the aspect ratio, centre, pad with black."""
+    (H, W), (h, w) = img.shape[:2], size
+    s = min(h / H, w / W)
+    nh, nw = min(h, max(1, round(H * s))), min(w, max(1, round(W * s)))
+    out = np.zeros((h, w, img.shape[2]), dtype=np.uint8)
+    y0, x0 = (h - nh) // 2, (w - nw) // 2
+    out[y0 : y0 + nh, x0 : x0 + nw] = resize.resize_bicubic(img, (nh, nw))
+    return out
+
+
+def _swapped(img, size):
+    return resize.resize_bicubic(img, (size[1], size[0]))
+
+
+class _ImageResample(Patched):
+    """preprocess_image (and build_inputs) with image.resize_bicubic replaced by `resample`."""
+
+    resample = None
+
+    def input_patches(self, images, options):
+        return [(image, "resize_bicubic", type(self).resample)]
+
+    def preprocess_image(self, image_, **kwargs):
+        with self._patched(self.input_patches(None, None)):
+            return image.preprocess_image(image_, **kwargs)
+
+
+class Letterbox(_ImageResample):
+    """The image is letterboxed (fit, centred, black bars) into the target size instead of stretched."""
+
+    resample = staticmethod(_letterbox)
+
+
+class ResizeHeightWidthSwapped(_ImageResample):
+    """The resize is called with (h, w) where it takes (w, h): a non-square image comes out transposed in size."""
+
+    resample = staticmethod(_swapped)
+
+
+class ImagesResizedToLargest(Patched):
+    """Every image of a request is resized to the largest target (h, w) among them, not each to its own."""
+
+    def input_patches(self, images, options):
+        sizes = []
+        for path in images or []:
+            H, W = image.load_image(path).shape[:2]
+            budget = {k: options[k] for k in ("min_pixels", "max_pixels") if options.get(k) is not None}
+            sizes.append(resize.smart_resize(H, W, **budget))
+        if len(sizes) < 2:
+            return []
+        h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        real = image.preprocess_image
+
+        def preprocess(image_, **kwargs):
+            return real(image_, **{**kwargs, "resized_height": h, "resized_width": w})
+
+        from ...spec import tokens
+
+        return [(tokens, "preprocess_image", preprocess)]
+
+
+class RightPadding(SpecAdapter):
+    """The batch is padded on the right."""
+
+    def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
+        out = super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
+        ids, mask = out["input_ids"].clone(), out["attention_mask"].clone()
+        for b in range(ids.shape[0]):
+            n = int(mask[b].sum())
+            row = out["input_ids"][b][out["attention_mask"][b].bool()]
+            ids[b] = 151643
+            ids[b, :n], mask[b] = row, 0
+            mask[b, :n] = 1
+        return {**out, "input_ids": ids, "attention_mask": mask}
+
+
+class VideoFpsDropped(SpecAdapter):
+    """Video fps metadata lost before the processor: second_per_grid_ts from a default 24 fps (2/24)."""
+
+    def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
+        out = super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
+        if out.get("second_per_grid_ts") is not None:
+            out["second_per_grid_ts"] = torch.full_like(out["second_per_grid_ts"], 2 / 24)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- prompt
+
+
+class NoDefaultSystemPrompt(SpecAdapter):
+    """A hand-written template without the default system block."""
+
+    def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
+        text = super().render_chat(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+        return text.replace(f"<|im_start|>system\n{chat.DEFAULT_SYSTEM}<|im_end|>\n", "", 1)
+
+
+class TextModelSystemPrompt(SpecAdapter):
+    """The Qwen2.5 text model's default system prompt ("You are Qwen, created by Alibaba Cloud. ...")."""
+
+    def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
+        text = super().render_chat(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+        qwen = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        return text.replace(f"<|im_start|>system\n{chat.DEFAULT_SYSTEM}<|im_end|>\n", f"<|im_start|>system\n{qwen}<|im_end|>\n", 1)
+
+
+class VisionBeforeText(SpecAdapter):
+    """Every image/video of a message placed before its text (the tool-calling template's order)."""
+
+    def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
+        def reorder(m):
+            if isinstance(m.get("content"), str):
+                return m
+            parts = list(m["content"])
+            vision = [p for p in parts if chat.part_kind(p) != "text"]
+            return {**m, "content": vision + [p for p in parts if chat.part_kind(p) == "text"]}
+
+        chat.check_messages(messages)
+        return super().render_chat(
+            [reorder(m) for m in messages], add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
+        )
+
+
+class WrongImageMarker(SpecAdapter):
+    """The image is marked `<image>` instead of <|vision_start|><|image_pad|><|vision_end|>."""
+
+    def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
+        text = super().render_chat(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
+        return text.replace(chat.IMAGE_PLACEHOLDER, "<image>")
+
+
+class ImageTokenCountUnmerged(SpecAdapter):
+    """Each pad expanded to t*h*w tokens, forgetting the 2x2 merge."""
+
+    def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
+        return super().expand_vision_tokens(texts, image_grid_thw, video_grid_thw, merge_size=1)
+
+
+class VideoTokensPerFrame(SpecAdapter):
+    """Video pads counted per frame (2*t*h*w/4), as if the temporal pair were not merged."""
+
+    def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
+        if video_grid_thw is not None:
+            video_grid_thw = torch.as_tensor(video_grid_thw) * torch.tensor([2, 1, 1])
+        return super().expand_vision_tokens(texts, image_grid_thw, video_grid_thw, merge_size=merge_size)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+# GPT-2's split (what ByteLevel(use_regex=True) applies): digit runs kept whole, letters after one space
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+class Gpt2PreTokenizer(SpecAdapter):
+    """GPT-2's pre-tokenizer regex on the Qwen2 vocabulary (digit runs whole, no single digits)."""
+
+    def tokenizer(self, folder):
+        if folder not in self._tokenizers:
+            tok = super().tokenizer(folder)
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(GPT2_REGEX), behavior="isolated", invert=False),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+                ]
+            )
+        return self._tokenizers[folder]
+
+
+class NoNfc(SpecAdapter):
+    """The tokenizer's NFC normalizer left out."""
+
+    def tokenizer(self, folder):
+        if folder not in self._tokenizers:
+            super().tokenizer(folder).normalizer = normalizers.Sequence([])
+        return self._tokenizers[folder]
+
+
+ENTRIES = [
+    Mistake(
+        "resize_ties_away_from_zero",
+        "fn.smart_resize",
+        "smart_resize rounds ties away from zero (C std::round) instead of to even: 70 px -> 84, not 56",
+        "kekzl/imp#1166; llama.cpp calc_size_preserved_ratio (ports.md §2.3)",
+        ResizeTiesAwayFromZero,
+    ),
+    Mistake(
+        "resize_float32",
+        "fn.smart_resize",
+        "smart_resize computed in float32 (ratio, square root and scaled sides)",
+        "llama.cpp calc_size_preserved_ratio (ports.md §2.3)",
+        ResizeFloat32,
+    ),
+    Mistake(
+        "resize_refuses_small_sides",
+        "fn.smart_resize",
+        "a side under 28 px raises instead of being scaled up (transformers <= 4.51)",
+        "QwenLM/Qwen3-VL#1111; vllm-project/vllm#15080",
+        ResizeRefusesSmallSides,
+    ),
+    Mistake(
+        "resize_qwen_vl_utils_rule",
+        "fn.smart_resize",
+        "qwen-vl-utils' smart_resize (first rounding clamped to 28, floor branch unclamped) instead of transformers'",
+        "2U1/Qwen-VL-Series-Finetune#113; QwenLM/Qwen3-VL#2121",
+        ResizeQwenVlUtilsRule,
+    ),
+    Mistake(
+        "resize_torch_bicubic",
+        "fn.resize_bicubic",
+        "torch/torchvision antialiased bicubic (the fast processor) instead of Pillow's bicubic",
+        "vllm-project/vllm#19789; kaiko-ai/eva#971",
+        ResizeTorchBicubic,
+    ),
+    Mistake(
+        "frames_floor_sampling",
+        "fn.sample_frame_indices",
+        "frame indices floor(k*T/n) (transformers' sample_frames) instead of round(linspace(0, T-1, n))",
+        "hf_reference.md §9.10",
+        FramesFloorSampling,
+    ),
+    Mistake(
+        "odd_frames_dropped",
+        "fn.patchify",
+        "an odd frame count floored to whole temporal pairs (last frame dropped) instead of padded",
+        "vllm-project/vllm#13148",
+        OddFramesDropped,
+    ),
+    Mistake(
+        "patch_order_raster",
+        "fn.patchify",
+        "pixel_values rows in raster order instead of 2x2 merge blocks",
+        "ports.md §1.3",
+        PatchOrderRaster,
+    ),
+    Mistake(
+        "letterbox",
+        "fn.preprocess_image",
+        "image letterboxed (fit, centred, black bars) into the target size instead of stretched",
+        "llama.cpp img_tool::resize (ports.md §2.3); ggml-org/llama.cpp#16334",
+        Letterbox,
+    ),
+    Mistake(
+        "resize_hw_swapped",
+        "fn.preprocess_image",
+        "the resize called with (height, width) where it takes (width, height)",
+        "EricLBuehler/mistral.rs#1950",
+        ResizeHeightWidthSwapped,
+    ),
+    Mistake(
+        "images_resized_to_largest",
+        "preprocess.input_ids",
+        "every image of a request resized to the largest image's size instead of its own",
+        "EricLBuehler/mistral.rs#1950",
+        ImagesResizedToLargest,
+        cases="model_batch",
+    ),
+    Mistake(
+        "right_padding",
+        "preprocess.input_ids",
+        "the batch padded on the right instead of the left",
+        "huggingface/transformers#36100",
+        RightPadding,
+        cases="model_batch",
+    ),
+    Mistake(
+        "video_fps_dropped",
+        "preprocess.second_per_grid_ts",
+        "video fps lost before the processor: second_per_grid_ts from a default 24 fps",
+        "vllm-project/vllm#47736; EvolvingLMMs-Lab/lmms-eval#1269",
+        VideoFpsDropped,
+        cases="model_video",
+    ),
+    Mistake(
+        "no_default_system_prompt",
+        "fn.render_chat",
+        "hand-written template without the default system block",
+        "ports.md §3.6",
+        NoDefaultSystemPrompt,
+    ),
+    Mistake(
+        "text_model_system_prompt",
+        "fn.render_chat",
+        'the Qwen2.5 text system prompt "You are Qwen, created by Alibaba Cloud. ..."',
+        "InternLM/lmdeploy#3475",
+        TextModelSystemPrompt,
+    ),
+    Mistake(
+        "vision_before_text",
+        "fn.render_chat",
+        "images and videos placed before the message text (tokenizer_config.json's template)",
+        "vllm-project/vllm#15125",
+        VisionBeforeText,
+    ),
+    Mistake(
+        "wrong_image_marker",
+        "fn.render_chat",
+        "image marked <image> instead of <|vision_start|><|image_pad|><|vision_end|>",
+        "abetlen/llama-cpp-python#2040; ollama/ollama#11164",
+        WrongImageMarker,
+    ),
+    Mistake(
+        "image_tokens_unmerged",
+        "fn.expand_vision_tokens",
+        "each pad expanded to t*h*w tokens, forgetting the 2x2 merge",
+        "ggml-org/llama.cpp#16842; kekzl/imp#1173",
+        ImageTokenCountUnmerged,
+    ),
+    Mistake(
+        "video_tokens_per_frame",
+        "fn.expand_vision_tokens",
+        "video pads counted per frame instead of per temporal pair (twice the tokens)",
+        "ggml-org/llama.cpp#13754; LostRuins/koboldcpp#2359",
+        VideoTokensPerFrame,
+    ),
+    Mistake(
+        "gpt2_pretokenizer",
+        "fn.tokenize",
+        "GPT-2 pre-tokenizer regex on the Qwen2 vocabulary (digit runs kept whole)",
+        "kekzl/imp#660",
+        Gpt2PreTokenizer,
+    ),
+    Mistake(
+        "tokenizer_without_nfc",
+        "fn.tokenize",
+        "tokenizer without the NFC normalizer",
+        "hf_reference.md §4.4",
+        NoNfc,
+        blind_spot="every text of exact_prompt/fn.tokenize is already NFC; needs a decomposed (NFD) text",
+    ),
+]

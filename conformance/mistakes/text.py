@@ -1,0 +1,181 @@
+"""Mistakes of the text decoder: the vision scatter, rotary, attention, mask, LM head."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ...spec import forward as spec_forward
+from ...spec import mrope, text
+from ..adapters.spec import SpecAdapter
+from ._base import Mistake, Patched
+from .vision import apply_rotary_adjacent_pairs
+
+
+class ScatterTransposed(Patched):
+    """Vision features written over the pads walking the (S, B)-transposed sequence instead of (B, S)."""
+
+    def model_patches(self, inputs):
+        real = text.scatter_vision_features
+
+        def scatter(inputs_embeds, input_ids, image_feats, video_feats, config):
+            real(inputs_embeds, input_ids, image_feats, video_feats, config)  # the spec's checks: counts, widths
+            out = inputs_embeds.clone().transpose(0, 1)  # [L, B, C]
+            for token_id, feats in ((config.image_token_id, image_feats), (config.video_token_id, video_feats)):
+                mask = (input_ids == token_id).T  # [L, B]: walked L-major
+                if feats is not None and int(mask.sum()):
+                    out[mask] = feats.to(out.dtype)
+            return out.transpose(0, 1)
+
+        return [(text, "scatter_vision_features", scatter)]
+
+
+class TextRopeTheta1e4(SpecAdapter):
+    """Text rotary with theta 10000 (the Llama default) instead of the config's rope_theta 1e6."""
+
+    def model_config(self, config):
+        return replace(config, rope_theta=10000.0)
+
+
+class TextRotaryAdjacentPairs(Patched):
+    """Text rotary rotates adjacent pairs (2j, 2j+1) instead of halves (i, i + D/2)."""
+
+    def model_patches(self, inputs):
+        def apply(q, k, cos, sin):
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, D]
+            return apply_rotary_adjacent_pairs(q, cos, sin), apply_rotary_adjacent_pairs(k, cos, sin)
+
+        return [(text, "apply_mrope", apply)]
+
+
+class RotaryFirstRowOnly(Patched):
+    """The MRoPE tables of the first batch row used for every row (left padding shifts the others)."""
+
+    def model_patches(self, inputs):
+        def first_row(real):
+            def cos_sin(*args, **kwargs):
+                cos, sin = real(*args, **kwargs)
+                return cos[:1].expand_as(cos).clone(), sin[:1].expand_as(sin).clone()
+
+            return cos_sin
+
+        return [
+            (spec_forward, "mrope_cos_sin", first_row(spec_forward.mrope_cos_sin)),
+            (mrope, "mrope_cos_sin", first_row(mrope.mrope_cos_sin)),
+        ]
+
+
+class GqaHeadsTiled(Patched):
+    """KV heads repeated as a tile (g = h mod K) instead of in place (g = h // (N/K))."""
+
+    def model_patches(self, inputs):
+        real = torch.Tensor.repeat_interleave
+
+        def attention(params, config, i, x, cos, sin, attention_mask, cache=None):
+            def tiled(t, repeats, dim=None, **kw):
+                if dim == 1 and isinstance(repeats, int) and t.dim() == 4:
+                    return t.repeat(1, repeats, 1, 1)
+                return real(t, repeats, dim=dim, **kw)
+
+            with Patched._patched(self, [(torch.Tensor, "repeat_interleave", tiled)]):
+                return real_attention(params, config, i, x, cos, sin, attention_mask, cache)
+
+        real_attention = text.attention
+        return [(text, "attention", attention)]
+
+
+class CausalMaskByPosition(Patched):
+    """Causal mask from the positions (key t-position <= query t-position) instead of the token order."""
+
+    def model_patches(self, inputs):
+        state = {}
+        real_stack = spec_forward.decoder_stack
+
+        def stack(params, config, x, position_ids, attention_mask, cache=None, **kwargs):
+            state["t"] = position_ids[0]  # [B, L]: the temporal row
+            return real_stack(params, config, x, position_ids, attention_mask, cache, **kwargs)
+
+        def allowed(attention_mask, n_new):
+            S, t = attention_mask.shape[1], state.get("t")
+            if t is None or t.shape[1] != S:  # decode steps: every key is earlier anyway
+                return real_allowed(attention_mask, n_new)
+            q, k = t[:, S - n_new :, None], t[:, None, :]  # [B, L, 1], [B, 1, S]
+            ok = (k <= q) & attention_mask.bool()[:, None, :]
+            eye = torch.arange(S - n_new, S)[:, None] == torch.arange(S)[None, :]
+            return (ok | eye[None])[:, None]
+
+        real_allowed = text.attention_allowed
+        if inputs.get("position_ids") is not None:  # run_stage: the golden positions are fed
+            state["t"] = inputs["position_ids"][0]
+        return [(spec_forward, "decoder_stack", stack), (text, "attention_allowed", allowed)]
+
+
+class LmHeadTied(SpecAdapter):
+    """lm_head taken from embed_tokens although the checkpoint has tie_word_embeddings = false."""
+
+    def prepare(self, checkpoint, *, dtype, device):
+        super().prepare(checkpoint, dtype=dtype, device=device)
+        self.params = {**self.params, "lm_head.weight": self.params["model.embed_tokens.weight"]}
+
+
+ENTRIES = [
+    Mistake(
+        "scatter_transposed",
+        "text.inputs_embeds",
+        "vision features scattered in (S, B)-transposed order instead of (B, S)",
+        "alibaba/Pai-Megatron-Patch#649",
+        ScatterTransposed,
+        cases="model_batch",
+        blind_spot="model_batch has images in one row only, where (S, B) and (B, S) orders coincide",
+    ),
+    Mistake(
+        "text_rope_theta_1e4",
+        "text.layer.{i}",
+        "text rotary with theta 10000 instead of rope_theta 1e6",
+        "hf_reference.md §6.1",
+        TextRopeTheta1e4,
+        cases="model_image",
+    ),
+    Mistake(
+        "text_rotary_adjacent_pairs",
+        "text.layer.{i}",
+        "text rotary rotates adjacent pairs (2j, 2j+1) instead of halves (i, i + D/2)",
+        "hf_reference.md §6.1 (rotate_half)",
+        TextRotaryAdjacentPairs,
+        cases="model_image",
+    ),
+    Mistake(
+        "rotary_first_row_only",
+        "text.layer.{i}",
+        "the MRoPE tables of the first batch row applied to every row",
+        "linkedin/Liger-Kernel#464",
+        RotaryFirstRowOnly,
+        cases="model_batch",
+    ),
+    Mistake(
+        "gqa_heads_tiled",
+        "text.layer.{i}",
+        "KV heads repeated as a tile instead of in place (query head h reads kv head h mod K)",
+        "hf_reference.md §7",
+        GqaHeadsTiled,
+        cases="model_image",
+        blind_spot="the tiny checkpoint has one KV head, where tiling and repeat_interleave coincide",
+    ),
+    Mistake(
+        "causal_mask_by_position",
+        "text.layer.{i}",
+        "causal mask from MRoPE positions instead of token order (image tokens see later image tokens)",
+        "ggml-org/llama.cpp#13694",
+        CausalMaskByPosition,
+        cases="model_image",
+    ),
+    Mistake(
+        "lm_head_tied",
+        "logits",
+        "lm_head copied from embed_tokens although tie_word_embeddings is false",
+        "sgl-project/sglang#18024; QwenLM/Qwen3-VL#1016",
+        LmHeadTied,
+        cases="model_image",
+    ),
+]

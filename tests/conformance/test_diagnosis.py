@@ -1,0 +1,114 @@
+"""Diagnosis of real-port failures (conformance/diagnosis.py): local errors, inherited drift,
+precision profiles and signatures, on a port that mixes precisions on purpose and carries one small
+bug in a text layer (tests/conformance/mixed.py), through an adapter and through the file exchange."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from qwen25vl.conformance.precision import Profile
+from qwen25vl.tools import cli
+
+from .mixed import PROFILE, MixedPrecisionPort, MixedPrecisionPortFixed
+
+MIXED = "tests.conformance.mixed:"
+
+
+def conform(capsys, tmp_path, *argv):
+    out = tmp_path / "r.json"
+    code = cli.main(["conform", "--cases", "model_image", "--json", str(out), *argv])
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    return code, text, report, {r["stage"]: r for r in report["results"] if r["mode"] == "e2e"}
+
+
+def assert_blames_the_text_layer(code, text, report, by):
+    assert code == 1
+    first = report["first_divergence"]
+    assert first["stage"] == "text.layer.0", first
+    assert "text.layer.0 is itself wrong: local rel" in first["note"]
+    assert "upstream drift explains none of it" in first["note"]
+    assert "FIRST DIVERGENCE  case model_image, stage text.layer.0" in text and "  local      rel" in text
+    layer = by["text.layer.0"]
+    assert layer["local"]["value"] > layer["local"]["budget"]  # itself wrong ...
+    assert layer["end_to_end"]["value"] > 10 * layer["local"]["value"]  # ... under a larger inherited drift
+    assert "golden positions and mask" in layer["local"]["fed"]
+    bad = [s for s, r in by.items() if r["status"] in ("fail", "error")]
+    assert bad == ["text.layer.0"], bad
+
+
+def assert_vision_drift_is_precision(by):
+    assert by["vision.patch_embed"]["status"] == "pass" and by["vision.patch_embed"]["precision"] == "float16-inputs"
+    assert by["vision.merger"]["status"] == "pass" and by["vision.merger"]["precision"] == "float16"
+    for s in ("vision.block.0", "vision.block.3", "text.layer.1"):
+        assert by[s]["status"] == "pass" and "drift inherited from upstream" in by[s]["note"], by[s]
+        assert by[s]["end_to_end"]["value"] > by[s]["end_to_end"]["budget"]  # over the float32 budget ...
+        assert by[s]["local"]["value"] <= by[s]["local"]["budget"]  # ... and yet locally right
+
+
+@pytest.mark.parametrize("jobs", [1])
+def test_adapter_blames_the_text_layer_and_calls_the_vision_drift_precision(capsys, tmp_path, jobs):
+    code, text, report, by = conform(capsys, tmp_path, "--target", MIXED + "MixedPrecisionPort")
+    assert_blames_the_text_layer(code, text, report, by)
+    assert_vision_drift_is_precision(by)
+    assert "float16-inputs" in text  # the report states the precision each stage was judged at
+
+
+def test_adapter_with_the_bug_fixed_is_blamed_for_nothing(capsys, tmp_path):
+    code, text, report, by = conform(capsys, tmp_path, "--target", MIXED + "MixedPrecisionPortFixed")
+    assert code == 0 and report["first_divergence"] is None, report["first_divergence"]
+    assert_vision_drift_is_precision(by)
+
+
+def test_without_a_profile_the_vision_stages_are_matched_to_their_precision_signature(capsys, tmp_path):
+    code, text, report, by = conform(capsys, tmp_path, "--target", MIXED + "MixedPrecisionPortNoProfile")
+    patch = by["vision.patch_embed"]
+    assert patch["status"] == "fail" and patch["precision"] == "float32"
+    assert "matches float16 rounding of the stage's inputs" in patch["note"]
+    assert 'declare {"vision.patch_embed": "float16-inputs"} in your profile if intended' in patch["note"]
+    assert by["text.layer.0"]["status"] == "fail"  # still itself wrong, whatever happens upstream
+    # the same port, with the profile given on the command line
+    code, _, report, by = conform(
+        capsys, tmp_path, "--target", MIXED + "MixedPrecisionPortNoProfile", "--profile", json.dumps(PROFILE)
+    )
+    assert report["first_divergence"]["stage"] == "text.layer.0"
+
+
+def _write_outputs_like_a_port(port, inputs_dir: Path, out_dir: Path, profile) -> None:
+    """A port in another language: read IN/<case>, write OUT/<case>/outputs.safetensors and port.json."""
+    info = json.loads((inputs_dir / "model_image" / "case.json").read_text())
+    port.prepare(info["checkpoint"], dtype="float32", device="cpu")
+    inputs = load_file(str(inputs_dir / "model_image" / "inputs.safetensors"))
+    names = [s for s in info["stages"] if not s.startswith(("preprocess.", "generate."))]
+    (out_dir / "model_image").mkdir(parents=True)
+    outputs = {k: v.contiguous() for k, v in port.run(inputs, capture=names).items()}
+    save_file(outputs, str(out_dir / "model_image" / "outputs.safetensors"))
+    (out_dir / "port.json").write_text(json.dumps({"name": "a C++ port", "dtype": "float32", "profile": profile}))
+
+
+@pytest.mark.parametrize("port, blamed", [(MixedPrecisionPort, True), (MixedPrecisionPortFixed, False)])
+def test_the_file_exchange_gets_the_same_diagnosis(capsys, tmp_path, port, blamed):
+    assert cli.main(["conform", "--cases", "model_image", "--export-inputs", str(tmp_path / "in")]) == 0
+    _write_outputs_like_a_port(port("float32"), tmp_path / "in", tmp_path / "out", PROFILE)
+    capsys.readouterr()
+    code, text, report, by = conform(capsys, tmp_path, "--target", f"files:{tmp_path / 'out'}")
+    assert_vision_drift_is_precision(by)
+    if blamed:
+        assert_blames_the_text_layer(code, text, report, by)
+    else:
+        assert code == 0 and report["first_divergence"] is None
+
+
+def test_profiles_pick_the_most_specific_pattern_and_refuse_unknown_precisions(capsys):
+    p = Profile.parse(PROFILE, "bfloat16")
+    assert p("vision.patch_embed") == "float16-inputs" and p("vision.block.7") == "float32"
+    assert p("logits") == "bfloat16"  # no pattern: the port's dtype
+    assert Profile.parse("float16", "float32")("text.layer.3") == "float16"
+    with pytest.raises(ValueError, match="'float8' is not a precision"):
+        Profile.parse({"vision.*": "float8"}, "float32")
+    assert cli.main(["conform", "--profile", '{"vision.*": "float8"}']) == 2
+    assert "'float8' is not a precision" in capsys.readouterr().err
+    assert cli.main(["conform", "--profile", "{not json"]) == 2
+    assert "--profile: not a JSON object" in capsys.readouterr().err
