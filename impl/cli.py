@@ -4,6 +4,7 @@
                       [--max-new-tokens 128] [--dtype D] [--device D] [--attention auto] [--quantize int4]
                       [--min-pixels N] [--max-pixels N] [--fps F | --nframes N] [--allow-large-images]
                       [--max-video-bytes N] [--fetch-timeout S]
+    torchrun --nproc-per-node N -m qwen25vl generate --tp N ...     (tensor parallel: docs/tensor-parallel.md)
 
 SRC is a path, an http(s):// or file:// URL, or a data: URL. Every image and video is loaded and checked
 (existence, fetch, decoding, decompression-bomb limit, video memory budget) BEFORE the checkpoint is read, so a
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="memory budget for a video's sampled uint8 frames (default 4 GiB)",
+    )
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel ranks; run under torchrun --nproc-per-node N (default 1)"
     )
     p.add_argument("--fetch-timeout", type=float, default=None, help="seconds allowed per URL fetch (default 30)")
     return p
@@ -139,6 +143,24 @@ def _default_max_decoded_pixels():
     return MAX_DECODED_PIXELS
 
 
+def _load(args, **kwargs):
+    """The model: Qwen25VL.from_pretrained, or this rank's tensor-parallel shard (--tp N; only rank 0 prints the answer)."""
+    if args.tp == 1:
+        from .model import Qwen25VL
+
+        return Qwen25VL.from_pretrained(args.checkpoint, **kwargs)
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    import os
+
+    from .tp import from_pretrained_tp
+
+    model = from_pretrained_tp(args.checkpoint, args.tp, **kwargs)
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - every rank computes the same tokens; one prints them
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.max_new_tokens < 1:
@@ -150,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ..spec.tokens import build_inputs, prepare_media
-    from .model import Qwen25VL
 
     try:
         # Media first: a missing file, a failed fetch or a bomb must not wait for the weights.
@@ -161,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"media ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         with contextlib.redirect_stderr(_stderr_for_progress()):
-            model = Qwen25VL.from_pretrained(
-                args.checkpoint,
+            model = _load(
+                args,
                 dtype=args.dtype,
                 device=args.device,
                 attention=args.attention,

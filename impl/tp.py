@@ -26,11 +26,15 @@ Shapes: N heads, K kv heads, D head dim, C hidden, I intermediate, W world size.
 
 from __future__ import annotations
 
+import atexit
+import os
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .model import _linear
+from .model import Qwen25VL, _linear
+from .quant import apply_int4
 
 
 class RowParallel(nn.Module):
@@ -92,3 +96,34 @@ def apply_tp(model, group=None) -> None:
         gu = [local_i, range(I + local_i.start, I + local_i.stop)]
         m.gate_up = _linear(_rows(m.gate_up.weight, gu, 1))
         m.down = RowParallel(_linear(m.down.weight[:, local_i.start : local_i.stop].contiguous()), group)
+
+
+def init_tp(tp: int, device=None):
+    """Join the process group torchrun made for `tp` ranks -> (group, rank, the rank's device): NCCL
+    and cuda:LOCAL_RANK when the device is CUDA (default when available), else gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp:
+        raise ValueError(f"--tp {tp} must run under `torchrun --nproc-per-node {tp}` (WORLD_SIZE is {world})")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
+    rank = dist.get_rank()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    return dist.group.WORLD, rank, device
+
+
+def from_pretrained_tp(folder, tp: int, *, dtype=None, device=None, quantize=None, **kwargs) -> Qwen25VL:
+    """This rank's shard of a checkpoint: loaded on the CPU, apply_tp, moved to the rank's device, then
+    int4 (quantize="int4") if asked. dtype default: bfloat16 on CUDA, float32 on the CPU."""
+    group, rank, device = init_tp(tp, device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Qwen25VL.from_pretrained(folder, dtype=dtype, device="cpu", **kwargs)
+    apply_tp(model, group)
+    model.to_device(device)
+    if quantize is not None:
+        apply_int4(model, quantize)
+    return model

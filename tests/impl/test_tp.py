@@ -68,7 +68,7 @@ def test_head_counts_refused():
 
 def test_tp2_equals_tp1_and_harness_passes(tmp_path):
     """TP=2 logits and every decoder layer within float32 summation-order noise of TP=1, greedy
-    tokens equal; then the conformance harness (fixtures model_*, impl expectations) under TP=2."""
+    tokens equal; then the conformance harness (fixture model_batch, impl expectations) under TP=2."""
     out = _spawn(tmp_path, harness=True)
     for name, heads in (("tiny", [1, 1]), ("kv_sharded", [2, 1])):
         r = out[name]
