@@ -12,11 +12,15 @@ expectations file later turns known divergences into xfail / xpass (expectations
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
@@ -24,7 +28,7 @@ from .diagnosis import Diagnosis
 from .fixtures import FixtureError, load_case
 from .golden import Checkpoint
 from .locate import locate
-from .precision import Profile
+from .precision import Profile, compute_dtype
 from .reference import Reference
 from .results import BAD, StageResult
 from .supervisor import PortCrashed, PortFailed, describe_exception
@@ -95,6 +99,30 @@ def _resolve(obj, tensors):
     return obj
 
 
+REPEAT_SUFFIX = "@repeat"  # the file exchange's folder for a case's second run (export_inputs)
+
+
+@dataclass
+class ModelRun:
+    """One model case as the port answered it, kept to run it again (state.repeat)."""
+
+    case: object
+    inputs: dict
+    capture: list
+    captured: dict
+    tokens: object
+    before: str | None  # the model case that ran just before it
+
+
+def _tokens_of(answer):
+    """The token tensor of a generate() answer (a tensor, a tuple, or a dict)."""
+    if isinstance(answer, dict):
+        answer = answer.get("tokens")
+    elif isinstance(answer, tuple):
+        answer = answer[0] if answer else None
+    return None if answer is None else torch.as_tensor(answer)
+
+
 class CaseRunner:
     """Runs cases against one adapter. Checkpoints are read once per runner (`checkpoint`), and the
     adapter is prepared once per checkpoint. timeout: per port call, enforced here by SIGALRM or a
@@ -122,6 +150,8 @@ class CaseRunner:
         self._prepared: str | None = None
         self._checkpoints: dict[str, Checkpoint] = {}
         self._references: dict[str, Reference] = {}
+        self._runs: list[ModelRun] = []  # the model cases run so far, for repeat()
+        self._last_model_case: str | None = None
 
     @property
     def profile(self) -> Profile:
@@ -300,9 +330,127 @@ class CaseRunner:
                 self._diagnose(case, out, captured, inputs, golden, mask, ck)
             self._teacher_forced(case, out, inputs, golden, mask, ck)
 
+        tokens = None
         if "generate.tokens" in names:
-            out.append(self._generate(case, request, inputs))
+            result, tokens = self._generate(case, request, inputs)
+            out.append(result)
+        if model_names and captured and not failure:  # kept for the repeat check (state.repeat)
+            keep = {k: v.detach().clone() for k, v in captured.items() if isinstance(v, torch.Tensor)}
+            self._runs.append(ModelRun(case, inputs, capture, keep, tokens, self._last_model_case))
+        self._last_model_case = name
         return sorted(out, key=lambda r: (stages.order_key(r.stage), r.mode == "teacher"))
+
+    def repeat(self) -> list[StageResult]:
+        """state.repeat: run every model case this runner ran once more, in reverse order, on the same
+        adapter, and compare the port with itself. A port that keeps positions, rope_deltas or a
+        prefix cache from an earlier request answers differently the second time (the first case
+        repeated runs right after itself; a case with the same text as another and a different image
+        shows a cache keyed on token ids)."""
+        out, before_now = [], self._last_model_case
+        for run in reversed(self._runs):
+            out.append(self._repeat_one(run, before_now))
+            before_now = run.case.name
+        return [r for r in out if self._wanted(r.stage)]
+
+    def _repeat_one(self, run: ModelRun, before_now: str | None) -> StageResult:
+        s, case = "state.repeat", run.case
+        again_case = dataclasses.replace(case, manifest={**case.manifest, "case": case.name + REPEAT_SUFFIX}, _cache={})
+        gen = case.json("generate.json") if "generate.tokens" in case.stages else None
+        t0 = time.perf_counter()
+        try:
+            self.adapter.begin_case(again_case)
+            again = call_with_timeout(
+                lambda: self.adapter.run(dict(run.inputs), capture=list(run.capture)), self.timeout
+            )
+            tokens = None
+            if run.tokens is not None and gen is not None:
+                tokens = call_with_timeout(
+                    lambda: self.adapter.generate(
+                        dict(run.inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
+                    ),
+                    self.timeout,
+                )
+        except NotCovered as e:
+            return StageResult(case.name, s, "not_covered", f"repeat: {e}", mode="repeat")
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return StageResult(case.name, s, "error", f"repeat: {_describe_exc(e)}", mode="repeat")
+        finally:
+            try:
+                self.adapter.begin_case(case)
+            except Exception:
+                pass
+        where = f"its run after {run.before or 'nothing'} and its run after {before_now or 'nothing'}"
+        twin = self._answered_like_a_twin(run)
+        if twin is not None:
+            return StageResult(
+                case.name,
+                s,
+                "error",
+                f"state leaks between requests: the port answered {case.name} with the outputs of {twin}, which has "
+                "the same token ids and other pixels (a cache keyed on token ids?)",
+                "equal",
+                f"its first run, after {run.before or 'nothing'}",
+                "repeat",
+            )
+        diff = self._first_change(run, again, tokens)
+        secs = time.perf_counter() - t0
+        if diff is None:
+            return StageResult(
+                case.name, s, "pass", "the same outputs when run again", "equal", where, "repeat", seconds=secs
+            )
+        return StageResult(
+            case.name,
+            s,
+            "error",
+            f"state leaks between requests: {diff}",
+            "equal",
+            f"between {where}",
+            "repeat",
+            note=f"the port's answer to {case.name} depends on what ran before it ({before_now or 'nothing'})",
+            seconds=secs,
+        )
+
+    def _answered_like_a_twin(self, run: ModelRun) -> str | None:
+        """An earlier case with the same input_ids and other pixels whose vision outputs this run repeats."""
+        for other in self._runs:
+            if other is run:
+                return None
+            same_ids = torch.equal(other.inputs["input_ids"], run.inputs["input_ids"])
+            pixels = [k for k in ("pixel_values", "pixel_values_videos") if run.inputs.get(k) is not None]
+            other_pixels = any(
+                other.inputs.get(k) is None
+                or tuple(other.inputs[k].shape) != tuple(run.inputs[k].shape)
+                or not torch.equal(other.inputs[k], run.inputs[k])
+                for k in pixels
+            )
+            first = next((k for k in ("vision.patch_embed", "vision.merger") if k in run.captured), None)
+            if same_ids and pixels and other_pixels and first and first in other.captured:
+                if torch.equal(other.captured[first], run.captured[first]):
+                    return other.case.name
+        return None
+
+    def _first_change(self, run: ModelRun, again, tokens) -> str | None:
+        """The first stage (data-flow order) whose value differs between the two runs, or None."""
+        if not isinstance(again, dict):
+            return f"the second run returned {type(again).__name__}"
+        for stage in sorted((k for k in run.captured if stages.is_known(k)), key=stages.order_key):
+            a, b = run.captured[stage], again.get(stage)
+            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(a.shape):
+                return f"{stage} comes back {'missing' if b is None else 'with another shape'}"
+            if a.is_floating_point():
+                rel = compare.float_errors(a.double(), b.double())["rel"]
+                limit = compare.FLOOR.get(compute_dtype(self.profile(stage)), compare.FLOOR["bfloat16"])
+                if not rel <= limit:  # NaN counts as a change
+                    return f"{stage} differs (rel {rel:.2e} > {limit:.0e})"
+            elif not torch.equal(a, b):
+                return f"{stage} differs ({int((a != b).sum())} values)"
+        if run.tokens is not None:
+            t_a, t_b = _tokens_of(run.tokens), _tokens_of(tokens)
+            if t_b is None or tuple(t_b.shape) != tuple(t_a.shape) or not torch.equal(t_a, t_b):
+                return "generate.tokens differ"
+        return None
 
     def _prepare(self, ck: Checkpoint) -> None:
         if self._prepared != str(ck.folder):
@@ -445,11 +593,11 @@ class CaseRunner:
                 )
                 r.note = "; ".join(n for n in (r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}") if n)
 
-    def _generate(self, case, request, inputs) -> StageResult:
+    def _generate(self, case, request, inputs) -> tuple[StageResult, object]:
         s = "generate.tokens"
         problem = case.stage_problem(s)
         if problem:
-            return StageResult(case.name, s, "error", problem, mode="e2e")
+            return StageResult(case.name, s, "error", problem, mode="e2e"), None
         gen = case.json("generate.json")
         t0 = time.perf_counter()
         try:
@@ -460,11 +608,11 @@ class CaseRunner:
                 self.timeout,
             )
         except NotCovered as e:
-            return StageResult(case.name, s, "not_covered", f"generate: {e}", mode="e2e")
+            return StageResult(case.name, s, "not_covered", f"generate: {e}", mode="e2e"), None
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
-            return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e")
+            return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e"), None
         v = stages.info(s).tolerance.judge_tokens(gen, got, precision=self.profile(s))
         return StageResult(
             case.name,
@@ -476,7 +624,7 @@ class CaseRunner:
             "e2e",
             seconds=time.perf_counter() - t0,
             values=v.values,
-        )
+        ), got
 
 
 def known_mistakes(stage: str) -> list:

@@ -387,6 +387,7 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
         "mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0,
         "max_kl": kl_v.max().item() if kl_v.numel() else 0.0,
         "top1": same_v.double().mean().item() if same_v.numel() else 1.0,
+        "positions": int(same_v.numel()),
         "worst": worst,
     }
 
@@ -398,11 +399,13 @@ def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=
     if dtype == "float64" or c is None:
         c = {"mean_kl": 0.0, "top1": 1.0}
     kl_budget = ALPHA * c["mean_kl"] + _floor(KL_FLOOR, dtype)
-    top1_min = max(0.0, c["top1"] - TOP1_SLACK)
-    tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
     if why:
-        return _error(why, tol)
+        return _error(why, f"mean_kl <= {kl_budget:.2e} ({src} control)")
     s = logit_stats(golden, got, mask)
+    # near-ties flip either way at low precision: allow TOP1_SLACK, and never less than two positions
+    slack = 0.0 if dtype == "float64" else max(TOP1_SLACK, 2.0 / max(1, s["positions"]))
+    top1_min = max(0.0, c["top1"] - slack)
+    tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
     ok = s["mean_kl"] <= kl_budget and s["top1"] >= top1_min
     return Verdict(
         "pass" if ok else "fail",

@@ -36,6 +36,7 @@ class SuiteOptions:
     in_process: bool = False  # call the port in this process (for a debugger); a crash ends the run
     profile: object = None  # precision per stage pattern (precision.py); None: the port's own declaration
     diagnose: bool = True  # local errors, precision signatures and known mistakes (diagnosis.py)
+    repeat: bool = True  # run the model cases again in reverse order: state.repeat (case_runner.py)
     memory_limit: int | None = field(default_factory=default_memory_limit)  # bytes resident, supervised only
 
 
@@ -87,12 +88,16 @@ def _run_supervised(paths: list[Path], opts: SuiteOptions, jobs: int) -> tuple[d
                 profile=opts.profile,
                 diagnose=opts.diagnose,
             )
+            mine = []
             while True:
                 with lock:
                     if not queue:
-                        return
+                        break
                     k, path = queue.pop(0)
                 rows[k] = runner.run(path)
+                mine.append(k)
+            if opts.repeat and mine:  # the same worker, the same adapter: its model cases once more
+                rows[mine[-1]] = rows[mine[-1]] + runner.repeat()
 
         threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in adapters]
         for t in threads:
@@ -132,6 +137,8 @@ def run_suite(
             diagnose=opts.diagnose,
         )
         results = [r for p in paths for r in runner.run(p)]
+        if opts.repeat:
+            results += runner.repeat()
         desc = adapter.describe()
     apply_expectations(results, expectations or [])
     return desc, results

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..spec import chat as spec_chat
+from ..spec import forward as spec_forward
 from ..spec import generate as spec_generate
 from ..spec import image, mrope, patches, resize, text, tokens, video, vision, windows
 from ..spec.forward import model_stage_names
@@ -228,6 +229,14 @@ _TABLE = [
         (spec_generate.generate_greedy,),
         TOKENS,
         "greedy continuation with the KV cache: decode positions carry rope_deltas",
+    ),
+    # not a junction of the model but a property of the port, judged on every model case it ran
+    Stage(
+        "state.repeat",
+        (spec_forward.forward, spec_generate.generate_greedy),
+        EXACT,
+        "the same request gives the same outputs whatever ran before it in the same process "
+        "(no positions, rope_deltas or prefix caches kept from an earlier request)",
     ),
 ]
 

@@ -638,6 +638,25 @@ MODEL_CASES = {
         "videos": [],
         "options": {},
     },
+    "model_image_swap": {
+        "description": "model_image's text with another image of the same size: the same token ids, other pixels "
+        "(a cache keyed on token ids, or positions kept from an earlier request, shows here)",
+        "conversations": [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Look at "},
+                        {"type": "image"},
+                        {"type": "text", "text": " and describe it."},
+                    ],
+                }
+            ]
+        ],
+        "images": [(252, 168, 7)],
+        "videos": [],
+        "options": {},
+    },
     "model_batch": {
         "description": "left-padded batch of 2: two images (one an exact multiple of the window) vs multi-turn text",
         "conversations": [

@@ -18,6 +18,10 @@
                                   "topk_logprobs": [[[5 log-probs] per step]] (optional, judged)}
      and optionally OUT/port.json {"name": ..., "version": ..., "dtype": "bfloat16"}
 3. `qwen25vl conform --target files:OUT` compares. A file or key that is absent is "not covered".
+4. state.repeat: IN/order.json lists every case folder, the model cases a second time in reverse
+   order as <case>@repeat (the same inputs). A port that runs them in that order in ONE process and
+   writes OUT/<case>@repeat/ like any case is judged on whether its answers depend on what ran
+   before; without those folders state.repeat is not covered.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..case_runner import REPEAT_SUFFIX
 from .base import Adapter, NotCovered
 
 
@@ -160,4 +165,16 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
                     shutil.copy(case.file(f), d / f)
         (d / "case.json").write_bytes(dump_json(info))
         names.append(case.name)
+    # state.repeat: the model cases once more, in reverse order, as cases of their own; a port runs
+    # every folder of order.json in that order in ONE process, so what it keeps between requests shows
+    model = [n for n, c in zip(names, cases) if c.kind == "model"]
+    for name in reversed(model):
+        again = out / (name + REPEAT_SUFFIX)
+        if again.exists() and not again.is_dir():
+            raise ValueError(f"--export-inputs: {again} exists and is not a folder")
+        shutil.copytree(out / name, again, dirs_exist_ok=True)
+        info = json.loads((out / name / "case.json").read_text(encoding="utf-8"))
+        (again / "case.json").write_bytes(dump_json({**info, "case": again.name, "repeat_of": name}))
+    order = names + [n + REPEAT_SUFFIX for n in reversed(model)]
+    (out / "order.json").write_bytes(dump_json({"run_in_one_process_in_this_order": order}))
     return names

@@ -14,11 +14,15 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.spec import text
 
-PROFILE = {"vision.patch_embed": "float16-inputs", "vision.merger": "float16", "vision.*": "float32", "text.*": "float32"}
+PROFILE = {
+    "vision.patch_embed": "float16-inputs",
+    "vision.merger": "float16",
+    "vision.*": "float32",
+    "text.*": "float32",
+}
 BUGGY_EPS = 1.2e-6  # the spec's is 1e-6: a local error near 1e-4 in text.layer.0, nothing anywhere else
 
 

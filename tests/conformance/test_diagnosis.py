@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from qwen25vl.conformance.precision import Profile
 from qwen25vl.tools import cli
+from safetensors.torch import load_file, save_file
 
 from .mixed import PROFILE, MixedPrecisionPort, MixedPrecisionPortFixed
 

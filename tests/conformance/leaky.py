@@ -1,0 +1,56 @@
+"""Ports whose answer depends on the requests before it, as four real ports (and transformers #43952)
+shipped: rope_deltas kept from the previous request, positions continued from the previous request,
+and a prefix cache keyed on token ids that hands one image's activations to another image.
+tests/conformance/test_state.py checks state.repeat catches each and passes impl and spec."""
+
+from __future__ import annotations
+
+import torch
+from qwen25vl.conformance.adapters.spec import SpecAdapter
+from qwen25vl.spec import mrope
+
+
+class StaleRopeDeltas(SpecAdapter):
+    """rope_deltas cached on the model and not reset: each request decodes with the previous one's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._previous = None
+
+    def rope_rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
+        pos, deltas = mrope.rope_index(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=config
+        )
+        stale = self._previous if self._previous is not None and self._previous.shape == deltas.shape else deltas
+        self._previous = deltas
+        return pos, stale
+
+
+class StalePositions(SpecAdapter):
+    """Positions continued from the previous request (a position counter never reset)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._next = 0
+
+    def rope_rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
+        pos, deltas = mrope.rope_index(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=config
+        )
+        offset, self._next = self._next, int(pos.max()) + 1
+        return pos + offset, deltas + offset
+
+
+class PrefixCacheByTokenIds(SpecAdapter):
+    """A prefix cache keyed on the prompt's token ids only: the same text with another image gets the
+    first image's activations."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cache: dict[bytes, dict] = {}
+
+    def run(self, inputs, *, capture):
+        key = inputs["input_ids"].numpy().tobytes()
+        if key not in self._cache:
+            self._cache[key] = super().run(inputs, capture=capture)
+        return {k: v.clone() for k, v in self._cache[key].items() if isinstance(v, torch.Tensor)}
