@@ -47,7 +47,7 @@ def markdown_table() -> str:
         "",
         "Generated from `conformance/mistakes/` by `python -m qwen25vl.conformance.mistakes`; do not edit by hand.",
         "When a stage fails, the harness runs these variants of the spec on the port's own inputs and names",
-        "those that reproduce the port's output. \"Seen\" is the issue thread where a real port shipped the",
+        'those that reproduce the port\'s output. "Seen" is the issue thread where a real port shipped the',
         "mistake, or the section of the research notes that describes it.",
         "",
         f"{len(CATALOGUE)} entries, {len(blind)} of them blind spots of the bundled fixtures.",

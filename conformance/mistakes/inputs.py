@@ -222,7 +222,9 @@ class TextModelSystemPrompt(SpecAdapter):
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
         text = super().render_chat(messages, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id)
         qwen = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-        return text.replace(f"<|im_start|>system\n{chat.DEFAULT_SYSTEM}<|im_end|>\n", f"<|im_start|>system\n{qwen}<|im_end|>\n", 1)
+        return text.replace(
+            f"<|im_start|>system\n{chat.DEFAULT_SYSTEM}<|im_end|>\n", f"<|im_start|>system\n{qwen}<|im_end|>\n", 1
+        )
 
 
 class VisionBeforeText(SpecAdapter):
@@ -439,6 +441,7 @@ ENTRIES = [
         "GPT-2 pre-tokenizer regex on the Qwen2 vocabulary (digit runs kept whole)",
         "kekzl/imp#660",
         Gpt2PreTokenizer,
+        blind_spot="no fixture text splits differently under the two regexes, e.g. '(x):\\n' (Qwen2: 2 ids, GPT-2: 4)",
     ),
     Mistake(
         "tokenizer_without_nfc",

@@ -37,3 +37,13 @@ def test_model_stage_bugs_are_localised_by_teacher_forcing():
 
 def test_at_least_ten_planted_bugs():
     assert len(PLANTED) >= 10
+
+
+def test_every_planted_bug_is_a_catalogue_entry():
+    from qwen25vl.conformance import stages
+    from qwen25vl.conformance.mistakes import CATALOGUE
+
+    for adapter, (stage, _) in PLANTED.items():
+        entry = next((m for m in CATALOGUE if issubclass(adapter, m.adapter)), None)
+        assert entry is not None, f"{adapter.__name__} is not in the catalogue"
+        assert entry.stage == stages.template(stage), f"{adapter.__name__}: {entry.stage} vs {stage}"

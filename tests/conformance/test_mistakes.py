@@ -1,0 +1,58 @@
+"""The catalogue of known mistakes (conformance/mistakes/): each entry's adapter is flagged by the
+harness at the entry's stage on the bundled fixtures it names, or passes them when it is a declared
+blind spot (so this test notices when the fixtures improve); docs/mistakes.md is the generated table."""
+
+from pathlib import Path
+
+import pytest
+from qwen25vl.conformance import runner, stages
+from qwen25vl.conformance.mistakes import CATALOGUE, for_stage, markdown_table
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "fixtures"
+
+
+def _run(m):
+    paths = runner.select_cases(FIXTURES, m.cases)
+    assert paths, f"{m.name}: no fixture case matches {m.cases!r}"
+    _, results = runner.run_suite(paths, runner.SuiteOptions(), adapter=m.adapter("float32"))
+    return results
+
+
+@pytest.mark.parametrize("m", CATALOGUE, ids=[m.name for m in CATALOGUE])
+def test_mistake_is_flagged_at_its_stage(m):
+    first = runner.first_divergence(_run(m))
+    if m.blind_spot:
+        assert first is None, f"{m.name} is now caught at {first.stage} ({first.where}): drop its blind_spot"
+        return
+    assert first is not None, f"{m.name} passed every stage of {m.cases!r}"
+    assert stages.template(first.stage) == m.stage or first.stage == m.stage, (
+        f"{m.name}: first divergence {first.stage} in {first.case}, expected {m.stage}: {first.where}"
+    )
+    # a wrong shape is an error, not a failure: right for images_resized_to_largest
+    assert first.status in runner.BAD, f"{m.name}: {first.stage} is {first.status}: {first.metric}"
+    if first.status == "fail" and stages.info(first.stage).tolerance.scaled:
+        # a float model stage: the diagnosis runs the catalogue on the port's own input and names the entry
+        assert m.description in first.note, f"{m.name} not named at {first.stage}: {first.note}"
+
+
+def test_catalogue_shape():
+    assert len(CATALOGUE) >= 30
+    names = [m.name for m in CATALOGUE]
+    assert len(set(names)) == len(names)
+    for m in CATALOGUE:
+        assert stages.is_known(m.stage.replace("{i}", "0")), f"{m.name}: unknown stage {m.stage}"
+        assert m.description and "\n" not in m.description and len(m.description) <= 120, m.name
+        assert m.seen and ("#" in m.seen or "§" in m.seen), f"{m.name}: seen must cite an issue or a section"
+
+
+def test_for_stage_matches_templates():
+    assert {m.name for m in for_stage("vision.block.3")} == {m.name for m in CATALOGUE if m.stage == "vision.block.{i}"}
+    assert [m.name for m in for_stage("fn.tokenize")] == [m.name for m in CATALOGUE if m.stage == "fn.tokenize"]
+    assert for_stage("no.such.stage") == []
+
+
+def test_docs_table_is_generated():
+    assert (ROOT / "docs" / "mistakes.md").read_text() == markdown_table(), (
+        "docs/mistakes.md is stale: python -m qwen25vl.conformance.mistakes > docs/mistakes.md"
+    )
