@@ -151,6 +151,8 @@ class CaseRunner:
         self._checkpoints: dict[str, Checkpoint] = {}
         self._references: dict[str, Reference] = {}
         self._runs: list[ModelRun] = []  # the model cases run so far, for repeat()
+        self._port_ids: torch.Tensor | None = None  # the port's own prompt ids of the current case
+        self._golden_ids: torch.Tensor | None = None
         self._last_model_case: str | None = None
 
     @property
@@ -269,6 +271,7 @@ class CaseRunner:
         inputs = dict(case.tensors(case.manifest["inputs"]))
         golden = case.tensors("golden.safetensors") if "golden.safetensors" not in case.bad_files else {}
         mask = inputs["attention_mask"]
+        self._golden_ids, self._port_ids = inputs["input_ids"], None
         names = [s for s in case.stages if self._wanted(s)]
 
         # preprocessing, from the request (conversation + media files)
@@ -505,6 +508,14 @@ class CaseRunner:
                 continue
             else:
                 v = stages.info(s).tolerance.tensor(g, x, control=None, dtype=self.dtype)
+                if key == "input_ids":
+                    self._port_ids = _as_ids(x)
+                    if v.status != "pass" and self._port_ids is not None and self._port_ids.dim() == 2:
+                        # another prompt is a disagreement, not a malformed answer
+                        v.status, v.where = (
+                            "fail",
+                            f"the port's prompt differs: {compare.token_difference(g, self._port_ids)}",
+                        )
             out.append(
                 StageResult(
                     case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs, values=v.values
@@ -522,11 +533,36 @@ class CaseRunner:
         return self._judge_value(case, stage, g, got, mask, self.profile(stage), control_key)
 
     def _judge_value(self, case, stage, expected, got, mask, precision, control_key) -> compare.Verdict:
-        """The stage's tolerance object judges; the registry row says which axes the mask covers."""
+        """The stage's tolerance object judges; the registry row says which axes the mask covers. A text
+        stage whose prompt is another length than the golden one is judged on the tokens both share."""
         row = stages.info(stage)
-        m = {"BL": mask, "3BL": mask[None]}.get(row.masked)
         control = case.stages[stage].get(control_key)
-        return row.tolerance.tensor(expected, got, control=control, dtype=precision, mask=m)
+        aligned = self._aligned(row, expected, got, mask)
+        if aligned is not None:
+            expected, got, mask, note = aligned
+        m = {"BL": mask, "3BL": mask[None]}.get(row.masked)
+        v = row.tolerance.tensor(expected, got, control=control, dtype=precision, mask=m)
+        if aligned is not None:
+            v.where = f"{note}; {v.where}" if v.where else note
+        return v
+
+    def _aligned(self, row, expected, got, mask):
+        """(golden, port, mask, note) on the common tokens when the port's prompt has another length
+        (see preprocess.input_ids), else None."""
+        axis = {"BL": 1, "3BL": 2}.get(row.masked)
+        ids = self._port_ids
+        if axis is None or ids is None or not isinstance(got, torch.Tensor) or got.dim() <= axis:
+            return None
+        if got.shape[axis] == expected.shape[axis] or got.shape[axis] != ids.shape[-1] or ids.shape[0] != mask.shape[0]:
+            return None
+        pairs = compare.common_positions(self._golden_ids, ids)
+        g, x, m = compare.align(expected, got, pairs, axis, mask)
+        n = sum(len(gi) for gi, _ in pairs)
+        note = (
+            f"judged on the {n} tokens the port's prompt ({ids.shape[-1]} long) shares with the golden one "
+            f"({expected.shape[axis]} long); see preprocess.input_ids"
+        )
+        return g, x, m, note
 
     def _diagnose(self, case, out, captured, inputs, golden, mask, ck) -> None:
         def judge(stage, expected, got, precision, control_key):
@@ -632,3 +668,12 @@ def known_mistakes(stage: str) -> list:
     from .mistakes import for_stage
 
     return for_stage(stage)
+
+
+def _as_ids(x) -> torch.Tensor | None:
+    """The port's prompt ids as an int tensor [B, L'], or None when they are not that."""
+    try:
+        ids = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return ids if ids.dim() == 2 and not ids.is_floating_point() else None

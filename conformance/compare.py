@@ -13,6 +13,7 @@ by stage; FLOOR is the output-rounding noise of the dtype (u / sqrt(3), u = unit
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 
@@ -497,3 +498,53 @@ def _logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str
             if tok in ours and abs(ours[tok] - lp) > noise:
                 return f"step {t}: log-prob of {tok} is {ours[tok]:.4f}, golden {lp:.4f} (> noise {noise:.2g})"
     return None
+
+
+# ---------------------------------------------------------------- prompts of another length
+
+
+def token_difference(golden, got) -> str:
+    """Where a port's prompt differs from the golden one, per row: inserted and missing ids and at
+    which golden position ('row 0: 2 inserted at 40 [151653, 151652]; 1 missing at 70 [13]')."""
+    g, x = torch.as_tensor(golden), torch.as_tensor(got)
+    rows = []
+    for b in range(min(g.shape[0], x.shape[0])):
+        sm = difflib.SequenceMatcher(a=g[b].tolist(), b=x[b].tolist(), autojunk=False)
+        parts = []
+        for op, i1, i2, j1, j2 in sm.get_opcodes():
+            if op in ("insert", "replace"):
+                parts.append(f"{j2 - j1} inserted at {i1} {x[b, j1:j2].tolist()[:8]}")
+            if op in ("delete", "replace"):
+                parts.append(f"{i2 - i1} missing at {i1} {g[b, i1:i2].tolist()[:8]}")
+        if parts:
+            rows.append(f"row {b}: " + "; ".join(parts[:6]))
+    if g.shape[0] != x.shape[0]:
+        rows.append(f"{g.shape[0]} rows expected, {x.shape[0]} given")
+    return " | ".join(rows) or "same tokens"
+
+
+def common_positions(golden_ids, port_ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row, the positions (golden, port) of the tokens both prompts share, in order (the equal
+    blocks of a diff of the two id sequences)."""
+    out = []
+    for b in range(golden_ids.shape[0]):
+        sm = difflib.SequenceMatcher(a=golden_ids[b].tolist(), b=port_ids[b].tolist(), autojunk=False)
+        gi, pi = [], []
+        for block in sm.get_matching_blocks():
+            gi += range(block.a, block.a + block.size)
+            pi += range(block.b, block.b + block.size)
+        out.append((torch.tensor(gi, dtype=torch.int64), torch.tensor(pi, dtype=torch.int64)))
+    return out
+
+
+def align(golden: torch.Tensor, got: torch.Tensor, pairs, axis: int, mask: torch.Tensor | None):
+    """golden [.., B, L, ..] and got [.., B, L', ..] gathered on the common positions of each row and
+    laid out as one row: ([.., 1, N, ..], [.., 1, N, ..], mask [1, N] (the golden mask there))."""
+    g_rows, x_rows, m_rows = [], [], []
+    for b, (gi, pi) in enumerate(pairs):
+        g_rows.append(golden.select(axis - 1, b).index_select(axis - 1, gi))
+        x_rows.append(got.select(axis - 1, b).index_select(axis - 1, pi))
+        m_rows.append(torch.ones(len(gi), dtype=torch.int64) if mask is None else mask[b].index_select(0, gi))
+    g = torch.cat(g_rows, axis - 1).unsqueeze(axis - 1)
+    x = torch.cat(x_rows, axis - 1).unsqueeze(axis - 1)
+    return g, x, torch.cat(m_rows)[None]
