@@ -236,6 +236,7 @@ class CaseRunner:
                 expected = [normalize(i, e) for i, e in zip(inputs, expected)]
                 got = [normalize(i, g) for i, g in zip(inputs, got)] if isinstance(got, list) else got
             v = stages.info(stage).tolerance.items(expected, got, labels)
+            note = self._item_mistakes(stage, inputs, got, v, tokenizer_dir) if v.status == "fail" else ""
             out.append(
                 StageResult(
                     case.name,
@@ -245,11 +246,33 @@ class CaseRunner:
                     v.tolerance,
                     v.where,
                     "items",
+                    note=note,
                     seconds=time.perf_counter() - t0,
                     values=v.values,
                 )
             )
         return out
+
+    def _item_mistakes(self, stage, inputs, got, verdict, tokenizer_dir) -> str:
+        """The catalogue's mistakes for a failing fn.* stage that give the port's answers on the items it
+        got wrong (and its right answers where the mistake changes nothing): 'likely mistake: ...'."""
+        if not self.diagnose:
+            return ""
+        bad = verdict.values.get("bad_items") or []
+        entries = self.mistakes_for(stage)
+        if not bad or not entries or not isinstance(got, list):
+            return ""
+        tol = stages.info(stage).tolerance
+        limit = getattr(tol, "limit", 0.0)
+        found = []
+        for m in entries:
+            try:
+                theirs = m.adapter("float64").run_items(stage, inputs, tokenizer_dir=tokenizer_dir)
+            except Exception:
+                continue
+            if all(compare.item_difference(theirs[k], got[k], limit) is None for k in bad):
+                found.append(f"{m.description} (seen in {m.seen})")
+        return ("likely mistake: " + "; or ".join(found)) if found else "no known mistake matches"
 
     # model cases
     def _model(self, case) -> list[StageResult]:
