@@ -2,6 +2,7 @@
 harness at the entry's stage on the bundled fixtures it names, or passes them when it is a declared
 blind spot (so this test notices when the fixtures improve); docs/mistakes.md is the generated table."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,19 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 
 
+def up_to(stage: str) -> str:
+    """A regex of every stage up to `stage` in data-flow order: the stages after it (generation
+    above all) need not run to find the first divergence."""
+    names = [s.name for s in stages._TABLE]
+    upto = names[: names.index(stage) + 1]
+    return "^(" + "|".join(re.escape(n).replace(re.escape("{i}"), r"\d+") for n in upto) + ")$"
+
+
 def _run(m):
     paths = runner.select_cases(FIXTURES, m.cases)
     assert paths, f"{m.name}: no fixture case matches {m.cases!r}"
-    _, results = runner.run_suite(paths, runner.SuiteOptions(), adapter=m.adapter("float32"))
+    opts = runner.SuiteOptions(only_stages=up_to(m.stage))
+    _, results = runner.run_suite(paths, opts, adapter=m.adapter("float32"))
     return results
 
 
@@ -50,6 +60,12 @@ def test_for_stage_matches_templates():
     assert {m.name for m in for_stage("vision.block.3")} == {m.name for m in CATALOGUE if m.stage == "vision.block.{i}"}
     assert [m.name for m in for_stage("fn.tokenize")] == [m.name for m in CATALOGUE if m.stage == "fn.tokenize"]
     assert for_stage("no.such.stage") == []
+
+
+def test_up_to_keeps_the_earlier_stages_only():
+    rx = re.compile(up_to("vision.block.{i}"))
+    assert all(rx.match(s) for s in ("fn.smart_resize", "preprocess.input_ids", "vision.patch_embed", "vision.block.3"))
+    assert not any(rx.match(s) for s in ("vision.merger", "text.layer.0", "generate.tokens"))
 
 
 def test_docs_table_is_generated():
