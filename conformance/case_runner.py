@@ -28,6 +28,8 @@ from .diagnosis import Diagnosis
 from .fixtures import FixtureError, load_case
 from .golden import Checkpoint
 from .locate import locate
+from .mistakes import LOCK as MISTAKES_LOCK
+from .mistakes import for_stage
 from .precision import Profile, compute_dtype
 from .reference import Reference
 from .results import BAD, StageResult
@@ -267,7 +269,8 @@ class CaseRunner:
         found = []
         for m in entries:
             try:
-                theirs = m.adapter("float64").run_items(stage, inputs, tokenizer_dir=tokenizer_dir)
+                with MISTAKES_LOCK:
+                    theirs = m.adapter("float64").run_items(stage, inputs, tokenizer_dir=tokenizer_dir)
             except Exception:
                 continue
             if all(compare.item_difference(theirs[k], got[k], limit) is None for k in bad):
@@ -593,7 +596,9 @@ class CaseRunner:
 
         reference = self._references.setdefault(str(ck.folder), Reference(ck.folder))
         try:
-            Diagnosis(case, reference, self.profile, judge, self.mistakes_for).run(out, captured, inputs, golden)
+            # the catalogue's variants swap spec functions while they run: one diagnosis at a time
+            with MISTAKES_LOCK:
+                Diagnosis(case, reference, self.profile, judge, self.mistakes_for).run(out, captured, inputs, golden)
         except Exception as e:  # a fault of the harness's own diagnosis must not cost the port its report
             for r in out:
                 if r.mode == "e2e" and stages.is_known(r.stage) and stages.info(r.stage).tolerance.scaled:
@@ -687,9 +692,7 @@ class CaseRunner:
 
 
 def known_mistakes(stage: str) -> list:
-    """The catalogue's entries for a stage (mistakes.py)."""
-    from .mistakes import for_stage
-
+    """The catalogue's entries for a stage (conformance/mistakes/)."""
     return for_stage(stage)
 
 
