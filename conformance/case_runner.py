@@ -375,6 +375,8 @@ class CaseRunner:
         prefix cache from an earlier request answers differently the second time (the first case
         repeated runs right after itself; a case with the same text as another and a different image
         shows a cache keyed on token ids)."""
+        if not self._wanted("state.repeat"):
+            return []
         out, before_now = [], self._last_model_case
         for run in reversed(self._runs):
             out.append(self._repeat_one(run, before_now))

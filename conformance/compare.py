@@ -403,8 +403,9 @@ def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=
     if why:
         return _error(why, f"mean_kl <= {kl_budget:.2e} ({src} control)")
     s = logit_stats(golden, got, mask)
-    # near-ties flip either way at low precision: allow TOP1_SLACK, and never less than two positions
-    slack = 0.0 if dtype == "float64" else max(TOP1_SLACK, 2.0 / max(1, s["positions"]))
+    # near-ties flip either way at low precision (a tiny model has many): allow TOP1_SLACK, and never
+    # fewer than three positions; the KL bound is the main criterion
+    slack = 0.0 if dtype == "float64" else max(TOP1_SLACK, 3.0 / max(1, s["positions"]))
     top1_min = max(0.0, c["top1"] - slack)
     tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
     ok = s["mean_kl"] <= kl_budget and s["top1"] >= top1_min

@@ -199,7 +199,7 @@ class Diagnosis:
         names = []
         for m in self.mistakes_for(stage):
             try:
-                ref = self._variants.setdefault(m.name, Reference(self.reference.checkpoint, m.adapter))
+                ref = self._variants.setdefault(m.name, self.reference.variant(m.adapter))
                 variant = ref.stage(stage, feeds)
             except Exception:
                 continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..spec.checkpoint import load_checkpoint
 from .adapters.spec import SpecAdapter
 from .precision import COMPUTE, ROUNDED_INPUTS, compute_dtype
 
@@ -33,15 +34,26 @@ class Reference:
     """The spec prepared on one checkpoint, at whatever precision is asked for (made lazily).
     adapter_class: the spec adapter or a variant of it (a mistake of the catalogue)."""
 
-    def __init__(self, checkpoint: str, adapter_class: type[SpecAdapter] = SpecAdapter):
+    def __init__(self, checkpoint: str, adapter_class: type[SpecAdapter] = SpecAdapter, loaded: dict | None = None):
         self.checkpoint = str(checkpoint)
         self.adapter_class = adapter_class
         self._adapters: dict[str, SpecAdapter] = {}
+        self._loaded = {} if loaded is None else loaded  # dtype -> (config, params), shared with variants
+
+    def variant(self, adapter_class: type[SpecAdapter]) -> Reference:
+        """The same checkpoint run by a variant of the spec adapter; the weights are loaded once for all."""
+        return Reference(self.checkpoint, adapter_class, self._loaded)
 
     def adapter(self, dtype: str) -> SpecAdapter:
         if dtype not in self._adapters:
             a = self.adapter_class(dtype)
-            a.prepare(self.checkpoint, dtype=dtype, device="cpu")
+            if type(a).prepare is SpecAdapter.prepare:  # the shared weights, under the variant's own config hook
+                if dtype not in self._loaded:
+                    self._loaded[dtype] = load_checkpoint(self.checkpoint, dtype=COMPUTE[dtype])
+                config, params = self._loaded[dtype]
+                a.config, a.params = a.model_config(config), params
+            else:  # a variant that changes the weights as it loads them gets its own copy
+                a.prepare(self.checkpoint, dtype=dtype, device="cpu")
             self._adapters[dtype] = a
         return self._adapters[dtype]
 

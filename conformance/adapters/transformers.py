@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...spec.forward import INPUT_KEYS
 from .base import Adapter, NotCovered
 from .spec import torch_dtype
 
@@ -259,19 +260,7 @@ class TransformersAdapter(Adapter):
                 if v is not None
             }
         out = proc(text=texts, images=imgs, videos=vids, padding=True, return_tensors="pt", **kwargs)
-        res = {
-            k: out[k]
-            for k in (
-                "input_ids",
-                "attention_mask",
-                "pixel_values",
-                "image_grid_thw",
-                "pixel_values_videos",
-                "video_grid_thw",
-                "second_per_grid_ts",
-            )
-            if k in out
-        }
+        res = {k: out[k] for k in INPUT_KEYS if k in out}
         if "second_per_grid_ts" in res:
             res["second_per_grid_ts"] = torch.as_tensor(res["second_per_grid_ts"], dtype=torch.float64)
         return res

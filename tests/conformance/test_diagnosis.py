@@ -17,7 +17,7 @@ MIXED = "tests.conformance.mixed:"
 
 def conform(capsys, tmp_path, *argv):
     out = tmp_path / "r.json"
-    code = cli.main(["conform", "--cases", "model_image", "--json", str(out), *argv])
+    code = cli.main(["conform", "--cases", "model_image$", "--json", str(out), *argv])
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
     return code, text, report, {r["stage"]: r for r in report["results"] if r["mode"] == "e2e"}
@@ -89,7 +89,7 @@ def _write_outputs_like_a_port(port, inputs_dir: Path, out_dir: Path, profile) -
 
 @pytest.mark.parametrize("port, blamed", [(MixedPrecisionPort, True), (MixedPrecisionPortFixed, False)])
 def test_the_file_exchange_gets_the_same_diagnosis(capsys, tmp_path, port, blamed):
-    assert cli.main(["conform", "--cases", "model_image", "--export-inputs", str(tmp_path / "in")]) == 0
+    assert cli.main(["conform", "--cases", "model_image$", "--export-inputs", str(tmp_path / "in")]) == 0
     _write_outputs_like_a_port(port("float32"), tmp_path / "in", tmp_path / "out", PROFILE)
     capsys.readouterr()
     code, text, report, by = conform(capsys, tmp_path, "--target", f"files:{tmp_path / 'out'}")

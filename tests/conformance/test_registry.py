@@ -42,6 +42,12 @@ def test_every_fn_row_is_complete_and_becomes_protocol_methods():
         assert callable(getattr(SpecAdapter, row.method)), row.name
 
 
+def test_one_preprocess_row_per_model_input_of_the_spec():
+    from qwen25vl.spec.forward import INPUT_KEYS
+
+    assert [n[len("preprocess.") :] for n in stages.PREPROCESS_STAGES] == list(INPUT_KEYS)
+
+
 def test_interfaces_md_holds_the_registry_table():
     text = (ROOT / "docs" / "INTERFACES.md").read_text(encoding="utf-8")
     m = re.search(r"<!-- stages:begin -->\n(.*?)\n<!-- stages:end -->", text, re.S)
