@@ -2,5 +2,5 @@
 
 stages.py (names, order, tolerance classes), fixtures.py (case folders, sha256), compare.py
 (metrics and verdicts), adapters/ (the protocol; spec, impl, transformers, files), runner.py,
-report.py, cli.py (`qwen25vl conform`), plugin.py (pytest). README section "Conformance harness".
+report.py, cli.py (`qwen25vl conform`), plugin.py (pytest). The port author's guide: docs/conformance.md.
 """

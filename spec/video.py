@@ -9,7 +9,7 @@ The rules are qwen-vl-utils' (what the Qwen team fed Qwen2.5-VL), named by versi
     computed in float32 with torch, as qwen-vl-utils does, so long videos get its exact indices too.
   - pixel budget per frame: `video_frame_size`, the total budget shared by all frames, 0.0.10/0.0.11 constants.
   - every frame is resized with `resize_bicubic` (Pillow's algorithm). qwen-vl-utils resizes decoded videos with
-    torchvision's antialiased bicubic instead, which differs by up to a few levels on some pixels (README).
+    torchvision's antialiased bicubic instead, which differs by up to a few levels on some pixels (docs/decisions.md, video).
 A list of frames is taken as already sampled (qwen-vl-utils does the same): no frame is dropped, an odd count is
 padded by repeating the last frame, and its rate is `fps` (default 2.0).
   - video_start / video_end (seconds) cut the clip first, by qwen-vl-utils 0.0.14's decord/torchcodec rule
@@ -427,7 +427,7 @@ def video_frame_size(
         cap = max(min(VIDEO_MAX_PIXELS, total_pixels * 2 // n), int(min_pixels * 1.05)),
     and a caller's max_pixels can only lower it: (h, w) = smart_resize(H, W, min_pixels, min(max_pixels, cap)).
     qwen-vl-utils divides in float (total_pixels / n * 2); the floor here (transformers' cap_pixels_per_frame
-    also floors) changes about 1 size in 13000 when n > 300, where the total budget binds (README).
+    also floors) changes about 1 size in 13000 when n > 300, where the total budget binds (docs/decisions.md, video).
     """
     nframes = _positive_int("nframes", nframes)
     total_pixels = _positive_int("total_pixels", total_pixels)

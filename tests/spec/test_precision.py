@@ -1,6 +1,6 @@
 """How the spec's error to its own float64 run grows, stage by stage, in float32 and bfloat16.
 
-The tables printed here (pytest -s) are the ones in docs/readme/55-model.md; they feed the
+The tables printed here (pytest -s) are the ones in docs/decisions.md ("The model"); they feed the
 conformance tolerances. Both runs start from the same stored bfloat16 weights, so the difference is
 arithmetic only. Expected orders of magnitude: float32 keeps about 7 significant digits (relative
 errors near 1e-7 .. 1e-6), bfloat16 about 2 to 3 (relative errors near 1e-2).
