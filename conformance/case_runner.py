@@ -152,6 +152,7 @@ class CaseRunner:
         self._prepared: str | None = None
         self._checkpoints: dict[str, Checkpoint] = {}
         self._references: dict[str, Reference] = {}
+        self._variants: dict[tuple, object] = {}  # (checkpoint, catalogue entry) -> its spec adapter
         self._runs: list[ModelRun] = []  # the model cases run so far, for repeat()
         self._port_ids: torch.Tensor | None = None  # the port's own prompt ids of the current case
         self._golden_ids: torch.Tensor | None = None
@@ -357,11 +358,12 @@ class CaseRunner:
                     secs = 0.0
             if captured and not failure and self.diagnose:
                 self._diagnose(case, out, captured, inputs, golden, mask, ck)
+                self._name_position_mistakes(out, captured, inputs, mask, ck)
             self._teacher_forced(case, out, inputs, golden, mask, ck)
 
         tokens = None
         if "generate.tokens" in names:
-            result, tokens = self._generate(case, request, inputs)
+            result, tokens = self._generate(case, request, inputs, ck)
             out.append(result)
         if model_names and captured and not failure:  # kept for the repeat check (state.repeat)
             keep = {k: v.detach().clone() for k, v in captured.items() if isinstance(v, torch.Tensor)}
@@ -494,6 +496,7 @@ class CaseRunner:
         media = case.path
         images = [str(media / p) for p in request.get("images", [])]
         videos = [{**v, "frames": [str(media / p) for p in v["frames"]]} for v in request.get("videos", [])]
+        built: dict = {}  # catalogue entry -> its build_inputs, made when a stage fails
         t0 = time.perf_counter()
         try:
             got = call_with_timeout(
@@ -544,13 +547,87 @@ class CaseRunner:
                             "fail",
                             f"the port's prompt differs: {compare.token_difference(g, self._port_ids)}",
                         )
+            note = ""
+            if v.status == "fail":
+                tol = stages.info(s).tolerance
+
+                def answer(m, key=key):
+                    if m.name not in built:  # one build_inputs per entry for all the failing keys
+                        built[m.name] = m.adapter("float32").build_inputs(
+                            request["conversations"],
+                            images,
+                            videos,
+                            tokenizer_dir=str(case.checkpoint()),
+                            options=request.get("options", {}),
+                        )
+                    return built[m.name].get(key)
+
+                note = self._name_mistakes(
+                    s,
+                    answer,
+                    lambda t, x=x, tol=tol: (
+                        t is not None
+                        and tol.tensor(torch.as_tensor(t), x, control=None, dtype=self.dtype).status == "pass"
+                    ),
+                )
             out.append(
                 StageResult(
-                    case.name, s, v.status, v.metric, v.tolerance, v.where, "e2e", seconds=secs, values=v.values
+                    case.name,
+                    s,
+                    v.status,
+                    v.metric,
+                    v.tolerance,
+                    v.where,
+                    "e2e",
+                    note=note,
+                    seconds=secs,
+                    values=v.values,
                 )
             )
             secs = 0.0
         return out
+
+    def _name_position_mistakes(self, out, captured, inputs, mask, ck) -> None:
+        """The exact model stages (positions) that fail: the catalogue run on the same inputs."""
+        for r in out:
+            if r.mode != "e2e" or r.status != "fail" or r.stage not in ("text.position_ids", "text.rope_deltas"):
+                continue
+            tol, m3 = stages.info(r.stage).tolerance, (mask[None] if r.stage == "text.position_ids" else None)
+
+            def answer(m, stage=r.stage):
+                return self._variant(ck, m).run(dict(inputs), capture=[stage])[stage]
+
+            def same(theirs, stage=r.stage, tol=tol, m3=m3):
+                return tol.tensor(theirs, captured[stage], mask=m3).status == "pass"
+
+            named = self._name_mistakes(r.stage, answer, same)
+            r.note = "; ".join(n for n in (r.note, named) if n)
+
+    def _variant(self, ck: Checkpoint, m):
+        """The catalogue entry `m` as one spec adapter per runner and checkpoint, kept across cases (a
+        mistake that keeps state between requests shows only on the second), weights shared."""
+        key = (str(ck.folder), m.name)
+        if key not in self._variants:
+            reference = self._references.setdefault(str(ck.folder), Reference(ck.folder))
+            self._variants[key] = reference.variant(m.adapter).adapter("float32")
+        return self._variants[key]
+
+    def _name_mistakes(self, stage: str, answer_of, same) -> str:
+        """'likely mistake: ...' for the catalogue's entries of `stage` whose answer (`answer_of(entry)`)
+        is the port's (`same(answer)`), 'no known mistake matches', or '' without entries."""
+        entries = self.mistakes_for(stage) if self.diagnose else []
+        found = []
+        for m in entries:
+            try:
+                with MISTAKES_LOCK:
+                    matched = same(answer_of(m))
+            except Exception:  # an entry that cannot run on this case names nothing
+                continue
+            if matched:
+                found.append(f"{m.description} (seen in {m.seen})")
+        if not entries:
+            return ""
+        return ("likely mistake: " + "; or ".join(found)) if found else "no known mistake matches"
 
     def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
         """The port's value of `stage` against the golden one, at the stage's precision."""
@@ -659,7 +736,7 @@ class CaseRunner:
                 )
                 r.note = "; ".join(n for n in (r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}") if n)
 
-    def _generate(self, case, request, inputs) -> tuple[StageResult, object]:
+    def _generate(self, case, request, inputs, ck) -> tuple[StageResult, object]:
         s = "generate.tokens"
         problem = case.stage_problem(s)
         if problem:
@@ -680,6 +757,25 @@ class CaseRunner:
                 raise
             return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e"), None
         v = stages.info(s).tolerance.judge_tokens(gen, got, precision=self.profile(s))
+        note = ""
+        if v.status == "fail":
+            port = _tokens_of(got)
+
+            def answer(m):
+                variant = self._variant(ck, m)
+                previous = self._runs[-1] if self._runs else None
+                if previous is not None and previous.tokens is not None:  # the request the port saw before
+                    g = previous.case.json("generate.json")
+                    variant.generate(
+                        dict(previous.inputs), max_new_tokens=int(g["max_new_tokens"]), eos_token_id=g["eos_token_id"]
+                    )
+                return _tokens_of(
+                    variant.generate(
+                        dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
+                    )
+                )
+
+            note = self._name_mistakes(s, answer, lambda t: t is not None and torch.equal(t, port))
         return StageResult(
             case.name,
             s,
@@ -688,6 +784,7 @@ class CaseRunner:
             v.tolerance,
             v.where,
             "e2e",
+            note=note,
             seconds=time.perf_counter() - t0,
             values=v.values,
         ), got

@@ -41,9 +41,10 @@ def test_mistake_is_flagged_at_its_stage(m):
     )
     # a wrong shape is an error, not a failure: right for images_resized_to_largest
     assert first.status in runner.BAD, f"{m.name}: {first.stage} is {first.status}: {first.metric}"
-    if first.status == "fail" and (stages.info(first.stage).tolerance.scaled or first.mode == "items"):
-        # a float model stage: the diagnosis runs the catalogue on the port's own input; a fn.* stage:
-        # on the items the port got wrong. Either way the entry is named.
+    if first.status == "fail":
+        # the catalogue runs on the same inputs (a float model stage: the port's own upstream value; a
+        # fn.* stage: the items the port got wrong; preprocess, positions, tokens: the same request)
+        # and names the entry
         assert m.description in first.note, f"{m.name} not named at {first.stage}: {first.note}"
 
 
