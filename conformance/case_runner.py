@@ -12,12 +12,10 @@ expectations file later turns known divergences into xfail / xpass (expectations
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +28,9 @@ from .golden import Checkpoint
 from .locate import locate
 from .mistakes import LOCK as MISTAKES_LOCK
 from .mistakes import for_stage
-from .precision import Profile, compute_dtype
+from .precision import Profile
 from .reference import Reference
+from .repeat import ModelRun, repeat_runs, tokens_of
 from .results import BAD, StageResult
 from .supervisor import PortCrashed, PortFailed, describe_exception
 
@@ -99,30 +98,6 @@ def _resolve(obj, tensors):
     if isinstance(obj, list):
         return [_resolve(v, tensors) for v in obj]
     return obj
-
-
-REPEAT_SUFFIX = "@repeat"  # the file exchange's folder for a case's second run (export_inputs)
-
-
-@dataclass
-class ModelRun:
-    """One model case as the port answered it, kept to run it again (state.repeat)."""
-
-    case: object
-    inputs: dict
-    capture: list
-    captured: dict
-    tokens: object
-    before: str | None  # the model case that ran just before it
-
-
-def _tokens_of(answer):
-    """The token tensor of a generate() answer (a tensor, a tuple, or a dict)."""
-    if isinstance(answer, dict):
-        answer = answer.get("tokens")
-    elif isinstance(answer, tuple):
-        answer = answer[0] if answer else None
-    return None if answer is None else torch.as_tensor(answer)
 
 
 class CaseRunner:
@@ -372,118 +347,18 @@ class CaseRunner:
         return sorted(out, key=lambda r: (stages.order_key(r.stage), r.mode == "teacher"))
 
     def repeat(self) -> list[StageResult]:
-        """state.repeat: run every model case this runner ran once more, in reverse order, on the same
-        adapter, and compare the port with itself. A port that keeps positions, rope_deltas or a
-        prefix cache from an earlier request answers differently the second time (the first case
-        repeated runs right after itself; a case with the same text as another and a different image
-        shows a cache keyed on token ids)."""
+        """state.repeat for every model case this runner ran (repeat.py)."""
         if not self._wanted("state.repeat"):
             return []
-        out, before_now = [], self._last_model_case
-        for run in reversed(self._runs):
-            out.append(self._repeat_one(run, before_now))
-            before_now = run.case.name
-        return [r for r in out if self._wanted(r.stage)]
+        return [r for r in repeat_runs(self) if self._wanted(r.stage)]
 
-    def _repeat_one(self, run: ModelRun, before_now: str | None) -> StageResult:
-        s, case = "state.repeat", run.case
-        again_case = dataclasses.replace(case, manifest={**case.manifest, "case": case.name + REPEAT_SUFFIX}, _cache={})
-        gen = case.json("generate.json") if "generate.tokens" in case.stages else None
-        t0 = time.perf_counter()
-        try:
-            self.adapter.begin_case(again_case)
-            again = call_with_timeout(
-                lambda: self.adapter.run(dict(run.inputs), capture=list(run.capture)), self.timeout
-            )
-            tokens = None
-            if run.tokens is not None and gen is not None:
-                tokens = call_with_timeout(
-                    lambda: self.adapter.generate(
-                        dict(run.inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
-                    ),
-                    self.timeout,
-                )
-        except NotCovered as e:
-            return StageResult(case.name, s, "not_covered", f"repeat: {e}", mode="repeat")
-        except BaseException as e:
-            if isinstance(e, KeyboardInterrupt):
-                raise
-            return StageResult(case.name, s, "error", f"repeat: {_describe_exc(e)}", mode="repeat")
-        finally:
-            try:
-                self.adapter.begin_case(case)
-            except Exception:
-                pass
-        where = f"its run after {run.before or 'nothing'} and its run after {before_now or 'nothing'}"
-        twin = self._answered_like_a_twin(run)
-        if twin is not None:
-            return StageResult(
-                case.name,
-                s,
-                "error",
-                f"state leaks between requests: the port answered {case.name} with the outputs of {twin}, which has "
-                "the same token ids and other pixels (a cache keyed on token ids?)",
-                "equal",
-                f"its first run, after {run.before or 'nothing'}",
-                "repeat",
-            )
-        diff = self._first_change(run, again, tokens)
-        secs = time.perf_counter() - t0
-        if diff is None:
-            return StageResult(
-                case.name, s, "pass", "the same outputs when run again", "equal", where, "repeat", seconds=secs
-            )
-        return StageResult(
-            case.name,
-            s,
-            "error",
-            f"state leaks between requests: {diff}",
-            "equal",
-            f"between {where}",
-            "repeat",
-            note=f"the port's answer to {case.name} depends on what ran before it ({before_now or 'nothing'})",
-            seconds=secs,
-        )
+    def call(self, fn):
+        """fn() under this runner's per-call timeout (None: a supervisor enforces it)."""
+        return call_with_timeout(fn, self.timeout)
 
-    def _answered_like_a_twin(self, run: ModelRun) -> str | None:
-        """An earlier case with the same input_ids and other pixels whose vision outputs this run repeats."""
-        for other in self._runs:
-            if other is run:
-                return None
-            same_ids = torch.equal(other.inputs["input_ids"], run.inputs["input_ids"])
-            pixels = [k for k in ("pixel_values", "pixel_values_videos") if run.inputs.get(k) is not None]
-            other_pixels = any(
-                other.inputs.get(k) is None
-                or tuple(other.inputs[k].shape) != tuple(run.inputs[k].shape)
-                or not torch.equal(other.inputs[k], run.inputs[k])
-                for k in pixels
-            )
-            first = next((k for k in ("vision.patch_embed", "vision.merger") if k in run.captured), None)
-            if same_ids and pixels and other_pixels and first and first in other.captured:
-                if torch.equal(other.captured[first], run.captured[first]):
-                    return other.case.name
-        return None
-
-    def _first_change(self, run: ModelRun, again, tokens) -> str | None:
-        """The first stage (data-flow order) whose value differs between the two runs, or None."""
-        if not isinstance(again, dict):
-            return f"the second run returned {type(again).__name__}"
-        for stage in sorted((k for k in run.captured if stages.is_known(k)), key=stages.order_key):
-            a, b = run.captured[stage], again.get(stage)
-            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(a.shape):
-                return f"{stage} comes back {'missing' if b is None else 'with another shape'}"
-            if a.is_floating_point():
-                rel = compare.float_errors(a.double(), b.double())["rel"]
-                limit = compare.FLOOR.get(compute_dtype(self.profile(stage)), compare.FLOOR["bfloat16"])
-                if not rel <= limit:  # NaN counts as a change
-                    return f"{stage} differs (rel {rel:.2e} > {limit:.0e})"
-            elif not torch.equal(a, b):
-                return f"{stage} differs ({int((a != b).sum())} values)"
-        if run.tokens is not None:
-            t_a, t_b = _tokens_of(run.tokens), _tokens_of(tokens)
-            if t_b is None or tuple(t_b.shape) != tuple(t_a.shape) or not torch.equal(t_a, t_b):
-                return "generate.tokens differ"
-        return None
+    @staticmethod
+    def describe_failure(e: BaseException) -> str:
+        return _describe_exc(e)
 
     def _prepare(self, ck: Checkpoint) -> None:
         if self._prepared != str(ck.folder):
@@ -759,7 +634,7 @@ class CaseRunner:
         v = stages.info(s).tolerance.judge_tokens(gen, got, precision=self.profile(s))
         note = ""
         if v.status == "fail":
-            port = _tokens_of(got)
+            port = tokens_of(got)
 
             def answer(m):
                 variant = self._variant(ck, m)
@@ -769,7 +644,7 @@ class CaseRunner:
                     variant.generate(
                         dict(previous.inputs), max_new_tokens=int(g["max_new_tokens"]), eos_token_id=g["eos_token_id"]
                     )
-                return _tokens_of(
+                return tokens_of(
                     variant.generate(
                         dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
                     )

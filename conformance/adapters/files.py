@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..case_runner import REPEAT_SUFFIX
+from ..repeat import REPEAT_SUFFIX
 from .base import Adapter, NotCovered
 
 
