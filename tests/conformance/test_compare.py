@@ -155,3 +155,33 @@ def test_items_a_port_does_not_cover_are_left_out():
     v = compare.exact_items([[1], [2], [3]], [[1], {"not_covered": "video"}, [4]])
     assert v.status == "fail" and v.metric == "1/2 items equal (1 not covered)"
     assert compare.exact_items([[1], [2]], [[1], {"not_covered": "x"}]).status == "pass"
+
+
+def test_tokens_near_tie_rule_eos_and_log_probs():
+    gold = torch.tensor([[5, 6, 7, 2]])  # 2 is eos
+    topk = torch.tensor([[[5, 1, 2, 3, 4], [6, 9, 10, 11, 12], [7, 1, 2, 3, 4], [2, 1, 3, 4, 8]]])
+    logits = torch.tensor([[[9.0, 1, 1, 1, 1], [4.0, 3.99, 1, 1, 1], [5.0, 2.0, 1, 1, 1], [3.0, 1, 1, 1, 1]]])
+    kw = dict(golden_logits=logits, noise=0.05, eos=2)
+    # a divergence at a near tie (gap 0.01 <= noise 0.05) passes
+    assert compare.tokens(gold, topk, torch.tensor([[5, 9, 1, 1]]), **kw).status == "pass"
+    # in the golden top-5 but not a near tie (gap 3.0): the old top-5 rule let this pass
+    far = compare.tokens(gold, topk, torch.tensor([[5, 6, 1, 1]]), **kw)
+    assert far.status == "fail" and "not a near tie" in far.metric
+    # a row that goes on after the golden eos never passes
+    on = compare.tokens(
+        torch.tensor([[5, 2, 0]]),
+        topk[:, :3],
+        torch.tensor([[5, 2, 7]]),
+        golden_logits=logits[:, :3],
+        noise=0.05,
+        eos=2,
+    )
+    assert on.status == "fail" and "goes on after eos at step 1" in on.metric
+    # top-k log-probs are judged at every step before the divergence, for the ids both sides give
+    lp = torch.log_softmax(logits, -1)
+    got_ids, got_lp = topk.clone(), lp.clone()
+    ok = compare.tokens(gold, topk, gold, got_ids, golden_logprobs=lp, got_logprobs=got_lp, **kw)
+    assert ok.status == "pass"
+    got_lp[0, 2, 0] += 0.2
+    bad = compare.tokens(gold, topk, gold, got_ids, golden_logprobs=lp, got_logprobs=got_lp, **kw)
+    assert bad.status == "fail" and "step 2: log-prob of 7" in bad.metric
