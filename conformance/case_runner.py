@@ -631,7 +631,9 @@ class CaseRunner:
             if isinstance(e, KeyboardInterrupt):
                 raise
             return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e"), None
-        v = stages.info(s).tolerance.judge_tokens(gen, got, precision=self.profile(s))
+        v = stages.info(s).tolerance.judge_tokens(
+            gen, got, precision=self.profile(s), logit_noise=case.stages[s].get("logit_noise")
+        )
         note = ""
         if v.status == "fail":
             port = tokens_of(got)

@@ -78,9 +78,10 @@ class Logits(Tolerance):
 
 @dataclass(frozen=True)
 class Tokens(Tolerance):
-    def judge_tokens(self, gen: dict, got, *, precision: str) -> Verdict:
+    def judge_tokens(self, gen: dict, got, *, precision: str, logit_noise: dict | None = None) -> Verdict:
         """gen: the case's generate.json; got: the port's answer (tokens [B, n], or (tokens, topk ids),
-        or {"tokens", "topk", "topk_logprobs"}); precision: what the port decodes at."""
+        or {"tokens", "topk", "topk_logprobs"}); precision: what the port decodes at; logit_noise: the
+        manifest's measured noise per precision (None: the top-5 rule of older fixtures)."""
         if isinstance(got, dict):
             tokens, topk, logprobs = got.get("tokens"), got.get("topk"), got.get("topk_logprobs")
         elif isinstance(got, tuple):
@@ -88,8 +89,8 @@ class Tokens(Tolerance):
         else:
             tokens, topk, logprobs = got, None, None
         noise = None
-        if "logit_noise" in gen:
-            measured, _ = compare.control_at(gen["logit_noise"], precision)
+        if logit_noise:
+            measured, _ = compare.control_at(logit_noise, precision)
             noise = 0.0 if precision == "float64" else measured
         f64 = torch.float64
         return compare.tokens(

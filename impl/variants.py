@@ -18,6 +18,8 @@ Shapes: B batch, C hidden, N heads, K kv heads, D head dim, T cache length.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -159,5 +161,9 @@ def apply_compiled(model, mode: str = "default") -> None:
                     f"{type(layer.get_submodule(name)).__name__} (int4 and tensor-parallel layers run eager or fused)"
                 )
     kw = dict(mode=mode, dynamic=False, fullgraph=True)
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        # ATen dispatches no SIMD kernels then, and inductor's C++ must not use at::vec either (its
+        # generated code fails to compile); scalar code, same results. torch takes mode or options.
+        kw = dict(options={"cpp.simdlen": 1, "max_autotune": "max-autotune" in mode}, dynamic=False, fullgraph=True)
     fns = {k: torch.compile(f, **kw) for k, f in (("step_in", _step_in), ("step_out", _step_out), ("mlp", _mlp))}
     _swap(model, CompiledAttention, CompiledMLP, fns=fns)
