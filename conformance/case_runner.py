@@ -13,8 +13,6 @@ expectations file later turns known divergences into xfail / xpass (expectations
 from __future__ import annotations
 
 import re
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
-from .diagnosis import Diagnosis
+from .diagnosis import Diagnosis, name_mistakes
 from .fixtures import FixtureError, load_case
 from .golden import Checkpoint
 from .locate import locate
@@ -32,61 +30,7 @@ from .precision import Profile
 from .reference import Reference
 from .repeat import ModelRun, repeat_runs, tokens_of
 from .results import BAD, StageResult
-from .supervisor import PortCrashed, PortFailed, describe_exception
-
-
-class StageTimeout(BaseException):
-    """A port call ran past the per-stage timeout (BaseException so a port's `except Exception` cannot eat it)."""
-
-
-def call_with_timeout(fn, timeout: float | None):
-    """fn() with a wall-clock limit. In the main thread SIGALRM interrupts Python code; elsewhere the
-    call runs in a daemon thread that is abandoned when it overruns."""
-    if not timeout or timeout <= 0:
-        return fn()
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
-
-        def on_alarm(signum, frame):
-            raise StageTimeout(f"timed out after {timeout:g} s")
-
-        old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed back to the caller below
-            box["error"] = e
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join(timeout)
-    if th.is_alive():
-        raise StageTimeout(f"timed out after {timeout:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def _describe_exc(e: BaseException) -> str:
-    if isinstance(e, (StageTimeout, PortCrashed, PortFailed)):
-        return str(e)  # already says what happened, where
-    return describe_exception(e)
-
-
-# ------------------------------------------------------------------------- targets
-
-
-def _describe_exc(e: BaseException) -> str:
-    if isinstance(e, (StageTimeout, PortCrashed, PortFailed)):
-        return str(e)  # already says what happened, where
-    return describe_exception(e)
+from .supervisor import StageTimeout, call_with_timeout, describe_failure  # noqa: F401  (StageTimeout: tests)
 
 
 def _resolve(obj, tensors):
@@ -167,7 +111,7 @@ class CaseRunner:
         try:
             self.adapter.begin_case(case)
         except Exception as e:
-            return [StageResult(case.name, s, "error", _describe_exc(e)) for s in case.stages]
+            return [StageResult(case.name, s, "error", describe_failure(e)) for s in case.stages]
         results = self._exact(case) if case.kind == "exact" else self._model(case)
         return [r for r in results if self._wanted(r.stage)]
 
@@ -205,7 +149,7 @@ class CaseRunner:
                     raise
                 out.append(
                     StageResult(
-                        case.name, stage, "error", _describe_exc(e), mode="items", seconds=time.perf_counter() - t0
+                        case.name, stage, "error", describe_failure(e), mode="items", seconds=time.perf_counter() - t0
                     )
                 )
                 continue
@@ -233,25 +177,19 @@ class CaseRunner:
 
     def _item_mistakes(self, stage, inputs, got, verdict, tokenizer_dir) -> str:
         """The catalogue's mistakes for a failing fn.* stage that give the port's answers on the items it
-        got wrong (and its right answers where the mistake changes nothing): 'likely mistake: ...'."""
-        if not self.diagnose:
-            return ""
+        got wrong: 'likely mistake: ...'."""
         bad = verdict.values.get("bad_items") or []
-        entries = self.mistakes_for(stage)
-        if not bad or not entries or not isinstance(got, list):
+        if not bad or not isinstance(got, list):
             return ""
-        tol = stages.info(stage).tolerance
-        limit = getattr(tol, "limit", 0.0)
-        found = []
-        for m in entries:
-            try:
-                with MISTAKES_LOCK:
-                    theirs = m.adapter("float64").run_items(stage, inputs, tokenizer_dir=tokenizer_dir)
-            except Exception:
-                continue
-            if all(compare.item_difference(theirs[k], got[k], limit) is None for k in bad):
-                found.append(f"{m.description} (seen in {m.seen})")
-        return ("likely mistake: " + "; or ".join(found)) if found else "no known mistake matches"
+        limit = getattr(stages.info(stage).tolerance, "limit", 0.0)
+
+        def answer(m):
+            return m.adapter("float64").run_items(stage, inputs, tokenizer_dir=tokenizer_dir)
+
+        def same(theirs):
+            return all(compare.item_difference(theirs[k], got[k], limit) is None for k in bad)
+
+        return self._name_mistakes(stage, answer, same)
 
     # model cases
     def _model(self, case) -> list[StageResult]:
@@ -292,7 +230,7 @@ class CaseRunner:
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 return out + [
-                    StageResult(name, s, "error", f"prepare: {_describe_exc(e)}") for s in names if s not in pre
+                    StageResult(name, s, "error", f"prepare: {describe_failure(e)}") for s in names if s not in pre
                 ]
         if model_names:
             capture = [s for s in case.stages if stages.is_known(s) and not s.startswith(("preprocess.", "generate."))]
@@ -309,7 +247,7 @@ class CaseRunner:
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                failure = ("error", _describe_exc(e))
+                failure = ("error", describe_failure(e))
             secs = time.perf_counter() - t0
             for s in model_names:
                 if failure:
@@ -356,10 +294,6 @@ class CaseRunner:
         """fn() under this runner's per-call timeout (None: a supervisor enforces it)."""
         return call_with_timeout(fn, self.timeout)
 
-    @staticmethod
-    def describe_failure(e: BaseException) -> str:
-        return _describe_exc(e)
-
     def _prepare(self, ck: Checkpoint) -> None:
         if self._prepared != str(ck.folder):
             call_with_timeout(
@@ -389,7 +323,7 @@ class CaseRunner:
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
-            return [StageResult(case.name, s, "error", _describe_exc(e), mode="e2e") for s in names]
+            return [StageResult(case.name, s, "error", describe_failure(e), mode="e2e") for s in names]
         secs = time.perf_counter() - t0
         out = []
         for s in names:
@@ -488,21 +422,8 @@ class CaseRunner:
         return self._variants[key]
 
     def _name_mistakes(self, stage: str, answer_of, same) -> str:
-        """'likely mistake: ...' for the catalogue's entries of `stage` whose answer (`answer_of(entry)`)
-        is the port's (`same(answer)`), 'no known mistake matches', or '' without entries."""
-        entries = self.mistakes_for(stage) if self.diagnose else []
-        found = []
-        for m in entries:
-            try:
-                with MISTAKES_LOCK:
-                    matched = same(answer_of(m))
-            except Exception:  # an entry that cannot run on this case names nothing
-                continue
-            if matched:
-                found.append(f"{m.description} (seen in {m.seen})")
-        if not entries:
-            return ""
-        return ("likely mistake: " + "; or ".join(found)) if found else "no known mistake matches"
+        """The catalogue's entries of `stage` that reproduce the port (diagnosis.name_mistakes)."""
+        return name_mistakes(self.mistakes_for(stage) if self.diagnose else [], answer_of, same)
 
     def _judge(self, case, stage, golden, got, mask, ck, *, control_key: str = "control") -> compare.Verdict:
         """The port's value of `stage` against the golden one, at the stage's precision."""
@@ -556,7 +477,7 @@ class CaseRunner:
         except Exception as e:  # a fault of the harness's own diagnosis must not cost the port its report
             for r in out:
                 if r.mode == "e2e" and stages.is_known(r.stage) and stages.info(r.stage).tolerance.scaled:
-                    r.note = "; ".join(n for n in (r.note, f"diagnosis failed: {describe_exception(e)}") if n)
+                    r.note = "; ".join(n for n in (r.note, f"diagnosis failed: {type(e).__name__}: {e}") if n)
 
     def _teacher_forced(self, case, out, inputs, golden, mask, ck) -> None:
         if self.teacher == "none":
@@ -594,7 +515,7 @@ class CaseRunner:
             except BaseException as e:
                 if isinstance(e, KeyboardInterrupt):
                     raise
-                v = compare.Verdict("error", _describe_exc(e))
+                v = compare.Verdict("error", describe_failure(e))
             else:
                 v = self._judge(case, r.stage, golden, got, mask, ck, control_key="control_teacher")
             if self.teacher == "all":
@@ -630,7 +551,7 @@ class CaseRunner:
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
-            return StageResult(case.name, s, "error", _describe_exc(e), mode="e2e"), None
+            return StageResult(case.name, s, "error", describe_failure(e), mode="e2e"), None
         v = stages.info(s).tolerance.judge_tokens(
             gen, got, precision=self.profile(s), logit_noise=case.stages[s].get("logit_noise")
         )

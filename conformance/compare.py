@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .precision import compute_dtype
+
 ALPHA = 2.0
 FLOOR = {"float64": 1e-6, "float32": 1e-6, "float16": 2.8e-4, "bfloat16": 2.3e-3}
 KL_FLOOR = {"float64": 1e-9, "float32": 1e-9, "float16": 1e-5, "bfloat16": 1e-4}
@@ -303,8 +305,7 @@ def control_at(control: dict | None, precision: str):
 
 def _floor(table: dict, precision: str) -> float:
     """Output-rounding floor of the dtype the arithmetic runs in ('float16-inputs' computes in float32)."""
-    dtype = "float32" if precision.endswith("-inputs") else precision
-    return table.get(dtype, table["bfloat16"])
+    return table.get(compute_dtype(precision), table["bfloat16"])
 
 
 def float_budget(control: dict | None, dtype: str) -> tuple[float, str]:

@@ -26,6 +26,7 @@ import torch
 
 from . import compare, stages
 from .compare import ALPHA
+from .mistakes import LOCK as MISTAKES_LOCK
 from .precision import SAYS, SIGNATURES, Profile, compute_dtype
 from .reference import Reference
 from .results import StageResult
@@ -40,7 +41,8 @@ def _metric(v: compare.Verdict) -> float:
     return v.values.get("rel", v.values.get("mean_kl", float("nan")))
 
 
-def _summary(v: compare.Verdict) -> dict:
+def _summary(v) -> dict:
+    """status, metric, tolerance, value and budget of a Verdict or a StageResult."""
     return {
         "status": v.status,
         "metric": v.metric,
@@ -65,16 +67,20 @@ class Diagnosis:
 
     def __init__(self, case, reference: Reference, profile: Profile, judge: Callable, mistakes_for: Callable):
         self.case = case
+        self.depth = (int(case.manifest["depth"]["vision"]), int(case.manifest["depth"]["text"]))
         self.reference = reference
         self.profile = profile
         self.judge = judge
         self.mistakes_for = mistakes_for  # stage -> [Mistake]; the catalogue, injected
         self._variants: dict[str, Reference] = {}
 
+    def previous(self, stage: str) -> str | None:
+        """The stage whose output feeds `stage` (None: the model inputs)."""
+        return stages.previous(stage, *self.depth)
+
     def feeds(self, stage: str, inputs: dict, golden: dict, captured: dict) -> tuple[dict | None, str]:
         """The spec's inputs for `stage` from the port's own previous output; (None, why) when absent."""
-        depth, layers = int(self.case.manifest["depth"]["vision"]), int(self.case.manifest["depth"]["text"])
-        prev = stages.previous(stage, depth, layers)
+        prev = self.previous(stage)
         feeds = {**inputs, "position_ids": golden.get("text.position_ids")}
         if prev is None:
             return feeds, "the model inputs"
@@ -99,8 +105,7 @@ class Diagnosis:
                 if r.status in ("fail", "error") and upstream_bad is None:
                     upstream_bad = stage
                 continue
-            depth, layers = int(self.case.manifest["depth"]["vision"]), int(self.case.manifest["depth"]["text"])
-            prev = stages.previous(stage, depth, layers)
+            prev = self.previous(stage)
             if prev is not None and prev in by_stage and by_stage[prev].status == "error":
                 r.note = _join(r.note, f"local error not measured: {prev} is an error")
                 continue
@@ -111,13 +116,7 @@ class Diagnosis:
     def one(self, r: StageResult, stage: str, captured, inputs, golden, by_stage, upstream_bad) -> None:
         precision = self.profile(stage)
         r.precision = precision
-        r.end_to_end = {
-            "status": r.status,
-            "metric": r.metric,
-            "tolerance": r.tolerance,
-            "value": r.values.get("rel", r.values.get("mean_kl")),
-            "budget": r.values.get("budget"),
-        }
+        r.end_to_end = _summary(r)  # a StageResult carries a verdict's fields
         feeds, fed = self.feeds(stage, inputs, golden, captured)
         if feeds is None:
             r.note = _join(r.note, f"local error not measured: {fed}")
@@ -147,8 +146,7 @@ class Diagnosis:
         )
 
     def _inherited(self, r: StageResult, stage: str, local: compare.Verdict, by_stage: dict) -> None:
-        depth, layers = int(self.case.manifest["depth"]["vision"]), int(self.case.manifest["depth"]["text"])
-        prev = stages.previous(stage, depth, layers)
+        prev = self.previous(stage)
         up = by_stage.get(prev) if prev else None
         up_value = (up.end_to_end or {}).get("value") if up is not None else None
         value, budget = r.end_to_end.get("value"), local.values.get("budget")
@@ -196,19 +194,31 @@ class Diagnosis:
         )
 
     def _mistake(self, stage, feeds, got, local, precision) -> str:
-        names = []
-        for m in self.mistakes_for(stage):
-            try:
-                ref = self._variants.setdefault(m.name, self.reference.variant(m.adapter))
-                variant = ref.stage(stage, feeds)
-            except Exception:
-                continue
-            v = self.judge(stage, variant, got, precision, "control_teacher")
-            if v.status == "pass":
-                names.append(f"{m.description} (seen in {m.seen})")
-        if names:
-            return "likely mistake: " + "; or ".join(names)
-        return "no known mistake matches" if self.mistakes_for(stage) else ""
+        def answer(m):
+            return self._variants.setdefault(m.name, self.reference.variant(m.adapter)).stage(stage, feeds)
+
+        def same(variant):
+            return self.judge(stage, variant, got, precision, "control_teacher").status == "pass"
+
+        return name_mistakes(self.mistakes_for(stage), answer, same)
+
+
+def name_mistakes(entries: list, answer_of: Callable, same: Callable[[object], bool]) -> str:
+    """'likely mistake: ...' for the catalogue entries whose answer (`answer_of(entry)`, run under the
+    catalogue's lock: variants swap spec functions while they run) is the port's (`same(answer)`);
+    'no known mistake matches'; or '' when the stage has no entries."""
+    if not entries:
+        return ""
+    found = []
+    for m in entries:
+        try:
+            with MISTAKES_LOCK:
+                matched = same(answer_of(m))
+        except Exception:  # an entry that cannot run on these inputs names nothing
+            continue
+        if matched:
+            found.append(f"{m.description} (seen in {m.seen})")
+    return ("likely mistake: " + "; or ".join(found)) if found else "no known mistake matches"
 
 
 def _join(*parts: str) -> str:

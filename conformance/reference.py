@@ -50,8 +50,7 @@ class Reference:
             if type(a).prepare is SpecAdapter.prepare:  # the shared weights, under the variant's own config hook
                 if dtype not in self._loaded:
                     self._loaded[dtype] = load_checkpoint(self.checkpoint, dtype=COMPUTE[dtype])
-                config, params = self._loaded[dtype]
-                a.config, a.params = a.model_config(config), params
+                a.use_weights(*self._loaded[dtype])
             else:  # a variant that changes the weights as it loads them gets its own copy
                 a.prepare(self.checkpoint, dtype=dtype, device="cpu")
             self._adapters[dtype] = a

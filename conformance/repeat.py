@@ -21,6 +21,7 @@ from . import compare, stages
 from .adapters.base import NotCovered
 from .precision import compute_dtype
 from .results import StageResult
+from .supervisor import describe_failure
 
 REPEAT_SUFFIX = "@repeat"  # the file exchange's folder for a case's second run (export_inputs)
 
@@ -79,7 +80,7 @@ def _repeat_one(runner, run: ModelRun, before_now: str | None) -> StageResult:
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt):
             raise
-        return StageResult(case.name, s, "error", f"repeat: {runner.describe_failure(e)}", mode="repeat")
+        return StageResult(case.name, s, "error", f"repeat: {describe_failure(e)}", mode="repeat")
     finally:
         try:
             runner.adapter.begin_case(case)

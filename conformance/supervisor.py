@@ -100,6 +100,57 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
+# ------------------------------------------------------------------------- in process
+# For a debugger (--in-process) the port is called in the harness's own process: a timeout can only
+# interrupt Python code, and a crash ends the run.
+
+
+class StageTimeout(BaseException):
+    """A port call ran past the per-stage timeout (BaseException so a port's `except Exception` cannot eat it)."""
+
+
+def call_with_timeout(fn, timeout: float | None):
+    """fn() with a wall-clock limit. In the main thread SIGALRM interrupts Python code; elsewhere the
+    call runs in a daemon thread that is abandoned when it overruns."""
+    if not timeout or timeout <= 0:
+        return fn()
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGALRM"):
+
+        def on_alarm(signum, frame):
+            raise StageTimeout(f"timed out after {timeout:g} s")
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed back to the caller below
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(timeout)
+    if th.is_alive():
+        raise StageTimeout(f"timed out after {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def describe_failure(e: BaseException) -> str:
+    """What a port call that failed did, in one line (crash, hang and timeout texts already say where)."""
+    if isinstance(e, (StageTimeout, PortCrashed, PortFailed)):
+        return str(e)
+    return describe_exception(e)
+
+
 # ------------------------------------------------------------------------- the parent's side
 
 

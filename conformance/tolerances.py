@@ -9,6 +9,7 @@ new tolerance class is one object, not an if-chain in the runner.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -23,10 +24,8 @@ class Tolerance:
     name: str
     rule: str  # one line for FORMAT.md and the report
 
-    @property
-    def scaled(self) -> bool:
-        """True where the budget comes from the spec's own control at the port's dtype (float stages)."""
-        return False
+    # True where the budget comes from the spec's own control at the port's precision (float stages)
+    scaled: ClassVar[bool] = False
 
     def items(self, expected: list, got, inputs: list) -> Verdict:
         return compare.exact_items(expected, got, inputs)
@@ -58,9 +57,7 @@ class MaxAbs(Tolerance):
 
 @dataclass(frozen=True)
 class Floats(Tolerance):
-    @property
-    def scaled(self) -> bool:
-        return True
+    scaled: ClassVar[bool] = True
 
     def tensor(self, golden, got, *, control, dtype, mask=None) -> Verdict:
         return compare.floats(golden, got, control=control, dtype=dtype, mask=mask)
@@ -68,9 +65,7 @@ class Floats(Tolerance):
 
 @dataclass(frozen=True)
 class Logits(Tolerance):
-    @property
-    def scaled(self) -> bool:
-        return True
+    scaled: ClassVar[bool] = True
 
     def tensor(self, golden, got, *, control, dtype, mask=None) -> Verdict:
         return compare.logits(golden, got, control=control, dtype=dtype, mask=mask)

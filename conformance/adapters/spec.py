@@ -72,7 +72,10 @@ class SpecAdapter(Adapter):
 
     # ---- the model
     def prepare(self, checkpoint, *, dtype, device):
-        config, params = load_checkpoint(checkpoint, dtype=torch_dtype(self.dtype))
+        self.use_weights(*load_checkpoint(checkpoint, dtype=torch_dtype(self.dtype)))
+
+    def use_weights(self, config: Qwen25VLConfig, params: dict) -> None:
+        """Run on these (already loaded) weights, under this adapter's `model_config` hook."""
         self.config, self.params = self.model_config(config), params
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
