@@ -9,7 +9,7 @@ from .adapters.base import Adapter
 
 
 def make_adapter(target: str, *, dtype: str | None = None, device: str | None = None) -> Adapter:
-    """'impl' | 'spec' | 'transformers' | 'files:DIR' | 'package.module:Class'."""
+    """'impl' | 'spec' | 'transformers' | 'mlx-vlm' | 'llama.cpp' | 'vllm' | 'files:DIR' | 'package.module:Class'."""
     if target.startswith("files:"):
         from .adapters.files import FilesAdapter
 
@@ -20,13 +20,17 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
         "impl": ("qwen25vl.conformance.adapters.impl", "ImplAdapter"),
         "spec": ("qwen25vl.conformance.adapters.spec", "SpecAdapter"),
         "transformers": ("qwen25vl.conformance.adapters.transformers", "TransformersAdapter"),
+        # real ports, each run through its own code in the worker process (optional installs)
+        "mlx-vlm": ("qwen25vl.conformance.adapters.mlx_vlm", "MlxVlmAdapter"),
+        "llama.cpp": ("qwen25vl.conformance.adapters.llama_cpp", "LlamaCppAdapter"),
+        "vllm": ("qwen25vl.conformance.adapters.vllm", "VllmAdapter"),
     }
     if target in builtin:
         mod, cls = builtin[target]
     elif ":" in target:
         mod, cls = target.split(":", 1)
     else:
-        raise ValueError(f"target {target!r} is not one of impl, spec, transformers, files:DIR, module:Class")
+        raise ValueError(f"target {target!r} is not one of {', '.join(builtin)}, files:DIR, module:Class")
     try:
         try:
             module = importlib.import_module(mod)
