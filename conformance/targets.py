@@ -9,7 +9,7 @@ from .adapters.base import Adapter
 
 
 def make_adapter(target: str, *, dtype: str | None = None, device: str | None = None) -> Adapter:
-    """'impl' | 'spec' | 'transformers' | 'mlx-vlm' | 'llama.cpp' | 'vllm' | 'files:DIR' | 'package.module:Class'."""
+    """'impl' | 'spec' | 'transformers' | 'mlx-vlm' | 'llama.cpp' | 'vllm' | 'sglang' | 'files:DIR' | 'package.module:Class'."""
     if target.startswith("files:"):
         from .adapters.files import FilesAdapter
 
@@ -23,7 +23,8 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
         # real ports, each run through its own code in the worker process (optional installs)
         "mlx-vlm": ("qwen25vl.conformance.adapters.mlx_vlm", "MlxVlmAdapter"),
         "llama.cpp": ("qwen25vl.conformance.adapters.llama_cpp", "LlamaCppAdapter"),
-        "vllm": ("qwen25vl.conformance.adapters.vllm", "VllmAdapter"),
+        "vllm": ("qwen25vl.conformance.adapters.serving", "VllmAdapter"),
+        "sglang": ("qwen25vl.conformance.adapters.serving", "SglangAdapter"),
     }
     if target in builtin:
         mod, cls = builtin[target]
