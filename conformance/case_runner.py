@@ -20,6 +20,7 @@ import torch
 
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
+from .conversions import GIVEN
 from .diagnosis import Diagnosis, name_mistakes
 from .fixtures import FixtureError, load_case
 from .golden import Checkpoint
@@ -75,6 +76,7 @@ class CaseRunner:
         self._runs: list[ModelRun] = []  # the model cases run so far, for repeat()
         self._port_ids: torch.Tensor | None = None  # the port's own prompt ids of the current case
         self._golden_ids: torch.Tensor | None = None
+        self._given: dict[str, torch.Tensor] = {}  # stage -> bool [B, L]: where a port gave it (conversions.GIVEN)
         self._last_model_case: str | None = None
 
     @property
@@ -212,6 +214,7 @@ class CaseRunner:
         golden = case.tensors("golden.safetensors") if "golden.safetensors" not in case.bad_files else {}
         mask = inputs["attention_mask"]
         self._golden_ids, self._port_ids = inputs["input_ids"], None
+        self._given = {}
         names = [s for s in case.stages if self._wanted(s)]
 
         # preprocessing, from the request (conversation + media files)
@@ -242,6 +245,8 @@ class CaseRunner:
                 )
                 if not isinstance(captured, dict):
                     failure = ("error", f"run returned {type(captured).__name__}, not a dict of stage tensors")
+                else:
+                    self._given = {k[: -len(GIVEN)]: v for k, v in captured.items() if k.endswith(GIVEN)}
             except NotCovered as e:
                 failure = ("not_covered", f"run: {e}")
             except BaseException as e:
@@ -438,6 +443,9 @@ class CaseRunner:
         stage whose prompt is another length than the golden one is judged on the tokens both share."""
         row = stages.info(stage)
         control = case.stages[stage].get(control_key)
+        given = self._given.get(stage)
+        if given is not None and given.shape == mask.shape:  # e.g. logits at the last prompt token only
+            mask = mask * given
         aligned = self._aligned(row, expected, got, mask)
         if aligned is not None:
             expected, got, mask, note = aligned
