@@ -323,3 +323,26 @@ def load_checkpoint(
         cast = {id(t): t.to(dtype) for t in params.values()}  # keep tied tensors one object
         params = {k: cast[id(t)] for k, t in params.items()}
     return config, params
+
+
+def stop_token_ids(folder: str | os.PathLike) -> list[int]:
+    """The ids greedy generation stops at: generation_config.json's eos_token_id, which the published
+    folders set to [151645, 151643] (<|im_end|> ends an assistant turn, <|endoftext|> ends a document),
+    else config.json's single eos_token_id. A port that stops on <|im_end|> only runs past an
+    <|endoftext|>; fixtures/model_batch has a row that stops there."""
+    folder = Path(folder)
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            ids = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        if ids is None:
+            continue
+        ids = [ids] if isinstance(ids, int) else ids
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise CheckpointError(f"{path}: eos_token_id must be an id or a list of ids, got {ids!r}")
+        return list(ids)
+    raise CheckpointError(f"{folder}: neither generation_config.json nor config.json names an eos_token_id")

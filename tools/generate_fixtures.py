@@ -30,6 +30,7 @@ from ..conformance.adapters.spec import SpecAdapter
 from ..conformance.fixtures import dump_json, sha256_file, write_case
 from ..conformance.precision import COMPUTE
 from ..conformance.reference import Reference
+from ..spec.checkpoint import stop_token_ids
 from ..spec.config import Qwen25VLConfig
 from ..spec.generate import generate_greedy
 
@@ -192,6 +193,10 @@ def case_exact_video_frames(spec: SpecAdapter):
         (1, 30.0, 2.0, None),
         (0, 30.0, 2.0, None),
         (12001, 30.0, 30.0, None),
+        # the smallest clips where float32 linspace (the spec, qwen-vl-utils) and float64 pick another frame
+        # (one index each; found by scanning T for n = 768 and 512): 411 s at 30 fps, fps 2 -> 768 frames
+        (12342, 30.0, 2.0, None),
+        (16481, 25.0, None, 512),
         (3600, 60.0, 1.0, None),
         (45, 15.0, 2.0, None),
     ]
@@ -408,6 +413,12 @@ def case_exact_prompt(spec: SpecAdapter, tokenizer_dir: str):
             "\n\n   x  \t y",
             "don't I'll we've",
             "<|im_start|><|endoftext|>",
+            # NFC changes these (the tokenizer's normalizer composes them): decomposed accents, Hangul jamo
+            "Cafe\u0301 de\u0301ja\u0300 vu",
+            "A\u030angstro\u0308m",
+            "\u1112\u1161\u11ab\u1100\u1173\u11af",
+            # the Qwen2 pre-tokenizer regex splits this in 2 pieces, GPT-2's in 4
+            "(x):\n",
         ]
     )
     toks = [
@@ -658,7 +669,9 @@ MODEL_CASES = {
         "options": {},
     },
     "model_batch": {
-        "description": "left-padded batch of 2: two images (one an exact multiple of the window) vs multi-turn text",
+        "description": "left-padded batch of 2, an image in each row: two images (one an exact multiple of the "
+        "window) vs multi-turn text around a 100x300 image the resize must change (to 112x308: aspect 3.0 -> 2.75) "
+        "and a decomposed 'Cafe\u0301' that NFC composes; row 0 stops at <|endoftext|> (151643) after 3 tokens",
         "conversations": [
             [
                 {
@@ -674,10 +687,17 @@ MODEL_CASES = {
             [
                 {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."},
-                {"role": "user", "content": "Count to three."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Cafe\u0301 menu:"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Count to three."},
+                    ],
+                },
             ],
         ],
-        "images": [(224, 224, 2), (84, 140, 3)],
+        "images": [(224, 224, 2), (84, 140, 3), (100, 300, 4)],
         "videos": [],
         "options": {},
     },
@@ -771,17 +791,18 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
     top = logits.topk(TOPK_STORED, dim=-1)
     files["logits_topk.safetensors"] = {"values": top.values.to(torch.float32), "indices": top.indices}
 
-    new = generate_greedy(gold.params, gold.config, inputs, MAX_NEW_TOKENS, eos_token_id=gold.config.eos_token_id)
+    eos = stop_token_ids(ck)  # generation_config.json's list: [151645, 151643]
+    new = generate_greedy(gold.params, gold.config, inputs, MAX_NEW_TOKENS, eos_token_id=eos)
     step = gold.step_logits(inputs, new).double()  # [B, n, V]
     step_top = step.topk(compare.TOPK, dim=-1)
-    valid = _before_eos(new, gold.config.eos_token_id)  # [B, n]: steps up to each row's eos
+    valid = _before_eos(new, eos)  # [B, n]: steps up to each row's eos
     files["generate.json"] = {
         "tokens": new.tolist(),
         "topk": step_top.indices.tolist(),
         "topk_logits": step_top.values.tolist(),
         "topk_logprobs": step.log_softmax(-1).gather(-1, step_top.indices).tolist(),
         "max_new_tokens": MAX_NEW_TOKENS,
-        "eos_token_id": gold.config.eos_token_id,
+        "eos_token_id": eos,
     }
 
     # controls: the spec itself at each precision a port may declare (conformance/precision.py), end

@@ -31,24 +31,39 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "qwen
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json")
 MODEL_CONFIG_FILES = ("preprocessor_config.json", "generation_config.json")
 
+# A stop that random weights never produce on their own: the LM head row of <|endoftext|> (151643,
+# the second id of generation_config.json's eos list) is STOP_SCALE x the row of STOP_AFTER, the
+# token fixtures/model_batch's row 1 picks at step 4 in the unplanted checkpoint. STOP_AFTER was
+# chosen (by scanning every step of every model case) as the pick whose logit stays at least 1.2
+# below the top at every other step, so the scaled row wins there alone, by 0.5 logit (no near tie
+# at any precision): that row stops, the other runs on, and a port that stops only at <|im_end|>
+# (151645), or never stops, is told apart. Only the tiny config's untied head is planted.
+STOP_ID, STOP_AFTER, STOP_SCALE = 151643, 77934, 1.12
+
 
 def tiny_config(*, tied: bool = False) -> Qwen25VLConfig:
-    """The tiny config every test uses: real vocabulary, 2 text layers, 4 vision blocks, width 32."""
+    """The tiny config every test uses: real vocabulary, 2 text layers, 4 vision blocks.
+
+    Small, but every axis a port can get wrong has at least two of something: 4 query heads on 2 KV
+    heads (tiling the KV heads instead of repeating each one shows), three distinct MRoPE sections,
+    4 vision heads, windowed and full-attention blocks. Text width 32 keeps the embedding and the
+    untied LM head at the real vocabulary (2 x 152064 x 32 bf16, 19.5 MB) the bulk of the fixtures.
+    """
     return Qwen25VLConfig(
         vocab_size=152064,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,  # GQA: 2 query heads share one kv head
-        mrope_section=(2, 3, 3),  # head_dim 16 -> 8 frequencies
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA: query heads 0,1 read KV head 0 and 2,3 read KV head 1
+        mrope_section=(1, 1, 2),  # head_dim 8 -> 4 frequencies: 1 temporal, 1 height, 2 width
         rope_theta=1_000_000.0,
         tie_word_embeddings=tied,
         vision=VisionConfig(
             depth=4,
-            hidden_size=32,
-            num_heads=2,
-            intermediate_size=48,
+            hidden_size=64,
+            num_heads=4,  # head_dim 16: 4 row and 4 column rotary frequencies
+            intermediate_size=112,
             fullatt_block_indexes=(1, 3),
             window_size=112,
             patch_size=14,
@@ -118,8 +133,8 @@ def make_random_params(
 def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
     raw = config.to_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
-    raw["vision_config"]["in_channels"] = config.vision.in_chans  # the name transformers v5 reads
-    raw["vision_config"]["model_type"] = "qwen2_5_vl_vision"
+    # only keys the published config.json has: mlx-vlm refuses a vision_config carrying a model_type
+    raw["vision_config"].pop("model_type", None)
     raw["initializer_range"] = 0.02
     raw["use_cache"] = True
     return raw
@@ -148,9 +163,7 @@ def make_tiny_checkpoint(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if config is None:
-        config = tiny_config(tied=tied)
-    elif config.tie_word_embeddings != tied:
+    if config is not None and config.tie_word_embeddings != tied:
         raise ValueError(f"tied={tied} disagrees with config.tie_word_embeddings={config.tie_word_embeddings}")
     folder = Path(folder).resolve()
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not overwrite)):
@@ -160,7 +173,13 @@ def make_tiny_checkpoint(
     if missing:
         raise FileNotFoundError(f"tokenizer files {missing} not found under {TOKENIZER_DIR}")
 
+    planted = config is None
+    if config is None:
+        config = tiny_config(tied=tied)
     params = make_random_params(config, seed, dtype)
+    if planted and not tied:
+        head = params["lm_head.weight"]
+        head[STOP_ID] = (head[STOP_AFTER].float() * STOP_SCALE).to(dtype)
     if tied:
         del params["lm_head.weight"]  # as in the published 3B checkpoint
     rename = to_v5_key if layout == "v5" else (lambda k: k)

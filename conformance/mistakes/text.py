@@ -119,6 +119,23 @@ class LmHeadTied(SpecAdapter):
         self.params = {**self.params, "lm_head.weight": self.params["model.embed_tokens.weight"]}
 
 
+class StopsOnImEndOnly(SpecAdapter):
+    """Generation stops at config.json's eos_token_id (151645, <|im_end|>) only, not at every id of
+    generation_config.json's list (also 151643, <|endoftext|>)."""
+
+    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        first = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
+        return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=first)
+
+
+class NeverStops(SpecAdapter):
+    """Generation ignores eos and always runs max_new_tokens (a benchmark setting left on)."""
+
+    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        never = self.config.vocab_size - 1  # an unused row of the padded vocabulary: no greedy pick
+        return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=never)
+
+
 ENTRIES = [
     Mistake(
         "scatter_transposed",
@@ -127,7 +144,6 @@ ENTRIES = [
         "alibaba/Pai-Megatron-Patch#649",
         ScatterTransposed,
         cases="model_batch",
-        blind_spot="model_batch has images in one row only, where (S, B) and (B, S) orders coincide",
     ),
     Mistake(
         "text_rope_theta_1e4",
@@ -160,7 +176,6 @@ ENTRIES = [
         "hf_reference.md §7",
         GqaHeadsTiled,
         cases="model_image",
-        blind_spot="the tiny checkpoint has one KV head, where tiling and repeat_interleave coincide",
     ),
     Mistake(
         "causal_mask_by_position",
@@ -177,5 +192,21 @@ ENTRIES = [
         "sgl-project/sglang#18024; QwenLM/Qwen3-VL#1016",
         LmHeadTied,
         cases="model_image",
+    ),
+    Mistake(
+        "stops_on_im_end_only",
+        "generate.tokens",
+        "generation stops at <|im_end|> (config.json's eos 151645) only, not at generation_config.json's 151643 too",
+        "hf_reference.md §15 (generation_config eos [151645, 151643])",
+        StopsOnImEndOnly,
+        cases="model_batch",
+    ),
+    Mistake(
+        "never_stops",
+        "generate.tokens",
+        "generation ignores eos and always runs max_new_tokens",
+        "hf_reference.md §15 (stop on either eos id)",
+        NeverStops,
+        cases="model_batch",
     ),
 ]
