@@ -1,0 +1,288 @@
+"""File exchange v2 (docs/exchange.md): the conversions a port declares, the numpy-only port kit, and a
+port written from the document alone (numpy_port/port.py) judged through the files it writes."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from qwen25vl.conformance import conversions
+from qwen25vl.conformance.adapters.files import FilesAdapter, read_port_json
+from qwen25vl.conformance.conversions import ConversionError
+from qwen25vl.conformance.fixtures import load_case
+from qwen25vl.tools import cli
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "fixtures"
+PORT = Path(__file__).resolve().parent / "numpy_port" / "port.py"
+KIT_PATH = ROOT / "conformance" / "port_kit" / "qwen25vl_exchange.py"
+
+# runs a script with `import torch` / `import qwen25vl` (and safetensors, transformers) made to fail
+NO_TORCH = """
+import runpy, sys
+BLOCKED = ("torch", "qwen25vl", "safetensors", "transformers")
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"the numpy port may not import {name}")
+sys.meta_path.insert(0, Blocker())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def kit():
+    spec = importlib.util.spec_from_file_location("qwen25vl_exchange", KIT_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("in")
+    assert cli.main(["conform", "--cases", "model_", "--export-inputs", str(folder)]) == 0
+    return folder
+
+
+# ---------------------------------------------------------------- the proof: a port from the document alone
+
+
+def test_numpy_port_passes_every_model_case_through_the_conversions(exported, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(PORT), str(exported), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # it could only have been judged through the conversions: rows, last logits, its own layouts
+    declared = json.loads((out / "port.json").read_text())
+    assert {k: declared[k] for k in conversions.CONVENTIONS} == {
+        "outputs": "rows",
+        "logits": "last",
+        "vision_block_order": "window",
+        "positions": "sections4",
+        "rope_deltas": "unpadded",
+    }
+    assert not list(out.glob("*/outputs.safetensors"))
+    row = load_file(str(out / "model_batch" / "rows" / "1.safetensors"))
+    assert row["logits"].shape == (152064,) and row["text.position_ids"].shape[0] == 4
+    lengths = load_case(FIXTURES / "model_batch").tensors("inputs.safetensors")["attention_mask"].sum(-1)
+    assert row["text.norm"].shape[0] == int(lengths[1]) < int(lengths.max())  # no padding in a row
+
+    code = cli.main(["conform", "--target", f"files:{out}", "--cases", "model_", "--json", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert code == 0
+    model = [r for r in results if not r["stage"].startswith("preprocess.")]
+    assert {r["case"] for r in model} == {"model_image", "model_batch", "model_video", "model_image_swap"}
+    assert all(r["status"] == "pass" for r in model), [(r["case"], r["stage"], r["metric"]) for r in model]
+    stages = {r["stage"] for r in model}
+    assert {
+        "logits",
+        "text.position_ids",
+        "text.rope_deltas",
+        "vision.block.0",
+        "generate.tokens",
+        "state.repeat",
+    } <= stages
+    # preprocessing is not this port's business: not covered, never a failure
+    assert {r["status"] for r in results if r["stage"].startswith("preprocess.")} == {"not_covered"}
+
+
+def test_a_key_the_port_leaves_out_stays_not_covered(exported, tmp_path):
+    qx = kit()
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(PORT), str(exported), str(out)], check=True, timeout=300)
+    row = out / "model_image" / "rows" / "0.safetensors"
+    stages = qx.load_safetensors(row)
+    del stages["text.layer.1"]
+    qx.save_safetensors(row, stages)
+    argv = ["conform", "--target", f"files:{out}", "--cases", "model_image$", "--stages", "text.layer"]
+    assert cli.main(argv + ["--no-diagnosis", "--json", str(tmp_path / "r.json")]) == 0
+    status = {r["stage"]: r["status"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert status == {"text.layer.0": "pass", "text.layer.1": "not_covered"}
+
+
+# ---------------------------------------------------------------- each conversion, by hand
+
+
+def test_rows_are_placed_at_the_real_tokens_of_a_left_padded_batch():
+    mask = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    rows = [torch.tensor([[7.0]]), torch.tensor([[1.0], [2.0], [3.0]])]
+    got = conversions.place_rows(rows, mask, ["r0", "r1"])
+    assert got.tolist() == [[[0.0], [0.0], [7.0]], [[1.0], [2.0], [3.0]]]
+    with pytest.raises(ConversionError, match=r"r0: expected shape \[1, 1\] \(row 0's 1 real tokens, no padding\)"):
+        conversions.place_rows([torch.ones(3, 1), rows[1]], mask, ["r0", "r1"])
+
+
+def test_window_order_is_undone_exactly():
+    # grid (1, 8, 12): units 4x6, windows of 4x4 units; the window order, written out by hand
+    index = [0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21, 4, 5, 10, 11, 16, 17, 22, 23]
+    pixel_order = torch.arange(96.0)[:, None].repeat(1, 2)  # [P, 2]: row p holds p
+    window_order = torch.cat([pixel_order[4 * u : 4 * u + 4] for u in index])
+    got = conversions.unpermute_windows(
+        window_order, [[1, 8, 12]], window_size=112, patch_size=14, merge_size=2, where="f key 'vision.block.0'"
+    )
+    assert torch.equal(got, pixel_order)
+    with pytest.raises(ConversionError, match=r"f key 'vision.block.0': expected shape \[96, \*\]"):
+        conversions.unpermute_windows(
+            window_order[:-4],
+            [[1, 8, 12]],
+            window_size=112,
+            patch_size=14,
+            merge_size=2,
+            where="f key 'vision.block.0'",
+        )
+
+
+def test_positions_layouts_agree_after_conversion():
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    t, h, w = [0, 1, 1], [0, 1, 2], [0, 2, 1]
+    row1 = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
+    canonical = torch.tensor([[[1] + t, row1[0]], [[1] + h, row1[1]], [[1] + w, row1[2]]])  # [3, B, L]
+    forms = {
+        "sections": [torch.tensor([t, h, w]), torch.tensor(row1)],
+        "sections4": [torch.tensor(t + h + w + [0, 0, 0]), torch.tensor(row1 + [[0] * 4])],  # flat and [4, L]
+        "tokens": [torch.tensor([t, h, w]).T, torch.tensor(row1).T],
+    }
+    for layout, rows in forms.items():
+        assert torch.equal(conversions.place_positions(rows, layout, mask, ["a", "b"]), canonical), layout
+    with pytest.raises(ConversionError, match="a: the fourth section .* must be 0"):
+        conversions.place_positions(
+            [torch.tensor([t, h, w, [0, 0, 5]]), forms["sections4"][1]], "sections4", mask, ["a", "b"]
+        )
+    with pytest.raises(ConversionError, match=r"b: expected shape \[4, 4\] \(4 sections"):
+        conversions.place_positions([forms["sections4"][0], torch.tensor(row1)], "sections4", mask, ["a", "b"])
+
+
+def test_rope_deltas_in_either_convention():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    # row 0 alone: 3 tokens, largest position 0 -> delta 0 + 1 - 3 = -2; in the padded batch 0 + 1 - 5 = -4
+    got = conversions.rope_deltas_padded(torch.tensor([-2, 7]), "unpadded", mask, "w")
+    assert got.tolist() == [[-4], [7]]
+    assert conversions.rope_deltas_padded(torch.tensor([[-4], [7]]), "padded", mask, "w").tolist() == [[-4], [7]]
+    with pytest.raises(ConversionError, match=r"w: expected 2 rope_deltas \(one per row\)"):
+        conversions.rope_deltas_padded(torch.tensor([1, 2, 3]), "padded", mask, "w")
+
+
+def test_last_position_logits_are_judged_where_given():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    full, given = conversions.place_last_logits(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), mask, "w")
+    assert full[:, -1].tolist() == [[1.0, 2.0], [3.0, 4.0]] and full[:, :-1].abs().sum() == 0
+    assert given.tolist() == [[False, False, True], [False, False, True]]
+    with pytest.raises(ConversionError, match="w: the batch is not left padded"):
+        conversions.place_last_logits(torch.ones(2, 2), torch.tensor([[1, 1, 0], [1, 1, 1]]), "w")
+
+
+def test_generated_rows_of_different_lengths():
+    got = conversions.pad_generated([[5, 9], [4, 2, 8, 1]], [9, 3], 0, "w")
+    assert got.tolist() == [[5, 9, 0, 0], [4, 2, 8, 1]]
+    with pytest.raises(ConversionError, match=r"w: row 0 has 2 tokens and does not end in an eos id \[9, 3\]"):
+        conversions.pad_generated([[5, 6], [4, 2, 8, 1]], [9, 3], 0, "w")
+    topk = conversions.pad_generated([[[1, 2]], [[3, 4], [5, 6]]], [9], 0, "w", fill=-1)
+    assert topk.tolist() == [[[1, 2], [-1, -1]], [[3, 4], [5, 6]]]
+
+
+def test_any_float_dtype_is_widened_and_integers_refused():
+    x = torch.tensor([1.5, -2.25])
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert conversions.to_float32(x.to(dtype), "w").dtype == torch.float32
+    with pytest.raises(ConversionError, match="w: expected a floating-point tensor, got torch.int64"):
+        conversions.to_float32(torch.tensor([1, 2]), "w")
+
+
+def test_port_json_declarations_are_checked(tmp_path):
+    (tmp_path / "port.json").write_text(json.dumps({"name": "p", "positions": "yxt"}))
+    with pytest.raises(ValueError, match=r"port.json key 'positions': positions = 'yxt' is not a known convention"):
+        FilesAdapter(str(tmp_path))
+    (tmp_path / "port.json").write_text(json.dumps({"name": "p", "logit": "last"}))
+    with pytest.raises(ValueError, match=r"port.json: unknown key\(s\) \['logit'\]"):
+        read_port_json(tmp_path / "port.json")
+    assert kit().CONVENTIONS == conversions.CONVENTIONS  # the vendored kit declares what the harness accepts
+
+
+def test_a_row_that_does_not_fit_names_its_file_and_key(exported, tmp_path):
+    qx = kit()
+    qx.write_port_json(tmp_path, name="p", outputs="rows")
+    case = load_case(FIXTURES / "model_batch")
+    inputs = case.tensors("inputs.safetensors")
+    lengths = [int(n) for n in inputs["attention_mask"].sum(-1)]
+    for i, n in enumerate(lengths):
+        qx.write_row(
+            tmp_path, "model_batch", i, {"text.norm": np.zeros((n + i, 32), np.float32)}
+        )  # row 1: one too many
+    adapter = FilesAdapter(str(tmp_path))
+    adapter.begin_case(case)
+    with pytest.raises(
+        ConversionError, match=rf"rows/1\.safetensors key 'text\.norm': expected shape \[{lengths[1]}, 32\]"
+    ):
+        adapter.run(dict(inputs), capture=["text.norm"])
+
+
+# ---------------------------------------------------------------- the export and the numpy-only kit
+
+
+def test_case_json_names_everything_a_port_needs(exported):
+    info = json.loads((exported / "model_batch" / "case.json").read_text())
+    ck = Path(info["checkpoint"])
+    assert Path(info["preprocessor_config"]) == ck / "preprocessor_config.json"
+    assert Path(info["config"]).is_file() and all(Path(p).is_file() for p in info["weights"])
+    assert {"tokenizer_config.json"} <= set(info["tokenizer_files"]) and all(
+        Path(p).is_file() for p in info["tokenizer_files"].values()
+    )
+    generate = load_case(FIXTURES / "model_batch").json("generate.json")
+    assert info["max_new_tokens"] == generate["max_new_tokens"] and isinstance(info["eos_token_id"], list)
+    assert info["rows"] == 2 and len(info["prompts"]) == 2 and len(info["row_lengths"]) == 2
+    request = json.loads((exported / "model_batch" / "request.json").read_text())
+    for conversation, prompt in zip(request["conversations"], info["prompts"]):
+        parts = [p for m in conversation for p in (m["content"] if isinstance(m["content"], list) else [])]
+        images = sum(p["type"] == "image" for p in parts)
+        assert prompt.count("<|vision_start|><|image_pad|><|vision_end|>") == images
+        assert all(p["text"] in prompt for p in parts if p["type"] == "text")
+        assert prompt.endswith("<|im_start|>assistant\n")  # the generation prompt
+    assert (exported / "order.json").is_file() and (exported / "model_batch@repeat" / "case.json").is_file()
+
+
+def test_port_kit_round_trips_against_the_safetensors_package(tmp_path):
+    qx = kit()
+    rng = np.random.default_rng(0)
+    arrays = {
+        "f32": rng.standard_normal((3, 4)).astype(np.float32),
+        "f64": rng.standard_normal(5),
+        "f16": rng.standard_normal((2, 2)).astype(np.float16),
+        "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "b": np.array([True, False]),
+        "scalar": np.array(7, dtype=np.int64),
+    }
+    arrays["bf16"] = rng.standard_normal((2, 3)).astype(np.float32)
+    qx.save_safetensors(tmp_path / "kit.safetensors", arrays, bfloat16=("bf16",))
+    theirs = load_file(str(tmp_path / "kit.safetensors"))
+    for name, a in arrays.items():
+        if name == "bf16":
+            assert theirs[name].dtype == torch.bfloat16
+            assert torch.equal(theirs[name].float(), torch.from_numpy(a).to(torch.bfloat16).float())  # torch rounds too
+        else:
+            assert np.array_equal(theirs[name].numpy(), a) and theirs[name].numpy().dtype == a.dtype, name
+    torch_side = {
+        "bf16": torch.randn(4, 5).to(torch.bfloat16),
+        "f32": torch.randn(3),
+        "i32": torch.arange(4, dtype=torch.int32),
+    }
+    save_file(torch_side, str(tmp_path / "torch.safetensors"), metadata={"format": "pt"})
+    back = qx.load_safetensors(tmp_path / "torch.safetensors")
+    assert back["bf16"].dtype == np.float32 and np.array_equal(back["bf16"], torch_side["bf16"].float().numpy())
+    assert np.array_equal(back["f32"], torch_side["f32"].numpy()) and back["i32"].dtype == np.int32
+    bits = qx.load_safetensors(tmp_path / "torch.safetensors", keep_bfloat16_bits=True)["bf16"]
+    assert bits.dtype == np.uint16 and np.array_equal(
+        bits, torch_side["bf16"].view(torch.int16).numpy().view(np.uint16)
+    )
+    (tmp_path / "short.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(ValueError, match="short.safetensors: too short"):
+        qx.load_safetensors(tmp_path / "short.safetensors")
