@@ -2,6 +2,7 @@
 
     qwen25vl generate --checkpoint DIR [--image SRC ...] [--video SRC ...] --prompt TEXT
                       [--max-new-tokens 128] [--dtype D] [--device D] [--attention auto] [--quantize int4]
+                      [--quantize-lm-head int4|int8]
                       [--min-pixels N] [--max-pixels N] [--fps F | --nframes N] [--allow-large-images]
                       [--max-video-bytes N] [--fetch-timeout S]
     torchrun --nproc-per-node N -m qwen25vl generate --tp N ...     (tensor parallel: docs/tensor-parallel.md)
@@ -38,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
         "--attention", default="auto", help="vision attention backend (auto, dense, varlen, flash_attn, blockmask)"
     )
     p.add_argument("--quantize", default=None, choices=("int4",), help="int4 weight-only text decoder")
+    p.add_argument(
+        "--quantize-lm-head",
+        default=None,
+        choices=("int4", "int8"),
+        help="also quantize the lm_head (int4 needs hidden_size %% 128 == 0; int8 per channel takes any width)",
+    )
     p.add_argument("--min-pixels", type=int, default=None, help="image minimum pixels (default 3136)")
     p.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default 12845056)")
     p.add_argument("--fps", type=float, default=None, help="video sampling rate (default 2.0)")
@@ -190,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
                 quantize=args.quantize,
                 progress=True,
             )
+            if args.quantize_lm_head:
+                from .quant import apply_lm_head_quant
+
+                apply_lm_head_quant(model, args.quantize_lm_head)
         t1 = time.perf_counter()
+        head = f", lm_head {args.quantize_lm_head}" if args.quantize_lm_head else ""
         print(
             f"loaded in {t1 - t0:.1f} s ({model.device_.type}, {str(model.dtype_).removeprefix('torch.')}"
-            f"{', int4' if args.quantize else ''})",
+            f"{', int4' if args.quantize else ''}{head})",
             file=sys.stderr,
             flush=True,
         )

@@ -13,6 +13,17 @@ Runtime kernels (they take their own opaque layout, converted once at load):
 Both take scales_and_zeros [K/128, N, 2] and compute (q - 8) * scale + zero (verified in the tests).
 A layer the kernel cannot take keeps the plain packing and runs dequantize-then-matmul; `quantize_model`
 warns and lists those layers.
+
+int8 per output channel (the lm_head option where int4's group error costs too much): symmetric,
+    scale = max|w[n, :]| / 127 (float32),   q = clamp(round(w / scale), -127, 127) (int8),   w_hat = q * scale
+Runtime kernel torch.ops.aten._weight_int8pack_mm (x [M, K] float32 / bfloat16, q [N, K], scale [N] in x's
+dtype); where the device has no such kernel, dequantize-then-matmul.
+
+lm_head (`apply_lm_head_quant`, "int4" or "int8"): the vocabulary projection is the largest single
+matrix read per decode step (151936 x 2048 for 3B: 0.62 GB in bfloat16). The tied embedding table stays
+in the model dtype for the token lookup (one row per token, so the bytes read per token drop by the
+lm_head's whole share; the memory held grows by the quantized copy). int4 needs hidden_size % 128 == 0
+(true for every released width; the tiny test checkpoint's 32 is refused, int8 takes any width).
 """
 
 from __future__ import annotations
@@ -172,13 +183,111 @@ def apply_int4(model: nn.Module, mode: str = "int4", *, vision: bool = False) ->
     return report
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale float32 [N]); symmetric per output channel (module doc)."""
+    wf = w.detach().float()
+    scale = (wf.abs().amax(1) / 127).clamp(min=1e-12)
+    q = torch.clamp(torch.round(wf / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The formula: q int8 [N, K], scale [N] -> w_hat float32 [N, K] = q * scale."""
+    return q.float() * scale.float()[:, None]
+
+
+def int8_kernel_for(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether torch.ops.aten._weight_int8pack_mm runs here: (True, "") or (False, reason)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False, f"the int8 kernel takes floating activations, not {dtype}"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key):
+        return False, f"this torch has no _weight_int8pack_mm for device {device.type}"
+    return True, ""
+
+
+class Int8Linear(nn.Module):
+    """y = x @ w_hat^T + b with w_hat from `dequantize_int8`; x [..., K] -> [..., N]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype):
+        super().__init__()
+        N, K = weight.shape
+        self.in_features, self.out_features = K, N
+        self.use_kernel, self.reason = int8_kernel_for(weight.device, dtype)
+        q, scale = quantize_int8(weight)
+        self.register_buffer("q", q.contiguous())
+        # the kernel wants the scales in the activation dtype; the fallback keeps them in float32
+        self.register_buffer("scale", scale.to(dtype) if self.use_kernel else scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.use_kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+        else:
+            y = x2 @ dequantize_int8(self.q, self.scale).to(x.dtype).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers: int8 weight and scales (the bias is a parameter, not counted)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features} -> {self.out_features}, kernel={'int8pack' if self.use_kernel else 'dequant-fallback'}"
+        )
+
+
+LM_HEAD_MODES = ("int4", "int8")
+
+
+def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
+    """Quantize a built impl.model.Qwen25VL's lm_head from outside: "int4" (packed kernel only; refused
+    when hidden_size % 128 != 0 or N does not suit the kernel) or "int8" (per output channel). The
+    embedding table is left as it is (module doc). Returns and stores model.quant_report, with "lm_head"."""
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"lm_head quantization must be one of {LM_HEAD_MODES}, got {mode!r}")
+    head = model.text.lm_head
+    if type(head) is not nn.Linear:
+        raise ValueError(f"lm_head is already {type(head).__name__}; quantize it once, from the plain nn.Linear")
+    dtype = model.dtype_
+    if mode == "int4":
+        kernel, reason = kernel_for(head.weight.device, dtype, head.out_features, head.in_features)
+        if kernel is None:
+            raise ValueError(
+                f"int4 lm_head [{head.out_features}, {head.in_features}] has no packed kernel: {reason} "
+                f"(the dequantize fallback would read more bytes than bfloat16); use int8 for this model"
+            )
+        new = Int4Linear(head.weight, head.bias, dtype=dtype, allow_fallback=False)
+    else:
+        new = Int8Linear(head.weight, head.bias, dtype=dtype)
+    model.text.lm_head = new
+    report = model.quant_report if model.quant_report is not None else {"quantized": [], "fallback": {}}
+    report["lm_head"] = mode
+    model.quant_report = report
+    return report
+
+
+def decode_weight_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads at batch 1: the text layers' linears and norms, the final norm,
+    the lm_head (quantized or not) and one embedding row."""
+    text = model.text
+    total = linear_weight_bytes(model, "text.layers.") + linear_weight_bytes(model, "text.lm_head")
+    norms = [p for n, p in text.named_parameters() if n.endswith("norm") or n == "norm"]
+    total += sum(p.numel() * p.element_size() for p in norms)
+    return total + text.embed.shape[1] * text.embed.element_size()
+
+
 def linear_weight_bytes(model: nn.Module, prefix: str = "text.layers.") -> int:
     """Bytes held by the linear layers under `prefix` (weights, packed weights, scales; biases excluded)."""
     total = 0
     for name, m in model.named_modules():
         if not name.startswith(prefix):
             continue
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, Int8Linear)):
             total += m.nbytes()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
