@@ -52,6 +52,11 @@ def to_float32(t: torch.Tensor, where: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
+def _expect_integers(t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ConversionError(f"{where}: expected an integer tensor, got {t.dtype}")
+
+
 def _expect_shape(t: torch.Tensor, shape: tuple, where: str, meaning: str) -> None:
     """shape: ints, or None for any size on that axis."""
     ok = t.dim() == len(shape) and all(s is None or int(n) == s for n, s in zip(t.shape, shape))
@@ -144,6 +149,7 @@ def unpermute_windows(x: torch.Tensor, grid_thw, *, window_size: int, patch_size
 def positions_row(t: torch.Tensor, layout: str, n: int, where: str) -> torch.Tensor:
     """One row's positions in a declared layout -> [3, L_i] (t, h, w).
     sections: [3, L_i]; sections4: llama.cpp's [4, L_i] or flat [4*L_i] (t, y, x, 0 sections); tokens: [L_i, 3]."""
+    _expect_integers(t, where)
     if layout == "sections":
         _expect_shape(t, (3, n), where, "3 sections (t, h, w) x the row's tokens")
         return t
@@ -173,6 +179,7 @@ def rope_deltas_padded(deltas: torch.Tensor, convention: str, attention_mask: to
     """rope_deltas [B] or [B, 1] -> [B, 1] against the padded length L (the reference's convention:
     max position + 1 - L). 'unpadded' (max + 1 - L_i, a row run alone) moves by L_i - L."""
     B, L = attention_mask.shape
+    _expect_integers(deltas, where)
     if deltas.numel() != B:
         raise ConversionError(f"{where}: expected {B} rope_deltas (one per row), got shape {list(deltas.shape)}")
     d = deltas.reshape(B, 1).to(torch.int64)

@@ -31,9 +31,8 @@ from ..repeat import REPEAT_SUFFIX
 from .base import Adapter, NotCovered
 
 PORT_KEYS = ("name", "version", "dtype", "device", "profile", "exchange") + tuple(conversions.CONVENTIONS)
-DEFAULTS = {"outputs": "batch", "logits": "all", "vision_block_order": "pixel_values", "positions": "sections"}
-DEFAULTS |= {"rope_deltas": "padded"}
-EXACT_SHAPES = ("text.position_ids", "text.rope_deltas")  # integer stages: any integer dtype, kept integer
+# a port that declares nothing is read in the canonical layout: each convention's first value
+DEFAULTS = {key: values[0] for key, values in conversions.CONVENTIONS.items()}
 
 
 def read_port_json(path: Path) -> dict:
@@ -202,8 +201,14 @@ class FilesAdapter(Adapter):
             if stage == "text.position_ids":
                 out[stage] = conversions.place_positions(vals, c["positions"], mask, at)
             elif stage == "text.rope_deltas":
-                deltas = torch.stack([v.reshape(-1)[:1] if v.numel() == 1 else v for v in vals])
-                out[stage] = conversions.rope_deltas_padded(deltas, c["rope_deltas"], mask, at[0].rsplit(" key", 1)[0])
+                for v, w in zip(vals, at):
+                    if v.numel() != 1:
+                        raise conversions.ConversionError(
+                            f"{w}: expected shape [1] (the row's delta), got {list(v.shape)}"
+                        )
+                deltas = torch.stack([v.reshape(()) for v in vals])
+                where = f"{self.case_dir / 'rows'}/*.safetensors key {stage!r}"
+                out[stage] = conversions.rope_deltas_padded(deltas, c["rope_deltas"], mask, where)
             elif stage == "logits" and c["logits"] == "last":
                 vals = [conversions.to_float32(v, w) for v, w in zip(vals, at)]
                 for v, w in zip(vals, at):
