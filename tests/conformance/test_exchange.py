@@ -3,6 +3,7 @@ port written from the document alone (numpy_port/port.py) judged through the fil
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,10 @@ def exported(tmp_path_factory):
 # ---------------------------------------------------------------- the proof: a port from the document alone
 
 
-def test_numpy_port_passes_every_model_case_through_the_conversions(exported, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def ported(exported, tmp_path_factory):
+    """OUT of the numpy port, run with torch and qwen25vl unimportable."""
+    out = tmp_path_factory.mktemp("out")
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH, str(PORT), str(exported), str(out)],
         capture_output=True,
@@ -62,6 +65,11 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(exported, tm
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_numpy_port_passes_every_model_case_through_the_conversions(ported, tmp_path):
+    out = ported
     # it could only have been judged through the conversions: rows, last logits, its own layouts
     declared = json.loads((out / "port.json").read_text())
     assert {k: declared[k] for k in conversions.CONVENTIONS} == {
@@ -96,10 +104,10 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(exported, tm
     assert {r["status"] for r in results if r["stage"].startswith("preprocess.")} == {"not_covered"}
 
 
-def test_a_key_the_port_leaves_out_stays_not_covered(exported, tmp_path):
+def test_a_key_the_port_leaves_out_stays_not_covered(ported, tmp_path):
     qx = kit()
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(PORT), str(exported), str(out)], check=True, timeout=300)
+    shutil.copytree(ported, out)
     row = out / "model_image" / "rows" / "0.safetensors"
     stages = qx.load_safetensors(row)
     del stages["text.layer.1"]
@@ -108,6 +116,41 @@ def test_a_key_the_port_leaves_out_stays_not_covered(exported, tmp_path):
     assert cli.main(argv + ["--no-diagnosis", "--json", str(tmp_path / "r.json")]) == 0
     status = {r["stage"]: r["status"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     assert status == {"text.layer.0": "pass", "text.layer.1": "not_covered"}
+
+
+def test_the_batch_layout_with_last_logits_window_order_and_unpadded_deltas(ported, tmp_path):
+    """The same answers written as one batch (laid out here by hand from the rows): the batch branch."""
+    qx = kit()
+    mask = load_case(FIXTURES / "model_batch").tensors("inputs.safetensors")["attention_mask"].numpy()
+    B, L = mask.shape
+    rows = [qx.load_safetensors(ported / "model_batch" / "rows" / f"{i}.safetensors") for i in range(B)]
+    batch = {}
+    for key in rows[0]:
+        if key.startswith("vision."):  # images of row 0, then of row 1
+            batch[key] = np.concatenate([r[key] for r in rows])
+        elif key.startswith("text.") and key not in ("text.position_ids", "text.rope_deltas"):
+            batch[key] = np.zeros((B, L, rows[0][key].shape[-1]))
+            for i, r in enumerate(rows):
+                batch[key][i, L - len(r[key]) :] = r[key]
+    batch["text.position_ids"] = np.ones((3, B, L), np.int64)
+    for i, r in enumerate(rows):
+        batch["text.position_ids"][:, i, L - r["text.position_ids"].shape[1] :] = r["text.position_ids"][:3]
+    batch["text.rope_deltas"] = np.array([int(r["text.rope_deltas"][0]) for r in rows])  # [B], unpadded
+    batch["logits"] = np.stack([r["logits"] for r in rows])  # [B, V]
+    out = tmp_path / "out"
+    qx.write_outputs(out, "model_batch", batch, bfloat16=())
+    shutil.copy(ported / "model_batch" / "generate.tokens.json", out / "model_batch")
+    qx.write_port_json(
+        out, name="batch", dtype="float64", logits="last", vision_block_order="window", rope_deltas="unpadded"
+    )
+    argv = ["conform", "--target", f"files:{out}", "--cases", "model_batch$", "--no-diagnosis"]
+    assert cli.main(argv + ["--json", str(tmp_path / "r.json")]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    model = {r["stage"]: r["status"] for r in results if not r["stage"].startswith(("preprocess.", "state."))}
+    assert set(model.values()) == {"pass"}, model
+    assert {"logits", "text.position_ids", "text.rope_deltas", "vision.block.3", "text.norm", "generate.tokens"} <= set(
+        model
+    )
 
 
 # ---------------------------------------------------------------- each conversion, by hand
