@@ -16,6 +16,7 @@ docs/exchange.md is the full specification, written for a port author who reads 
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ...spec.chat import render_chat
 from ...spec.config import Qwen25VLConfig
-from .. import conversions
+from .. import conversions, stages
 from ..conversions import GIVEN
 from ..repeat import REPEAT_SUFFIX
 from .base import Adapter, NotCovered
@@ -292,6 +293,21 @@ def folder_files(folder: Path) -> dict:
     return found
 
 
+def stage_defaults(stage: str, items: list) -> dict:
+    """The keyword arguments of an fn.* stage's function that its items leave to their defaults
+    (preprocess_image's mean, std, patch and merge sizes, ...), so a port need not guess them."""
+    if not stages.is_known(stage) or not stages.info(stage).direct:
+        return {}
+    given = {k for it in items for k in it["inputs"]}
+    out = {}
+    for p in inspect.signature(stages.info(stage).spec[0]).parameters.values():
+        value = list(p.default) if isinstance(p.default, tuple) else p.default
+        plain = value is None or isinstance(value, (bool, int, float, str, list))
+        if p.default is not inspect.Parameter.empty and p.name not in given and plain:
+            out[p.name] = value
+    return out
+
+
 def case_info(case) -> dict:
     """IN/<case>/case.json: what to compute and every file a port needs for it."""
     info = {
@@ -305,6 +321,9 @@ def case_info(case) -> dict:
     if case.manifest.get("tokenizer"):
         tok = (case.path / case.manifest["tokenizer"]).resolve()
         info |= {"tokenizer": str(tok), "tokenizer_files": folder_files(tok).get("tokenizer_files", {})}
+    if case.kind == "exact":
+        defaults = {stage: stage_defaults(stage, case.json(e["items"])["items"]) for stage, e in case.stages.items()}
+        info["defaults"] = {stage: d for stage, d in defaults.items() if d}
     if case.kind == "model":
         request = case.json(case.manifest["request"])
         options = request.get("options", {})

@@ -293,6 +293,16 @@ def test_case_json_names_everything_a_port_needs(exported):
     assert (exported / "order.json").is_file() and (exported / "model_batch@repeat" / "case.json").is_file()
 
 
+def test_exact_cases_name_the_defaults_their_items_rely_on(tmp_path):
+    assert cli.main(["conform", "--cases", "exact_(patches|prompt)", "--export-inputs", str(tmp_path)]) == 0
+    pre = json.loads((tmp_path / "exact_patches" / "case.json").read_text())["defaults"]["fn.preprocess_image"]
+    processor = json.loads((FIXTURES / "checkpoints" / "tiny" / "preprocessor_config.json").read_text())
+    for key in ("image_mean", "image_std", "patch_size", "temporal_patch_size", "merge_size"):
+        assert pre[key] == processor[key], key
+    prompt = json.loads((tmp_path / "exact_prompt" / "case.json").read_text())
+    assert all(Path(p).is_file() for p in prompt["tokenizer_files"].values()) and prompt["tokenizer_files"]
+
+
 def test_port_kit_round_trips_against_the_safetensors_package(tmp_path):
     qx = kit()
     rng = np.random.default_rng(0)
