@@ -671,7 +671,8 @@ MODEL_CASES = {
     "model_batch": {
         "description": "left-padded batch of 2, an image in each row: two images (one an exact multiple of the "
         "window) vs multi-turn text around a 100x300 image the resize must change (to 112x308: aspect 3.0 -> 2.75) "
-        "and a decomposed 'Cafe\u0301' that NFC composes; row 0 stops at <|endoftext|> (151643) after 3 tokens",
+        "and a decomposed 'Cafe\u0301' that NFC composes; row 1 stops at <|endoftext|> (151643) at step 4 "
+        "(then padded with 151643), row 0 runs on",
         "conversations": [
             [
                 {

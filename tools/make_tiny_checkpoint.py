@@ -133,8 +133,10 @@ def make_random_params(
 def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
     raw = config.to_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
-    # only keys the published config.json has: mlx-vlm refuses a vision_config carrying a model_type
+    # only keys the published config.json has (mlx-vlm refuses a vision_config carrying a model_type);
+    # the pad id lives in generation_config.json, as in the published folders
     raw["vision_config"].pop("model_type", None)
+    raw.pop("pad_token_id", None)
     raw["initializer_range"] = 0.02
     raw["use_cache"] = True
     return raw

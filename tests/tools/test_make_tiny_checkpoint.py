@@ -36,8 +36,15 @@ def test_folder_contents(tiny_checkpoint):
         "preprocessor_config.json",
     }
     raw = json.loads((tiny_checkpoint / "config.json").read_text())
-    assert raw["hidden_size"] == 32 and raw["vocab_size"] == 152064 and raw["num_key_value_heads"] == 1
-    assert raw["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    assert raw["hidden_size"] == 32 and raw["vocab_size"] == 152064
+    assert raw["num_attention_heads"] == 4 and raw["num_key_value_heads"] == 2  # tiled KV heads would show
+    assert raw["rope_scaling"]["mrope_section"] == [1, 1, 2]
+    # only keys the published config.json has (mlx-vlm refuses a vision_config.model_type)
+    official = json.loads((mtc.TOKENIZER_DIR / "model_config" / "config.json").read_text())
+    assert set(raw) <= set(official), set(raw) - set(official)
+    assert set(raw["vision_config"]) <= set(official["vision_config"]), set(raw["vision_config"]) - set(
+        official["vision_config"]
+    )
     assert raw["vision_config"]["fullatt_block_indexes"] == [1, 3]
     assert raw["torch_dtype"] == "bfloat16"
     assert Qwen25VLConfig.from_file(tiny_checkpoint) == tiny_config()
@@ -53,7 +60,7 @@ def test_loads_in_transformers(tiny_checkpoint):
         tiny_checkpoint, dtype=torch.float64, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert model.config.vision_config.depth == 4 and model.config.text_config.num_key_value_heads == 1
+    assert model.config.vision_config.depth == 4 and model.config.text_config.num_key_value_heads == 2
 
 
 @pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_checkpoint_tied"])
