@@ -11,8 +11,17 @@ several timed runs after a warm-up:
   prefill  vision + the whole prompt (1346 tokens with that image), logits of the last position
   decode   greedy tokens per second at batch 1 and 8 after that prompt (transformers: time of
            generate(N+1) minus generate(1); impl: its decode loop, CUDA graph captured beforehand)
-  int4     impl decode with int4 text linears, and the int4/bf16 ratio of linear-weight bytes
+  int4     impl decode with int4 text linears, and the int4/bf16 ratio of linear-weight bytes; then
+           decode side by side (runs interleaved): impl bf16, impl int4 with the lm_head in the model
+           dtype, int8 and int4, and llama.cpp when installed (below), each with the weight bytes one
+           token reads and its share of the memory limit (measured copy bandwidth / bytes per token)
   peak     peak allocated memory of a prefill + decode run (weights included)
+llama.cpp (optional column): --llama-cpp DIR or $QWEN25VL_LLAMA_CPP names a llama.cpp CMake build folder
+holding bin/llama-bench (and bin/llama-quantize); its CMakeCache.txt names the source (convert_hf_to_gguf.py,
+gguf-py). The size's config is written as a random checkpoint (the very weights impl runs), converted
+to bf16 GGUF by llama.cpp's own converter, quantized to q4_0 (default: 6-bit tied embedding) and to
+q4_0 with the embedding kept bf16 (impl int4's layout), and timed by llama-bench (prompt L, decode N
+after a prompt of L, the bench's thread count). Absent: the records say "not installed", nothing fails.
 Every record is appended to --out as one JSON line the moment it is measured (flushed), then a
 table with impl/transformers ratios is printed.
 """
@@ -21,13 +30,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import inspect
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -200,6 +214,92 @@ def param_bytes(module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 7) -> float:
+    """Memory bandwidth in bytes/s as STREAM's copy counts it (bytes read + bytes written per second),
+    median of `reps` copies of a buffer far larger than the caches."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t = Timer(torch.device("cpu")).median(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / t
+
+
+LLAMA_CPP_ENV = "QWEN25VL_LLAMA_CPP"
+
+
+class LlamaCpp:
+    """A llama.cpp CMake build folder (bin/llama-bench, bin/llama-quantize) and its source folder."""
+
+    def __init__(self, build: str | os.PathLike):
+        self.build = Path(build).resolve()
+        self.bench_exe = self.build / "bin" / "llama-bench"
+        self.quantize_exe = self.build / "bin" / "llama-quantize"
+        self.source = self._source()
+
+    @classmethod
+    def find(cls, folder: str | None) -> tuple[LlamaCpp | None, str]:
+        """(LlamaCpp, "") or (None, why not) for --llama-cpp / $QWEN25VL_LLAMA_CPP."""
+        folder = folder or os.environ.get(LLAMA_CPP_ENV)
+        if not folder:
+            return None, f"not installed (give --llama-cpp DIR or set {LLAMA_CPP_ENV})"
+        lc = cls(folder)
+        if not lc.bench_exe.is_file():
+            return None, f"not installed: {lc.bench_exe} is missing (cmake --build {lc.build} --target llama-bench)"
+        if lc.source is None or not (lc.source / "convert_hf_to_gguf.py").is_file():
+            return None, f"not installed: no llama.cpp source with convert_hf_to_gguf.py named by {lc.build}"
+        return lc, ""
+
+    def _source(self) -> Path | None:
+        cache = self.build / "CMakeCache.txt"
+        if cache.is_file():
+            for line in cache.read_text(errors="replace").splitlines():
+                if line.startswith("CMAKE_HOME_DIRECTORY:"):
+                    return Path(line.split("=", 1)[1].strip())
+        return None
+
+    def _run(self, cmd: list, what: str) -> str:
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama.cpp {what} failed (exit {r.returncode}): {r.stderr.strip()[-800:]}")
+        return r.stdout
+
+    def ggufs(self, size: str, config, work: Path) -> dict[str, Path]:
+        """The size's random checkpoint as GGUF files {"bf16", "q4_0_bf16emb", "q4_0"} under work (cached
+        by the config; each file written under a temporary name and renamed)."""
+        from .make_tiny_checkpoint import make_tiny_checkpoint
+
+        key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        folder = work / f"{size}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {name: folder / f"{name}.gguf" for name in ("bf16", "q4_0_bf16emb", "q4_0")}
+        if all(f.is_file() for f in out.values()):
+            return out
+        ckpt = folder / "checkpoint"
+        make_tiny_checkpoint(ckpt, config=config, tied=config.tie_word_embeddings, overwrite=True)
+        env = {**os.environ, "PYTHONPATH": str(self.source / "gguf-py")}
+        tmp = out["bf16"].with_suffix(".part")
+        convert = [sys.executable, self.source / "convert_hf_to_gguf.py", ckpt, "--outtype", "bf16", "--outfile", tmp]
+        r = subprocess.run([str(c) for c in convert], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama.cpp convert_hf_to_gguf.py failed (exit {r.returncode}): {r.stderr[-800:]}")
+        os.replace(tmp, out["bf16"])
+        shutil.rmtree(ckpt, ignore_errors=True)
+        if self.quantize_exe.is_file():
+            for name, extra in (("q4_0_bf16emb", ["--token-embedding-type", "bf16"]), ("q4_0", [])):
+                tmp = out[name].with_suffix(".part")
+                self._run([self.quantize_exe, *extra, out["bf16"], tmp, "q4_0"], f"llama-quantize {name}")
+                os.replace(tmp, out[name])
+        return {k: f for k, f in out.items() if f.is_file()}
+
+    def bench(self, gguf: Path, *, prompt: int, gen: int, threads: int, reps: int = 1) -> dict:
+        """llama-bench: gen 0 -> {"prompt_tok_s"} for `prompt` tokens; gen > 0 -> {"decode_tok_s"} for gen
+        tokens after a prompt of `prompt` tokens (-d). model_size: the file's tensor bytes."""
+        cmd = [self.bench_exe, "-m", gguf, "-t", threads, "-r", reps, "-o", "jsonl"]
+        cmd += ["-p", prompt, "-n", 0] if gen == 0 else ["-p", 0, "-n", gen, "-d", prompt]
+        rec = json.loads(self._run(cmd, "llama-bench").strip().splitlines()[-1])
+        rate = "prompt_tok_s" if gen == 0 else "decode_tok_s"
+        return {rate: rec["avg_ts"], "model_size": rec["model_size"]}
 
 
 class Bench:
@@ -436,26 +536,51 @@ class Bench:
             torch.cuda.empty_cache()
 
     def run_int4(self, config, params, impl, inputs1, N):
+        """int4 decode, then every decoder side by side (module doc): one interleaved timing run."""
         from ..impl.model import Qwen25VL
-        from ..impl.quant import linear_weight_bytes
+        from ..impl.quant import apply_lm_head_quant, decode_weight_bytes, linear_weight_bytes
 
-        dev, dt = self.device, self.dtype
-        bf_bytes = linear_weight_bytes(impl)
-        impl.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True)
-        bf_rate = impl.last_stats["decode_tok_per_s"]
+        a, dev, dt = self.args, self.device, self.dtype
         t0 = time.perf_counter()
-        q = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=self.args.attention, quantize="int4")
+        q = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, quantize="int4")
         setup = time.perf_counter() - t0
-        q.generate_from_inputs(inputs1, 3, [0], ignore_eos=True)
+        base = f"impl {str(dt).removeprefix('torch.')}"  # the model dtype's decode: the reference row
+        models = {base: impl, "impl int4": q}
+        for head in ("int8", "int4"):
+            m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention)
+            m.text.layers = q.text.layers  # the same int4 layers, shared; only the lm_head differs
+            m.quant_report = dict(q.quant_report)
+            try:
+                apply_lm_head_quant(m, head)
+            except ValueError as e:
+                self.emit(size=self.size, what=f"int4.lm_head_{head}", skipped=str(e))
+                continue
+            models[f"impl int4, lm_head {head}"] = m
+        for m in models.values():
+            m.generate_from_inputs(inputs1, 3, [0], ignore_eos=True)  # warm-up
         peak = self.peak(lambda: q.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True), param_bytes(q))
-        st = q.last_stats
+        st = dict(q.last_stats)
+
+        def impl_decode(m):
+            m.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True)
+            return m.last_stats["decode_s"] / N
+
+        fns = {name: (lambda m=m: impl_decode(m)) for name, m in models.items()}
+        bytes_per_token = {name: decode_weight_bytes(m) for name, m in models.items()}
+        L = inputs1["input_ids"].shape[1]
+        llama = self.llama_cpp_decoders(config, L, N)
+        for name, (fn, nbytes) in llama.items():
+            fns[name] = fn
+            bytes_per_token[name] = nbytes
+        t = self.timer.interleaved(fns, max(2, a.reps // 2), timed_by_fn=True)
+        rates = {k: 1 / v for k, v in t.items()}
         self.emit(
             size=self.size,
             what="int4.decode.b1",
-            int4_tok_s=st["decode_tok_per_s"],
-            bf16_tok_s=bf_rate,
-            ratio=st["decode_tok_per_s"] / bf_rate,
-            linear_bytes_ratio=linear_weight_bytes(q) / bf_bytes,
+            int4_tok_s=rates["impl int4"],
+            bf16_tok_s=rates[base],
+            ratio=rates["impl int4"] / rates[base],
+            linear_bytes_ratio=linear_weight_bytes(q) / linear_weight_bytes(impl),
             int4_prefill_ms=st["prefill_s"] * 1e3,
             int4_peak_gib=peak,
             quantize_s=setup,
@@ -463,6 +588,57 @@ class Bench:
             cuda_graph=st.get("cuda_graph"),
             graph_error=st.get("cuda_graph_error"),
         )
+        bandwidth = copy_bandwidth() if dev.type == "cpu" else None
+        for name, rate in rates.items():
+            rec = dict(
+                size=self.size,
+                what="decode.side_by_side",
+                system=name,
+                tok_s=rate,
+                bytes_per_token=bytes_per_token[name],
+                vs_impl_model_dtype=rate / rates[base],
+            )
+            if bandwidth:
+                rec.update(copy_gb_s=bandwidth / 1e9, share_of_limit=rate * bytes_per_token[name] / bandwidth)
+            self.emit(**rec)
+
+    def llama_cpp_decoders(self, config, L: int, N: int) -> dict:
+        """{"llama.cpp <type>": (fn -> seconds per decoded token, bytes per token)} for the side-by-side
+        run, after one llama-bench prompt measurement per file (emitted); {} when llama.cpp is absent."""
+        if self.device.type != "cpu":
+            return {}
+        lc, why = LlamaCpp.find(self.args.llama_cpp)
+        if lc is None:
+            self.emit(size=self.size, what="llama_cpp", status=why)
+            return {}
+        work = Path(self.args.llama_cpp_work or Path(tempfile.gettempdir()) / "qwen25vl-bench-llama-cpp")
+        t0 = time.perf_counter()
+        files = self.guarded("llama_cpp.convert", lambda: lc.ggufs(self.size, config, work))
+        if not files:
+            return {}
+        threads = torch.get_num_threads()
+        out = {}
+        for kind, path in files.items():
+            r = self.guarded(f"llama_cpp.{kind}", lambda path=path: lc.bench(path, prompt=L, gen=0, threads=threads))
+            if r is None:
+                continue
+            self.emit(
+                size=self.size,
+                what=f"llama_cpp.{kind}",
+                file=str(path),
+                prompt_tokens=L,
+                prompt_tok_s=r["prompt_tok_s"],
+                model_size=r["model_size"],
+                setup_s=time.perf_counter() - t0,
+            )
+
+            def decode(path=path):
+                r = lc.bench(path, prompt=L, gen=N, threads=threads)
+                return 1 / r["decode_tok_s"]
+
+            # tied embedding: the output matrix is the embedding table, so one token reads the whole file
+            out[f"llama.cpp {kind}"] = (decode, r["model_size"])
+        return out
 
 
 def table(records) -> str:
@@ -485,10 +661,25 @@ def table(records) -> str:
             rows.append(
                 f"| {size} | {what} | {r['impl_tok_s']:.1f} tok/s | {hf} | {r.get('ratio', float('nan')):.2f}x |"
             )
+        elif what == "llama_cpp" and "status" in r:
+            rows.append(f"| {size} | llama.cpp | {r['status']} | - | - |")
         elif "int4_tok_s" in r:
             rows.append(
                 f"| {size} | int4 decode b1 | {r['int4_tok_s']:.1f} tok/s (bf16 {r['bf16_tok_s']:.1f}) | - | "
                 f"{r['ratio']:.2f}x vs bf16; linear bytes {r['linear_bytes_ratio']:.3f}x |"
+            )
+    side = [r for r in records if r["what"] == "decode.side_by_side"]
+    if side:
+        rows += [
+            "",
+            "| size | decode b1, side by side | weights read per token | tok/s | vs impl (model dtype) | share of the memory limit |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in side:
+            share = f"{r['share_of_limit']:.2f} (copy {r['copy_gb_s']:.1f} GB/s)" if "share_of_limit" in r else "-"
+            rows.append(
+                f"| {r['size']} | {r['system']} | {r['bytes_per_token'] / 1e6:.0f} MB | {r['tok_s']:.1f} | "
+                f"{r['vs_impl_model_dtype']:.2f}x | {share} |"
             )
     return "\n".join(rows)
 
@@ -510,6 +701,10 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-batch8", action="store_true", help="also batch-8 decode on the CPU preset")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--vision-backends", nargs="*", default=[], help="also time these vision backends on a ragged image")
+    p.add_argument(
+        "--llama-cpp", default=None, help=f"llama.cpp build folder for the side-by-side column (or ${LLAMA_CPP_ENV})"
+    )
+    p.add_argument("--llama-cpp-work", default=None, help="where the GGUF files are written and kept (default: tmp)")
     p.add_argument("--out", default=None, help="append JSON lines here")
     a = p.parse_args(argv)
     if not a.device.startswith("cuda") and "GOMP_SPINCOUNT" not in os.environ:
