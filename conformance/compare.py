@@ -29,6 +29,7 @@ TOP1_SLACK = 0.02  # a port may lose this much top-1 agreement beyond the contro
 PIXELS_MAX_ABS = 1e-5
 COS_SIN_MAX_ABS = 5e-3
 TOPK = 5
+FLOAT64_LOGIT_NOISE = 1e-9  # the tokens rule at float64, where the spec measures no noise of its own
 
 
 @dataclass
@@ -435,7 +436,7 @@ def tokens(
     at a near tie: the port's pick is in the golden top-5 and its golden logit is within `noise` (the
     logit noise the spec itself shows at the port's precision) of the golden pick's, and (when the
     port gives its own top-5) the golden pick is in the port's. A row that goes on after the golden
-    row's eos never passes. Where the port gives top-k log-probs, they are judged at every step before
+    row's eos never passes (after it, padding: the golden pad or any eos id). Where the port gives top-k log-probs, they are judged at every step before
     the divergence: for the ids both sides list, within `noise`. After a divergence the two
     continuations see different prefixes and are not compared. Without golden logits (older fixtures)
     the top-5 rule alone applies."""
@@ -469,7 +470,16 @@ def tokens(
         g_tok, p_tok = int(golden[b, s]), int(got[b, s])
         ended = [t for t in range(s) if int(golden[b, t]) in eos_ids]
         if ended:
-            failed.append(f"row {b} goes on after eos at step {ended[0]}: step {s} golden {g_tok}, got {p_tok}")
+            # the row stopped: what follows is padding, and a port may pad with any eos id (transformers
+            # pads with the first when it has no pad id); any other id means it generated on
+            on = [t for t in range(s, golden.shape[1]) if int(got[b, t]) != int(golden[b, t])]
+            on = [t for t in on if int(got[b, t]) not in eos_ids]
+            if on:
+                t = on[0]
+                failed.append(
+                    f"row {b} goes on after eos at step {ended[0]}: step {t} golden {int(golden[b, t])} "
+                    f"(padding), got {int(got[b, t])}"
+                )
             continue
         top = golden_topk[b, s, :TOPK].tolist()
         ok = p_tok in top

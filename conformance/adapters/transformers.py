@@ -341,6 +341,13 @@ class TransformersAdapter(Adapter):
         model_inputs["mm_token_type_ids"] = _token_types(inputs["input_ids"], cfg.image_token_id, cfg.video_token_id)
         return model_inputs
 
+    def _pad_token_id(self) -> int:
+        """generation_config.json's pad id (the published config.json has none), as the spec pads."""
+        for cfg in (self.model.generation_config, self.model.config):
+            if getattr(cfg, "pad_token_id", None) is not None:
+                return int(cfg.pad_token_id)
+        return 151643
+
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         model_inputs = self._model_inputs(inputs)
         self.model.model.rope_deltas = None
@@ -352,7 +359,7 @@ class TransformersAdapter(Adapter):
                 num_beams=1,
                 repetition_penalty=1.0,
                 eos_token_id=eos_token_id,
-                pad_token_id=self.model.config.pad_token_id if hasattr(self.model.config, "pad_token_id") else 151643,
+                pad_token_id=self._pad_token_id(),
                 output_scores=True,
                 return_dict_in_generate=True,
             )

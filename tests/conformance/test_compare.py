@@ -177,6 +177,16 @@ def test_tokens_near_tie_rule_eos_and_log_probs():
         eos=2,
     )
     assert on.status == "fail" and "goes on after eos at step 1" in on.metric
+    # a row that stops and pads with an eos id instead of the golden pad has not gone on
+    padded = compare.tokens(
+        torch.tensor([[5, 2, 0]]),
+        topk[:, :3],
+        torch.tensor([[5, 2, 2]]),
+        golden_logits=logits[:, :3],
+        noise=0.05,
+        eos=[2, 3],
+    )
+    assert padded.status == "pass", padded.metric
     # top-k log-probs are judged at every step before the divergence, for the ids both sides give
     lp = torch.log_softmax(logits, -1)
     got_ids, got_lp = topk.clone(), lp.clone()
