@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from qwen25vl.conformance import runner
 
-from .planted import PLANTED
+from .planted import IN_MODEL_CASES, PLANTED
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -20,6 +20,22 @@ def test_planted_bug_is_flagged_at_its_first_divergent_stage(adapter, expected):
     )
     first = runner.first_divergence(results)
     assert first is not None, f"{adapter.__name__} passed everything"
+    assert first.stage == stage, f"{adapter.__name__}: first divergence {first.stage}, expected {stage}: {first.where}"
+    assert first.status == "fail"
+
+
+@pytest.mark.parametrize(
+    "adapter, expected", [(a, e) for a, e in IN_MODEL_CASES.items()], ids=[a.__name__ for a in IN_MODEL_CASES]
+)
+def test_input_bugs_show_in_a_model_case(adapter, expected):
+    """The tokenizer and the resize run in the model cases too (fixtures v1 had only NFC texts and
+    images that were multiples of 28 there): flagged on the model case alone, before any model stage."""
+    stage, case = expected
+    _, results = runner.run_suite(
+        [FIXTURES / case], runner.SuiteOptions(only_stages=r"^preprocess\."), adapter=adapter("float32")
+    )
+    first = runner.first_divergence(results)
+    assert first is not None, f"{adapter.__name__} passed every preprocess stage of {case}"
     assert first.stage == stage, f"{adapter.__name__}: first divergence {first.stage}, expected {stage}: {first.where}"
     assert first.status == "fail"
 

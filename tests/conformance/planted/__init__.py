@@ -32,6 +32,16 @@ NoVideoTimeScaling = _planted("NoVideoTimeScaling", "video_time_unscaled")
 LostRopeDeltas = _planted("LostRopeDeltas", "decode_without_deltas")
 RightPadding = _planted("RightPadding", "right_padding")
 NoDefaultSystemPrompt = _planted("NoDefaultSystemPrompt", "no_default_system_prompt")
+# the blind spots of the v1 fixtures (issue 11): each is caught only since fixtures v2
+GqaTiled = _planted("GqaTiled", "gqa_heads_tiled")  # needs >= 2 KV heads with >= 2 query heads each
+ScatterTransposed = _planted("ScatterTransposed", "scatter_transposed")  # needs an image in every batch row
+StopsOnImEndOnly = _planted("StopsOnImEndOnly", "stops_on_im_end_only")  # needs a stop at 151643
+NeverStops = _planted("NeverStops", "never_stops")  # needs a golden row that stops
+NoNfc = _planted("NoNfc", "tokenizer_without_nfc")  # needs a text NFC changes
+Gpt2Regex = _planted("Gpt2Regex", "gpt2_pretokenizer")  # needs a text the two regexes split apart
+LinspaceFloat64 = _planted("LinspaceFloat64", "frames_linspace_float64")  # needs a count float32 rounds apart
+Letterbox = _planted("Letterbox", "letterbox")  # in a model case: needs an image the resize changes
+WindowInverseWrongWay = _planted("WindowInverseWrongWay", "window_inverse_is_permutation")  # needs a non-involution
 
 # adapter -> (the first stage where it must be flagged, the cases that show it)
 PLANTED = {
@@ -48,4 +58,19 @@ PLANTED = {
     LostRopeDeltas: ("fn.decode_positions", "exact_"),
     RightPadding: ("preprocess.input_ids", "exact_|model_batch"),
     NoDefaultSystemPrompt: ("fn.render_chat", "exact_"),
+    GqaTiled: ("text.layer.0", "model_image"),
+    ScatterTransposed: ("text.inputs_embeds", "model_batch"),
+    StopsOnImEndOnly: ("generate.tokens", "model_batch"),
+    NeverStops: ("generate.tokens", "model_batch"),
+    NoNfc: ("fn.tokenize", "exact_"),
+    Gpt2Regex: ("fn.tokenize", "exact_"),
+    LinspaceFloat64: ("fn.sample_frame_indices", "exact_"),
+    Letterbox: ("fn.preprocess_image", "exact_"),
+    WindowInverseWrongWay: ("vision.merger", "model_image"),
+}
+
+# the same blind spots in the model cases: adapter -> (the first stage flagged, the one model case)
+IN_MODEL_CASES = {
+    NoNfc: ("preprocess.input_ids", "model_batch"),  # 'Cafe\u0301' in row 1's prompt
+    Letterbox: ("preprocess.pixel_values", "model_batch"),  # the 100x300 image, resized to 112x308
 }
