@@ -387,6 +387,11 @@ class Qwen25VL(nn.Module):
         quantize = kwargs.pop("quantize", None)
         quantize_vision = kwargs.pop("quantize_vision", False)
         model = cls(config, params, **kwargs)
+        if model.device_.type == "cpu" and model.dtype_ == torch.bfloat16:
+            from .variants import apply_float32_matmul, cpu_has_native_bf16_matmul
+
+            if not cpu_has_native_bf16_matmul():  # bf16 GEMMs 3-6x slower than float32 there (impl.variants)
+                apply_float32_matmul(model)
         if quantize is not None:
             from .quant import apply_int4
 

@@ -81,7 +81,9 @@ def apply_tp(model, group=None) -> None:
     local_i = range(rank * I // world, (rank + 1) * I // world)
     for layer in model.text.layers:
         a, m = layer.attn, layer.mlp
-        assert type(a.qkv) is nn.Linear and type(m.gate_up) is nn.Linear, "apply_tp before int4 or other variants"
+        assert isinstance(a.qkv, nn.Linear) and isinstance(m.gate_up, nn.Linear), (
+            "apply_tp before int4 or other variants"
+        )
         # q|k|v rows: q heads 0..N-1, then k heads at N.., v heads at N+K..
         blocks = [
             q_heads,
