@@ -556,6 +556,12 @@ class Bench:
                 self.emit(size=self.size, what=f"int4.lm_head_{head}", skipped=str(e))
                 continue
             models[f"impl int4, lm_head {head}"] = m
+        if a.compiled_decode:
+            from ..impl.variants import apply_compiled
+
+            m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention)
+            apply_compiled(m)  # compiles at the warm-up below
+            models[f"{base}, compiled decode"] = m
         for m in models.values():
             m.generate_from_inputs(inputs1, 3, [0], ignore_eos=True)  # warm-up
         peak = self.peak(lambda: q.generate_from_inputs(inputs1, N + 1, [0], ignore_eos=True), param_bytes(q))
@@ -700,6 +706,9 @@ def main(argv=None) -> int:
     p.add_argument("--hf-static", action="store_true", help="also transformers' static-cache decode (slow to compile)")
     p.add_argument("--cpu-batch8", action="store_true", help="also batch-8 decode on the CPU preset")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--compiled-decode", action="store_true", help="also impl's torch.compile'd decode in the side-by-side run"
+    )
     p.add_argument("--vision-backends", nargs="*", default=[], help="also time these vision backends on a ragged image")
     p.add_argument(
         "--llama-cpp", default=None, help=f"llama.cpp build folder for the side-by-side column (or ${LLAMA_CPP_ENV})"
