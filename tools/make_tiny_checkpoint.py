@@ -130,6 +130,13 @@ def make_random_params(
     return params
 
 
+def plant_stop(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tiny checkpoint's stop (STOP_ID's LM head row := STOP_SCALE x STOP_AFTER's), in place; returns params."""
+    head = params["lm_head.weight"]
+    head[STOP_ID] = (head[STOP_AFTER].float() * STOP_SCALE).to(head.dtype)
+    return params
+
+
 def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
     raw = config.to_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -180,8 +187,7 @@ def make_tiny_checkpoint(
         config = tiny_config(tied=tied)
     params = make_random_params(config, seed, dtype)
     if planted and not tied:
-        head = params["lm_head.weight"]
-        head[STOP_ID] = (head[STOP_AFTER].float() * STOP_SCALE).to(dtype)
+        plant_stop(params)
     if tied:
         del params["lm_head.weight"]  # as in the published 3B checkpoint
     rename = to_v5_key if layout == "v5" else (lambda k: k)

@@ -90,6 +90,7 @@ def test_gqa_ratios(heads, kv):
         hidden_size=hidden,
         num_attention_heads=heads,
         num_key_value_heads=kv,
+        mrope_section=(2, 3, 3),  # head_dim 16
         vision=dataclasses.replace(c.vision, out_hidden_size=hidden),
     )
     params = make_random_params(config, 3, torch.float64)

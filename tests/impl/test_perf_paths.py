@@ -293,10 +293,10 @@ def test_pad_mlp_is_exact_up_to_summation_order(tiny_params):
     inputs = _batch(config)
     _, want = m.forward(inputs, capture=["vision."])
     I = m.visual.blocks[0].down.weight.shape[1]
-    assert m.visual.pad_mlp(64) == 64 and I == 48
+    assert m.visual.pad_mlp(64) == 128 and I == 112
     blk = m.visual.blocks[0]
-    assert blk.gate_up.weight.shape[0] == 128 and blk.down.weight.shape[1] == 64
-    assert not blk.gate_up.weight[I:64].any() and not blk.gate_up.weight[64 + I :].any()
+    assert blk.gate_up.weight.shape[0] == 256 and blk.down.weight.shape[1] == 128
+    assert not blk.gate_up.weight[I:128].any() and not blk.gate_up.weight[128 + I :].any()
     assert not blk.down.weight[:, I:].any()
     _, got = m.forward(inputs, capture=["vision."])
     for k in want:

@@ -121,7 +121,7 @@ def _wide_config():
         c,
         hidden_size=128,
         intermediate_size=256,
-        mrope_section=(8, 12, 12),
+        mrope_section=(4, 6, 6),  # 4 heads: head_dim 32
         vision=dataclasses.replace(c.vision, out_hidden_size=128),
     )
 

@@ -47,11 +47,11 @@ def test_key_table_matches_transformers(name):
 def test_key_table_by_hand():
     shapes = expected_shapes(tiny_config())
     assert len(shapes) == (1 + 4 * 12 + 5) + (1 + 2 * 12 + 2)  # vision, then text + lm_head
-    assert shapes["visual.patch_embed.proj.weight"] == (32, 3, 2, 14, 14)
-    assert shapes["visual.blocks.3.attn.qkv.weight"] == (96, 32)
-    assert shapes["visual.blocks.0.mlp.down_proj.weight"] == (32, 48)
-    assert shapes["visual.merger.mlp.0.weight"] == (128, 128)
-    assert shapes["model.layers.1.self_attn.k_proj.weight"] == (16, 32)  # one kv head of 16
+    assert shapes["visual.patch_embed.proj.weight"] == (64, 3, 2, 14, 14)
+    assert shapes["visual.blocks.3.attn.qkv.weight"] == (192, 64)
+    assert shapes["visual.blocks.0.mlp.down_proj.weight"] == (64, 112)
+    assert shapes["visual.merger.mlp.0.weight"] == (256, 256)
+    assert shapes["model.layers.1.self_attn.k_proj.weight"] == (16, 32)  # two kv heads of 8
     assert shapes["model.layers.1.self_attn.q_proj.bias"] == (32,)
     assert shapes["lm_head.weight"] == (152064, 32)
 
@@ -186,7 +186,7 @@ def test_all_problems_in_one_error(tiny_checkpoint, tmp_path):
     assert "unexpected 1: visual.blocks.9.norm1.weight" in msg
     assert (
         "wrong shape 1: model.layers.0.self_attn.k_proj.weight has shape [32, 32], config says "
-        "[num_key_value_heads*head_dim=16 (head_dim = hidden_size/num_attention_heads = 16), hidden_size=32]"
+        "[num_key_value_heads*head_dim=16 (head_dim = hidden_size/num_attention_heads = 8), hidden_size=32]"
     ) in msg
     assert "visual.blocks.N in the file: N = 0..3, 9; config says vision_config.depth=4" in msg
     assert "not floating point 1: model.layers.1.mlp.up_proj.weight torch.int32" in msg
@@ -229,7 +229,7 @@ def test_config_disagrees_with_tensors(tiny_checkpoint, tmp_path):
         "model.layers.1.mlp.down_proj.weight has shape [32, 64], config says [hidden_size=32, intermediate_size=96]"
         in msg
     )
-    assert "visual.blocks.3.mlp.up_proj.bias has shape [48], config says [vision_config.intermediate_size=40]" in msg
+    assert "visual.blocks.3.mlp.up_proj.bias has shape [112], config says [vision_config.intermediate_size=40]" in msg
 
 
 def test_no_folder_or_no_weights(tmp_path):

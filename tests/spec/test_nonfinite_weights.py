@@ -37,11 +37,11 @@ def test_spec_names_every_tensor_with_counts(broken):
         load_checkpoint(broken)
     message = str(info.value)
     assert "holds non-finite weights in 2 tensor(s)" in message
-    assert f"{MLP} (0 NaN, 2 inf of 32 values)" in message
+    assert f"{MLP} (0 NaN, 2 inf of 64 values)" in message
     assert f"{Q} (1 NaN, 0 inf of 1024 values)" in message
     assert sorted(info.value.problems["not finite"]) == [
         f"{Q} (1 NaN, 0 inf of 1024 values)",
-        f"{MLP} (0 NaN, 2 inf of 32 values)",
+        f"{MLP} (0 NaN, 2 inf of 64 values)",
     ]
     assert "check_finite=False" in message  # the opt-out is named
 

@@ -96,14 +96,14 @@ def test_matches_transformers(tiny64, hf_visual, kind, grid):
     ours = vision_encoder(params, config, pv, grid, capture=capture)
     merged, blocks, embed = _hf_run(hf_visual, pv, grid, kind)
     P = pv.shape[0]
-    assert ours.shape == merged.shape == (P // 4, 32)
+    assert ours.shape == merged.shape == (P // 4, 32)  # out_hidden_size
     assert ours.dtype == torch.float64
     # measured on this checkpoint: about 3e-7 absolute (values up to ~5); float32 islands in transformers
     assert (ours - merged).abs().max() < 2e-6
     assert torch.equal(capture["vision.merger"], ours)
     assert (capture["vision.patch_embed"] - embed).abs().max() < 1e-12  # patch embed has no float32 step
     for i in range(config.vision.depth):
-        assert capture[f"vision.block.{i}"].shape == (P, 32)
+        assert capture[f"vision.block.{i}"].shape == (P, 64)  # vision hidden_size
         assert (capture[f"vision.block.{i}"] - blocks[i]).abs().max() < 2e-6, i
 
 
@@ -217,13 +217,13 @@ def test_patch_embed_is_conv3d(tiny64):
     config, params = tiny64
     pv = _pixels([[1, 2, 4]])
     w = params["visual.patch_embed.proj.weight"]
-    conv = F.conv3d(pv.view(-1, 3, 2, 14, 14), w, stride=(2, 14, 14)).view(-1, 32)
+    conv = F.conv3d(pv.view(-1, 3, 2, 14, 14), w, stride=(2, 14, 14)).view(-1, 64)
     assert torch.allclose(patch_embed(params, config, pv), conv, atol=1e-12)
 
 
 def test_patch_merger_groups_four_consecutive_rows(tiny64):
     config, params = tiny64
-    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     out = patch_merger(params, config, x)
     assert out.shape == (2, 32)
     # token 1 from rows 4..7 only, by the formula: RMSNorm rows, concatenate, Linear, erf-GELU, Linear
@@ -237,12 +237,12 @@ def test_patch_merger_groups_four_consecutive_rows(tiny64):
 def test_vision_attention_one_segment_is_sdpa(tiny64):
     config, params = tiny64
     P = 12
-    x = torch.randn(P, 32, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = torch.randn(P, 64, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     cos, sin = torch.ones(P, 16, dtype=torch.float64), torch.zeros(P, 16, dtype=torch.float64)  # no rotation
     out = vision_attention(params, config, 0, x, cos, sin, torch.tensor([0, P]))
     qkv = x @ params["visual.blocks.0.attn.qkv.weight"].T + params["visual.blocks.0.attn.qkv.bias"]
-    q, k, v = qkv.view(P, 3, 2, 16).permute(1, 2, 0, 3)  # each [N, P, D]
-    attn = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(P, 32)
+    q, k, v = qkv.view(P, 3, 4, 16).permute(1, 2, 0, 3)  # each [N, P, D]: 4 heads of 16
+    attn = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(P, 64)
     expected = attn @ params["visual.blocks.0.attn.proj.weight"].T + params["visual.blocks.0.attn.proj.bias"]
     assert torch.allclose(out, expected, atol=1e-12)
 
@@ -250,7 +250,7 @@ def test_vision_attention_one_segment_is_sdpa(tiny64):
 def test_vision_attention_segments_do_not_mix(tiny64):
     config, params = tiny64
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 64, generator=g, dtype=torch.float64)
     cos, sin = vision_rotary_cos_sin(torch.randint(0, 5, (10, 2), generator=g), 16)
     cu = torch.tensor([0, 4, 10])
     a = vision_attention(params, config, 0, x, cos, sin, cu)
@@ -268,7 +268,7 @@ def test_vision_attention_segments_do_not_mix(tiny64):
 def test_vision_block_is_two_residual_steps(tiny64):
     config, params = tiny64
     P = 8
-    x = torch.randn(P, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x = torch.randn(P, 64, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     cos, sin = vision_rotary_cos_sin(vision_rotary_positions([[1, 2, 4]]), 16)
     cu = torch.tensor([0, P])
     h = x + vision_attention(params, config, 2, rms_norm(x, params["visual.blocks.2.norm1.weight"], 1e-6), cos, sin, cu)
