@@ -70,7 +70,7 @@ def test_tp2_equals_tp1_and_harness_passes(tmp_path):
     """TP=2 logits and every decoder layer within float32 summation-order noise of TP=1, greedy
     tokens equal; then the conformance harness (fixture model_batch, impl expectations) under TP=2."""
     out = _spawn(tmp_path, harness=True)
-    for name, heads in (("tiny", [1, 1]), ("kv_sharded", [2, 1])):
+    for name, heads in (("kv_replicated", [1, 1]), ("kv_sharded", [2, 1])):
         r = out[name]
         assert r["local_heads"] == heads and r["cache_kv_heads"] == heads[1], (name, r)
         assert r["tokens_equal"], (name, r)
@@ -82,4 +82,4 @@ def test_tp2_equals_tp1_and_harness_passes(tmp_path):
     assert not bad, bad
     assert any(s == "pass" and st.startswith("text.layer.") for (_, st), s in statuses.items())
     assert any(s == "pass" and st == "generate.tokens" for (_, st), s in statuses.items())
-    print(json.dumps({k: {m: v for m, v in out[k].items() if m != "tokens"} for k in ("tiny", "kv_sharded")}))
+    print(json.dumps({k: {m: v for m, v in out[k].items() if m != "tokens"} for k in ("kv_replicated", "kv_sharded")}))

@@ -21,16 +21,11 @@ def _configs():
     from qwen25vl.tools.make_tiny_checkpoint import tiny_config
 
     c = tiny_config()
-    # the tiny model: N = 2, K = 1 (the kv head replicated); and N = 4, K = 2, I = 96 (kv heads sharded)
-    wide = dataclasses.replace(
-        c,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        vision=dataclasses.replace(c.vision, out_hidden_size=64),
+    # the tiny model: N = 4, K = 2 (kv heads sharded at TP 2); and N = 2, K = 1 (the one kv head replicated)
+    replicated = dataclasses.replace(
+        c, num_attention_heads=2, num_key_value_heads=1, mrope_section=(2, 3, 3), intermediate_size=96
     )
-    return {"tiny": c, "kv_sharded": wide}
+    return {"kv_sharded": c, "kv_replicated": replicated}
 
 
 def _inputs(config):
