@@ -2,6 +2,7 @@
 
     qwen25vl conform ...     the conformance harness (conformance/cli.py)
     qwen25vl generate ...    the fast path's generation command (impl/cli.py)
+    qwen25vl fixtures ...    golden model cases from your own checkpoint (tools/fixtures_from_checkpoint.py)
 
 It lives in `tools`, the one package that may import all the others (docs/DESIGN.md): the harness
 may not import `impl` (it reaches implementations only through adapters), and nothing imports
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: qwen25vl {conform,generate} [options]   (qwen25vl conform --help, qwen25vl generate --help)"
+USAGE = (
+    "usage: qwen25vl {conform,generate,fixtures} [options]   "
+    "(qwen25vl conform --help, qwen25vl generate --help, qwen25vl fixtures --help)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qwen25vl generate: not available ({e})", file=sys.stderr)
             return 2
         return generate(rest)
+    if cmd == "fixtures":
+        from .fixtures_from_checkpoint import main as fixtures
+
+        return fixtures(rest)
     print(f"qwen25vl: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -734,9 +734,18 @@ def _before_eos(tokens: torch.Tensor, eos) -> torch.Tensor:
     return (~after).double()
 
 
-def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
+def write_model(
+    name: str, out: Path, tokenizer_dir: str, checkpoint: Path | None = None, loaded: dict | None = None
+) -> None:
+    """Write model case `name` under `out`: golden from the float64 spec, controls at every precision.
+
+    checkpoint: the model folder (default: the bundled tiny one, out/checkpoints/tiny, named relatively in
+    the manifest; another folder is named by its absolute path). loaded: dtype name -> (config, params) to
+    run instead of loading the folder whole (tools/fixtures_from_checkpoint.py streams them).
+    """
     spec_case = MODEL_CASES[name]
-    ck = out / CHECKPOINT
+    ck = out / CHECKPOINT if checkpoint is None else Path(checkpoint).resolve()
+    ref = Reference(str(ck), loaded=loaded)
     files: dict = {}
     images, videos = [], []
     for k, (h, w, seed) in enumerate(spec_case["images"]):
@@ -763,7 +772,7 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
     # build the inputs from the media as written (the PNG round trip is lossless)
     import tempfile
 
-    gold = SpecAdapter("float64")
+    gold = ref.adapter("float64")
     with tempfile.TemporaryDirectory() as tmp:
         for f, b in files.items():
             if isinstance(b, bytes):
@@ -780,7 +789,6 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
     files["inputs.safetensors"] = inputs
     mask = inputs["attention_mask"]
 
-    gold.prepare(str(ck), dtype="float64", device="cpu")
     names = stages.model_stages(gold.config.vision.depth, gold.config.num_hidden_layers)
     has_vision = "pixel_values" in inputs or "pixel_values_videos" in inputs
     if not has_vision:
@@ -812,7 +820,6 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
     feeds = {**inputs, "position_ids": g64["text.position_ids"]}
     scaled = [s for s in names if stages.info(s).tolerance.scaled]
     depth, layers = gold.config.vision.depth, gold.config.num_hidden_layers
-    ref = Reference(str(ck))
     for precision in ("bfloat16", "float16", "float32", "float16-inputs", "bfloat16-inputs"):
         if precision in COMPUTE:
             run = ref.adapter(precision).run(inputs, capture=names)
@@ -854,7 +861,7 @@ def write_model(name: str, out: Path, tokenizer_dir: str) -> None:
         "kind": "model",
         "description": spec_case["description"],
         "stages": st,
-        "checkpoint": f"../{CHECKPOINT}",
+        "checkpoint": f"../{CHECKPOINT}" if checkpoint is None else str(ck),
         "request": "request.json",
         "inputs": "inputs.safetensors",
         "depth": {"vision": gold.config.vision.depth, "text": gold.config.num_hidden_layers},

@@ -1,0 +1,191 @@
+"""Golden model cases from the user's own Qwen2.5-VL checkpoint, streamed from its safetensors.
+
+    qwen25vl fixtures --checkpoint DIR --out DIR [--cases model_image model_video ...]
+
+The cases are the bundled ones (tools/generate_fixtures.py MODEL_CASES), computed by the same code
+(write_model) in float64 by the spec, with the spec's bfloat16/float16/float32 controls. A real
+checkpoint does not fit in memory in float64 (7B: 61 GB), so the spec runs on `StreamedParams`: a
+read-only mapping that reads each tensor from its shard when the spec asks for it (safetensors'
+lazy safe_open, never pickle) and keeps nothing, so the resident set is about one layer's weights
+plus activations. The embedding and the LM head are never materialised: `StreamedTable` reads only
+the embedding rows of the token ids asked for, and multiplies by the LM head in chunks of vocabulary
+rows. The spec itself is unchanged: it indexes, transposes and multiplies what params gives it.
+The output folder is a fixtures folder `qwen25vl conform --fixtures OUT` accepts; its manifests
+name the checkpoint by absolute path (docs/own-checkpoint.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..conformance.precision import COMPUTE
+from ..spec.checkpoint import CheckpointError, checkpoint_files, expected_shapes, to_hub_key
+from ..spec.config import ConfigError, Qwen25VLConfig
+from .generate_fixtures import MODEL_CASES, deterministic, write_model
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+VOCAB_CHUNK_ROWS = 8192  # LM head rows per matmul: 8192 x 3584 float64 = 235 MB at 7B width
+
+
+class StreamedTable:
+    """A [V, C] table (embedding or LM head) left on disk: `table[ids]` reads only those rows,
+    `x @ table.T` multiplies chunk by chunk of rows. shape, dtype and device as a tensor's."""
+
+    def __init__(self, handle, key: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self._handle, self._key = handle, key
+        self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cpu")
+
+    def _rows(self, start: int, stop: int) -> torch.Tensor:
+        return self._handle.get_slice(self._key)[start:stop].to(self.dtype)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, where = torch.unique(ids, return_inverse=True)
+        rows = torch.cat([self._rows(int(i), int(i) + 1) for i in unique]) if unique.numel() else None
+        if rows is None:
+            return torch.empty(*ids.shape, self.shape[1], dtype=self.dtype)
+        return rows[where]
+
+    @property
+    def T(self) -> _TransposedTable:  # noqa: N802 (the tensor attribute the spec uses)
+        return _TransposedTable(self)
+
+
+class _TransposedTable:
+    """table.T as the right operand of `x @ table.T`: [..., C] -> [..., V], chunked over V."""
+
+    def __init__(self, table: StreamedTable):
+        self.table = table
+
+    def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
+        vocab = self.table.shape[0]
+        return torch.cat(
+            [x @ self.table._rows(a, min(a + VOCAB_CHUNK_ROWS, vocab)).T for a in range(0, vocab, VOCAB_CHUNK_ROWS)],
+            dim=-1,
+        )
+
+
+class StreamedParams(Mapping):
+    """The spec's params mapping (hub key -> tensor in `dtype`) read from the shards on each access.
+
+    The shapes are checked against the config's key table up front (from the headers only), so a
+    wrong or incomplete checkpoint is refused before any compute; lm_head is the embedding when tied.
+    """
+
+    def __init__(self, folder: str | os.PathLike, config: Qwen25VLConfig, dtype: torch.dtype):
+        self.dtype = dtype
+        self._where: dict[str, tuple[object, str]] = {}
+        for path in checkpoint_files(folder):
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
+            for key in handle.keys():
+                hub = to_hub_key(key)
+                if hub in self._where:
+                    raise CheckpointError(f"{folder}: tensor {hub} is stored twice (second time in {path.name})")
+                self._where[hub] = (handle, key)
+        if config.tie_word_embeddings and EMBED in self._where:
+            self._where[HEAD] = self._where[EMBED]
+        self._shapes = expected_shapes(config)
+        missing = sorted(set(self._shapes) - set(self._where))
+        unexpected = sorted(set(self._where) - set(self._shapes))
+        wrong = [
+            f"{k}: {tuple(self._shape_on_disk(k))} (config says {v})"
+            for k, v in self._shapes.items()
+            if k in self._where and tuple(self._shape_on_disk(k)) != v
+        ]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"{folder} does not match its config.json: missing {missing[:20]}, unexpected {unexpected[:20]}, "
+                f"wrong shape {wrong[:20]}"
+            )
+
+    def _shape_on_disk(self, key: str) -> list[int]:
+        handle, stored = self._where[key]
+        return handle.get_slice(stored).get_shape()
+
+    def __getitem__(self, key: str):
+        if key not in self._shapes:
+            raise KeyError(key)
+        handle, stored = self._where[key]
+        if key in (EMBED, HEAD):
+            return StreamedTable(handle, stored, self._shapes[key], self.dtype)
+        return handle.get_tensor(stored).to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+
+def streamed_weights(folder: str | os.PathLike) -> dict:
+    """dtype name -> (config, StreamedParams) for float64 and every compute precision: what
+    conformance.reference.Reference takes as `loaded`."""
+    config = Qwen25VLConfig.from_file(folder)
+    return {name: (config, StreamedParams(folder, config, dtype)) for name, dtype in COMPUTE.items()}
+
+
+def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cases=None) -> list[str]:
+    """Write the model cases `cases` (default: all of MODEL_CASES) for `checkpoint` into the new folder `out`.
+
+    Everything is written into a temporary folder beside `out` and renamed at the end, so a failure
+    leaves no half-written `out`. The checkpoint folder is also the tokenizer folder.
+    """
+    checkpoint, out = Path(checkpoint).resolve(), Path(out)
+    names = list(MODEL_CASES) if not cases else list(cases)
+    unknown = [n for n in names if n not in MODEL_CASES]
+    if unknown:
+        raise ValueError(f"--cases {unknown}: no such model case; the cases are {list(MODEL_CASES)}")
+    if out.exists():
+        raise ValueError(f"--out {str(out)!r} exists already; name a new folder")
+    if not checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {str(checkpoint)!r} does not exist or is not a folder")
+    if not (checkpoint / "config.json").is_file():
+        raise ValueError(f"--checkpoint {str(checkpoint)!r} has no config.json (a Hugging Face model folder has one)")
+    loaded = streamed_weights(checkpoint)  # config and shard checks before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        with deterministic(), torch.no_grad():
+            for name in names:
+                write_model(name, partial, str(checkpoint), checkpoint=checkpoint, loaded=loaded)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="qwen25vl fixtures",
+        description="Golden model cases (float64 spec, streamed weights) from your own Qwen2.5-VL checkpoint, "
+        "for `qwen25vl conform --fixtures OUT` (docs/own-checkpoint.md).",
+    )
+    p.add_argument("--checkpoint", required=True, help="Hugging Face model folder: config.json, tokenizer, safetensors")
+    p.add_argument("--out", required=True, help="new fixtures folder to write (must not exist)")
+    p.add_argument(
+        "--cases", nargs="+", default=None, help=f"model cases to write (default: all of {list(MODEL_CASES)})"
+    )
+    args = p.parse_args(argv)
+    try:
+        names = fixtures_from_checkpoint(args.checkpoint, args.out, args.cases)
+    except (ValueError, ConfigError, CheckpointError) as e:
+        print(f"qwen25vl fixtures: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(names)} cases under {args.out}: {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
