@@ -10,8 +10,8 @@ lazy safe_open, never pickle) and keeps nothing, so the resident set is about on
 plus activations. The embedding and the LM head are never materialised: `StreamedTable` reads only
 the embedding rows of the token ids asked for, and multiplies by the LM head in chunks of vocabulary
 rows. The spec itself is unchanged: it indexes, transposes and multiplies what params gives it.
-The output folder is a fixtures folder `qwen25vl conform --fixtures OUT` accepts; its manifests
-name the checkpoint by absolute path (docs/own-checkpoint.md).
+The output folder is a fixtures folder `qwen25vl conform --fixtures OUT` accepts: OUT/checkpoints/own holds
+links to the user's files by absolute path and their sha256 (docs/own-checkpoint.md).
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from safetensors import SafetensorError, safe_open
 from ..conformance.precision import COMPUTE
 from ..spec.checkpoint import CheckpointError, checkpoint_files, expected_shapes, to_hub_key
 from ..spec.config import ConfigError, Qwen25VLConfig
-from .generate_fixtures import MODEL_CASES, deterministic, write_model
+from .generate_fixtures import MODEL_CASES, deterministic, write_checkpoint_manifest, write_model
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# links to the user's files, where the bundled folder keeps its checkpoint (one level down is a case)
+CHECKPOINT_LINKS = "checkpoints/own"
+LINKED_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja", ".model")
 VOCAB_CHUNK_ROWS = 8192  # LM head rows per matmul: 8192 x 3584 float64 = 235 MB at 7B width
 
 
@@ -135,6 +138,18 @@ def streamed_weights(folder: str | os.PathLike) -> dict:
     return {name: (config, StreamedParams(folder, config, dtype)) for name, dtype in COMPUTE.items()}
 
 
+def link_checkpoint(checkpoint: Path, folder: Path) -> Path:
+    """folder/: a link to each model file of `checkpoint` (config, tokenizer, safetensors) and the
+    manifest.json of their sha256 the harness checks, so the user's folder is never written to and a
+    changed checkpoint file is caught before judging. Pickles and docs are left out."""
+    folder.mkdir(parents=True)
+    for path in sorted(checkpoint.iterdir()):
+        if path.is_file() and path.suffix in LINKED_SUFFIXES and path.name != "manifest.json":
+            (folder / path.name).symlink_to(path)
+    write_checkpoint_manifest(folder, f"qwen25vl fixtures --checkpoint {checkpoint}")
+    return folder
+
+
 def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cases=None) -> list[str]:
     """Write the model cases `cases` (default: all of MODEL_CASES) for `checkpoint` into the new folder `out`.
 
@@ -155,10 +170,12 @@ def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
     loaded = streamed_weights(checkpoint)  # config and shard checks before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial.chmod(0o755)  # mkdtemp's 0700 is for the temporary name only; the result is an ordinary folder
     try:
+        linked = link_checkpoint(checkpoint, partial / CHECKPOINT_LINKS)
         with deterministic(), torch.no_grad():
             for name in names:
-                write_model(name, partial, str(checkpoint), checkpoint=checkpoint, loaded=loaded)
+                write_model(name, partial, str(linked), checkpoint=linked, loaded=loaded)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

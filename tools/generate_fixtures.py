@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import re
 import sys
@@ -739,12 +740,12 @@ def write_model(
 ) -> None:
     """Write model case `name` under `out`: golden from the float64 spec, controls at every precision.
 
-    checkpoint: the model folder (default: the bundled tiny one, out/checkpoints/tiny, named relatively in
-    the manifest; another folder is named by its absolute path). loaded: dtype name -> (config, params) to
-    run instead of loading the folder whole (tools/fixtures_from_checkpoint.py streams them).
+    checkpoint: the model folder (default: the bundled tiny one, out/checkpoints/tiny), named in the manifest
+    relative to the case folder. loaded: dtype name -> (config, params) to run instead of loading the folder
+    whole (tools/fixtures_from_checkpoint.py streams them).
     """
     spec_case = MODEL_CASES[name]
-    ck = out / CHECKPOINT if checkpoint is None else Path(checkpoint).resolve()
+    ck = out / CHECKPOINT if checkpoint is None else Path(checkpoint)
     ref = Reference(str(ck), loaded=loaded)
     files: dict = {}
     images, videos = [], []
@@ -861,7 +862,7 @@ def write_model(
         "kind": "model",
         "description": spec_case["description"],
         "stages": st,
-        "checkpoint": f"../{CHECKPOINT}" if checkpoint is None else str(ck),
+        "checkpoint": Path(os.path.relpath(ck, out / name)).as_posix(),
         "request": "request.json",
         "inputs": "inputs.safetensors",
         "depth": {"vision": gold.config.vision.depth, "text": gold.config.num_hidden_layers},
@@ -876,19 +877,24 @@ def write_checkpoint(out: Path) -> Path:
     from .make_tiny_checkpoint import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(out / CHECKPOINT, seed=0, overwrite=True)
+    write_checkpoint_manifest(folder, "tools/make_tiny_checkpoint.py --seed 0")
+    return folder
+
+
+def write_checkpoint_manifest(folder: Path, maker: str) -> None:
+    """folder/manifest.json: the sha256 of every other file, which the harness checks before judging."""
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}
     (folder / "manifest.json").write_bytes(
         dump_json(
             {
                 "format": "qwen25vl-checkpoint/1",
                 "kind": "checkpoint",
-                "maker": "tools/make_tiny_checkpoint.py --seed 0",
+                "maker": maker,
                 "files": files,
                 "producer": versions(),
             }
         )
     )
-    return folder
 
 
 def generate(out: str | Path, only: str | None = None) -> list[str]:
