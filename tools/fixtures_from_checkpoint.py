@@ -17,6 +17,7 @@ links to the user's files by absolute path and their sha256 (docs/own-checkpoint
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -181,6 +182,27 @@ def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return names
+
+
+def shard_checkpoint(folder: str | os.PathLike, shards: int) -> list[Path]:
+    """Split folder/model.safetensors into `shards` files with a model.safetensors.index.json, as the
+    published multi-file checkpoints are (for tests and measurements; keys spread in sorted order)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    keys = sorted(tensors)
+    if not 1 < shards <= len(keys):
+        raise ValueError(f"shards must be between 2 and the tensor count {len(keys)}, got {shards}")
+    names = [f"model-{k + 1:05d}-of-{shards:05d}.safetensors" for k in range(shards)]
+    weight_map = {key: names[k * shards // len(keys)] for k, key in enumerate(keys)}
+    for name in names:
+        save_file({k: tensors[k] for k in keys if weight_map[k] == name}, str(folder / name), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / "model.safetensors").unlink()
+    return [folder / n for n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
