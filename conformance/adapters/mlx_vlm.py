@@ -103,12 +103,12 @@ class MlxVlmAdapter(Adapter):
         self.checkpoint = str(checkpoint)
 
     def _processor(self, folder: str):
-        """The processor mlx_vlm.load returned, or (preprocessing without a loaded model) the one its
-        load_processor builds from the folder."""
+        """The processor mlx_vlm.load returned, or (preprocessing before the model is loaded) the same
+        class, mlx-vlm's Qwen2_5_VLProcessor, built from the folder."""
         if self.processor is None:
-            from mlx_vlm.utils import load_processor
+            from mlx_vlm.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-            self.processor = load_processor(folder)
+            self.processor = Qwen2_5_VLProcessor.from_pretrained(folder)
         return self.processor
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
