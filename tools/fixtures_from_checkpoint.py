@@ -33,6 +33,7 @@ from ..spec.checkpoint import CheckpointError, checkpoint_files, expected_shapes
 from ..spec.config import ConfigError, Qwen25VLConfig
 from .generate_fixtures import MODEL_CASES, deterministic, write_checkpoint_manifest, write_model
 
+MODEL_TYPE = "qwen2_5_vl"  # config.json's model_type in the published 3B/7B/32B/72B folders
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # links to the user's files, where the bundled folder keeps its checkpoint (one level down is a case)
 CHECKPOINT_LINKS = "checkpoints/own"
@@ -44,12 +45,13 @@ class StreamedTable:
     """A [V, C] table (embedding or LM head) left on disk: `table[ids]` reads only those rows,
     `x @ table.T` multiplies chunk by chunk of rows. shape, dtype and device as a tensor's."""
 
-    def __init__(self, handle, key: str, shape: tuple[int, ...], dtype: torch.dtype):
-        self._handle, self._key = handle, key
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype):
+        self._path, self._key = path, key
         self.shape, self.dtype, self.device = torch.Size(shape), dtype, torch.device("cpu")
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._handle.get_slice(self._key)[start:stop].to(self.dtype)
+        with safe_open(str(self._path), framework="pt") as f:
+            return f.get_slice(self._key)[start:stop].to(self.dtype, copy=True)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         unique, where = torch.unique(ids, return_inverse=True)
@@ -86,44 +88,41 @@ class StreamedParams(Mapping):
 
     def __init__(self, folder: str | os.PathLike, config: Qwen25VLConfig, dtype: torch.dtype):
         self.dtype = dtype
-        self._where: dict[str, tuple[object, str]] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        on_disk: dict[str, tuple[int, ...]] = {}
         for path in checkpoint_files(folder):
             try:
-                handle = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as f:
+                    shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"cannot read {path} as safetensors: {e}") from None
-            for key in handle.keys():
+            for key, shape in shapes.items():
                 hub = to_hub_key(key)
                 if hub in self._where:
                     raise CheckpointError(f"{folder}: tensor {hub} is stored twice (second time in {path.name})")
-                self._where[hub] = (handle, key)
+                self._where[hub], on_disk[hub] = (path, key), shape
         if config.tie_word_embeddings and EMBED in self._where:
-            self._where[HEAD] = self._where[EMBED]
+            self._where[HEAD], on_disk[HEAD] = self._where[EMBED], on_disk[EMBED]
         self._shapes = expected_shapes(config)
         missing = sorted(set(self._shapes) - set(self._where))
         unexpected = sorted(set(self._where) - set(self._shapes))
-        wrong = [
-            f"{k}: {tuple(self._shape_on_disk(k))} (config says {v})"
-            for k, v in self._shapes.items()
-            if k in self._where and tuple(self._shape_on_disk(k)) != v
-        ]
+        wrong = [f"{k}: {on_disk[k]} (config says {v})" for k, v in self._shapes.items() if on_disk.get(k, v) != v]
         if missing or unexpected or wrong:
             raise CheckpointError(
                 f"{folder} does not match its config.json: missing {missing[:20]}, unexpected {unexpected[:20]}, "
                 f"wrong shape {wrong[:20]}"
             )
 
-    def _shape_on_disk(self, key: str) -> list[int]:
-        handle, stored = self._where[key]
-        return handle.get_slice(stored).get_shape()
-
     def __getitem__(self, key: str):
         if key not in self._shapes:
             raise KeyError(key)
-        handle, stored = self._where[key]
+        path, stored = self._where[key]
         if key in (EMBED, HEAD):
-            return StreamedTable(handle, stored, self._shapes[key], self.dtype)
-        return handle.get_tensor(stored).to(self.dtype)
+            return StreamedTable(path, stored, self._shapes[key], self.dtype)
+        # opened per read and copied out: no mapping of the shard outlives the read, so the resident set
+        # holds only the tensors the spec still uses (a handle kept open keeps every page it touched)
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(stored).to(self.dtype, copy=True)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)
@@ -151,6 +150,14 @@ def link_checkpoint(checkpoint: Path, folder: Path) -> Path:
     return folder
 
 
+def _model_type(config_json: Path) -> object:
+    try:
+        raw = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {config_json} as JSON: {e}") from None
+    return raw.get("model_type") if isinstance(raw, dict) else None
+
+
 def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cases=None) -> list[str]:
     """Write the model cases `cases` (default: all of MODEL_CASES) for `checkpoint` into the new folder `out`.
 
@@ -168,6 +175,12 @@ def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
         raise ValueError(f"--checkpoint {str(checkpoint)!r} does not exist or is not a folder")
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"--checkpoint {str(checkpoint)!r} has no config.json (a Hugging Face model folder has one)")
+    model_type = _model_type(checkpoint / "config.json")
+    if model_type != MODEL_TYPE:
+        raise ValueError(
+            f"--checkpoint {str(checkpoint)!r}: config.json has model_type {model_type!r}, not {MODEL_TYPE!r}; "
+            "the goldens are of Qwen2.5-VL (Qwen2-VL and Qwen3-VL differ in the vision tower and positions)"
+        )
     loaded = streamed_weights(checkpoint)  # config and shard checks before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
