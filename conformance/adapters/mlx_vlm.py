@@ -93,6 +93,32 @@ class MlxVlmAdapter(Adapter):
 
         return _smart_resize_image(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
+    def rope_index(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
+        """LanguageModel.get_rope_index, unbound: it reads only these config fields (and takes no
+        second_per_grid_ts: see expectations/mlx-vlm.json)."""
+        import types
+
+        from mlx_vlm.models.qwen2_5_vl.language import LanguageModel
+
+        fields = ("image_token_id", "video_token_id", "vision_start_token_id")
+        cfg = types.SimpleNamespace(**{k: config[k] for k in fields})
+        cfg.vision_config = types.SimpleNamespace(spatial_merge_size=config["vision_config"]["spatial_merge_size"])
+        pos, deltas = LanguageModel.get_rope_index(
+            types.SimpleNamespace(config=cfg),
+            _to_mlx(input_ids),
+            _to_mlx(image_grid_thw),
+            _to_mlx(video_grid_thw),
+            _to_mlx(attention_mask),
+        )
+        pos, deltas = _to_torch(pos), _to_torch(deltas)
+        if pos.dim() == 2:  # text only: mlx-vlm returns the one row [B, L] that every section shares
+            pos = pos.expand(3, -1, -1)
+        if attention_mask is None:
+            return pos, deltas.reshape(-1, 1)
+        return pos, conversions.rope_deltas_padded(
+            deltas, "unpadded", torch.as_tensor(attention_mask), "mlx-vlm rope_deltas"
+        )
+
     # ---- the model
     def prepare(self, checkpoint, *, dtype, device):
         import mlx.core as mx
