@@ -20,7 +20,7 @@ from .. import conversions
 from .base import Adapter, NotCovered
 from .transformers import open_image
 
-INSTALL_HINT = 'mlx-vlm is not installed: pip install -e ".[mlx]" (mlx[cpu] 0.32.4 and mlx-vlm 0.7.10)'
+INSTALL_HINT = 'mlx-vlm is not importable: pip install -e ".[mlx]" (mlx[cpu] 0.32.4 and mlx-vlm 0.7.10)'
 
 
 def _import_mlx():
@@ -28,7 +28,7 @@ def _import_mlx():
         import mlx.core as mx
         import mlx_vlm
     except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+        raise ValueError(f"target mlx-vlm: {INSTALL_HINT} ({e})") from None
     return mx, mlx_vlm
 
 
