@@ -34,7 +34,10 @@ struct tap_state {
 static bool on_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     auto * st = (tap_state *) user_data;
     if (ask) {
-        return st->recording && t->name[0] != '\0' && t->type == GGML_TYPE_F32;
+        // only the graph's named results: ggml's own view/reshape copies and unnamed node_N are layout noise
+        const std::string name = t->name;
+        return st->recording && !name.empty() && t->type == GGML_TYPE_F32 && name.find(" (") == std::string::npos &&
+               name.rfind("node_", 0) != 0;
     }
     if (!st->recording || t->type != GGML_TYPE_F32 || !ggml_is_contiguous(t)) {
         return true;

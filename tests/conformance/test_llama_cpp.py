@@ -1,0 +1,75 @@
+"""llama.cpp's own code on the bundled checkpoint: its converter (text GGUF + --mmproj), then the conformance tap
+(conformance/llama_cpp_tap, built by tools/build_llama_cpp.sh) through mtmd's tokenizer, image preprocessing, clip
+vision encoder and the decoder, tensors read through the eval callbacks. Needs QWEN25VL_LLAMA_CPP_SRC (a llama.cpp
+tree) and QWEN25VL_LLAMA_CPP_TAP (the tap the build script printed); CI sets both."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "fixtures" / "checkpoints" / "tiny"
+IMAGE = ROOT / "fixtures" / "model_batch" / "media" / "image0.png"
+LLAMA_CPP_SRC = os.environ.get("QWEN25VL_LLAMA_CPP_SRC", "")
+TAP = os.environ.get("QWEN25VL_LLAMA_CPP_TAP", "")
+EOS = (151645, 151643)
+IM_START, VISION_START, VISION_END = 151644, 151652, 151653
+
+
+@pytest.mark.skipif(
+    not (Path(LLAMA_CPP_SRC) / "convert_hf_to_gguf.py").is_file() or not Path(TAP).is_file(),
+    reason="no llama.cpp build: set QWEN25VL_LLAMA_CPP_SRC to a llama.cpp tree and QWEN25VL_LLAMA_CPP_TAP to the "
+    "path `bash tools/build_llama_cpp.sh` prints",
+)
+def test_tap_runs_llama_cpp_on_the_converted_checkpoint(tmp_path):
+    from safetensors.numpy import load_file
+
+    src = Path(LLAMA_CPP_SRC)
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    text, mmproj = tmp_path / "tiny.gguf", tmp_path / "tiny-mmproj.gguf"
+    for extra, out in (([], text), (["--mmproj"], mmproj)):
+        subprocess.run(
+            [sys.executable, str(src / "convert_hf_to_gguf.py"), str(TINY), "--outtype", "f32", "--outfile", str(out)]
+            + extra,
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=300,
+        )
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("<|im_start|>user\n<__media__>Describe.<|im_end|>\n<|im_start|>assistant\n")
+    n_predict = 5
+    run = subprocess.run(
+        [TAP, str(text), str(mmproj), str(prompt), str(tmp_path), str(n_predict), ",".join(map(str, EOS)), str(IMAGE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    tapped = load_file(str(tmp_path / "tap.safetensors"))
+    config = json.loads((TINY / "config.json").read_text())
+
+    ids = tapped["input_ids"]
+    assert ids[0] == IM_START
+    image_positions = (ids == -1).nonzero()[0]
+    assert ids[image_positions[0] - 1] == VISION_START and ids[image_positions[-1] + 1] == VISION_END
+    assert tapped["positions_thw"].shape == (3 * len(ids),)
+    # every vision block and the merger were reached through clip's callback, one row per merged image token
+    for block in range(config["vision_config"]["depth"]):
+        assert f"vision.layer_out-{block}" in tapped
+    assert tapped["vision.ffn_down"].shape == (len(image_positions), config["hidden_size"])
+    for layer in range(config["num_hidden_layers"]):
+        assert f"text.l_out-{layer}" in tapped
+    # the logits read through the eval callback (the last chunk's pass, text.result_output#N with the largest N)
+    # are the ones llama.cpp hands out
+    passes = [k for k in tapped if k.startswith("text.result_output")]
+    callback_logits = tapped[max(passes, key=lambda k: int(k.partition("#")[2] or 0))]
+    assert callback_logits.reshape(-1).tolist() == tapped["text.last_logits"].tolist()
+    generated = tapped["generated"].tolist()
+    assert 1 <= len(generated) <= n_predict
+    assert generated[0] == int(tapped["text.last_logits"].argmax())
+    assert all(token not in EOS for token in generated[:-1])
