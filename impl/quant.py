@@ -91,7 +91,25 @@ def kernel_for(
     return None, f"no int4 kernel for device {device.type}"
 
 
-class Int4Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What the quantized linears share: y = matmul(x [rows, K]) + bias, reshaped back; bytes of the buffers."""
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # each subclass's kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers: the quantized weight and its scales (the bias is a parameter, not counted)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class Int4Linear(QuantizedLinear):
     """y = x @ w_hat^T + b with w_hat from `dequantize_int4`; x [..., K] -> [..., N]."""
 
     def __init__(
@@ -125,23 +143,13 @@ class Int4Linear(nn.Module):
         else:
             self.register_buffer("scales_and_zeros", torch.stack((scale.t(), zero.t()), dim=-1).contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.kernel == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
-        elif self.kernel == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
-        else:
-            w = dequantize_int4(unpack_int4(self.packed), self.scale, self.zero, self.group_size)
-            y = x2 @ w[:, : self.in_features].to(x.dtype).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
-
-    def nbytes(self) -> int:
-        """Bytes of the buffers: packed weight and scales / zeros (the bias is a parameter, not counted)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+            return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        if self.kernel == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        w = dequantize_int4(unpack_int4(self.packed), self.scale, self.zero, self.group_size)
+        return x2 @ w[:, : self.in_features].to(x2.dtype).t()
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, kernel={self.kernel or 'dequant-fallback'}"
@@ -206,7 +214,7 @@ def int8_kernel_for(device: torch.device, dtype: torch.dtype) -> tuple[bool, str
     return True, ""
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLinear):
     """y = x @ w_hat^T + b with w_hat from `dequantize_int8`; x [..., K] -> [..., N]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype):
@@ -220,20 +228,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(dtype) if self.use_kernel else scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.use_kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
-        else:
-            y = x2 @ dequantize_int8(self.q, self.scale).to(x.dtype).t()
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
-
-    def nbytes(self) -> int:
-        """Bytes of the buffers: int8 weight and scales (the bias is a parameter, not counted)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+            return torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+        return x2 @ dequantize_int8(self.q, self.scale).to(x2.dtype).t()
 
     def extra_repr(self) -> str:
         return (
