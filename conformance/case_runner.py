@@ -75,6 +75,7 @@ class CaseRunner:
         self._variants: dict[tuple, object] = {}  # (checkpoint, catalogue entry) -> its spec adapter
         self._runs: list[ModelRun] = []  # the model cases run so far, for repeat()
         self._port_ids: torch.Tensor | None = None  # the port's own prompt ids of the current case
+        self._port_pixels: torch.Tensor | None = None  # the port's own pixel_values (build_inputs), when given
         self._golden_ids: torch.Tensor | None = None
         self._given: dict[str, torch.Tensor] = {}  # stage -> bool [B, L]: where a port gave it (conversions.GIVEN)
         self._last_model_case: str | None = None
@@ -213,7 +214,7 @@ class CaseRunner:
         inputs = dict(case.tensors(case.manifest["inputs"]))
         golden = case.tensors("golden.safetensors") if "golden.safetensors" not in case.bad_files else {}
         mask = inputs["attention_mask"]
-        self._golden_ids, self._port_ids = inputs["input_ids"], None
+        self._golden_ids, self._port_ids, self._port_pixels = inputs["input_ids"], None, None
         self._given = {}
         names = [s for s in case.stages if self._wanted(s)]
 
@@ -353,6 +354,8 @@ class CaseRunner:
                 continue
             else:
                 v = stages.info(s).tolerance.tensor(g, x, control=None, dtype=self.dtype)
+                if key == "pixel_values" and isinstance(x, torch.Tensor) and x.is_floating_point():
+                    self._port_pixels = x
                 if key == "input_ids":
                     self._port_ids = _as_ids(x)
                     if v.status != "pass" and self._port_ids is not None and self._port_ids.dim() == 2:
@@ -481,7 +484,10 @@ class CaseRunner:
         try:
             # the catalogue's variants swap spec functions while they run: one diagnosis at a time
             with MISTAKES_LOCK:
-                Diagnosis(case, reference, self.profile, judge, self.mistakes_for).run(out, captured, inputs, golden)
+                own = {} if self._port_pixels is None else {"preprocess.pixel_values": self._port_pixels}
+                Diagnosis(case, reference, self.profile, judge, self.mistakes_for).run(
+                    out, {**captured, **own}, inputs, golden
+                )
         except Exception as e:  # a fault of the harness's own diagnosis must not cost the port its report
             for r in out:
                 if r.mode == "e2e" and stages.is_known(r.stage) and stages.info(r.stage).tolerance.scaled:

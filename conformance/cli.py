@@ -30,6 +30,16 @@ def default_expectations(target: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _llama_cpp_setup(tree: str | None) -> None:
+    """--target llama.cpp: the tree goes to the workers through the environment, and the tap is built here,
+    once, before any worker starts (its first build takes minutes; a worker's call timeout would cut it)."""
+    from .adapters import llama_cpp
+
+    if tree is not None:
+        os.environ["QWEN25VL_LLAMA_CPP_SRC"] = tree
+    os.environ["QWEN25VL_LLAMA_CPP_TAP"] = str(llama_cpp.ensure_tap(llama_cpp.llama_cpp_source()))
+
+
 def conform_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen25vl conform",
@@ -38,7 +48,15 @@ def conform_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default="impl",
-        help="impl (default), spec, transformers, files:DIR (outputs written by a port), module:Class",
+        help="impl (default), spec, transformers, mlx-vlm, llama.cpp, vllm, sglang, files:DIR (outputs written by "
+        "a port), module:Class",
+    )
+    p.add_argument(
+        "--llama-cpp",
+        default=None,
+        metavar="DIR",
+        help="--target llama.cpp: the llama.cpp source tree to build the tap against (default: "
+        "$QWEN25VL_LLAMA_CPP_SRC, else the tree llama-cpp-python 0.3.36's sdist vendors, downloaded)",
     )
     p.add_argument("--fixtures", default=str(BUNDLED), help=f"fixture folder (default: the bundled {BUNDLED})")
     p.add_argument("--cases", default=None, help="regex on case names")
@@ -247,6 +265,8 @@ def conform(argv: list[str]) -> int:
         opts.memory_limit = int(args.memory_limit * 2**30)
     t0 = time.perf_counter()
     try:
+        if args.llama_cpp is not None or args.target == "llama.cpp":
+            _llama_cpp_setup(args.llama_cpp)
         expectations = [] if args.no_expectations else runner.load_expectations(exp_path)
         # in process: build the adapter here, so a bad target fails before any case runs (the
         # supervised workers report a bad target the same way, from their first call)

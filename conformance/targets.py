@@ -9,7 +9,7 @@ from .adapters.base import Adapter
 
 
 def make_adapter(target: str, *, dtype: str | None = None, device: str | None = None) -> Adapter:
-    """'impl' | 'spec' | 'transformers' | 'mlx-vlm' | 'vllm' | 'sglang' | 'files:DIR' | 'package.module:Class'."""
+    """'impl' | 'spec' | 'transformers' | 'mlx-vlm' | 'llama.cpp' | 'vllm' | 'sglang' | 'files:DIR' | 'package.module:Class'."""
     if target.startswith("files:"):
         from .adapters.files import FilesAdapter
 
@@ -21,6 +21,7 @@ def make_adapter(target: str, *, dtype: str | None = None, device: str | None = 
         "spec": ("qwen25vl.conformance.adapters.spec", "SpecAdapter"),
         "transformers": ("qwen25vl.conformance.adapters.transformers", "TransformersAdapter"),
         "mlx-vlm": ("qwen25vl.conformance.adapters.mlx_vlm", "MlxVlmAdapter"),
+        "llama.cpp": ("qwen25vl.conformance.adapters.llama_cpp", "LlamaCppAdapter"),
         # serving engines on a GPU, judged on tokens and log-probs (docs/serving.md)
         "vllm": ("qwen25vl.conformance.adapters.serving", "VllmAdapter"),
         "sglang": ("qwen25vl.conformance.adapters.serving", "SglangAdapter"),

@@ -3,18 +3,29 @@
 // The prompt carries mtmd's media marker once per image. Everything is evaluated with llama.cpp's own
 // tokenizer (mtmd_tokenize), image preprocessing and vision encoder (mtmd, clip) and decoder; the eval
 // callbacks (llama_context_params.cb_eval for the decoder, mtmd_context_params.cb_eval for clip) copy every
-// named tensor of the prompt pass to OUT_DIR/tensors.safetensors (f32), alongside the token ids, the
-// decoder positions and the greedy tokens.
+// named tensor of the prompt pass to OUT_DIR/tap.safetensors (f32), alongside the token ids, the decoder
+// positions, each image's encoder output as the decoder receives it, each image's preprocessed pixels
+// (where this llama.cpp tree has mtmd's preprocessor header), and the greedy tokens with their top 5.
+// N_PREDICT -1: tokenize and preprocess only (no model evaluation).
 #include "llama.h"
 #include "mtmd.h"
 #include "mtmd-helper.h"
 #include "ggml.h"
 #include "ggml-backend.h"
+#if __has_include("mtmd-image.h")
+// mtmd's own image preprocessor (an internal header of the tree the tap is built against): the pixels that
+// mtmd_tokenize computes and keeps private, recomputed by the same code so that they can be written out
+#include "clip.h"
+#include "clip-impl.h"
+#include "mtmd-image.h"
+#define TAP_PIXELS 1
+#endif
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <algorithm>
 #include <map>
 #include <sstream>
 #include <string>
@@ -31,6 +42,11 @@ struct tap_state {
     bool recording = true;
 };
 
+// NAME for the first of a kind, NAME#1, NAME#2, ... after it: the callback's naming of repeated evaluations
+static std::string nth(const std::string & name, int k) {
+    return k == 0 ? name : name + "#" + std::to_string(k);
+}
+
 static bool on_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     auto * st = (tap_state *) user_data;
     if (ask) {
@@ -43,10 +59,7 @@ static bool on_eval(struct ggml_tensor * t, bool ask, void * user_data) {
         return true;
     }
     std::string name = t->name;
-    int n = st->seen[name]++;
-    if (n > 0) {
-        name += "#" + std::to_string(n);
-    }
+    name = nth(name, st->seen[name]++);
     captured c;
     for (int d = GGML_MAX_DIMS - 1; d >= 0; --d) {
         if (t->ne[d] != 1 || !c.shape.empty() || d == 0) {
@@ -153,6 +166,13 @@ int main(int argc, char ** argv) {
     cp.n_batch = 4096;
     cp.n_ubatch = 4096;  // one prompt pass: each named tensor seen once per chunk
     cp.n_threads = cp.n_threads_batch = 2;
+    // QWEN25VL_TAP_F32=1: float32 KV cache and no flash attention (llama.cpp's defaults are a float16 KV cache
+    // and flash attention where the backend has it, which rounds K and V to float16)
+    const bool all_f32 = getenv("QWEN25VL_TAP_F32") && std::string(getenv("QWEN25VL_TAP_F32")) == "1";
+    if (all_f32) {
+        cp.type_k = cp.type_v = GGML_TYPE_F32;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     cp.cb_eval = on_eval;
     cp.cb_eval_user_data = &text_tap;
     llama_context * lctx = llama_init_from_model(model, cp);
@@ -162,6 +182,9 @@ int main(int argc, char ** argv) {
     vp.n_threads = 2;
     vp.warmup = false;
     vp.print_timings = false;
+    if (all_f32) {
+        vp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    }
     vp.cb_eval = on_eval;
     vp.cb_eval_user_data = &vision_tap;
     mtmd_context * mctx = mtmd_init_from_file(mmproj_gguf.c_str(), model, vp);
@@ -179,6 +202,46 @@ int main(int argc, char ** argv) {
         }
         bitmaps.push_back(w.bitmap);
     }
+#ifdef TAP_PIXELS
+    {
+        // the same preprocessor class mtmd_init_from_file picks for Qwen2-VL/2.5-VL projectors, on a second
+        // clip context loaded without its weights
+        clip_context_params cparams{};
+        cparams.use_gpu = false;
+        cparams.flash_attn_type = CLIP_FLASH_ATTN_TYPE_AUTO;
+        cparams.image_min_tokens = vp.image_min_tokens;
+        cparams.image_max_tokens = vp.image_max_tokens;
+        cparams.warmup = false;
+        cparams.no_alloc = true;
+        clip_init_result cr = clip_init(mmproj_gguf.c_str(), cparams);
+        if (!cr.ctx_v) {
+            fprintf(stderr, "tap: vision projector %s failed to load for preprocessing\n", mmproj_gguf.c_str());
+            return 3;
+        }
+        mtmd_image_preprocessor_dyn_size pre(cr.ctx_v);
+        for (size_t k = 0; k < bitmaps.size(); ++k) {
+            const int nx = mtmd_bitmap_get_nx(bitmaps[k]), ny = mtmd_bitmap_get_ny(bitmaps[k]);
+            const unsigned char * d = mtmd_bitmap_get_data(bitmaps[k]);
+            clip_image_u8 img;
+            img.set_size({nx, ny}, false);
+            img.cpy_buf(std::vector<uint8_t>(d, d + (size_t) nx * ny * 3));
+            mtmd_image_preproc_out out = pre.preprocess(img);
+            if (out.entries.size() != 1) {
+                fprintf(stderr, "tap: image %zu preprocessed into %zu entries, expected 1\n", k, out.entries.size());
+                return 4;
+            }
+            const clip_image_f32 & e = out.entries[0];
+            captured c;
+            c.shape = {e.ny(), e.nx(), 3};  // normalized, RGB interleaved per pixel
+            c.data = e.get_ro_buf();
+            vision_tap.tensors[nth("pixels", (int) k)] = std::move(c);
+        }
+        clip_free(cr.ctx_v);
+        if (cr.ctx_a) {
+            clip_free(cr.ctx_a);
+        }
+    }
+#endif
     mtmd_input_text txt = {prompt.c_str(), prompt.size(), false, true};
     mtmd_input_chunks * chunks = mtmd_input_chunks_init();
     int32_t rc = mtmd_tokenize(mctx, chunks, &txt, (const mtmd_bitmap **) bitmaps.data(), bitmaps.size());
@@ -215,10 +278,39 @@ int main(int argc, char ** argv) {
         }
     }
 
+    if (n_predict < 0) {  // tokenize and preprocess only
+        text_tap.recording = vision_tap.recording = false;
+    }
+    // one chunk at a time (what mtmd_helper_eval_chunks does), so that each image's encoder output can be
+    // kept: it is what the decoder receives at the image's positions
+    const size_t n_chunks = mtmd_input_chunks_size(chunks);
+    const int n_embd = llama_model_n_embd(model);
     llama_pos n_past = 0;
-    if (mtmd_helper_eval_chunks(mctx, lctx, chunks, 0, 0, cp.n_batch, true, &n_past) != 0) {
-        fprintf(stderr, "tap: prompt evaluation failed\n");
-        return 4;
+    int n_images = 0;
+    for (size_t i = 0; i < n_chunks && n_predict >= 0; ++i) {
+        const mtmd_input_chunk * ch = mtmd_input_chunks_get(chunks, i);
+        const bool last = i + 1 == n_chunks;
+        llama_pos next = n_past;
+        int32_t r = 0;
+        if (mtmd_input_chunk_get_type(ch) == MTMD_INPUT_CHUNK_TYPE_TEXT) {
+            r = mtmd_helper_eval_chunk_single(mctx, lctx, ch, n_past, 0, cp.n_batch, last, &next);
+        } else {
+            r = mtmd_encode_chunk(mctx, ch);
+            if (r == 0) {
+                float * embd = mtmd_get_output_embd(mctx);
+                const size_t n = mtmd_input_chunk_get_n_tokens(ch);
+                captured c;
+                c.shape = {(int64_t) n, n_embd};
+                c.data.assign(embd, embd + n * n_embd);
+                vision_tap.tensors[nth("mm_embd", n_images++)] = std::move(c);
+                r = mtmd_helper_decode_image_chunk(mctx, lctx, ch, embd, n_past, 0, cp.n_batch, &next, nullptr, nullptr);
+            }
+        }
+        if (r != 0) {
+            fprintf(stderr, "tap: evaluating prompt chunk %zu failed (%d)\n", i, r);
+            return 4;
+        }
+        n_past = next;
     }
     text_tap.recording = false;
     vision_tap.recording = false;
@@ -226,19 +318,25 @@ int main(int argc, char ** argv) {
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);
     std::vector<int32_t> & gen = ints["generated"];
-    const float * logits = llama_get_logits_ith(lctx, -1);
-    captured last;
-    last.shape = {n_vocab};
-    last.data.assign(logits, logits + n_vocab);
-    text_tap.tensors["last_logits"] = std::move(last);
+    std::vector<int32_t> & topk = ints["generated_top5"];  // per step, the 5 largest logits' ids, largest first
+    if (n_predict > 0) {
+        const float * logits = llama_get_logits_ith(lctx, -1);
+        captured last;
+        last.shape = {n_vocab};
+        last.data.assign(logits, logits + n_vocab);
+        text_tap.tensors["last_logits"] = std::move(last);
+    }
+    std::vector<int32_t> order(n_vocab);
     for (int s = 0; s < n_predict; ++s) {
         const float * lg = llama_get_logits_ith(lctx, -1);
-        int best = 0;
-        for (int v = 1; v < n_vocab; ++v) {
-            if (lg[v] > lg[best]) {
-                best = v;  // first maximal index, as argmax
-            }
+        for (int v = 0; v < n_vocab; ++v) {
+            order[v] = v;
         }
+        // largest first, the lower id first among equals (argmax's first maximal index)
+        std::partial_sort(order.begin(), order.begin() + 5, order.end(),
+                          [lg](int32_t a, int32_t b) { return lg[a] > lg[b] || (lg[a] == lg[b] && a < b); });
+        topk.insert(topk.end(), order.begin(), order.begin() + 5);
+        const int best = order[0];
         gen.push_back(best);
         bool stop = false;
         for (auto e : eos) {

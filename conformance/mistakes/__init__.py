@@ -25,10 +25,28 @@ CATALOGUE: list[Mistake] = [*inputs.ENTRIES, *positions.ENTRIES, *vision.ENTRIES
 __all__ = ["CATALOGUE", "LOCK", "Mistake", "Patched", "by_name", "for_stage", "markdown_table"]
 
 
+# a port's build_inputs runs these functions: an entry of one of them is also a candidate explanation of
+# the preprocess stage it feeds (a tokenizer without NFC shows first in a model case's input_ids)
+_PROMPT = ("fn.render_chat", "fn.expand_vision_tokens", "fn.tokenize", "fn.smart_resize")
+_IMAGE = ("fn.smart_resize", "fn.resize_bicubic", "fn.patchify", "fn.preprocess_image")
+_VIDEO = ("fn.smart_resize", "fn.sample_frame_indices", "fn.patchify")
+FEEDS = {
+    "preprocess.input_ids": _PROMPT,
+    "preprocess.attention_mask": _PROMPT,
+    "preprocess.pixel_values": _IMAGE,
+    "preprocess.image_grid_thw": ("fn.smart_resize", "fn.preprocess_image"),
+    "preprocess.pixel_values_videos": _VIDEO,
+    "preprocess.video_grid_thw": _VIDEO,
+    "preprocess.second_per_grid_ts": ("fn.sample_frame_indices",),
+}
+
+
 def for_stage(stage: str) -> list[Mistake]:
-    """The entries whose stage (a name or a template such as "vision.block.{i}") matches `stage`."""
+    """The entries whose stage (a name or a template such as "vision.block.{i}") matches `stage`, and for a
+    preprocess stage those of the functions that feed it (FEEDS)."""
     template = stages.template(stage) if stages.is_known(stage) else stage
-    return [m for m in CATALOGUE if m.stage in (stage, template)]
+    names = (stage, template, *FEEDS.get(stage, ()))
+    return [m for m in CATALOGUE if m.stage in names]
 
 
 def by_name(name: str) -> Mistake:
