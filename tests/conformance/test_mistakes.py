@@ -74,3 +74,13 @@ def test_docs_table_is_generated():
     assert (ROOT / "docs" / "mistakes.md").read_text() == markdown_table(), (
         "docs/mistakes.md is stale: python -m qwen25vl.conformance.mistakes > docs/mistakes.md"
     )
+
+
+def test_preprocess_stages_also_try_the_mistakes_of_the_functions_that_feed_them():
+    """A model case's build_inputs runs the tokenizer and the resize: their entries explain its failures
+    (llama.cpp's tokenizer without NFC shows first in model_batch's input_ids)."""
+    from qwen25vl.conformance import mistakes
+
+    assert "tokenizer_without_nfc" in {m.name for m in mistakes.for_stage("preprocess.input_ids")}
+    assert "letterbox" in {m.name for m in mistakes.for_stage("preprocess.pixel_values")}
+    assert "letterbox" not in {m.name for m in mistakes.for_stage("preprocess.input_ids")}
