@@ -50,3 +50,18 @@ def test_impl_missing_is_not_covered_never_passed(monkeypatch):
         adapter=ImplAdapter("float32", "cpu"),
     )
     assert results and all(r.status == "not_covered" for r in results)
+
+
+def test_llama_cpp_target_names_a_bad_tree_or_tap(monkeypatch, capsys, tmp_path):
+    """--llama-cpp DIR that is no llama.cpp tree, or a tap path that is no file: exit 2 with the path named,
+    before any case runs (no build is attempted)."""
+    for var in ("QWEN25VL_LLAMA_CPP_SRC", "QWEN25VL_LLAMA_CPP_TAP"):  # restored after: --llama-cpp sets the first
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("QWEN25VL_LLAMA_CPP_TAP", str(tmp_path / "no-tap"))
+    code = cli.main(["conform", "--target", "llama.cpp", "--llama-cpp", str(tmp_path), "--cases", "model_image$"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path) in err and "not a llama.cpp source tree" in err
+    monkeypatch.delenv("QWEN25VL_LLAMA_CPP_SRC")
+    code = cli.main(["conform", "--target", "llama.cpp", "--cases", "model_image$"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-tap is not a file" in err
