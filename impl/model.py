@@ -386,16 +386,16 @@ class Qwen25VL(nn.Module):
     def from_params(cls, config, params: dict, **kwargs) -> Qwen25VL:
         quantize = kwargs.pop("quantize", None)
         quantize_vision = kwargs.pop("quantize_vision", False)
+        cpu_fp16_pack = kwargs.pop("cpu_fp16_pack", None)
         model = cls(config, params, **kwargs)
-        if model.device_.type == "cpu" and model.dtype_ == torch.bfloat16:
-            from .variants import apply_float32_matmul, cpu_has_native_bf16_matmul
+        from .quant import apply_fp16_pack, apply_int4, fp16_pack_wanted
 
-            if not cpu_has_native_bf16_matmul():  # bf16 GEMMs 3-6x slower than float32 there (impl.variants)
-                apply_float32_matmul(model)
         if quantize is not None:
-            from .quant import apply_int4
-
             apply_int4(model, quantize, vision=quantize_vision)
+        if cpu_fp16_pack is None:
+            cpu_fp16_pack = fp16_pack_wanted(model.device_, model.dtype_)
+        if cpu_fp16_pack:  # bfloat16 on an AVX2 CPU: fbgemm's float16 GEMM (impl.quant, "fp16 pack")
+            apply_fp16_pack(model)
         return model
 
     @classmethod
@@ -410,13 +410,15 @@ class Qwen25VL(nn.Module):
         quantize_vision: bool = False,
         use_triton: bool = True,
         progress: bool = False,
+        cpu_fp16_pack: bool | None = None,
     ) -> Qwen25VL:
         """Load a safetensors checkpoint folder (spec.checkpoint.load_checkpoint).
 
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU); device: default CUDA when
         available. attention: vision backend (impl.attention). quantize: None or "int4" (text decoder
-        linears; quantize_vision=True also the vision tower). The tokenizer is read from the folder
-        when it holds one.
+        linears; quantize_vision=True also the vision tower). cpu_fp16_pack: hold the linears as fbgemm's
+        packed float16 (impl.quant, "fp16 pack"); None: where it wins, bfloat16 on a CPU below AVX512.
+        The tokenizer is read from the folder when it holds one.
         """
         from ..spec.checkpoint import load_checkpoint
 
@@ -448,6 +450,7 @@ class Qwen25VL(nn.Module):
             use_triton=use_triton,
             progress=progress,
             tokenizer=tokenizer,
+            cpu_fp16_pack=cpu_fp16_pack,
         )
 
     def to_device(self, device) -> Qwen25VL:
@@ -457,6 +460,10 @@ class Qwen25VL(nn.Module):
             raise ValueError("to_device must come before int4 quantization (packed layouts are per device)")
         dtype, device = check_dtype_device(self.dtype_, device)
         check_backend(self.attention, device, dtype)
+        if device.type != "cpu":
+            from .quant import apply_fp16_pack
+
+            apply_fp16_pack(self, on=False)  # fbgemm's layout is CPU-only; build with cpu_fp16_pack=False to skip it
         self.to(device)
         if self.config.tie_word_embeddings:  # .to() copies each Parameter on its own: share the table again
             self.text.lm_head.weight = self.text.embed

@@ -19,7 +19,22 @@ int8 per output channel (the lm_head option where int4's group error costs too m
 Runtime kernel torch.ops.aten._weight_int8pack_mm (x [M, K] float32 / bfloat16, q [N, K], scale [N] in x's
 dtype); where the device has no such kernel, dequantize-then-matmul.
 
-lm_head (`apply_lm_head_quant`, "int4" or "int8"): the vocabulary projection is the largest single
+int8 weights and activations ("w8a8", an lm_head option on x86 CPUs): the weights as int8 above; each
+input row is scaled to max|x| = 1 and quantized at run time by fbgemm (uint8, 7 bits, one scale and zero
+point for the call), the products summed in int32 and rescaled: torch.ops.quantized.linear_dynamic. The
+activation rounding adds at most sum_k |w_hat[n, k]| * max|x| / 127 to output n (tested). llama.cpp's
+q4_0 / q6_K files quantize their activations the same way (to q8 blocks) for the same reason: integer
+dot products are what an AVX2 CPU does fastest.
+
+float16-packed ("fp16 pack", a bfloat16 model's linears on a CPU below AVX512, applied by
+`Qwen25VL.from_params`): the weight is held once, as fbgemm's packed float16 matrix
+(torch.ops.quantized.linear_prepack_fp16), and y = (x.float() @ w16.float()^T + b.float()).to(bfloat16)
+by its AVX2 float16 GEMM with float32 accumulation (linear_dynamic_fp16). Every bfloat16 weight of
+magnitude >= 2^-14 is exactly a float16; smaller ones become float16 subnormals (within 2^-25); a
+layer holding a weight beyond float16's range (65504) stays as it is. Same bytes as bfloat16, read at
+1.4x the speed of torch's bfloat16 GEMV and computed in float32 (docs/impl.md, CPU).
+
+lm_head (`apply_lm_head_quant`, "int4", "int8" or "w8a8"): the vocabulary projection is the largest single
 matrix read per decode step (151936 x 2048 for 3B: 0.62 GB in bfloat16). The tied embedding table stays
 in the model dtype for the token lookup (one row per token, so the bytes read per token drop by the
 lm_head's whole share; the memory held grows by the quantized copy). int4 needs hidden_size % 128 == 0
@@ -161,7 +176,7 @@ def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.
     Returns a report {"quantized": [names], "fallback": {name: reason}}; warns once if any layer fell back.
     """
     report = {"quantized": [], "fallback": {}}
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and include(n)]
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Fp16PackedLinear)) and include(n)]
     for name, lin in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -239,7 +254,128 @@ class Int8Linear(QuantizedLinear):
         )
 
 
-LM_HEAD_MODES = ("int4", "int8")
+def fbgemm_available() -> tuple[bool, str]:
+    """Whether torch's fbgemm quantized CPU kernels run here (x86 builds with AVX2): (True, "") or (False, reason)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False, f"this torch has no fbgemm engine (engines: {torch.backends.quantized.supported_engines})"
+    return True, ""
+
+
+class Int8DynamicLinear(QuantizedLinear):
+    """y = dequant(quant(x / s) @ q^T) * s + b, s = max|x| per row (module doc, "w8a8"); x [..., K] -> [..., N].
+    CPU only (fbgemm)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype):
+        super().__init__()
+        ok, reason = fbgemm_available()
+        if not ok or weight.device.type != "cpu":
+            raise ValueError(f"w8a8 needs fbgemm on the CPU: {reason or f'the weight is on {weight.device}'}")
+        N, K = weight.shape
+        self.in_features, self.out_features = K, N
+        q, scale = quantize_int8(weight)
+        self.register_buffer("scale", scale)
+        with warnings.catch_warnings():  # torch deprecates quantized tensors, fbgemm's prepack still takes one
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(N, dtype=torch.int64), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's own layout of q, held once
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The int8 weight [N, K], unpacked from fbgemm's layout (a copy)."""
+        qw, _ = torch.ops.quantized.linear_unpack(self.packed)
+        return qw.int_repr()
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        x = x2.float()
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-30)  # one range for every row: per-row resolution
+        # reduce_range (7-bit activations): u8 x s8 pairs then cannot saturate fbgemm's int16 sums
+        y = torch.ops.quantized.linear_dynamic(x / s, self.packed, True)
+        return (y * s).to(x2.dtype)
+
+    def nbytes(self) -> int:
+        return self.in_features * self.out_features + self.scale.numel() * self.scale.element_size()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, kernel=fbgemm linear_dynamic"
+
+
+FP16_MAX = 65504.0
+
+
+class Fp16PackedLinear(nn.Module):
+    """A bfloat16 nn.Linear on the CPU, held as fbgemm's packed float16 matrix and computed in float32
+    (module doc, "fp16 pack"); x [..., K] -> [..., N] in x's dtype. `weight` unpacks a copy (slow: for
+    code that needs the matrix once, as int4 quantization after the fact does)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.dtype = lin.weight.dtype
+        self.bias = lin.bias
+        b = None if lin.bias is None else lin.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(lin.weight.detach().float(), b)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w, _ = torch.ops.quantized.linear_unpack_fp16(self.packed)
+        return w.to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float(), self.packed)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        return self.in_features * self.out_features * 2
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, kernel=fbgemm float16"
+
+
+def fp16_pack_wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `Qwen25VL.from_params` packs by default: bfloat16 on a CPU below AVX512 (AVX2, default: no
+    AVX512-BF16/AMX, oneDNN refuses its bf16 path there and torch's bf16 GEMM was measured 3-6x slower
+    than float32) where fbgemm runs."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        and fbgemm_available()[0]
+    )
+
+
+def apply_fp16_pack(model: nn.Module, on: bool = True, prefixes=("visual", "text.layers", "text.lm_head")) -> int:
+    """Every plain nn.Linear under `prefixes` becomes an Fp16PackedLinear (on=True), or every
+    Fp16PackedLinear a plain nn.Linear again holding the unpacked float16 values (on=False), in place.
+    Layers whose weights exceed float16's range stay. Returns how many changed. A tied lm_head keeps
+    the embedding table for the token lookup and holds the packed copy besides (module doc, lm_head)."""
+    if on and not fbgemm_available()[0]:
+        raise ValueError(f"the float16 pack needs fbgemm: {fbgemm_available()[1]}")
+    src = nn.Linear if on else Fp16PackedLinear
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is src and any(n == p or n.startswith(p + ".") for p in prefixes)
+    ]
+    n_changed = 0
+    for name, m in targets:
+        if on and (m.weight.device.type != "cpu" or m.weight.detach().abs().amax() > FP16_MAX):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if on:
+            new = Fp16PackedLinear(m)
+        else:
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            new.weight = nn.Parameter(m.weight, requires_grad=False)
+            new.bias = m.bias
+        setattr(parent, attr, new)
+        n_changed += 1
+    return n_changed
+
+
+LM_HEAD_MODES = ("int4", "int8", "w8a8")
 
 
 def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
@@ -249,6 +385,9 @@ def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
     if mode not in LM_HEAD_MODES:
         raise ValueError(f"lm_head quantization must be one of {LM_HEAD_MODES}, got {mode!r}")
     head = model.text.lm_head
+    if type(head) is Fp16PackedLinear:  # the CPU's bfloat16 storage, not a quantization: start from its values
+        head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        head.weight, head.bias = nn.Parameter(model.text.lm_head.weight, requires_grad=False), model.text.lm_head.bias
     if type(head) is not nn.Linear:
         raise ValueError(f"lm_head is already {type(head).__name__}; quantize it once, from the plain nn.Linear")
     dtype = model.dtype_
@@ -260,6 +399,8 @@ def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
                 f"(the dequantize fallback would read more bytes than bfloat16); use int8 for this model"
             )
         new = Int4Linear(head.weight, head.bias, dtype=dtype, allow_fallback=False)
+    elif mode == "w8a8":
+        new = Int8DynamicLinear(head.weight, head.bias, dtype=dtype)
     else:
         new = Int8Linear(head.weight, head.bias, dtype=dtype)
     model.text.lm_head = new
@@ -285,7 +426,7 @@ def linear_weight_bytes(model: nn.Module, prefix: str = "text.layers.") -> int:
     for name, m in model.named_modules():
         if not name.startswith(prefix):
             continue
-        if isinstance(m, (Int4Linear, Int8Linear)):
+        if isinstance(m, (QuantizedLinear, Fp16PackedLinear)):
             total += m.nbytes()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()

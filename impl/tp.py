@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .model import Qwen25VL, _linear
-from .quant import apply_int4
+from .quant import apply_fp16_pack, apply_int4, fp16_pack_wanted
 
 
 class RowParallel(nn.Module):
@@ -123,9 +123,11 @@ def from_pretrained_tp(folder, tp: int, *, dtype=None, device=None, quantize=Non
     group, rank, device = init_tp(tp, device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen25VL.from_pretrained(folder, dtype=dtype, device="cpu", **kwargs)
+    model = Qwen25VL.from_pretrained(folder, dtype=dtype, device="cpu", cpu_fp16_pack=False, **kwargs)
     apply_tp(model, group)
     model.to_device(device)
     if quantize is not None:
         apply_int4(model, quantize)
+    if fp16_pack_wanted(device, dtype):  # after sharding: the shards get packed, as from_params would
+        apply_fp16_pack(model)
     return model

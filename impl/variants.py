@@ -13,13 +13,6 @@ other kernels; the weights are shared, not copied, and `apply_eager` swaps the p
             residual; the MLP), pure functions with the weights as arguments, so one compilation
             serves every layer. Plain nn.Linear layers only. Attention stays outside (any backend).
 
-Not a decode variant but applied the same way (by `Qwen25VL.from_params` itself where it wins):
-  float32 matmul  bfloat16 linears on a CPU without native bfloat16 matrix units (torch's CPU
-            capability below AVX512: no AVX512-BF16/AMX, and oneDNN refuses its bf16 path) compute
-            products of 8 rows or more in float32 (weights upcast per call, the result rounded back
-            to bfloat16 once); single rows (decode) keep torch's bf16 GEMV, which reads half the
-            bytes. Measured in docs/impl.md, CPU.
-
 Shapes: B batch, C hidden, N heads, K kv heads, D head dim, T cache length.
 """
 
@@ -165,7 +158,8 @@ def apply_compiled(model, mode: str = "default") -> None:
             if not isinstance(layer.get_submodule(name), nn.Linear):
                 raise ValueError(
                     f"the compiled decode needs plain nn.Linear layers; layer {layer.i} {name} is "
-                    f"{type(layer.get_submodule(name)).__name__} (int4 and tensor-parallel layers run eager or fused)"
+                    f"{type(layer.get_submodule(name)).__name__} (int4, tensor-parallel and float16-packed layers run "
+                    f"eager or fused; build with cpu_fp16_pack=False to compile on the CPU)"
                 )
     kw = dict(mode=mode, dynamic=False, fullgraph=True)
     if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
@@ -174,36 +168,3 @@ def apply_compiled(model, mode: str = "default") -> None:
         kw = dict(options={"cpp.simdlen": 1, "max_autotune": "max-autotune" in mode}, dynamic=False, fullgraph=True)
     fns = {k: torch.compile(f, **kw) for k, f in (("step_in", _step_in), ("step_out", _step_out), ("mlp", _mlp))}
     _swap(model, CompiledAttention, CompiledMLP, fns=fns)
-
-
-class Float32MatmulLinear(nn.Linear):
-    """An nn.Linear (same parameters) whose products of `MIN_ROWS` rows or more run in float32 when
-    the input is bfloat16 on the CPU: y = (x.float() @ w.float()^T + b).to(bfloat16)."""
-
-    MIN_ROWS = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() < self.MIN_ROWS * x.shape[-1]:
-            return F.linear(x, self.weight, self.bias)
-        b = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), b).to(x.dtype)
-
-
-def cpu_has_native_bf16_matmul() -> bool:
-    """Whether torch's CPU kernels run at AVX512 or above (where oneDNN's bfloat16 GEMM is native or
-    AVX512-emulated); below it (AVX2, default) bfloat16 GEMMs were measured 3-6x slower than float32."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
-def apply_float32_matmul(model, on: bool = True) -> int:
-    """Every plain nn.Linear of the vision tower and the text layers becomes a Float32MatmulLinear
-    (on=True) or a plain nn.Linear again (on=False), in place, weights shared. Returns how many changed.
-    The lm_head stays (prefill and decode feed it one row per sequence)."""
-    src, dst = (nn.Linear, Float32MatmulLinear) if on else (Float32MatmulLinear, nn.Linear)
-    n = 0
-    for prefix in ("visual", "text.layers"):
-        for m in model.get_submodule(prefix).modules():
-            if type(m) is src:
-                m.__class__ = dst
-                n += 1
-    return n

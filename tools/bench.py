@@ -13,7 +13,8 @@ several timed runs after a warm-up:
            generate(N+1) minus generate(1); impl: its decode loop, CUDA graph captured beforehand)
   int4     impl decode with int4 text linears, and the int4/bf16 ratio of linear-weight bytes; then
            decode side by side (runs interleaved): impl bf16, impl int4 with the lm_head in the model
-           dtype, int8 and int4, and llama.cpp when installed (below), each with the weight bytes one
+           dtype, int8, w8a8 and int4, impl bf16 without the CPU's float16 pack (where it applies),
+           and llama.cpp when installed (below), each with the weight bytes one
            token reads and its share of the memory limit (measured copy bandwidth / bytes per token)
   peak     peak allocated memory of a prefill + decode run (weights included)
 llama.cpp (optional column): --llama-cpp DIR or $QWEN25VL_LLAMA_CPP names a llama.cpp CMake build folder
@@ -539,7 +540,7 @@ class Bench:
     def run_int4(self, config, params, impl, inputs1, N):
         """int4 decode, then every decoder side by side (module doc): one interleaved timing run."""
         from ..impl.model import Qwen25VL
-        from ..impl.quant import apply_lm_head_quant, decode_weight_bytes, linear_weight_bytes
+        from ..impl.quant import apply_lm_head_quant, decode_weight_bytes, fp16_pack_wanted, linear_weight_bytes
 
         a, dev, dt = self.args, self.device, self.dtype
         t0 = time.perf_counter()
@@ -547,7 +548,7 @@ class Bench:
         setup = time.perf_counter() - t0
         base = f"impl {str(dt).removeprefix('torch.')}"  # the model dtype's decode: the reference row
         models = {base: impl, "impl int4": q}
-        for head in ("int8", "int4"):
+        for head in ("int8", "w8a8", "int4"):
             m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention)
             m.text.layers = q.text.layers  # the same int4 layers, shared; only the lm_head differs
             m.quant_report = dict(q.quant_report)
@@ -557,10 +558,14 @@ class Bench:
                 self.emit(size=self.size, what=f"int4.lm_head_{head}", skipped=str(e))
                 continue
             models[f"impl int4, lm_head {head}"] = m
+        if fp16_pack_wanted(dev, dt):  # what the float16 pack (impl.quant) replaced: torch's bf16 GEMV
+            models[f"{base}, unpacked"] = Qwen25VL.from_params(
+                config, params, dtype=dt, device=dev, attention=a.attention, cpu_fp16_pack=False
+            )
         if a.compiled_decode:
             from ..impl.variants import apply_compiled
 
-            m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention)
+            m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, cpu_fp16_pack=False)
             apply_compiled(m)  # compiles at the warm-up below
             models[f"{base}, compiled decode"] = m
         for m in models.values():

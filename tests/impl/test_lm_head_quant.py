@@ -6,13 +6,16 @@ import dataclasses
 import pytest
 import torch
 import torch.nn as nn
+from qwen25vl.impl import quant
 from qwen25vl.impl.quant import (
     Int4Linear,
+    Int8DynamicLinear,
     Int8Linear,
     apply_lm_head_quant,
     decode_weight_bytes,
     dequantize_int4,
     dequantize_int8,
+    fbgemm_available,
     quantize_int4,
     quantize_int8,
 )
@@ -61,6 +64,44 @@ def test_int8_linear_matches_dequantized_reference(dtype, rows):
     assert_close(lin(x), ref, dtype, what=f"int8 lm_head {dtype}")
 
 
+def _w8a8_bound(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """The activation rounding's worst case per output (impl.quant, "w8a8"): sum_k |w_hat[n, k]| * max|x| / 127,
+    plus float32 noise; x [rows, K], w_hat [N, K] -> [rows, N]."""
+    s = x.double().abs().amax(-1, keepdim=True)
+    return s * w_hat.double().abs().sum(-1) / 127 * (1 + 1e-4) + 1e-5 * s
+
+
+NEEDS_FBGEMM = pytest.mark.skipif(not fbgemm_available()[0], reason=f"w8a8 needs fbgemm: {fbgemm_available()[1]}")
+
+
+@NEEDS_FBGEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_within_its_activation_rounding_bound(dtype):
+    """Against x @ w_hat^T: inside the stated bound for every output, including a row 1000x smaller
+    than its neighbour (each row is quantized at its own resolution), and not exact (activations are
+    rounded: the path ran)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3000, 96, generator=g)
+    x = torch.randn(3, 96, generator=g) * torch.tensor([[1.0], [1e-3], [30.0]])
+    x = x.to(dtype)
+    lin = Int8DynamicLinear(w, None, dtype=dtype)
+    y = lin(x)
+    assert y.dtype == dtype and y.shape == (3, 3000)
+    w_hat = dequantize_int8(lin.q, lin.scale)
+    ref = x.double() @ w_hat.double().t()
+    err = (y.double() - ref).abs()
+    slack = 0 if dtype == torch.float32 else ref.abs() * 2**-8  # the output's own rounding to bfloat16
+    assert (err <= _w8a8_bound(x, w_hat) + slack).all(), (err / _w8a8_bound(x, w_hat)).amax()
+    assert err.amax() > 0
+    assert lin.nbytes() == 3000 * 96 + 3000 * 4 and torch.equal(lin.q, quant.quantize_int8(w)[0])
+
+
+def test_w8a8_refused_without_fbgemm(monkeypatch):
+    monkeypatch.setattr(quant, "fbgemm_available", lambda: (False, "this torch has no fbgemm engine"))
+    with pytest.raises(ValueError, match="w8a8 needs fbgemm on the CPU: this torch has no fbgemm engine"):
+        Int8DynamicLinear(torch.randn(16, 8), None, dtype=torch.float32)
+
+
 def test_tiny_model_int4_lm_head_refused_int8_taken(tiny_params):
     """Hidden 32 cannot take the int4 kernel: refused, naming the width and the alternative; int8 runs,
     and the model's logits match final-hidden @ w_hat^T."""
@@ -83,7 +124,16 @@ def test_tiny_model_int4_lm_head_refused_int8_taken(tiny_params):
     assert before - decode_weight_bytes(m) == head * 4 - (head + 152064 * 4)
 
 
-@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "int4",
+        "int8",
+        pytest.param(
+            "w8a8", marks=[NEEDS_FBGEMM, pytest.mark.skipif(DEVICE.type != "cpu", reason="w8a8 is a CPU kernel")]
+        ),
+    ],
+)
 def test_lm_head_quant_on_a_model_matches_reference(mode, capsys):
     """Hidden 128, tied embedding, bfloat16: the quantized lm_head's logits within the kernel tolerance
     of final-hidden @ w_hat^T; greedy tokens and KL against the unquantized model reported; the embedding
@@ -98,7 +148,7 @@ def test_lm_head_quant_on_a_model_matches_reference(mode, capsys):
     q = Qwen25VL.from_params(cfg, params, dtype=dtype, device=DEVICE)
     apply_lm_head_quant(q, mode)
     head = q.text.lm_head
-    assert isinstance(head, Int4Linear if mode == "int4" else Int8Linear)
+    assert isinstance(head, {"int4": Int4Linear, "int8": Int8Linear, "w8a8": Int8DynamicLinear}[mode])
     assert torch.equal(q.text.embed, base.text.embed)
     h = torch.randn(4, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     if mode == "int4":
@@ -108,7 +158,11 @@ def test_lm_head_quant_on_a_model_matches_reference(mode, capsys):
         assert head.kernel is not None
     else:
         w_hat = dequantize_int8(head.q, head.scale)
-    assert_close(head(h), h.double() @ w_hat.double().t(), dtype, what=f"{mode} lm_head")
+    if mode == "w8a8":  # the activations are rounded too: judged by that rounding's bound
+        ref = h.double() @ w_hat.double().t()
+        assert ((head(h).double() - ref).abs() <= _w8a8_bound(h, w_hat) + ref.abs() * 2**-8).all()
+    else:
+        assert_close(head(h), h.double() @ w_hat.double().t(), dtype, what=f"{mode} lm_head")
     ids = torch.tensor([list(range(100, 140))])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     a = base.forward(inputs)[0].float()
