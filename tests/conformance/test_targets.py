@@ -23,6 +23,15 @@ def test_impl_main_job_passes(capsys):
     assert "RESULT: PASS" in out and "target impl" in out
 
 
+def test_impl_passes_in_bfloat16_on_the_cpu(capsys, tmp_path):
+    """impl in bfloat16 on the CPU, with what from_params applies there (the float16 pack of the linears on
+    CPUs below AVX512, impl.quant), passes every stage of the bundled suite."""
+    code = cli.main(["conform", "--dtype", "bfloat16", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "RESULT: PASS" in out and "target impl" in out and "dtype bfloat16" in out
+
+
 def test_transformers_passes_with_explained_expectations(capsys, tmp_path):
     code = cli.main(["conform", "--target", "transformers", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
