@@ -81,9 +81,12 @@ def apply_tp(model, group=None) -> None:
     local_i = range(rank * I // world, (rank + 1) * I // world)
     for layer in model.text.layers:
         a, m = layer.attn, layer.mlp
-        assert isinstance(a.qkv, nn.Linear) and isinstance(m.gate_up, nn.Linear), (
-            "apply_tp before int4 or other variants"
-        )
+        if not (type(a.qkv) is nn.Linear and type(m.gate_up) is nn.Linear):
+            raise ValueError(
+                f"apply_tp shards plain nn.Linear layers; layer {layer.i} holds {type(a.qkv).__name__}: "
+                "shard before int4 and the other transforms, and build a bfloat16 CPU model with "
+                "cpu_fp16_pack=False (impl.quant; from_pretrained_tp does)"
+            )
         # q|k|v rows: q heads 0..N-1, then k heads at N.., v heads at N+K..
         blocks = [
             q_heads,

@@ -131,3 +131,18 @@ def test_int4_and_lm_head_options_compose_with_it(tiny_params):
     assert torch.equal(q.forward(inputs)[0], late.forward(inputs)[0])  # the same int4 values either way
     apply_lm_head_quant(late, "int8")
     assert type(late.text.lm_head).__name__ == "Int8Linear"
+
+
+def test_tensor_parallel_refuses_packed_layers_naming_the_way_out(tiny_params, tmp_path):
+    import torch.distributed as dist
+    from qwen25vl.impl.model import Qwen25VL
+    from qwen25vl.impl.tp import apply_tp
+
+    m = Qwen25VL.from_params(*tiny_params, dtype=torch.bfloat16, device="cpu", cpu_fp16_pack=True)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="layer 0 holds Fp16PackedLinear.*cpu_fp16_pack=False"):
+            apply_tp(m)
+    finally:
+        dist.destroy_process_group()
