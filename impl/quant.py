@@ -321,6 +321,12 @@ class Fp16PackedLinear(nn.Module):
         w, _ = torch.ops.quantized.linear_unpack_fp16(self.packed)
         return w.to(self.dtype)
 
+    def unpacked(self) -> nn.Linear:
+        """A plain nn.Linear holding the float16 values in the model dtype, sharing the bias."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight, lin.bias = nn.Parameter(self.weight, requires_grad=False), self.bias
+        return lin
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float(), self.packed)
@@ -364,13 +370,7 @@ def apply_fp16_pack(model: nn.Module, on: bool = True, prefixes=("visual", "text
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if on:
-            new = Fp16PackedLinear(m)
-        else:
-            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            new.weight = nn.Parameter(m.weight, requires_grad=False)
-            new.bias = m.bias
-        setattr(parent, attr, new)
+        setattr(parent, attr, Fp16PackedLinear(m) if on else m.unpacked())
         n_changed += 1
     return n_changed
 
@@ -386,8 +386,7 @@ def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
         raise ValueError(f"lm_head quantization must be one of {LM_HEAD_MODES}, got {mode!r}")
     head = model.text.lm_head
     if type(head) is Fp16PackedLinear:  # the CPU's bfloat16 storage, not a quantization: start from its values
-        head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
-        head.weight, head.bias = nn.Parameter(model.text.lm_head.weight, requires_grad=False), model.text.lm_head.bias
+        head = head.unpacked()
     if type(head) is not nn.Linear:
         raise ValueError(f"lm_head is already {type(head).__name__}; quantize it once, from the plain nn.Linear")
     dtype = model.dtype_
