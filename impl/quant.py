@@ -382,8 +382,9 @@ LM_HEAD_MODES = ("int4", "int8", "w8a8")
 
 def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
     """Quantize a built impl.model.Qwen25VL's lm_head from outside: "int4" (packed kernel only; refused
-    when hidden_size % 128 != 0 or N does not suit the kernel) or "int8" (per output channel). The
-    embedding table is left as it is (module doc). Returns and stores model.quant_report, with "lm_head"."""
+    when hidden_size % 128 != 0 or N does not suit the kernel), "int8" (per output channel) or "w8a8"
+    (int8 weights and activations, fbgemm). The embedding table is left as it is (module doc). Returns
+    and stores model.quant_report, with "lm_head"."""
     if mode not in LM_HEAD_MODES:
         raise ValueError(f"lm_head quantization must be one of {LM_HEAD_MODES}, got {mode!r}")
     head = model.text.lm_head

@@ -549,7 +549,8 @@ class Bench:
         base = f"impl {str(dt).removeprefix('torch.')}"  # the model dtype's decode: the reference row
         models = {base: impl, "impl int4": q}
         for head in ("int8", "w8a8", "int4"):
-            m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention)
+            # unpacked: its layers are replaced and its lm_head quantized, so packing them would be wasted
+            m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, cpu_fp16_pack=False)
             m.text.layers = q.text.layers  # the same int4 layers, shared; only the lm_head differs
             m.quant_report = dict(q.quant_report)
             try:
