@@ -1,8 +1,8 @@
 """`qwen25vl generate`: chat with a checkpoint from the command line, tokens streamed to stdout.
 
     qwen25vl generate --checkpoint DIR [--image SRC ...] [--video SRC ...] --prompt TEXT
-                      [--max-new-tokens 128] [--dtype D] [--device D] [--attention auto] [--quantize int4]
-                      [--quantize-lm-head int4|int8|w8a8]
+                      [--max-new-tokens 128] [--dtype D] [--device D] [--attention auto] [--quantize int4|w4a8]
+                      [--quantize-lm-head int4|int8|w8a8|w4a8]
                       [--min-pixels N] [--max-pixels N] [--fps F | --nframes N] [--allow-large-images]
                       [--max-video-bytes N] [--fetch-timeout S]
     torchrun --nproc-per-node N -m qwen25vl generate --tp N ...     (tensor parallel: docs/tensor-parallel.md)
@@ -38,13 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attention", default="auto", help="vision attention backend (auto, dense, varlen, flash_attn, blockmask)"
     )
-    p.add_argument("--quantize", default=None, choices=("int4",), help="int4 weight-only text decoder")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=("int4", "w4a8"),
+        help="int4 text decoder: weight-only, or w4a8 (the same weights, int8 activations at decode; CPU)",
+    )
     p.add_argument(
         "--quantize-lm-head",
         default=None,
-        choices=("int4", "int8", "w8a8"),
+        choices=("int4", "int8", "w8a8", "w4a8"),
         help="also quantize the lm_head (int4 needs hidden_size %% 128 == 0; int8 per channel takes any width; "
-        "w8a8: int8 weights and activations, the fastest on an x86 CPU)",
+        "w8a8: int8 weights and activations (x86 CPU); w4a8: int4 weights, int8 activations, the fastest on a CPU)",
     )
     p.add_argument("--min-pixels", type=int, default=None, help="image minimum pixels (default 3136)")
     p.add_argument("--max-pixels", type=int, default=None, help="image pixel budget (default 12845056)")
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         head = f", lm_head {args.quantize_lm_head}" if args.quantize_lm_head else ""
         print(
             f"loaded in {t1 - t0:.1f} s ({model.device_.type}, {str(model.dtype_).removeprefix('torch.')}"
-            f"{', int4' if args.quantize else ''}{head})",
+            f"{f', {args.quantize}' if args.quantize else ''}{head})",
             file=sys.stderr,
             flush=True,
         )

@@ -415,20 +415,22 @@ class Qwen25VL(nn.Module):
         """Load a safetensors checkpoint folder (spec.checkpoint.load_checkpoint).
 
         dtype: torch dtype or name (default bfloat16 on CUDA, float32 on CPU); device: default CUDA when
-        available. attention: vision backend (impl.attention). quantize: None or "int4" (text decoder
-        linears; quantize_vision=True also the vision tower). cpu_fp16_pack: hold the linears as fbgemm's
+        available. attention: vision backend (impl.attention). quantize: None, "int4" (text decoder
+        linears; quantize_vision=True also the vision tower) or "w4a8" (the same, int8 activations at
+        decode; CPU). cpu_fp16_pack: hold the linears as fbgemm's
         packed float16 (impl.quant, "fp16 pack"); None: where it wins, bfloat16 on a CPU below AVX512.
         The tokenizer is read from the folder when it holds one.
         """
         from ..spec.checkpoint import load_checkpoint
+        from .quant import INT4_MODES
 
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
         dtype, device = check_dtype_device(dtype, device)
         check_backend(attention, device, dtype)
-        if quantize not in (None, "int4"):
-            raise ValueError(f"quantize must be None or 'int4', got {quantize!r}")
+        if quantize not in (None, *INT4_MODES):
+            raise ValueError(f"quantize must be None or one of {INT4_MODES}, got {quantize!r}")
         if progress:
             print(f"reading {folder} ...", file=sys.stderr, flush=True)
         config, params = load_checkpoint(folder)

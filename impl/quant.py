@@ -34,7 +34,15 @@ magnitude >= 2^-14 is exactly a float16; smaller ones become float16 subnormals 
 layer holding a weight beyond float16's range (65504) stays as it is. Same bytes as bfloat16, read at
 1.4x the speed of torch's bfloat16 GEMV and computed in float32 (docs/impl.md, CPU).
 
-lm_head (`apply_lm_head_quant`, "int4", "int8" or "w8a8"): the vocabulary projection is the largest single
+int4 weights and int8 activations ("w4a8", the text layers and the lm_head on a CPU): the weights are
+int4's w_hat above, held in blocks of 32 columns (impl.kernels.w4a8_cpu); the rows of a decode step
+(at most 8) are quantized in blocks of 32, x_hat = dx * round(x / dx), dx = max|x_block| / 127, and
+summed as integers per block (AVX2 maddubs), once in float32 per block: llama.cpp's q4_0 x q8_0 scheme
+on int4's groups. The activation rounding adds at most sum_k |w_hat[n, k]| * dx(k) / 2 to output n
+(tested). More rows (prefill) run x @ w_hat^T in float32, unquantized. The kernel is C, compiled at
+first use with the system compiler (a CPU-only option: needs `cc`; refused with the reason otherwise).
+
+lm_head (`apply_lm_head_quant`, "int4", "int8", "w8a8" or "w4a8"): the vocabulary projection is the largest single
 matrix read per decode step (151936 x 2048 for 3B: 0.62 GB in bfloat16). The tied embedding table stays
 in the model dtype for the token lookup (one row per token, so the bytes read per token drop by the
 lm_head's whole share; the memory held grows by the quantized copy). int4 needs hidden_size % 128 == 0
@@ -49,6 +57,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .kernels import w4a8_cpu
 
 GROUP_SIZE = 128
 
@@ -171,19 +181,60 @@ class Int4Linear(QuantizedLinear):
         return f"{self.in_features} -> {self.out_features}, kernel={self.kernel or 'dequant-fallback'}"
 
 
-def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.dtype) -> dict:
-    """Swap every nn.Linear whose qualified name passes `include` for an Int4Linear, in place.
+class W4A8Linear(QuantizedLinear):
+    """y = x_hat @ w_hat^T + b (module doc, "w4a8"): int4's w_hat, x quantized to int8 blocks for up to
+    w4a8_cpu.MAX_ROWS rows, float32 x @ w_hat^T for more; x [..., K] -> [..., N]. CPU only, K % 128 == 0."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype):
+        super().__init__()
+        N, K = weight.shape
+        ok, reason = w4a8_cpu.available()
+        if not ok or weight.device.type != "cpu" or K % GROUP_SIZE:
+            why = reason or (f"the weight is on {weight.device}" if weight.device.type != "cpu" else "")
+            why = why or f"in_features {K} is not a multiple of {GROUP_SIZE}"
+            raise ValueError(f"w4a8 layer [{N}, {K}] cannot run here: {why}")
+        self.in_features, self.out_features, self.group_size = K, N, GROUP_SIZE
+        q, scale, zero = quantize_int4(weight, GROUP_SIZE, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        self.register_buffer("blocks", w4a8_cpu.to_blocks(q))
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.packed = w4a8_cpu.PackedInt4(self.blocks, self.scale, self.zero, GROUP_SIZE)  # checked once
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= w4a8_cpu.MAX_ROWS:
+            return self.packed.matmul(x2)
+        # prefill: compute-bound, where integer blocks would cost more than one dequantization
+        return (x2.float() @ self.packed.dequantize().t()).to(x2.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, kernel=w4a8_cpu"
+
+
+INT4_MODES = ("int4", "w4a8")
+
+
+def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.dtype, mode: str = "int4") -> dict:
+    """Swap every nn.Linear whose qualified name passes `include` for an Int4Linear (mode "int4") or a
+    W4A8Linear ("w4a8"; a layer it cannot take, K % 128 != 0, becomes an Int4Linear), in place.
 
     Returns a report {"quantized": [names], "fallback": {name: reason}}; warns once if any layer fell back.
     """
+    if mode not in INT4_MODES:
+        raise ValueError(f"int4 mode must be one of {INT4_MODES}, got {mode!r}")
+    if mode == "w4a8" and not w4a8_cpu.available()[0]:
+        raise ValueError(f"w4a8 needs its CPU kernel, which is unavailable: {w4a8_cpu.available()[1]}")
     report = {"quantized": [], "fallback": {}}
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Fp16PackedLinear)) and include(n)]
     for name, lin in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        q = Int4Linear(lin.weight, lin.bias, dtype=dtype)
+        if mode == "w4a8" and lin.weight.device.type == "cpu" and lin.in_features % GROUP_SIZE == 0:
+            q = W4A8Linear(lin.weight, lin.bias, dtype=dtype)
+        else:
+            q = Int4Linear(lin.weight, lin.bias, dtype=dtype)
         setattr(parent, attr, q)
-        if q.kernel is None:
+        if isinstance(q, Int4Linear) and q.kernel is None:
             report["fallback"][name] = q.reason
         else:
             report["quantized"].append(name)
@@ -198,11 +249,12 @@ def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.
 def apply_int4(model: nn.Module, mode: str = "int4", *, vision: bool = False) -> dict:
     """Quantize a built impl.model.Qwen25VL from outside: the text decoder's linear layers (q|k|v,
     o, gate|up, down of every layer; embeddings and lm_head stay in the model dtype), and with
-    vision=True the vision tower's too. Stores and returns the report (model.quant_report)."""
-    if mode != "int4":
-        raise ValueError(f"quantize must be 'int4', got {mode!r}")
+    vision=True the vision tower's too. mode: "int4" (weight-only) or "w4a8" (the same weights, int8
+    activations at decode; CPU). Stores and returns the report (model.quant_report)."""
+    if mode not in INT4_MODES:
+        raise ValueError(f"quantize must be one of {INT4_MODES}, got {mode!r}")
     prefixes = ("text.layers.",) + (("visual.",) if vision else ())
-    report = quantize_model(model, include=lambda n: n.startswith(prefixes), dtype=model.dtype_)
+    report = quantize_model(model, include=lambda n: n.startswith(prefixes), dtype=model.dtype_, mode=mode)
     model.quant_report = report
     return report
 
@@ -377,13 +429,14 @@ def apply_fp16_pack(model: nn.Module, on: bool = True, prefixes=("visual", "text
     return len(targets)
 
 
-LM_HEAD_MODES = ("int4", "int8", "w8a8")
+LM_HEAD_MODES = ("int4", "int8", "w8a8", "w4a8")
 
 
 def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
     """Quantize a built impl.model.Qwen25VL's lm_head from outside: "int4" (packed kernel only; refused
     when hidden_size % 128 != 0 or N does not suit the kernel), "int8" (per output channel) or "w8a8"
-    (int8 weights and activations, fbgemm). The embedding table is left as it is (module doc). Returns
+    (int8 weights and activations, fbgemm) or "w4a8" (int4 weights, int8 activations; CPU, hidden_size
+    % 128 == 0). The embedding table is left as it is (module doc). Returns
     and stores model.quant_report, with "lm_head"."""
     if mode not in LM_HEAD_MODES:
         raise ValueError(f"lm_head quantization must be one of {LM_HEAD_MODES}, got {mode!r}")
@@ -403,6 +456,8 @@ def apply_lm_head_quant(model: nn.Module, mode: str) -> dict:
         new = Int4Linear(head.weight, head.bias, dtype=dtype, allow_fallback=False)
     elif mode == "w8a8":
         new = Int8DynamicLinear(head.weight, head.bias, dtype=dtype)
+    elif mode == "w4a8":
+        new = W4A8Linear(head.weight, head.bias, dtype=dtype)
     else:
         new = Int8Linear(head.weight, head.bias, dtype=dtype)
     model.text.lm_head = new

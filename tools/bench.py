@@ -13,8 +13,9 @@ several timed runs after a warm-up:
            generate(N+1) minus generate(1); impl: its decode loop, CUDA graph captured beforehand)
   int4     impl decode with int4 text linears, and the int4/bf16 ratio of linear-weight bytes; then
            decode side by side (runs interleaved): impl bf16, impl int4 with the lm_head in the model
-           dtype, int8, w8a8 and int4, impl bf16 without the CPU's float16 pack (where it applies),
-           and llama.cpp when installed (below), each with the weight bytes one
+           dtype, int8, w8a8, int4 and w4a8, impl w4a8 (int8 activations in the layers too; CPU),
+           impl bf16 without the CPU's float16 pack (where it applies), and llama.cpp when
+           installed (below), each with the weight bytes one
            token reads and its share of the memory limit (measured copy bandwidth / bytes per token)
   peak     peak allocated memory of a prefill + decode run (weights included)
 llama.cpp (optional column): --llama-cpp DIR or $QWEN25VL_LLAMA_CPP names a llama.cpp CMake build folder
@@ -548,7 +549,7 @@ class Bench:
         setup = time.perf_counter() - t0
         base = f"impl {str(dt).removeprefix('torch.')}"  # the model dtype's decode: the reference row
         models = {base: impl, "impl int4": q}
-        for head in ("int8", "w8a8", "int4"):
+        for head in ("int8", "w8a8", "int4", "w4a8"):
             # unpacked: its layers are replaced and its lm_head quantized, so packing them would be wasted
             m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, cpu_fp16_pack=False)
             m.text.layers = q.text.layers  # the same int4 layers, shared; only the lm_head differs
@@ -559,6 +560,15 @@ class Bench:
                 self.emit(size=self.size, what=f"int4.lm_head_{head}", skipped=str(e))
                 continue
             models[f"impl int4, lm_head {head}"] = m
+        if dev.type == "cpu":  # int8 activations everywhere: the layers too (impl.quant, "w4a8")
+            try:
+                m = Qwen25VL.from_params(
+                    config, params, dtype=dt, device=dev, attention=a.attention, quantize="w4a8", cpu_fp16_pack=False
+                )
+                apply_lm_head_quant(m, "w4a8")
+                models["impl w4a8, lm_head w4a8"] = m
+            except ValueError as e:
+                self.emit(size=self.size, what="w4a8", skipped=str(e))
         if fp16_pack_wanted(dev, dt):  # what the float16 pack (impl.quant) replaced: torch's bf16 GEMV
             models[f"{base}, unpacked"] = Qwen25VL.from_params(
                 config, params, dtype=dt, device=dev, attention=a.attention, cpu_fp16_pack=False

@@ -1,0 +1,174 @@
+"""int4 weights x int8 activations on the CPU (w4a8_cpu.c): the decode rows of impl.quant's int4 format.
+
+No torch, fbgemm or oneDNN operator multiplies 4-bit weights by 8-bit activations on x86 (torch's int4
+CPU kernel converts to float and is compute-bound on AVX2 at 3-6 GB/s; docs/impl.md, CPU). This one
+does what llama.cpp's q4_0 x q8_0 dot does: integer block dot products (AVX2 maddubs), one float
+multiply-add per block of 32. The C source beside this file is compiled once per machine with the
+system C compiler (-O3 -march=native -fopenmp) into $QWEN25VL_CACHE/kernels (default
+~/.cache/qwen25vl/kernels), keyed by the source and the compiler command, and loaded with ctypes.
+
+Functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from `to_blocks`;
+scale, zero [N, K/G] float32 or bfloat16; K % G == 0, G % 32 == 0):
+  available()                -> (True, "") or (False, why: no compiler, the build failed ...)
+  build(march, cc)           -> (ctypes library, "") or (None, why); cached per process
+  to_blocks(q)               q uint8 [N, K] in 0..15 -> the kernel's layout
+  PackedInt4(blocks, scale, zero, G)  the weights checked once; .matmul(x), .dequantize()
+  matmul(x, blocks, scale, zero, G)  -> y [M, N] in x's dtype = x_hat . w_hat^T (the C file's formula)
+  dequantize(blocks, scale, zero, G) -> w_hat [N, K] float32
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("w4a8_cpu.c")
+BLOCK = 32
+MAX_ROWS = 8  # the C file's MAX_ROWS: more rows go to dequantize-then-matmul (compute-bound there)
+CACHE = Path(os.environ.get("QWEN25VL_CACHE", Path.home() / ".cache" / "qwen25vl")) / "kernels"
+
+
+def compiler_command(cc: str, march: str, source: Path, out: Path) -> list[str]:
+    # fp-contract off: the scalar parts (x's quantization, dequantize) round as written, no fused multiply-adds
+    flags = [f"-march={march}", "-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+    return [cc, *flags, str(source), "-o", str(out), "-lm"]
+
+
+def machine_key() -> bytes:
+    """What -march=native compiles for: the CPU's model and feature flags (not its clock, which varies)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "\n".join(sorted(set(wanted))).encode() or platform.processor().encode()
+
+
+@cache
+def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """Compile (once per source, compiler, flags and machine) and load the kernel: (library, "") or
+    (None, why). cc: the compiler, default $CC or `cc`; march: -march's value ("native": this CPU's
+    SIMD; a baseline such as "x86-64" compiles the C file's portable loop instead of its AVX2 one)."""
+    cc = cc or os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return None, f"no C compiler: {cc!r} is not on PATH (set CC, or install gcc)"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(compiler_command(cc, march, SOURCE, Path())).encode())
+    key.update(machine_key())
+    target = CACHE / f"w4a8_cpu-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            CACHE.mkdir(parents=True, exist_ok=True)
+            # built beside the target and renamed into place: concurrent builders never see half a file
+            with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+                built = Path(tmp) / target.name
+                cmd = compiler_command(cc, march, SOURCE, built)
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if run.returncode:
+                    return None, f"compiling {SOURCE.name} failed ({' '.join(cmd)}): {run.stderr.strip()[-500:]}"
+                os.replace(built, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"compiling {SOURCE.name} into {CACHE} failed: {e}"
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"loading {target} failed: {e}"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.w4a8_matmul.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+    lib.w4a8_matmul.restype = ctypes.c_int
+    lib.w4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
+    lib.w4_dequantize.restype = None
+    return lib, ""
+
+
+def available() -> tuple[bool, str]:
+    """Whether the kernel runs here: (True, "") or (False, the reason)."""
+    lib, reason = build()
+    return lib is not None, reason
+
+
+def _loaded(march: str) -> ctypes.CDLL:
+    lib, reason = build(march)
+    if lib is None:
+        raise RuntimeError(f"the w4a8 CPU kernel is unavailable: {reason}")
+    return lib
+
+
+def to_blocks(q: torch.Tensor) -> torch.Tensor:
+    """q uint8 [N, K] (0..15, K % 32 == 0) -> [N, K/32, 16]: byte j of block b holds column 32b + j in its
+    low nibble and 32b + 16 + j in its high one."""
+    N, K = q.shape
+    halves = q.reshape(N, K // BLOCK, 2, BLOCK // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).contiguous()
+
+
+FLOATS = (torch.float32, torch.bfloat16)
+
+
+class PackedInt4:
+    """int4 weights in the kernel's layout, checked once: blocks [N, K/32, 16] uint8 (`to_blocks`), scale
+    and zero [N, K/G] float32 or bfloat16, G the group size. Holds the tensors, so the pointers it passes
+    stay valid whatever happens to the caller's references."""
+
+    def __init__(self, blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, march="native"):
+        self.lib = _loaded(march)
+        N, nb, sixteen = blocks.shape
+        K = nb * BLOCK
+        if blocks.dtype != torch.uint8 or sixteen != 16 or not blocks.is_contiguous():
+            raise ValueError(f"blocks must be contiguous uint8 [N, K/32, 16], got {blocks.dtype} {tuple(blocks.shape)}")
+        if group_size % BLOCK or K % group_size or scale.shape != (N, K // group_size) or zero.shape != scale.shape:
+            raise ValueError(f"group size {group_size} and scale {tuple(scale.shape)} do not fit K={K}, N={N}")
+        if scale.dtype != zero.dtype or scale.dtype not in FLOATS:
+            raise ValueError(f"scale and zero must both be float32 or bfloat16, got {scale.dtype} and {zero.dtype}")
+        if not (scale.is_contiguous() and zero.is_contiguous()):
+            raise ValueError("scale and zero must be contiguous")
+        self.N, self.K, self.group_size = N, K, group_size
+        self.tensors = (blocks, scale, zero)
+        self.args = (
+            blocks.data_ptr(),
+            scale.data_ptr(),
+            zero.data_ptr(),
+            N,
+            group_size,
+            int(scale.dtype == torch.bfloat16),
+        )
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 or bfloat16 (M <= MAX_ROWS) -> y [M, N] in x's dtype (module doc); no copy of
+        x or y is made (the decode path of every w4a8 layer)."""
+        if x.dtype not in FLOATS or x.dim() != 2 or x.shape[1] != self.K or not 1 <= x.shape[0] <= MAX_ROWS:
+            raise ValueError(
+                f"x must be float32 or bfloat16 [M <= {MAX_ROWS}, {self.K}], got {x.dtype} {tuple(x.shape)}"
+            )
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.N, dtype=x.dtype)
+        blocks, s, z, N, G, bf16 = self.args
+        x_bf16 = int(x.dtype == torch.bfloat16)
+        if self.lib.w4a8_matmul(
+            x.data_ptr(), x_bf16, x.shape[0], self.K, blocks, s, z, N, G, bf16, y.data_ptr(), x_bf16
+        ):
+            raise RuntimeError(f"w4a8_matmul refused x {tuple(x.shape)}, K={self.K}, group size {G}")
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        """w_hat [N, K] float32 = (q - 8) * scale + zero."""
+        w = torch.empty(self.N, self.K, dtype=torch.float32)
+        blocks, s, z, N, G, bf16 = self.args
+        self.lib.w4_dequantize(blocks, s, z, N, self.K, G, bf16, w.data_ptr())
+        return w
+
+
+def matmul(x, blocks, scale, zero, group_size: int, *, march: str = "native") -> torch.Tensor:
+    """One call of `PackedInt4(blocks, scale, zero, group_size).matmul(x)`."""
+    return PackedInt4(blocks, scale, zero, group_size, march).matmul(x)
+
+
+def dequantize(blocks, scale, zero, group_size: int, *, march: str = "native") -> torch.Tensor:
+    """One call of `PackedInt4(blocks, scale, zero, group_size).dequantize()`."""
+    return PackedInt4(blocks, scale, zero, group_size, march).dequantize()
