@@ -35,7 +35,7 @@ layer holding a weight beyond float16's range (65504) stays as it is. Same bytes
 1.4x the speed of torch's bfloat16 GEMV and computed in float32 (docs/impl.md, CPU).
 
 int4 weights and int8 activations ("w4a8", the text layers and the lm_head on a CPU): the weights are
-int4's w_hat above, held in blocks of 32 columns (impl.kernels.w4a8_cpu); the rows of a decode step
+int4's w_hat above, held in blocks of 32 columns (impl.kernels.cpu_c); the rows of a decode step
 (at most 8) are quantized in blocks of 32, x_hat = dx * round(x / dx), dx = max|x_block| / 127, and
 summed as integers per block (AVX2 maddubs), once in float32 per block: llama.cpp's q4_0 x q8_0 scheme
 on int4's groups. The activation rounding adds at most sum_k |w_hat[n, k]| * dx(k) / 2 to output n
@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import w4a8_cpu
+from .kernels import cpu_c
 
 GROUP_SIZE = 128
 
@@ -183,32 +183,32 @@ class Int4Linear(QuantizedLinear):
 
 class W4A8Linear(QuantizedLinear):
     """y = x_hat @ w_hat^T + b (module doc, "w4a8"): int4's w_hat, x quantized to int8 blocks for up to
-    w4a8_cpu.MAX_ROWS rows, float32 x @ w_hat^T for more; x [..., K] -> [..., N]. CPU only, K % 128 == 0."""
+    cpu_c.MAX_ROWS rows, float32 x @ w_hat^T for more; x [..., K] -> [..., N]. CPU only, K % 128 == 0."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype):
         super().__init__()
         N, K = weight.shape
-        ok, reason = w4a8_cpu.available()
+        ok, reason = cpu_c.available()
         if not ok or weight.device.type != "cpu" or K % GROUP_SIZE:
             why = reason or (f"the weight is on {weight.device}" if weight.device.type != "cpu" else "")
             why = why or f"in_features {K} is not a multiple of {GROUP_SIZE}"
             raise ValueError(f"w4a8 layer [{N}, {K}] cannot run here: {why}")
         self.in_features, self.out_features, self.group_size = K, N, GROUP_SIZE
         q, scale, zero = quantize_int4(weight, GROUP_SIZE, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-        self.register_buffer("blocks", w4a8_cpu.to_blocks(q))
+        self.register_buffer("blocks", cpu_c.to_blocks(q))
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
-        self.packed = w4a8_cpu.PackedInt4(self.blocks, self.scale, self.zero, GROUP_SIZE)  # checked once
+        self.packed = cpu_c.PackedInt4(self.blocks, self.scale, self.zero, GROUP_SIZE)  # checked once
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= w4a8_cpu.MAX_ROWS:
+        if x2.shape[0] <= cpu_c.MAX_ROWS:
             return self.packed.matmul(x2)
         # prefill: compute-bound, where integer blocks would cost more than one dequantization
         return (x2.float() @ self.packed.dequantize().t()).to(x2.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, kernel=w4a8_cpu"
+        return f"{self.in_features} -> {self.out_features}, kernel=cpu_c"
 
 
 INT4_MODES = ("int4", "w4a8")
@@ -222,8 +222,8 @@ def quantize_model(model: nn.Module, *, include=lambda name: True, dtype: torch.
     """
     if mode not in INT4_MODES:
         raise ValueError(f"int4 mode must be one of {INT4_MODES}, got {mode!r}")
-    if mode == "w4a8" and not w4a8_cpu.available()[0]:
-        raise ValueError(f"w4a8 needs its CPU kernel, which is unavailable: {w4a8_cpu.available()[1]}")
+    if mode == "w4a8" and not cpu_c.available()[0]:
+        raise ValueError(f"w4a8 needs its CPU kernel, which is unavailable: {cpu_c.available()[1]}")
     report = {"quantized": [], "fallback": {}}
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Fp16PackedLinear)) and include(n)]
     for name, lin in targets:

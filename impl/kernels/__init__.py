@@ -3,7 +3,9 @@
 Each kernel module exposes three functions: `<op>_torch` (the fallback, plain PyTorch),
 `<op>_triton` (the Triton launcher; CUDA tensors, or CPU tensors when the module was imported with
 TRITON_INTERPRET=1, which is how the tests run it on CPU) and `<op>` (the dispatcher: Triton on CUDA
-when Triton is importable and `use_triton` is on, else the fallback).
+when Triton is importable and `use_triton` is on; on the CPU, with `use_triton` on, the C kernels of
+cpu_c.py where they built (RMSNorm, rotary); else the fallback). cpu_c.py also holds the
+w4a8 int4 x int8 matmul (impl.quant).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ...spec.norms import rms_norm as rms_norm_torch  # the fallback: spec's formula is already the fast one
-from . import HAVE_TRITON, triton_ok
+from . import HAVE_TRITON, cpu_c, triton_ok
 
 if HAVE_TRITON:
     import triton
@@ -51,4 +51,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, use_triton: b
     """RMSNorm over the last dim. x [..., C], weight [C] (same dtype as x) -> [..., C]."""
     if use_triton and triton_ok(x):
         return rms_norm_triton(x, weight, eps)
+    if use_triton and weight.dtype == x.dtype and weight.is_contiguous() and cpu_c.ok(x):
+        return cpu_c.rms_norm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)

@@ -36,7 +36,7 @@ def test_cuda_refused_without_cuda():
 
 def test_from_pretrained_refuses_before_loading(tmp_path):
     """Bad options fail fast, before the (missing) folder is read."""
-    with pytest.raises(ValueError, match="quantize must be None or 'int4', got 'int8'"):
+    with pytest.raises(ValueError, match=r"quantize must be None or one of \('int4', 'w4a8'\), got 'int8'"):
         Qwen25VL.from_pretrained(tmp_path, dtype=torch.float32, device="cpu", quantize="int8")
     with pytest.raises(ValueError, match="attention='varlen' needs"):
         Qwen25VL.from_pretrained(tmp_path, dtype=torch.float32, device="cpu", attention="varlen")

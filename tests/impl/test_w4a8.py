@@ -1,4 +1,4 @@
-"""int4 weights x int8 activations on the CPU (impl.kernels.w4a8_cpu, impl.quant.W4A8Linear): the block
+"""int4 weights x int8 activations on the CPU (impl.kernels.cpu_c, impl.quant.W4A8Linear): the block
 layout, the kernel against an integer reference of its own formula (AVX2 and the portable loop), the
 activation rounding bound against the unquantized input, the prefill path, the refusals, and a model
 decoding with it (layers and lm_head; the CLI)."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from qwen25vl.impl import quant
-from qwen25vl.impl.kernels import w4a8_cpu
+from qwen25vl.impl.kernels import cpu_c
 from qwen25vl.impl.quant import (
     GROUP_SIZE,
     Int4Linear,
@@ -22,7 +22,7 @@ from qwen25vl.impl.quant import (
 
 SCALE_DTYPES = [torch.float32, torch.bfloat16]
 # the portable C loop, compiled for the x86-64 baseline (no AVX2): what a CPU without AVX2 runs
-MARCHES = ["native"] + (["x86-64"] if w4a8_cpu.machine_key() and b"avx2" in w4a8_cpu.machine_key() else [])
+MARCHES = ["native"] + (["x86-64"] if cpu_c.machine_key() and b"avx2" in cpu_c.machine_key() else [])
 
 
 def _quantized(N: int, K: int, scale_dtype, seed: int = 0):
@@ -47,7 +47,7 @@ def _x_hat(x: torch.Tensor) -> torch.Tensor:
 def test_block_layout():
     """Byte j of block b holds column 32b + j in its low nibble and 32b + 16 + j in its high one."""
     q = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    blocks = w4a8_cpu.to_blocks(q)
+    blocks = cpu_c.to_blocks(q)
     assert blocks.shape == (3, 2, 16) and blocks.dtype == torch.uint8
     for b in range(2):
         for j in range(16):
@@ -60,7 +60,7 @@ def test_block_layout():
 def test_dequantize_is_int4_formula(scale_dtype, march):
     """Both evaluate (q - 8) * scale + zero in float32 with two roundings: equal on this machine."""
     _, q, scale, zero = _quantized(40, 384, scale_dtype)
-    w = w4a8_cpu.dequantize(w4a8_cpu.to_blocks(q), scale, zero, GROUP_SIZE, march=march)
+    w = cpu_c.dequantize(cpu_c.to_blocks(q), scale, zero, GROUP_SIZE, march=march)
     assert torch.equal(w, dequantize_int4(q, scale, zero))
 
 
@@ -77,7 +77,7 @@ def test_matmul_is_its_formula(x_dtype, rows, scale_dtype, march):
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(10 + rows))
     x[0, :32] *= 1e-3  # blocks at different resolutions within one row
     x = x.to(x_dtype)
-    y = w4a8_cpu.matmul(x, w4a8_cpu.to_blocks(q), scale, zero, GROUP_SIZE, march=march)
+    y = cpu_c.matmul(x, cpu_c.to_blocks(q), scale, zero, GROUP_SIZE, march=march)
     assert y.shape == (rows, N) and y.dtype == x_dtype
     w_hat = dequantize_int4(q, scale, zero).double()
     x_hat = _x_hat(x.float())
@@ -98,7 +98,7 @@ def test_activation_rounding_bound(scale_dtype):
     N, K = 500, 256
     _, q, scale, zero = _quantized(N, K, scale_dtype, seed=3)
     x = torch.randn(4, K, generator=torch.Generator().manual_seed(4)) * torch.tensor([[1.0], [1e-3], [30.0], [0.0]])
-    y = w4a8_cpu.matmul(x, w4a8_cpu.to_blocks(q), scale, zero, GROUP_SIZE).double()
+    y = cpu_c.matmul(x, cpu_c.to_blocks(q), scale, zero, GROUP_SIZE).double()
     w_hat = dequantize_int4(q, scale, zero).double()
     ref = x.double() @ w_hat.t()
     dx = x.reshape(4, K // 32, 32).abs().amax(-1).double() / 127
@@ -112,29 +112,29 @@ def test_activation_rounding_bound(scale_dtype):
 
 def test_kernel_refuses_out_of_contract_inputs():
     _, q, scale, zero = _quantized(16, 256, torch.float32)
-    blocks = w4a8_cpu.to_blocks(q)
+    blocks = cpu_c.to_blocks(q)
     with pytest.raises(
         ValueError, match=r"x must be float32 or bfloat16 \[M <= 8, 256\], got torch.float32 \(9, 256\)"
     ):
-        w4a8_cpu.matmul(torch.randn(9, 256), blocks, scale, zero, GROUP_SIZE)
+        cpu_c.matmul(torch.randn(9, 256), blocks, scale, zero, GROUP_SIZE)
     with pytest.raises(ValueError, match=r"x must be float32 or bfloat16 .*got torch.float64"):
-        w4a8_cpu.matmul(torch.randn(1, 256).double(), blocks, scale, zero, GROUP_SIZE)
+        cpu_c.matmul(torch.randn(1, 256).double(), blocks, scale, zero, GROUP_SIZE)
     with pytest.raises(ValueError, match=r"blocks must be contiguous uint8 \[N, K/32, 16\]"):
-        w4a8_cpu.matmul(torch.randn(1, 256), blocks.int(), scale, zero, GROUP_SIZE)
+        cpu_c.matmul(torch.randn(1, 256), blocks.int(), scale, zero, GROUP_SIZE)
     with pytest.raises(ValueError, match="group size 64 and scale"):
-        w4a8_cpu.matmul(torch.randn(1, 256), blocks, scale, zero, 64)
+        cpu_c.matmul(torch.randn(1, 256), blocks, scale, zero, 64)
     with pytest.raises(ValueError, match="scale and zero must both be float32 or bfloat16"):
-        w4a8_cpu.matmul(torch.randn(1, 256), blocks, scale.half(), zero.half(), GROUP_SIZE)
+        cpu_c.matmul(torch.randn(1, 256), blocks, scale.half(), zero.half(), GROUP_SIZE)
 
 
 def test_build_failures_name_the_cause(tmp_path):
-    lib, why = w4a8_cpu.build("native", str(tmp_path / "no-such-cc"))
+    lib, why = cpu_c.build("native", str(tmp_path / "no-such-cc"))
     assert lib is None and "no C compiler" in why and "no-such-cc" in why
     failing = tmp_path / "cc"
     failing.write_text("#!/bin/sh\necho 'cc: fatal error: no input files' >&2\nexit 1\n")
     failing.chmod(0o755)
-    lib, why = w4a8_cpu.build("native", str(failing))
-    assert lib is None and "compiling w4a8_cpu.c failed" in why and "fatal error" in why
+    lib, why = cpu_c.build("native", str(failing))
+    assert lib is None and "compiling cpu_c.c failed" in why and "fatal error" in why
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,7 +152,7 @@ def test_linear_decode_and_prefill_rows(dtype):
         y = lin(x)
         assert y.shape == (*x.shape[:-1], 96) and y.dtype == dtype
         x2 = x.reshape(-1, 256)
-        xin = _x_hat(x2.float()) if x2.shape[0] <= w4a8_cpu.MAX_ROWS else x2.double()
+        xin = _x_hat(x2.float()) if x2.shape[0] <= cpu_c.MAX_ROWS else x2.double()
         prod = (xin @ w_hat.t()).reshape(y.shape)
         ref = prod + b.to(dtype).double()
         # the product's rounding to the dtype, then the bias add's; float32 sums
@@ -164,7 +164,7 @@ def test_linear_decode_and_prefill_rows(dtype):
 def test_linear_refusals(monkeypatch):
     with pytest.raises(ValueError, match=r"w4a8 layer \[16, 96\] cannot run here: in_features 96 is not a multiple"):
         W4A8Linear(torch.randn(16, 96), None, dtype=torch.float32)
-    monkeypatch.setattr(w4a8_cpu, "available", lambda: (False, "no C compiler: 'cc' is not on PATH"))
+    monkeypatch.setattr(cpu_c, "available", lambda: (False, "no C compiler: 'cc' is not on PATH"))
     with pytest.raises(ValueError, match="cannot run here: no C compiler"):
         W4A8Linear(torch.randn(16, 128), None, dtype=torch.float32)
     with pytest.raises(ValueError, match="w4a8 needs its CPU kernel, which is unavailable: no C compiler"):

@@ -1,13 +1,22 @@
-"""int4 weights x int8 activations on the CPU (w4a8_cpu.c): the decode rows of impl.quant's int4 format.
+"""Kernels in C for the CPU (cpu_c.c): int4 weights x int8 activations (impl.quant's "w4a8") and the
+decode step's RMSNorm and rotary.
 
-No torch, fbgemm or oneDNN operator multiplies 4-bit weights by 8-bit activations on x86 (torch's int4
+Why C for those two: at batch 1 a CPU decode step is a few hundred small operations. Torch spends about
+30 us on an RMSNorm of one row of 512 and 40-50 us on a rotary of 8 heads (several ATen calls, each a
+dispatch); one C call takes 5-8 us with its Python, at the rounding points of the torch fallbacks in
+impl.kernels (tests/impl/test_cpu_c.py). SwiGLU stays in torch: its exp is vectorized there, and a
+scalar C loop measured no faster (15 vs 12-18 us for 1408). No torch, fbgemm or oneDNN operator, fbgemm or oneDNN operator multiplies 4-bit weights by 8-bit activations on x86 (torch's int4
 CPU kernel converts to float and is compute-bound on AVX2 at 3-6 GB/s; docs/impl.md, CPU). This one
 does what llama.cpp's q4_0 x q8_0 dot does: integer block dot products (AVX2 maddubs), one float
 multiply-add per block of 32. The C source beside this file is compiled once per machine with the
 system C compiler (-O3 -march=native -fopenmp) into $QWEN25VL_CACHE/kernels (default
 ~/.cache/qwen25vl/kernels), keyed by the source and the compiler command, and loaded with ctypes.
 
-Functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from `to_blocks`;
+The elementwise functions (`ok(x)` says whether they take x: on the CPU, float32 or bfloat16, the
+library built; the dispatchers in rmsnorm.py and rotary.py call them then):
+  rms_norm(x, w, eps)  x [..., C] -> [..., C]      rotary_(x, cos, sin, n_rot)  x [T, H, D] in place
+
+The int4 functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from `to_blocks`;
 scale, zero [N, K/G] float32 or bfloat16; K % G == 0, G % 32 == 0):
   available()                -> (True, "") or (False, why: no compiler, the build failed ...)
   build(march, cc)           -> (ctypes library, "") or (None, why); cached per process
@@ -26,12 +35,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from functools import cache
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("w4a8_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_c.c")
 BLOCK = 32
 MAX_ROWS = 8  # the C file's MAX_ROWS: more rows go to dequantize-then-matmul (compute-bound there)
 CACHE = Path(os.environ.get("QWEN25VL_CACHE", Path.home() / ".cache" / "qwen25vl")) / "kernels"
@@ -61,7 +71,7 @@ def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | N
         return None, f"no C compiler: {cc!r} is not on PATH (set CC, or install gcc)"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(compiler_command(cc, march, SOURCE, Path())).encode())
     key.update(machine_key())
-    target = CACHE / f"w4a8_cpu-{key.hexdigest()[:16]}.so"
+    target = CACHE / f"cpu_c-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             CACHE.mkdir(parents=True, exist_ok=True)
@@ -84,6 +94,10 @@ def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | N
     lib.w4a8_matmul.restype = ctypes.c_int
     lib.w4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
     lib.w4_dequantize.restype = None
+    lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.rotary_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+    for fn in (lib.rms_norm_rows, lib.rotary_rows):
+        fn.restype = None
     return lib, ""
 
 
@@ -172,3 +186,52 @@ def matmul(x, blocks, scale, zero, group_size: int, *, march: str = "native") ->
 def dequantize(blocks, scale, zero, group_size: int, *, march: str = "native") -> torch.Tensor:
     """One call of `PackedInt4(blocks, scale, zero, group_size).dequantize()`."""
     return PackedInt4(blocks, scale, zero, group_size, march).dequantize()
+
+
+# ---------------------------------------------------------------- the elementwise neighbours
+
+
+@cache
+def _warn_unavailable() -> None:
+    ok, reason = available()
+    if not ok:
+        warnings.warn(f"impl.kernels.cpu_c is unavailable ({reason}): the CPU runs the torch fallbacks", stacklevel=3)
+
+
+def ok(x: torch.Tensor) -> bool:
+    """Whether the elementwise C kernels take x: a CPU tensor in float32 or bfloat16, the library built
+    (a build failure is warned about once, and the torch fallbacks run)."""
+    if x.device.type != "cpu" or x.dtype not in FLOATS:
+        return False
+    if build()[0] is None:
+        _warn_unavailable()
+        return False
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """spec.norms.rms_norm for x [..., C] and a contiguous weight [C] of x's dtype (statistics in float32)."""
+    if weight.dtype != x.dtype or not weight.is_contiguous() or weight.shape != x.shape[-1:]:
+        raise ValueError(
+            f"rms_norm wants a contiguous weight [{x.shape[-1]}] in {x.dtype}, got {weight.dtype} {tuple(weight.shape)}"
+        )
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    bf16 = x.dtype == torch.bfloat16
+    C = x.shape[-1]
+    build()[0].rms_norm_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // C, C, eps, bf16)
+    return y
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
+    """impl.kernels.rotary.rotary_torch in place: x [T, H, D] (unit stride on D), heads [0, n_rot) rotated
+    with cos, sin float32 [T, D/2]. Returns x."""
+    T, H, D = x.shape
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    if x.stride(2) != 1:
+        raise ValueError(f"rotary_ wants unit stride on D, got strides {x.stride()}")
+    bf16 = int(x.dtype == torch.bfloat16)
+    build()[0].rotary_rows(
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_rot, D, x.stride(0), x.stride(1), cos.stride(0), bf16
+    )
+    return x

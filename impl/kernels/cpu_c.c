@@ -220,3 +220,53 @@ void w4_dequantize(const uint8_t *packed, const void *scale, const void *zero, i
     }
   }
 }
+
+/* ---- the decode step's elementwise neighbours, at the rounding points of impl.kernels' torch fallbacks.
+   Each processes rows in parallel only when there are many (a decode row costs less than waking the
+   threads). x and y are float32, or bfloat16 as uint16 (bf16 = 1). */
+
+#define PARALLEL_ELEMENTS 65536 /* below this many elements a call stays on one thread */
+
+/* spec.norms.rms_norm: y = w * round(x * rsqrt(mean(x^2) + eps)), statistics in float32 (summed in
+   double: closer to float64 than a float32 sum, within float32 rounding of it). x, y [R, C], w [C]. */
+void rms_norm_rows(const void *x, const void *w, void *y, int64_t R, int64_t C, float eps, int bf16) {
+#pragma omp parallel for schedule(static) if (R * C >= PARALLEL_ELEMENTS)
+  for (int64_t r = 0; r < R; r++) {
+    double ss = 0.0;
+    for (int64_t c = 0; c < C; c++) {
+      float v = load_float(x, r * C + c, bf16);
+      ss += (double)v * v;
+    }
+    float inv = 1.0f / sqrtf((float)(ss / (double)C) + eps);
+    for (int64_t c = 0; c < C; c++) {
+      float h = load_float(x, r * C + c, bf16) * inv;
+      if (bf16) { /* the cast to the input dtype comes before the weight multiply (spec.norms) */
+        uint16_t hb;
+        store_out(&hb, 0, h, 1);
+        h = load_float(&hb, 0, 1);
+      }
+      store_out(y, r * C + c, load_float(w, c, bf16) * h, bf16);
+    }
+  }
+}
+
+/* impl.kernels.rotary.rotary_torch, in place: heads [0, n_rot) of x [T, H, D] (strides st, sh; unit
+   stride on D) rotated by cos, sin float32 [T, D/2] (unit stride on D/2, row stride sc):
+   (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), each product and sum rounded in float32, then to the dtype. */
+void rotary_rows(void *x, const float *cos, const float *sin, int64_t T, int64_t n_rot, int64_t D, int64_t st,
+                 int64_t sh, int64_t sc, int bf16) {
+  int64_t h2 = D / 2;
+#pragma omp parallel for schedule(static) if (T * n_rot * D >= PARALLEL_ELEMENTS)
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t h = 0; h < n_rot; h++) {
+      int64_t base = t * st + h * sh;
+      for (int64_t i = 0; i < h2; i++) {
+        float c = cos[t * sc + i], s = sin[t * sc + i];
+        float x1 = load_float(x, base + i, bf16), x2 = load_float(x, base + h2 + i, bf16);
+        float a = x1 * c, b = x2 * s, e = x2 * c, f = x1 * s;
+        store_out(x, base + i, a - b, bf16);
+        store_out(x, base + h2 + i, e + f, bf16);
+      }
+    }
+  }
+}
