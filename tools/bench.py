@@ -13,7 +13,8 @@ several timed runs after a warm-up:
            generate(N+1) minus generate(1); impl: its decode loop, CUDA graph captured beforehand)
   int4     impl decode with int4 text linears, and the int4/bf16 ratio of linear-weight bytes; then
            decode side by side (runs interleaved): impl bf16, impl int4 with the lm_head in the model
-           dtype, int8, w8a8, int4 and w4a8, impl w4a8 (int8 activations in the layers too; CPU),
+           dtype, int8, w8a8, int4 and w4a8, impl w4a8 (int8 activations in the layers too; CPU) with
+           the lm_head in the model dtype and in w4a8,
            impl bf16 without the CPU's float16 pack (where it applies), and llama.cpp when
            installed (below), each with the weight bytes one
            token reads and its share of the memory limit (measured copy bandwidth / bytes per token)
@@ -560,8 +561,10 @@ class Bench:
                 self.emit(size=self.size, what=f"int4.lm_head_{head}", skipped=str(e))
                 continue
             models[f"impl int4, lm_head {head}"] = m
-        if dev.type == "cpu":  # int8 activations everywhere: the layers too (impl.quant, "w4a8")
+        if dev.type == "cpu":  # int8 activations in the layers too (impl.quant, "w4a8"), lm_head as is or w4a8
             try:
+                m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, quantize="w4a8")
+                models["impl w4a8"] = m
                 m = Qwen25VL.from_params(
                     config, params, dtype=dt, device=dev, attention=a.attention, quantize="w4a8", cpu_fp16_pack=False
                 )

@@ -58,8 +58,10 @@ static void quantize_rows(const void *x, int x_bf16, int64_t M, int64_t K, int8_
     for (int64_t b = 0; b < nb; b++) {
       for (int i = 0; i < BLOCK; i++) xb[i] = load_float(x, m * K + b * BLOCK + i, x_bf16);
       float amax = 0.0f;
-      for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+      int finite = 1;
+      for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(xb[i])), finite &= isfinite(xb[i]);
       float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      if (!finite) d = NAN, inv = 0.0f; /* a NaN or infinity in x makes its outputs NaN, as a float matmul would */
       int32_t s = 0;
       for (int i = 0; i < BLOCK; i++) {
         int8_t v = (int8_t)lrintf(xb[i] * inv);

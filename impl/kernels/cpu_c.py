@@ -228,8 +228,11 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -
     with cos, sin float32 [T, D/2]. Returns x."""
     T, H, D = x.shape
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    if x.stride(2) != 1:
-        raise ValueError(f"rotary_ wants unit stride on D, got strides {x.stride()}")
+    if x.stride(2) != 1 or cos.shape != (T, D // 2) or sin.shape != cos.shape or not 0 <= n_rot <= H:
+        raise ValueError(
+            f"rotary_ wants x [T, H, D] with unit stride on D, cos and sin [T, D/2], n_rot <= H; got x "
+            f"{tuple(x.shape)} strides {x.stride()}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, n_rot {n_rot}"
+        )
     bf16 = int(x.dtype == torch.bfloat16)
     build()[0].rotary_rows(
         x.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_rot, D, x.stride(0), x.stride(1), cos.stride(0), bf16

@@ -70,7 +70,7 @@ def apply_rotary_(
     """In place: x [T, H, D] (heads [0, n_rot) rotated), cos, sin float32 [T, D/2]. Returns x."""
     if use_triton and triton_ok(x):
         return rotary_triton(x, cos, sin, n_rot)
-    if use_triton and x.stride(2) == 1 and cpu_c.ok(x):
+    if use_triton and x.stride(2) == 1 and cos.shape == sin.shape == (x.shape[0], x.shape[2] // 2) and cpu_c.ok(x):
         return cpu_c.rotary_(x, cos, sin, n_rot)
     return rotary_torch(x, cos, sin, n_rot)
 

@@ -108,6 +108,9 @@ def test_activation_rounding_bound(scale_dtype):
     assert (err <= bound * (1 + 1e-3) + noise).all(), (err / (bound + noise)).amax()
     assert err[:3].amax() > 0
     assert torch.equal(y[3], torch.zeros(N, dtype=torch.float64))
+    x[1, 40] = float("nan")  # block 1 of row 1: its outputs are NaN, as a float matmul's would be
+    y = cpu_c.matmul(x, cpu_c.to_blocks(q), scale, zero, GROUP_SIZE)
+    assert y[1].isnan().all() and not y[[0, 2, 3]].isnan().any()
 
 
 def test_kernel_refuses_out_of_contract_inputs():
