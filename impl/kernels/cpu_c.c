@@ -272,3 +272,46 @@ void rotary_rows(void *x, const float *cos, const float *sin, int64_t T, int64_t
     }
   }
 }
+
+/* The greedy pick: out[r] = the first index of the largest x[r, :] (torch's max(-1).indices); a NaN counts
+   as the largest (torch propagates it), the first NaN is taken. x [R, V]. Two passes over a row that
+   the lm_head has just written (in cache): the maximum, vectorized, then its first position. */
+void argmax_rows(const void *x, int64_t R, int64_t V, int bf16, int64_t *out) {
+  for (int64_t r = 0; r < R; r++) {
+    int64_t i = 0, first_nan = -1;
+    float best = -INFINITY;
+#ifdef __AVX2__
+    __m256 vbest = _mm256_set1_ps(-INFINITY);
+    __m256 vnan = _mm256_setzero_ps();
+    for (; i + 8 <= V; i += 8) {
+      __m256 v;
+      if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + r * V + i));
+        v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      } else {
+        v = _mm256_loadu_ps((const float *)x + r * V + i);
+      }
+      vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      vbest = _mm256_max_ps(vbest, v);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vbest);
+    for (int l = 0; l < 8; l++) best = lanes[l] > best ? lanes[l] : best;
+    if (_mm256_movemask_ps(vnan)) first_nan = 0; /* somewhere in the vector part: found below */
+#endif
+    for (; i < V; i++) {
+      float v = load_float(x, r * V + i, bf16);
+      if (v != v && first_nan < 0) first_nan = 0;
+      best = v > best ? v : best;
+    }
+    int64_t pick = 0;
+    for (int64_t j = 0; j < V; j++) {
+      float v = load_float(x, r * V + j, bf16);
+      if (first_nan >= 0 ? v != v : v == best) {
+        pick = j;
+        break;
+      }
+    }
+    out[r] = pick;
+  }
+}

@@ -15,6 +15,7 @@ system C compiler (-O3 -march=native -fopenmp) into $QWEN25VL_CACHE/kernels (def
 The elementwise functions (`ok(x)` says whether they take x: on the CPU, float32 or bfloat16, the
 library built; the dispatchers in rmsnorm.py and rotary.py call them then):
   rms_norm(x, w, eps)  x [..., C] -> [..., C]      rotary_(x, cos, sin, n_rot)  x [T, H, D] in place
+  argmax(x)            x [R, V] -> int64 [R], the greedy pick (impl.generate's decode step)
 
 The int4 functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from `to_blocks`;
 scale, zero [N, K/G] float32 or bfloat16; K % G == 0, G % 32 == 0):
@@ -96,7 +97,8 @@ def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | N
     lib.w4_dequantize.restype = None
     lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.rotary_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
-    for fn in (lib.rms_norm_rows, lib.rotary_rows):
+    lib.argmax_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
+    for fn in (lib.rms_norm_rows, lib.rotary_rows, lib.argmax_rows):
         fn.restype = None
     return lib, ""
 
@@ -238,3 +240,11 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -
         x.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_rot, D, x.stride(0), x.stride(1), cos.stride(0), bf16
     )
     return x
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [R, V] -> int64 [R]: torch's x.max(-1).indices (the first largest; a NaN counts as the largest)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    build()[0].argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.dtype == torch.bfloat16, out.data_ptr())
+    return out

@@ -155,3 +155,16 @@ def test_dispatch_uses_fallback_on_cpu():
     from qwen25vl.impl.kernels import triton_ok
 
     assert not triton_ok(torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(rows=st.integers(1, 4), V=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_c_argmax_is_torch_max_indices(dtype, rows, V, seed):
+    """The greedy pick (impl.generate.greedy_pick on the CPU): the first largest, ties included (bfloat16
+    rounds many logits together), a NaN counting as the largest as in torch."""
+    x = _rand((rows, V), seed, dtype).round()  # integers: ties are common
+    assert torch.equal(cpu_c.argmax(x), x.max(-1).indices)
+    g = torch.Generator().manual_seed(seed)
+    x[0, int(torch.randint(0, V, (1,), generator=g))] = float("nan")
+    x[-1, int(torch.randint(0, V, (1,), generator=g))] = float("nan")
+    assert torch.equal(cpu_c.argmax(x), x.max(-1).indices)
