@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels import cpu_c
 from .kernels.decode_attention import decode_attention_split, decode_attention_torch
 
 try:
@@ -144,13 +145,26 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-DECODE_BACKENDS = ("sdpa", "split", "math")
+DECODE_BACKENDS = ("auto", "sdpa", "split", "math", "cpu_c")
 
 
 def check_decode_backend(name: str) -> None:
     """Raise ValueError when `name` is not a decode attention backend."""
     if name not in DECODE_BACKENDS:
         raise ValueError(f"decode_attention must be one of {DECODE_BACKENDS}, got {name!r}")
+
+
+def resolve_decode_backend(name: str, q: torch.Tensor) -> str:
+    """ "auto" -> "cpu_c" for a CPU tensor the C kernels take, else "sdpa"; any other name as it is."""
+    check_decode_backend(name)
+    if name == "cpu_c" and not cpu_c.ok(q):
+        raise ValueError(
+            f"decode_attention 'cpu_c' runs on the CPU in float32 or bfloat16 with the C kernels built "
+            f"(impl.kernels.cpu_c.available(): {cpu_c.available()}); got {q.dtype} on {q.device}"
+        )
+    if name != "auto":
+        return name
+    return "cpu_c" if cpu_c.ok(q) else "sdpa"
 
 
 def decode_attention(
@@ -174,10 +188,14 @@ def decode_attention(
                0..n_valid-1 read (n_valid int tensor [1] on the device; None = T). Needs an additive
                float key_mask. Triton on CUDA; elsewhere its PyTorch fallback (= "math").
       "math"   matmul, float32 softmax, matmul (plain PyTorch; what torch.compile can fuse).
+      "cpu_c"  impl.kernels.cpu_c: one C task per (row, kv head), float32 scores, softmax and sum,
+               masked keys skipped (CPU; 2-3x faster than SDPA for one query there).
+      "auto"   "cpu_c" on the CPU where the C kernels built, else "sdpa" (what generate uses).
     """
     B, N, D = q.shape
     K = k_cache.shape[1]
-    if backend in ("split", "math"):
+    backend = resolve_decode_backend(backend, q)
+    if backend in ("split", "math", "cpu_c"):
         bias = (
             key_mask
             if key_mask.is_floating_point()
@@ -185,11 +203,11 @@ def decode_attention(
         )
         if backend == "math":
             return decode_attention_torch(q, k_cache, v_cache, bias)
+        if backend == "cpu_c":
+            return cpu_c.decode_attention(q, k_cache, v_cache, bias.to(q.dtype))
         if n_valid is None:
             n_valid = torch.full((1,), k_cache.shape[2], dtype=torch.int64, device=q.device)
         return decode_attention_split(q, k_cache, v_cache, bias, n_valid, use_triton=use_triton)
-    if backend != "sdpa":
-        check_decode_backend(backend)
     qg = q.reshape(B, K, N // K, D)  # query heads of one kv head are consecutive
     o = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=key_mask[:, None, None, :])  # [B, K, G, D]
     return o.reshape(B, N, D)

@@ -29,7 +29,7 @@ import torch
 
 from ..spec.generate import check_generate_args
 from ..spec.mrope import decode_positions
-from .attention import check_decode_backend
+from .attention import check_decode_backend, resolve_decode_backend
 from .cache import check_cache_fits
 from .kernels import cpu_c
 
@@ -121,14 +121,15 @@ def generate_tokens(
     sync_every: int = 16,
     on_token=None,
     ignore_eos: bool = False,
-    decode_attention: str = "sdpa",
+    decode_attention: str = "auto",
 ) -> torch.Tensor:
     """Greedy continuation: model inputs -> int64 [B, n] on the CPU (see module doc).
 
     cuda_graph: None = on for CUDA models (if capture fails, decoding runs eagerly and
     last_stats["cuda_graph_error"] says why). on_token(ids: list[int] of length B) is called once per
     generated position, in order (forces a sync per step). ignore_eos: always produce max_new_tokens
-    (benchmarks). decode_attention: "sdpa" | "split" | "math" (impl.attention.decode_attention).
+    (benchmarks). decode_attention: "auto" | "sdpa" | "split" | "math" | "cpu_c"
+    (impl.attention.decode_attention; "auto" is resolved here, and last_stats names what ran).
     The model's caches are set up here for B x (L + max_new_tokens) tokens. Timings and what ran land
     in model.last_stats.
     """
@@ -157,6 +158,8 @@ def generate_tokens(
     logits, rope_deltas = model.prefill(inputs)
     first = logits.argmax(-1)  # [B]
     st = DecodeState(model, first, mask, rope_deltas, L, max_new_tokens, eos)
+    like_q = torch.empty(0, dtype=model.dtype_, device=model.device_)  # what the decode's queries will be
+    decode_attention = resolve_decode_backend(decode_attention, like_q)
     st.attn = decode_attention
     sync()
     t1 = time.perf_counter()

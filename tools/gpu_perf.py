@@ -121,13 +121,13 @@ def kernel_table(prof, top: int = 15) -> list[dict]:
 
 
 DECODE_VARIANTS = {  # name -> (impl.variants layer variant, generate_tokens keyword arguments); first = baseline
-    "sdpa": ("eager", {}),
+    "sdpa": ("eager", {"decode_attention": "sdpa"}),
     "split": ("eager", {"decode_attention": "split"}),
     "math": ("eager", {"decode_attention": "math"}),
-    "fused": ("fused", {}),
+    "fused": ("fused", {"decode_attention": "sdpa"}),
     "fused+split": ("fused", {"decode_attention": "split"}),
     "compile+split": ("compiled:default", {"decode_attention": "split"}),
-    "compile+sdpa": ("compiled:default", {}),
+    "compile+sdpa": ("compiled:default", {"decode_attention": "sdpa"}),
     "autotune+split": ("compiled:max-autotune-no-cudagraphs", {"decode_attention": "split"}),
 }
 

@@ -315,3 +315,88 @@ void argmax_rows(const void *x, int64_t R, int64_t V, int bf16, int64_t *out) {
     out[r] = pick;
   }
 }
+
+/* Decode attention, one query per row (impl.attention.decode_attention's semantics): q [B, N, D], the
+   caches [B, K, T, D] (strides sb, sk, st; unit on D), an additive bias [B, T] (0 or -inf; a key with
+   -inf is skipped, never read), out [B, N, D]. The N / K query heads of kv head k are heads k*G ..
+   k*G+G-1. Scores q.k / sqrt(D) + bias, the softmax and the weighted sum of v in float32, the output
+   rounded once to the dtype. A row whose keys are all masked gives NaN, as SDPA does. One task per
+   (row, kv head): 2 tasks for 3B at batch 1, which is what 2 cores want. */
+static inline float dot_row(const float *a, const void *b, int64_t off, int64_t D, int bf16) {
+  float s = 0.0f;
+#ifdef __AVX2__
+  if (D % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 bv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + off + d))), 16))
+                       : _mm256_loadu_ps((const float *)b + off + d);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), bv, acc);
+    }
+    return hsum(acc);
+  }
+#endif
+  for (int64_t d = 0; d < D; d++) s += a[d] * load_float(b, off + d, bf16);
+  return s;
+}
+
+static inline void axpy_row(float *acc, float p, const void *b, int64_t off, int64_t D, int bf16) {
+#ifdef __AVX2__
+  if (D % 8 == 0) {
+    __m256 pv = _mm256_set1_ps(p);
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 bv = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                             _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)b + off + d))), 16))
+                       : _mm256_loadu_ps((const float *)b + off + d);
+      _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, bv, _mm256_loadu_ps(acc + d)));
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; d++) acc[d] += p * load_float(b, off + d, bf16);
+}
+
+int decode_attention_rows(const void *q, const void *k, const void *v, const void *bias, void *out, int64_t B,
+                          int64_t N, int64_t K, int64_t T, int64_t D, int64_t sb, int64_t sk, int64_t st, int bf16) {
+  if (K < 1 || N % K || N / K > 64) return -1;
+  int64_t G = N / K;
+  float scale = 1.0f / sqrtf((float)D);
+  int failed = 0;
+#pragma omp parallel for schedule(static) if (B * K > 1)
+  for (int64_t task = 0; task < B * K; task++) {
+    int64_t b = task / K, kh = task % K;
+    float *qf = malloc(sizeof(float) * (size_t)(G * D)), *acc = calloc((size_t)(G * D), sizeof(float));
+    float *sc = malloc(sizeof(float) * (size_t)(G * T));
+    if (!qf || !acc || !sc) {
+      free(qf), free(acc), free(sc);
+      failed = 1;
+      continue;
+    }
+    for (int64_t g = 0; g < G; g++)
+      for (int64_t d = 0; d < D; d++) qf[g * D + d] = load_float(q, (b * N + kh * G + g) * D + d, bf16);
+    float m[64], l[64]; /* G <= 64: every released config has G <= 7 */
+    for (int64_t g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
+    int64_t base = b * sb + kh * sk;
+    for (int64_t t = 0; t < T; t++) {
+      float bt = load_float(bias, b * T + t, bf16);
+      for (int64_t g = 0; g < G; g++) {
+        float s = bt == -INFINITY ? -INFINITY : dot_row(qf + g * D, k, base + t * st, D, bf16) * scale + bt;
+        sc[g * T + t] = s;
+        m[g] = s > m[g] ? s : m[g];
+      }
+    }
+    for (int64_t g = 0; g < G; g++) {
+      for (int64_t t = 0; t < T; t++) {
+        if (sc[g * T + t] == -INFINITY) continue;
+        float p = expf(sc[g * T + t] - m[g]);
+        l[g] += p;
+        axpy_row(acc + g * D, p, v, base + t * st, D, bf16);
+      }
+      float inv = 1.0f / l[g]; /* all keys masked: 1 / 0 * 0 -> NaN below, as SDPA gives */
+      for (int64_t d = 0; d < D; d++)
+        store_out(out, (b * N + kh * G + g) * D + d, l[g] > 0.0f ? acc[g * D + d] * inv : NAN, bf16);
+    }
+    free(qf), free(acc), free(sc);
+  }
+  return failed ? -1 : 0;
+}

@@ -16,6 +16,7 @@ The elementwise functions (`ok(x)` says whether they take x: on the CPU, float32
 library built; the dispatchers in rmsnorm.py and rotary.py call them then):
   rms_norm(x, w, eps)  x [..., C] -> [..., C]      rotary_(x, cos, sin, n_rot)  x [T, H, D] in place
   argmax(x)            x [R, V] -> int64 [R], the greedy pick (impl.generate's decode step)
+  decode_attention(q, k_cache, v_cache, bias)  one query per row over the cache (impl.attention, "cpu_c")
 
 The int4 functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from `to_blocks`;
 scale, zero [N, K/G] float32 or bfloat16; K % G == 0, G % 32 == 0):
@@ -98,6 +99,8 @@ def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | N
     lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.rotary_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.argmax_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ptr]
+    lib.decode_attention_rows.argtypes = [ptr, ptr, ptr, ptr, ptr, *[i64] * 8, ctypes.c_int]
+    lib.decode_attention_rows.restype = ctypes.c_int
     for fn in (lib.rms_norm_rows, lib.rotary_rows, lib.argmax_rows):
         fn.restype = None
     return lib, ""
@@ -127,6 +130,13 @@ def to_blocks(q: torch.Tensor) -> torch.Tensor:
 FLOATS = (torch.float32, torch.bfloat16)
 
 
+def _on_cpu(*tensors: torch.Tensor) -> None:
+    """C reads raw pointers: a tensor anywhere else would be read as host memory. Refuse it."""
+    for t in tensors:
+        if not t.is_cpu:
+            raise ValueError(f"impl.kernels.cpu_c takes CPU tensors, got one on {t.device}")
+
+
 class PackedInt4:
     """int4 weights in the kernel's layout, checked once: blocks [N, K/32, 16] uint8 (`to_blocks`), scale
     and zero [N, K/G] float32 or bfloat16, G the group size. Holds the tensors, so the pointers it passes
@@ -134,6 +144,7 @@ class PackedInt4:
 
     def __init__(self, blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, march="native"):
         self.lib = _loaded(march)
+        _on_cpu(blocks, scale, zero)
         N, nb, sixteen = blocks.shape
         K = nb * BLOCK
         if blocks.dtype != torch.uint8 or sixteen != 16 or not blocks.is_contiguous():
@@ -158,6 +169,7 @@ class PackedInt4:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 or bfloat16 (M <= MAX_ROWS) -> y [M, N] in x's dtype (module doc); no copy of
         x or y is made (the decode path of every w4a8 layer)."""
+        _on_cpu(x)
         if x.dtype not in FLOATS or x.dim() != 2 or x.shape[1] != self.K or not 1 <= x.shape[0] <= MAX_ROWS:
             raise ValueError(
                 f"x must be float32 or bfloat16 [M <= {MAX_ROWS}, {self.K}], got {x.dtype} {tuple(x.shape)}"
@@ -213,6 +225,7 @@ def ok(x: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """spec.norms.rms_norm for x [..., C] and a contiguous weight [C] of x's dtype (statistics in float32)."""
+    _on_cpu(x, weight)
     if weight.dtype != x.dtype or not weight.is_contiguous() or weight.shape != x.shape[-1:]:
         raise ValueError(
             f"rms_norm wants a contiguous weight [{x.shape[-1]}] in {x.dtype}, got {weight.dtype} {tuple(weight.shape)}"
@@ -228,6 +241,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
     """impl.kernels.rotary.rotary_torch in place: x [T, H, D] (unit stride on D), heads [0, n_rot) rotated
     with cos, sin float32 [T, D/2]. Returns x."""
+    _on_cpu(x, cos, sin)
     T, H, D = x.shape
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     if x.stride(2) != 1 or cos.shape != (T, D // 2) or sin.shape != cos.shape or not 0 <= n_rot <= H:
@@ -244,7 +258,33 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x [R, V] -> int64 [R]: torch's x.max(-1).indices (the first largest; a NaN counts as the largest)."""
+    _on_cpu(x)
+    if x.dtype not in FLOATS or x.dim() != 2:
+        raise ValueError(f"argmax wants float32 or bfloat16 [R, V], got {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.int64)
     build()[0].argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.dtype == torch.bfloat16, out.data_ptr())
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [B, N, D], caches [B, K, T, D] (unit stride on D, k and v with the same strides), additive bias
+    [B, T] (0 / -inf) -> [B, N, D] in q's dtype: softmax(q k^T / sqrt(D) + bias) v in float32, masked
+    keys never read (impl.attention.decode_attention, backend "cpu_c")."""
+    _on_cpu(q, k_cache, v_cache, bias)
+    B, N, D = q.shape
+    K, T = k_cache.shape[1], k_cache.shape[2]
+    same = k_cache.dtype == v_cache.dtype == bias.dtype == q.dtype and k_cache.stride() == v_cache.stride()
+    if not same or k_cache.stride(3) != 1 or bias.shape != (B, T) or k_cache.shape != (B, K, T, D) or N % K:
+        raise ValueError(
+            f"cpu_c.decode_attention wants q [B, N, D], caches [B, K, T, D] with unit stride on D and equal "
+            f"strides, bias [B, T], one dtype; got q {tuple(q.shape)} {q.dtype}, k {tuple(k_cache.shape)} "
+            f"{k_cache.dtype} {k_cache.stride()}, v {v_cache.dtype} {v_cache.stride()}, bias {tuple(bias.shape)} {bias.dtype}"
+        )
+    q, bias = q.contiguous(), bias.contiguous()
+    out = torch.empty_like(q)
+    sb, sk, st = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
+    ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bias.data_ptr(), out.data_ptr())
+    if build()[0].decode_attention_rows(*ptrs, B, N, K, T, D, sb, sk, st, q.dtype == torch.bfloat16):
+        raise RuntimeError(f"decode_attention_rows refused N={N} query heads over K={K} kv heads")
     return out

@@ -110,21 +110,31 @@ def test_prefill_attention(dtype, B, L, K, G, pads, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", "cpu_c"])
 @given(
     B=st.integers(1, 3),
     T=st.integers(1, 20),
     K=st.integers(1, 3),
     G=st.sampled_from([1, 2, 7]),
+    D=st.sampled_from([16, 20]),  # 20: the C kernel's loop for widths that are not a multiple of 8
     seed=st.integers(0, 2**16),
 )
-def test_decode_attention(dtype, B, T, K, G, seed):
+def test_decode_attention(dtype, backend, B, T, K, G, D, seed):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, K * G, 16, generator=g).to(dtype)
-    kc, vc = (torch.randn(B, K, T, 16, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, K * G, D, generator=g).to(dtype)
+    kc, vc = (torch.randn(B, K, T, D, generator=g).to(dtype) for _ in range(2))
     valid = torch.rand(B, T, generator=g) < 0.7
     valid[:, -1] = True
-    out = decode_attention(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), valid.to(DEVICE))
+    dev = torch.device("cpu") if backend == "cpu_c" else DEVICE
+    out = decode_attention(q.to(dev), kc.to(dev), vc.to(dev), valid.to(dev), backend)
     kk, vv = kc.double().repeat_interleave(G, 1), vc.double().repeat_interleave(G, 1)  # [B, N, T, D]
-    s = (q.double()[:, :, None] @ kk.transpose(2, 3))[:, :, 0] / 4.0  # [B, N, T]
+    s = (q.double()[:, :, None] @ kk.transpose(2, 3))[:, :, 0] / D**0.5  # [B, N, T]
     w = torch.softmax(s.masked_fill(~valid[:, None], float("-inf")), -1)
     assert_close(out, (w[:, :, None] @ vv)[:, :, 0], dtype, what="decode")
+
+
+def test_cpu_c_decode_backend_refuses_what_it_cannot_run():
+    q, kc = torch.ones(1, 2, 8, dtype=torch.float64), torch.ones(1, 1, 3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="decode_attention 'cpu_c' runs on the CPU in float32 or bfloat16"):
+        decode_attention(q, kc, kc, torch.ones(1, 3, dtype=torch.bool), "cpu_c")
+    assert decode_attention(q, kc, kc, torch.ones(1, 3, dtype=torch.bool), "auto").dtype == torch.float64  # sdpa

@@ -149,6 +149,10 @@ def test_c_kernels_refuse_what_they_cannot_take():
         cpu_c.rotary_(torch.ones(2, 3, 8), torch.ones(2, 4), torch.zeros(2, 4), 4)
     with pytest.raises(ValueError, match=r"rms_norm wants a contiguous weight \[8\] in torch.float32"):
         cpu_c.rms_norm(torch.ones(2, 8), torch.ones(8).bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="cpu_c takes CPU tensors, got one on meta"):
+        cpu_c.argmax(torch.ones(2, 8, device="meta"))
+    with pytest.raises(ValueError, match=r"argmax wants float32 or bfloat16 \[R, V\], got torch.float64"):
+        cpu_c.argmax(torch.ones(2, 8).double())
 
 
 def test_dispatch_uses_fallback_on_cpu():

@@ -209,6 +209,8 @@ def _batch(config):
     [
         ("eager", "split", False),
         ("eager", "math", False),
+        ("eager", "sdpa", False),  # the default is "auto": cpu_c on the CPU
+        ("eager", "cpu_c", True),
         ("fused", "sdpa", True),
         ("fused", "split", True),
         ("fused", "sdpa", False),  # more than one row: the fused layers run the plain path
