@@ -106,3 +106,20 @@ def vision_inputs(config, rows_text: list[list[int]], image_grids, video_grids, 
         inputs["pixel_values_videos"] = torch.randn(int(grid.prod(-1).sum()), pd, generator=g)
         inputs["second_per_grid_ts"] = torch.tensor(spgt or [1.0] * len(vids), dtype=torch.float64)
     return inputs
+
+
+def wide_config(tied: bool = False):
+    """The tiny config widened so every text linear can take the int4 kernels (widths % 128 == 0: hidden
+    128, intermediate 256, 4 heads of 32); tied=True ties the embedding, as 3B does."""
+    import dataclasses
+
+    from qwen25vl.tools.make_tiny_checkpoint import tiny_config
+
+    c = tiny_config(tied=tied)
+    return dataclasses.replace(
+        c,
+        hidden_size=128,
+        intermediate_size=256,
+        mrope_section=(4, 6, 6),
+        vision=dataclasses.replace(c.vision, out_hidden_size=128),
+    )

@@ -1,8 +1,6 @@
 """The quantized lm_head (impl.quant.apply_lm_head_quant): int8 per channel and int4, each against its
 dequantized reference; the refusal where int4 cannot run; bytes per decode step; the CLI option."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn as nn
@@ -20,26 +18,12 @@ from qwen25vl.impl.quant import (
     quantize_int8,
 )
 
-from .helpers import DEVICE, assert_close
+from .helpers import DEVICE, assert_close, wide_config
 
 # The tolerance stated for a quantized lm_head: its output against x @ w_hat^T in float64 (w_hat the
 # dequantized weight, so only the kernel's arithmetic is judged), relative to the largest logit: the
 # kernel tolerance of impl's other matmuls (helpers.TOL["kernel"]: 1.6e-2 bfloat16, 4e-6 float32).
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cpu" else [torch.bfloat16]
-
-
-def _wide_tied_config():
-    """The tiny config with hidden 128 (int4's group size) and a tied embedding, as 3B has."""
-    from qwen25vl.tools.make_tiny_checkpoint import tiny_config
-
-    c = tiny_config(tied=True)
-    return dataclasses.replace(
-        c,
-        hidden_size=128,
-        intermediate_size=256,
-        mrope_section=(4, 6, 6),
-        vision=dataclasses.replace(c.vision, out_hidden_size=128),
-    )
 
 
 def test_int8_formula_error_bound():
@@ -141,7 +125,7 @@ def test_lm_head_quant_on_a_model_matches_reference(mode, capsys):
     from qwen25vl.impl.model import Qwen25VL
     from qwen25vl.tools.make_tiny_checkpoint import make_random_params
 
-    cfg = _wide_tied_config()
+    cfg = wide_config(tied=True)
     dtype = torch.bfloat16
     params = make_random_params(cfg, 0, torch.float32)
     base = Qwen25VL.from_params(cfg, params, dtype=dtype, device=DEVICE)

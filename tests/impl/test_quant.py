@@ -1,7 +1,6 @@
 """int4 weight-only quantization: the formula, the packing, the kernels against the formula, the
 fallback for widths the kernels cannot take, and the effect on a small model (KL, top-1)."""
 
-import dataclasses
 import warnings
 
 import pytest
@@ -19,7 +18,7 @@ from qwen25vl.impl.quant import (
     unpack_int4,
 )
 
-from .helpers import DEVICE, assert_close, vision_inputs
+from .helpers import DEVICE, assert_close, vision_inputs, wide_config
 
 KERNEL_DTYPES = [torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32, torch.bfloat16]
 
@@ -112,20 +111,6 @@ def test_kernel_for_refuses_dtypes():
     assert "bfloat16" in kernel_for(torch.device("cuda"), torch.float32, 16, 128)[1]
 
 
-def _wide_config():
-    """The tiny config widened so every text linear can take the int4 kernel (widths % 128 == 0)."""
-    from qwen25vl.tools.make_tiny_checkpoint import tiny_config
-
-    c = tiny_config()
-    return dataclasses.replace(
-        c,
-        hidden_size=128,
-        intermediate_size=256,
-        mrope_section=(4, 6, 6),  # 4 heads: head_dim 32
-        vision=dataclasses.replace(c.vision, out_hidden_size=128),
-    )
-
-
 def _kl_top1(a, b):
     a, b = a.float().log_softmax(-1), b.float().log_softmax(-1)
     kl = (a.exp() * (a - b)).sum(-1)
@@ -149,7 +134,7 @@ def test_int4_model_kl_and_memory(capsys):
     from qwen25vl.impl.model import Qwen25VL
     from qwen25vl.tools.make_tiny_checkpoint import make_random_params
 
-    cfg = _wide_config()
+    cfg = wide_config()
     params = make_random_params(cfg, 0, torch.float32)
     dtype = torch.bfloat16
     inputs = vision_inputs(cfg, [list(range(100, 130)), list(range(200, 220))], [(0, (1, 8, 8))], [], seed=1)

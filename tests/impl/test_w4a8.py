@@ -3,8 +3,6 @@ layout, the kernel against an integer reference of its own formula (AVX2 and the
 activation rounding bound against the unquantized input, the prefill path, the refusals, and a model
 decoding with it (layers and lm_head; the CLI)."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +17,8 @@ from qwen25vl.impl.quant import (
     dequantize_int4,
     quantize_int4,
 )
+
+from .helpers import wide_config
 
 SCALE_DTYPES = [torch.float32, torch.bfloat16]
 # the portable C loop, compiled for the x86-64 baseline (no AVX2): what a CPU without AVX2 runs
@@ -176,20 +176,6 @@ def test_linear_refusals(monkeypatch):
         quant.quantize_model(nn.Sequential(nn.Linear(128, 16)), dtype=torch.float32, mode="int3")
 
 
-def _wide_config():
-    """The tiny config widened to hidden 128 (int4's group), tied embedding."""
-    from qwen25vl.tools.make_tiny_checkpoint import tiny_config
-
-    c = tiny_config(tied=True)
-    return dataclasses.replace(
-        c,
-        hidden_size=128,
-        intermediate_size=256,
-        mrope_section=(4, 6, 6),
-        vision=dataclasses.replace(c.vision, out_hidden_size=128),
-    )
-
-
 def test_model_decodes_with_w4a8(capsys):
     """Layers and lm_head in w4a8 against the same weights in int4 (weight-only): every text linear
     takes the kernel, the logits stay close (KL reported), greedy decoding runs, the bytes per decode
@@ -198,7 +184,7 @@ def test_model_decodes_with_w4a8(capsys):
     from qwen25vl.impl.variants import apply_fused
     from qwen25vl.tools.make_tiny_checkpoint import make_random_params
 
-    cfg = _wide_config()
+    cfg = wide_config(tied=True)
     params = make_random_params(cfg, 0, torch.float32)
     dtype = torch.bfloat16
     kw = dict(dtype=dtype, device="cpu", cpu_fp16_pack=False)
