@@ -1,17 +1,20 @@
-/* int4 weights x int8 activations on the CPU: the decode rows of impl.quant's int4 format.
+/* Kernels in C for the CPU (impl.kernels.cpu_c): the w4a8 matmul, then the decode step's RMSNorm,
+   rotary, greedy argmax and attention (further down, each with its own comment).
 
+   w4a8, int4 weights x int8 activations: the decode rows of impl.quant's int4 format.
    Weights (impl.quant, module doc): q in 0..15, w_hat[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g],
    g = k / G, G a multiple of 32. Held here as blocks of 32 columns, 16 bytes per block per row: byte j
-   holds column 32b + j in its low nibble and column 32b + 16 + j in its high one (one AND, one shift
+   holds column 32b + j in its low nibble and column 32b + 16 + j in its high one (one shift and one AND
    unpack a block into 32 lanes). scale and zero per (row, group): float32, or bfloat16 as uint16.
 
    Activations: each row of x is quantized in blocks of 32 columns, x_hat = dx[b] * qx (qx int8 in
-   -127..127, dx = max|x_b| / 127, round to nearest), the way llama.cpp's q8_0 does. Then, exactly in
-   integers per block, then in float32:
-     y[m, n] = sum_g scale[n, g] * sum_{b in g} dx[m, b] * sum_{k in b} (q[n, k] - 8) * qx[m, k]
-                   + zero[n, g]  * sum_{b in g} dx[m, b] * sum_{k in b} qx[m, k]
+   -127..127, dx = max|x_b| / 127, round to nearest even), the way llama.cpp's q8_0 does. Then, exactly
+   in integers per block, then in float32, with w_hat = q * scale + (zero - 8 * scale):
+     y[m, n] = sum_g scale[n, g] * sum_{b in g} dx[m, b] * sum_{k in b} q[n, k] * qx[m, k]
+                   + (zero[n, g] - 8 scale[n, g]) * sum_{b in g} dx[m, b] * sum_{k in b} qx[m, k]
    which is x_hat . w_hat up to float32 rounding of the sums. On AVX2 the integer block dot is
-   maddubs(|w|, sign(x, w)): |w| <= 8 and |qx| <= 127, so the int16 pair sums (<= 2032) never saturate.
+   maddubs(q, qx), unsigned by signed bytes: q <= 15 and |qx| <= 127, so the int16 pair sums (<= 3810)
+   never saturate.
 
    Shapes: x [M, K] and y [M, N] float32 or bfloat16, packed [N, K/32, 16] uint8, scale/zero [N, K/G].
    Threads: OpenMP over blocks of rows (the runtime torch already loaded, same soname). */

@@ -1,25 +1,33 @@
 """Kernels in C for the CPU (cpu_c.c): int4 weights x int8 activations (impl.quant's "w4a8") and the
-decode step's RMSNorm and rotary.
+small operations of a decode step that torch runs slowly at batch 1.
 
-Why C for those two: at batch 1 a CPU decode step is a few hundred small operations. Torch spends about
-30 us on an RMSNorm of one row of 512 and 40-50 us on a rotary of 8 heads (several ATen calls, each a
-dispatch); one C call takes 5-8 us with its Python, at the rounding points of the torch fallbacks in
-impl.kernels (tests/impl/test_cpu_c.py). SwiGLU stays in torch: its exp is vectorized there, and a
-scalar C loop measured no faster (15 vs 12-18 us for 1408). No torch, fbgemm or oneDNN operator, fbgemm or oneDNN operator multiplies 4-bit weights by 8-bit activations on x86 (torch's int4
-CPU kernel converts to float and is compute-bound on AVX2 at 3-6 GB/s; docs/impl.md, CPU). This one
-does what llama.cpp's q4_0 x q8_0 dot does: integer block dot products (AVX2 maddubs), one float
-multiply-add per block of 32. The C source beside this file is compiled once per machine with the
-system C compiler (-O3 -march=native -fopenmp) into $QWEN25VL_CACHE/kernels (default
-~/.cache/qwen25vl/kernels), keyed by the source and the compiler command, and loaded with ctypes.
+Why C:
+- No torch, fbgemm or oneDNN operator multiplies 4-bit weights by 8-bit activations on x86. torch's
+  int4 CPU kernel converts to float and is compute-bound on AVX2, at 3-6 GB/s (docs/impl.md, CPU).
+  `w4a8_matmul` does what llama.cpp's q4_0 x q8_0 dot does: integer block dot products (AVX2 maddubs)
+  and one float multiply-add per block of 32.
+- At batch 1 a decode step is a few hundred small operations. For one row, torch spends about 30 us on
+  an RMSNorm of 512, 40-50 us on a rotary of 8 heads, 50-70 us on SDPA over 448 keys, and 150 us on the
+  argmax of 151936 logits: several ATen calls each, every one a dispatch. One C call takes 8, 8, 32 and
+  30-40 us, at the rounding points of the torch paths it replaces (tests/impl/test_kernels.py,
+  test_attention.py, test_w4a8.py).
+- SwiGLU stays in torch: its exp is vectorized there, and a scalar C loop measured no faster (15 us
+  against 12-18 us for 1408).
 
-The elementwise functions (`ok(x)` says whether they take x: on the CPU, float32 or bfloat16, the
-library built; the dispatchers in rmsnorm.py and rotary.py call them then):
+Build: the C source beside this file is compiled once per machine with the system C compiler ($CC,
+default cc; -O3 -march=native -fopenmp). The library goes to $QWEN25VL_CACHE/kernels (default
+~/.cache/qwen25vl/kernels), keyed by the source, the command and the CPU's model and flags, and is loaded
+with ctypes. Without a compiler, `available()` says why: w4a8 is refused with that reason, and the
+other kernels fall back to torch after one warning.
+
+The elementwise functions. `ok(x)` says whether they take x: a CPU tensor in float32 or bfloat16, with
+the library built. The dispatchers in rmsnorm.py, rotary.py, impl.attention and impl.generate then call:
   rms_norm(x, w, eps)  x [..., C] -> [..., C]      rotary_(x, cos, sin, n_rot)  x [T, H, D] in place
   argmax(x)            x [R, V] -> int64 [R], the greedy pick (impl.generate's decode step)
   decode_attention(q, k_cache, v_cache, bias)  one query per row over the cache (impl.attention, "cpu_c")
 
-The int4 functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from `to_blocks`;
-scale, zero [N, K/G] float32 or bfloat16; K % G == 0, G % 32 == 0):
+The int4 functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32, 16] uint8 from
+`to_blocks`; scale, zero [N, K/G] float32 or bfloat16; K % G == 0, G % 32 == 0):
   available()                -> (True, "") or (False, why: no compiler, the build failed ...)
   build(march, cc)           -> (ctypes library, "") or (None, why); cached per process
   to_blocks(q)               q uint8 [N, K] in 0..15 -> the kernel's layout
@@ -107,7 +115,7 @@ def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | N
 
 
 def available() -> tuple[bool, str]:
-    """Whether the kernel runs here: (True, "") or (False, the reason)."""
+    """Whether the C kernels run here: (True, "") or (False, the reason)."""
     lib, reason = build()
     return lib is not None, reason
 
@@ -115,7 +123,7 @@ def available() -> tuple[bool, str]:
 def _loaded(march: str) -> ctypes.CDLL:
     lib, reason = build(march)
     if lib is None:
-        raise RuntimeError(f"the w4a8 CPU kernel is unavailable: {reason}")
+        raise RuntimeError(f"the C kernels (impl.kernels.cpu_c) are unavailable: {reason}")
     return lib
 
 
