@@ -204,8 +204,8 @@ class W4A8Linear(QuantizedLinear):
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= cpu_c.MAX_ROWS:
             return self.packed.matmul(x2)
-        # prefill: compute-bound, where integer blocks would cost more than one dequantization
-        return (x2.float() @ self.packed.dequantize().t()).to(x2.dtype)
+        # prefill: compute-bound, where integer blocks would cost more than dequantizing
+        return self.packed.matmul_dequantized(x2)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, kernel=cpu_c"

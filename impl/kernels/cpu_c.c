@@ -207,12 +207,13 @@ int w4a8_matmul(const void *x, int x_bf16, int64_t M, int64_t K, const uint8_t *
   return 0;
 }
 
-/* w_hat [N, K] float32 (the prefill path: dequantize once, then a float GEMM). */
-void w4_dequantize(const uint8_t *packed, const void *scale, const void *zero, int64_t N, int64_t K, int64_t G,
-                   int bf16, float *w) {
+/* w_hat rows [n0, n1) as float32 [n1 - n0, K] (the prefill path: dequantize a slab, then a float GEMM). */
+void w4_dequantize(const uint8_t *packed, const void *scale, const void *zero, int64_t n0, int64_t n1, int64_t K,
+                   int64_t G, int bf16, float *w) {
   int64_t nb = K / BLOCK, ng = K / G;
+  w -= n0 * K; /* w holds rows n0 .. n1 - 1 */
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
+  for (int64_t n = n0; n < n1; n++) {
     for (int64_t b = 0; b < nb; b++) {
       const uint8_t *p = packed + (n * nb + b) * 16;
       int64_t g = b * BLOCK / G;

@@ -31,7 +31,8 @@ The int4 functions (x [M, K] float32 or bfloat16, M <= MAX_ROWS; blocks [N, K/32
   available()                -> (True, "") or (False, why: no compiler, the build failed ...)
   build(march, cc)           -> (ctypes library, "") or (None, why); cached per process
   to_blocks(q)               q uint8 [N, K] in 0..15 -> the kernel's layout
-  PackedInt4(blocks, scale, zero, G)  the weights checked once; .matmul(x), .dequantize()
+  PackedInt4(blocks, scale, zero, G)  the weights checked once; .matmul(x), .dequantize(n0, n1),
+                                      .matmul_dequantized(x) (prefill: float32, a slab of rows at a time)
   matmul(x, blocks, scale, zero, G)  -> y [M, N] in x's dtype = x_hat . w_hat^T (the C file's formula)
   dequantize(blocks, scale, zero, G) -> w_hat [N, K] float32
 """
@@ -102,7 +103,7 @@ def build(march: str = "native", cc: str | None = None) -> tuple[ctypes.CDLL | N
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.w4a8_matmul.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.w4a8_matmul.restype = ctypes.c_int
-    lib.w4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr]
+    lib.w4_dequantize.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr]
     lib.w4_dequantize.restype = None
     lib.rms_norm_rows.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.rotary_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_int]
@@ -192,12 +193,29 @@ class PackedInt4:
             raise RuntimeError(f"w4a8_matmul refused x {tuple(x.shape)}, K={self.K}, group size {G}")
         return y
 
-    def dequantize(self) -> torch.Tensor:
-        """w_hat [N, K] float32 = (q - 8) * scale + zero."""
-        w = torch.empty(self.N, self.K, dtype=torch.float32)
+    def dequantize(self, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        """Rows [n0, n1) of w_hat (default all): float32 [n1 - n0, K] = (q - 8) * scale + zero."""
+        n1 = self.N if n1 is None else n1
+        if not 0 <= n0 <= n1 <= self.N:
+            raise ValueError(f"rows [{n0}, {n1}) are outside the weight's {self.N}")
+        w = torch.empty(n1 - n0, self.K, dtype=torch.float32)
         blocks, s, z, N, G, bf16 = self.args
-        self.lib.w4_dequantize(blocks, s, z, N, self.K, G, bf16, w.data_ptr())
+        self.lib.w4_dequantize(blocks, s, z, n0, n1, self.K, G, bf16, w.data_ptr())
         return w
+
+    def matmul_dequantized(self, x: torch.Tensor, slab_bytes: int = 64 * 2**20) -> torch.Tensor:
+        """x [M, K] (any M) -> x @ w_hat^T [M, N] in x's dtype, in float32 on the dequantized weight: the
+        prefill path, where M rows make the product compute-bound. The weight is dequantized a slab of
+        output rows at a time (slab_bytes of float32), so the temporary stays bounded (a 3B lm_head in
+        float32 would be 1.2 GB)."""
+        _on_cpu(x)
+        xf = x.float()
+        y = torch.empty(x.shape[0], self.N, dtype=x.dtype)
+        rows = max(1, slab_bytes // (4 * self.K))
+        for n0 in range(0, self.N, rows):
+            n1 = min(self.N, n0 + rows)
+            y[:, n0:n1] = xf @ self.dequantize(n0, n1).t()
+        return y
 
 
 def matmul(x, blocks, scale, zero, group_size: int, *, march: str = "native") -> torch.Tensor:

@@ -162,6 +162,14 @@ def test_linear_decode_and_prefill_rows(dtype):
         tol = out_round * (prod.abs() + ref.abs()) + 1e-5 * (xin.abs() @ w_hat.abs().t()).reshape(y.shape)
         assert ((y.double() - ref).abs() <= tol).all(), rows
     assert lin.nbytes() == 96 * 256 // 2 + 2 * 96 * 2 * (2 if dtype == torch.bfloat16 else 4)
+    # the prefill path in slabs of 7 rows (the last one short): the float32 product, within its rounding
+    x = torch.randn(20, 256, generator=g).to(dtype)
+    ref = x.double() @ w_hat.t()
+    slabs = lin.packed.matmul_dequantized(x, slab_bytes=7 * 256 * 4).double()
+    assert ((slabs - ref).abs() <= out_round * ref.abs() + 1e-5 * (x.double().abs() @ w_hat.abs().t())).all()
+    assert torch.equal(lin.packed.dequantize(90, 96), lin.packed.dequantize()[90:])
+    with pytest.raises(ValueError, match=r"rows \[90, 97\) are outside the weight's 96"):
+        lin.packed.dequantize(90, 97)
 
 
 def test_linear_refusals(monkeypatch):
