@@ -164,7 +164,7 @@ class PackedInt4:
             raise ValueError(f"scale and zero must both be float32 or bfloat16, got {scale.dtype} and {zero.dtype}")
         if not (scale.is_contiguous() and zero.is_contiguous()):
             raise ValueError("scale and zero must be contiguous")
-        self.N, self.K, self.group_size = N, K, group_size
+        self.N, self.K, self.group_size, self.march = N, K, group_size, march
         self.tensors = (blocks, scale, zero)
         self.args = (
             blocks.data_ptr(),
@@ -174,6 +174,12 @@ class PackedInt4:
             group_size,
             int(scale.dtype == torch.bfloat16),
         )
+
+    def __getstate__(self) -> dict:  # copy and pickle the tensors; the library and pointers are per process
+        return {"tensors": self.tensors, "group_size": self.group_size, "march": self.march}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["tensors"], state["group_size"], state["march"])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 or bfloat16 (M <= MAX_ROWS) -> y [M, N] in x's dtype (module doc); no copy of

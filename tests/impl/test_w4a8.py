@@ -172,6 +172,19 @@ def test_linear_decode_and_prefill_rows(dtype):
         lin.packed.dequantize(90, 97)
 
 
+def test_linear_survives_deepcopy_and_pickle():
+    """The ctypes library and raw pointers are not copied: a copy rebuilds them over its own tensors."""
+    import copy
+    import pickle
+
+    lin = W4A8Linear(torch.randn(64, 128), torch.randn(64), dtype=torch.bfloat16)
+    x = torch.randn(3, 128).bfloat16()
+    for twin in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert twin.packed.tensors[0].data_ptr() != lin.packed.tensors[0].data_ptr()
+        assert twin.packed.tensors[0].data_ptr() == twin.blocks.data_ptr()  # the copy's own buffer
+        assert torch.equal(twin(x), lin(x))
+
+
 def test_linear_refusals(monkeypatch):
     with pytest.raises(ValueError, match=r"w4a8 layer \[16, 96\] cannot run here: in_features 96 is not a multiple"):
         W4A8Linear(torch.randn(16, 96), None, dtype=torch.float32)
