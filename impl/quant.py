@@ -188,10 +188,12 @@ class W4A8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype):
         super().__init__()
         N, K = weight.shape
-        ok, reason = cpu_c.available()
-        if not ok or weight.device.type != "cpu" or K % GROUP_SIZE:
-            why = reason or (f"the weight is on {weight.device}" if weight.device.type != "cpu" else "")
-            why = why or f"in_features {K} is not a multiple of {GROUP_SIZE}"
+        why = (
+            cpu_c.available()[1]
+            or (f"the weight is on {weight.device}" if weight.device.type != "cpu" else "")
+            or (f"in_features {K} is not a multiple of {GROUP_SIZE}" if K % GROUP_SIZE else "")
+        )
+        if why:
             raise ValueError(f"w4a8 layer [{N}, {K}] cannot run here: {why}")
         self.in_features, self.out_features, self.group_size = K, N, GROUP_SIZE
         q, scale, zero = quantize_int4(weight, GROUP_SIZE, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)

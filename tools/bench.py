@@ -563,11 +563,13 @@ class Bench:
             models[f"impl int4, lm_head {head}"] = m
         if dev.type == "cpu":  # int8 activations in the layers too (impl.quant, "w4a8"), lm_head as is or w4a8
             try:
-                m = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, quantize="w4a8")
-                models["impl w4a8"] = m
+                w4 = Qwen25VL.from_params(config, params, dtype=dt, device=dev, attention=a.attention, quantize="w4a8")
+                models["impl w4a8"] = w4
                 m = Qwen25VL.from_params(
-                    config, params, dtype=dt, device=dev, attention=a.attention, quantize="w4a8", cpu_fp16_pack=False
+                    config, params, dtype=dt, device=dev, attention=a.attention, cpu_fp16_pack=False
                 )
+                m.text.layers = w4.text.layers  # the same w4a8 layers, shared; only the lm_head differs
+                m.quant_report = dict(w4.quant_report)
                 apply_lm_head_quant(m, "w4a8")
                 models["impl w4a8, lm_head w4a8"] = m
             except ValueError as e:

@@ -266,7 +266,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     bf16 = x.dtype == torch.bfloat16
     C = x.shape[-1]
-    build()[0].rms_norm_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // C, C, eps, bf16)
+    _loaded("native").rms_norm_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // C, C, eps, bf16)
     return y
 
 
@@ -282,7 +282,7 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -
             f"{tuple(x.shape)} strides {x.stride()}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}, n_rot {n_rot}"
         )
     bf16 = int(x.dtype == torch.bfloat16)
-    build()[0].rotary_rows(
+    _loaded("native").rotary_rows(
         x.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, n_rot, D, x.stride(0), x.stride(1), cos.stride(0), bf16
     )
     return x
@@ -295,7 +295,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"argmax wants float32 or bfloat16 [R, V], got {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    build()[0].argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.dtype == torch.bfloat16, out.data_ptr())
+    _loaded("native").argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.dtype == torch.bfloat16, out.data_ptr())
     return out
 
 
@@ -317,6 +317,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     sb, sk, st = k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)
     ptrs = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bias.data_ptr(), out.data_ptr())
-    if build()[0].decode_attention_rows(*ptrs, B, N, K, T, D, sb, sk, st, q.dtype == torch.bfloat16):
+    if _loaded("native").decode_attention_rows(*ptrs, B, N, K, T, D, sb, sk, st, q.dtype == torch.bfloat16):
         raise RuntimeError(f"decode_attention_rows refused N={N} query heads over K={K} kv heads")
     return out
