@@ -23,6 +23,18 @@ from pathlib import Path
 import torch
 
 DEVICE = torch.device(os.environ.get("QWEN25VL_TEST_DEVICE", "cpu"))
+
+
+def _needs_c():
+    import pytest
+    from qwen25vl.impl.kernels import cpu_c
+
+    ok, why = cpu_c.available()
+    return pytest.mark.skipif(not ok, reason=f"needs the C kernels of impl.kernels.cpu_c, which did not build: {why}")
+
+
+# tests of the C kernels: CI has a compiler (llama.cpp is built there), so they never skip in CI
+NEEDS_C = _needs_c()
 TOL = {
     "kernel": {torch.float32: 4e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3},
     "stage": {torch.float32: 5e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2},

@@ -15,7 +15,7 @@ from qwen25vl.impl.attention import (
     varlen_attn,
 )
 
-from .helpers import DEVICE, assert_close
+from .helpers import DEVICE, NEEDS_C, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16]
 BACKENDS = ["dense", "blockmask"] + (["varlen"] if DEVICE.type == "cuda" and varlen_attn is not None else [])
@@ -110,7 +110,7 @@ def test_prefill_attention(dtype, B, L, K, G, pads, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", "cpu_c"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "math", pytest.param("cpu_c", marks=NEEDS_C)])
 @given(
     B=st.integers(1, 3),
     T=st.integers(1, 20),

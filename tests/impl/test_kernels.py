@@ -13,7 +13,7 @@ from qwen25vl.spec.mrope import apply_mrope, mrope_cos_sin
 from qwen25vl.spec.norms import rms_norm as spec_rms_norm
 from qwen25vl.spec.windows import apply_vision_rotary, vision_rotary_cos_sin
 
-from .helpers import DEVICE, assert_close, kernel_module
+from .helpers import DEVICE, NEEDS_C, assert_close, kernel_module
 
 rmsnorm, rotary, swiglu = (kernel_module(n) for n in ("rmsnorm", "rotary", "swiglu"))
 DTYPES = [torch.float32, torch.bfloat16]
@@ -31,7 +31,7 @@ def _rand(shape, seed, dtype, scale=1.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["triton", "torch", "c"])
+@pytest.mark.parametrize("impl", ["triton", "torch", pytest.param("c", marks=NEEDS_C)])
 @given(rows=st.integers(0, 9), width=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_rms_norm(dtype, impl, rows, width, seed):
     x, w = _rand((rows, width), seed, dtype, 3.0), _rand((width,), seed + 1, dtype)
@@ -41,7 +41,7 @@ def test_rms_norm(dtype, impl, rows, width, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["triton", "torch", "c"])
+@pytest.mark.parametrize("impl", ["triton", "torch", pytest.param("c", marks=NEEDS_C)])
 @given(
     B=st.integers(1, 3),
     L=st.integers(1, 7),
@@ -68,7 +68,7 @@ def test_mrope_rotary(dtype, impl, B, L, kv, groups, sections, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["triton", "torch", "c"])
+@pytest.mark.parametrize("impl", ["triton", "torch", pytest.param("c", marks=NEEDS_C)])
 @given(P=st.integers(0, 40), N=st.integers(1, 3), D=st.sampled_from([8, 16, 80]), seed=st.integers(0, 2**16))
 def test_vision_rotary(dtype, impl, P, N, D, seed):
     pos = torch.randint(0, 200, (P, 2), generator=torch.Generator().manual_seed(seed))
@@ -94,7 +94,7 @@ def test_swiglu(dtype, impl, rows, I, seed):
     assert_close(y, F.silu(g) * u, dtype, what="swiglu")
 
 
-@pytest.mark.parametrize("impl", ["triton", "c"])
+@pytest.mark.parametrize("impl", ["triton", pytest.param("c", marks=NEEDS_C)])
 def test_rotary_strided_rows(impl):
     """The kernel honours row strides: a [T, H, D] view cut out of a wider buffer."""
     buf = _rand((5, 7, 16), 0, torch.float32)
@@ -108,6 +108,7 @@ def test_rotary_strided_rows(impl):
     assert torch.equal(b[:, 0].cpu(), buf[:, 0]) and torch.equal(b[:, 5:].cpu(), buf[:, 5:])
 
 
+@NEEDS_C
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_c_kernels_round_where_the_fallbacks_do(dtype):
     """Rotary: the same float32 products and sums, so equal to the fallback bit for bit. RMSNorm: its sum
@@ -125,6 +126,7 @@ def test_c_kernels_round_where_the_fallbacks_do(dtype):
         assert (c == t).float().mean() > 0.99
 
 
+@NEEDS_C
 def test_dispatchers_pick_the_c_kernels_on_the_cpu(monkeypatch):
     """rms_norm / apply_rotary_ run the C kernels for CPU tensors, and the fallback with use_triton=False."""
     calls = []
@@ -161,6 +163,7 @@ def test_dispatch_uses_fallback_on_cpu():
     assert not triton_ok(torch.zeros(1))
 
 
+@NEEDS_C
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(rows=st.integers(1, 4), V=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_c_argmax_is_torch_max_indices(dtype, rows, V, seed):

@@ -12,7 +12,7 @@ from qwen25vl.impl import variants
 from qwen25vl.impl.attention import decode_attention
 from qwen25vl.impl.model import Qwen25VL
 
-from .helpers import DEVICE, assert_close, kernel_module, vision_inputs
+from .helpers import DEVICE, NEEDS_C, assert_close, kernel_module, vision_inputs
 
 dattn, gemv_mod, rotary = (kernel_module(n) for n in ("decode_attention", "gemv", "rotary"))
 DTYPES = [torch.float32, torch.bfloat16]
@@ -210,7 +210,7 @@ def _batch(config):
         ("eager", "split", False),
         ("eager", "math", False),
         ("eager", "sdpa", False),  # the default is "auto": cpu_c on the CPU
-        ("eager", "cpu_c", True),
+        pytest.param("eager", "cpu_c", True, marks=NEEDS_C),
         ("fused", "sdpa", True),
         ("fused", "split", True),
         ("fused", "sdpa", False),  # more than one row: the fused layers run the plain path

@@ -18,7 +18,9 @@ from qwen25vl.impl.quant import (
     quantize_int4,
 )
 
-from .helpers import wide_config
+from .helpers import NEEDS_C, wide_config
+
+pytestmark = NEEDS_C  # every test here builds or runs the C kernels
 
 SCALE_DTYPES = [torch.float32, torch.bfloat16]
 # the portable C loop, compiled for the x86-64 baseline (no AVX2): what a CPU without AVX2 runs
