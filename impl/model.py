@@ -303,11 +303,16 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, get, config, use_triton: bool):
+    def __init__(self, get, config, use_triton: bool, layer_hook=None):
         super().__init__()
         self.cfg, self.use_triton = config, use_triton
         self.embed = _norm(get("model.embed_tokens.weight"))
-        self.layers = nn.ModuleList(DecoderLayer(get, i, config, use_triton) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList()
+        for i in range(config.num_hidden_layers):
+            layer = DecoderLayer(get, i, config, use_triton)
+            if layer_hook is not None:  # before the next layer is read: impl.tp keeps one unsharded layer at a time
+                layer_hook(layer)
+            self.layers.append(layer)
         self.norm = _norm(get("model.norm.weight"))
         self.lm_head = _linear(get("lm_head.weight"))  # tied: get gives the embedding tensor itself, shared
 
@@ -342,6 +347,7 @@ class Qwen25VL(nn.Module):
         use_triton: bool = True,
         progress: bool = False,
         tokenizer=None,
+        layer_hook=None,
     ):
         super().__init__()
         dtype, device = check_dtype_device(dtype, device)
@@ -378,7 +384,7 @@ class Qwen25VL(nn.Module):
             return get(*keys)
 
         self.visual = VisionTower(get_once, config, use_triton)
-        self.text = TextModel(get_once, config, use_triton)
+        self.text = TextModel(get_once, config, use_triton, layer_hook)
         if progress:
             print(f"\rloading weights {total}/{total}", file=sys.stderr, flush=True)
 
@@ -411,6 +417,7 @@ class Qwen25VL(nn.Module):
         use_triton: bool = True,
         progress: bool = False,
         cpu_fp16_pack: bool | None = None,
+        layer_hook=None,
     ) -> Qwen25VL:
         """Load a safetensors checkpoint folder (spec.checkpoint.load_checkpoint).
 
@@ -419,7 +426,9 @@ class Qwen25VL(nn.Module):
         linears; quantize_vision=True also the vision tower) or "w4a8" (the same, int8 activations at
         decode; CPU). cpu_fp16_pack: hold the linears as fbgemm's
         packed float16 (impl.quant, "fp16 pack"); None: where it wins, bfloat16 on a CPU below AVX512.
-        The tokenizer is read from the folder when it holds one.
+        layer_hook: called on each text decoder layer as soon as it is built, before the next one is
+        read (impl.tp.from_pretrained_tp shards there). The tokenizer is read from the folder when it
+        holds one.
         """
         from ..spec.checkpoint import load_checkpoint
         from .quant import INT4_MODES
@@ -453,6 +462,7 @@ class Qwen25VL(nn.Module):
             progress=progress,
             tokenizer=tokenizer,
             cpu_fp16_pack=cpu_fp16_pack,
+            layer_hook=layer_hook,
         )
 
     def to_device(self, device) -> Qwen25VL:

@@ -1,6 +1,7 @@
 """Tensor parallelism for the text decoder, applied to a built impl.model.Qwen25VL from outside.
 
     apply_tp(model, group)   (torch.distributed initialised; every rank built the same model)
+    from_pretrained_tp(folder, tp)   (under torchrun: each layer sharded as it is read)
 
 Megatron's split, with explicit collectives (torch.distributed.all_reduce, NCCL on CUDA, gloo on
 the CPU):
@@ -20,6 +21,9 @@ order of the reduced products (float32: ~1e-6 relative).
 
 Sharding happens where the weights are: build the model on the CPU (or a device that holds the
 whole model), apply_tp, then `model.to_device` onto the rank's GPU; apply int4 after that.
+from_pretrained_tp does the same one layer at a time (shard_layer as Qwen25VL's layer_hook): the
+checkpoint's tensors are memory-mapped (safetensors), so a rank's own memory holds the replicated
+parts, its shards and at most one unsharded layer, never the whole decoder.
 
 Shapes: N heads, K kv heads, D head dim, C hidden, I intermediate, W world size.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -72,35 +77,40 @@ def _rows(w: torch.Tensor, blocks: list[range], size: int) -> torch.Tensor:
 
 def apply_tp(model, group=None) -> None:
     """Shard model.text's layers over `group` (default: the world), in place (see module doc)."""
+    for layer in model.text.layers:
+        shard_layer(layer, group)
+
+
+def shard_layer(layer, group=None) -> None:
+    """Shard one built decoder layer over `group` in place: this rank keeps its heads' q|k|v rows and
+    o_proj columns, and its slice of gate|up rows and down columns (see module doc)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    cfg = model.config
-    N, K, D, I = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    a, m = layer.attn, layer.mlp
+    if not (type(a.qkv) is nn.Linear and type(m.gate_up) is nn.Linear):
+        raise ValueError(
+            f"apply_tp shards plain nn.Linear layers; layer {layer.i} holds {type(a.qkv).__name__}: "
+            "shard before int4 and the other transforms, and build a bfloat16 CPU model with "
+            "cpu_fp16_pack=False (impl.quant; from_pretrained_tp does)"
+        )
+    N, K, D, I = a.N, a.K, a.D, m.gate_up.weight.shape[0] // 2
     if I % world:
         raise ValueError(f"tensor parallel size {world} must divide intermediate_size {I}")
     q_heads, kv_heads = tp_heads(N, K, world, rank)
     local_i = range(rank * I // world, (rank + 1) * I // world)
-    for layer in model.text.layers:
-        a, m = layer.attn, layer.mlp
-        if not (type(a.qkv) is nn.Linear and type(m.gate_up) is nn.Linear):
-            raise ValueError(
-                f"apply_tp shards plain nn.Linear layers; layer {layer.i} holds {type(a.qkv).__name__}: "
-                "shard before int4 and the other transforms, and build a bfloat16 CPU model with "
-                "cpu_fp16_pack=False (impl.quant; from_pretrained_tp does)"
-            )
-        # q|k|v rows: q heads 0..N-1, then k heads at N.., v heads at N+K..
-        blocks = [
-            q_heads,
-            range(N + kv_heads.start, N + kv_heads.stop),
-            range(N + K + kv_heads.start, N + K + kv_heads.stop),
-        ]
-        a.qkv = _linear(_rows(a.qkv.weight, blocks, D), None if a.qkv.bias is None else _rows(a.qkv.bias, blocks, D))
-        wo = a.o_proj.weight[:, q_heads.start * D : q_heads.stop * D].contiguous()
-        a.o_proj = RowParallel(_linear(wo), group)
-        a.N, a.K = len(q_heads), len(kv_heads)
-        # gate|up rows: gate at 0..I-1, up at I..2I-1
-        gu = [local_i, range(I + local_i.start, I + local_i.stop)]
-        m.gate_up = _linear(_rows(m.gate_up.weight, gu, 1))
-        m.down = RowParallel(_linear(m.down.weight[:, local_i.start : local_i.stop].contiguous()), group)
+    # q|k|v rows: q heads 0..N-1, then k heads at N.., v heads at N+K..
+    blocks = [
+        q_heads,
+        range(N + kv_heads.start, N + kv_heads.stop),
+        range(N + K + kv_heads.start, N + K + kv_heads.stop),
+    ]
+    a.qkv = _linear(_rows(a.qkv.weight, blocks, D), None if a.qkv.bias is None else _rows(a.qkv.bias, blocks, D))
+    wo = a.o_proj.weight[:, q_heads.start * D : q_heads.stop * D].contiguous()
+    a.o_proj = RowParallel(_linear(wo), group)
+    a.N, a.K = len(q_heads), len(kv_heads)
+    # gate|up rows: gate at 0..I-1, up at I..2I-1
+    gu = [local_i, range(I + local_i.start, I + local_i.stop)]
+    m.gate_up = _linear(_rows(m.gate_up.weight, gu, 1))
+    m.down = RowParallel(_linear(m.down.weight[:, local_i.start : local_i.stop].contiguous()), group)
 
 
 def init_tp(tp: int, device=None):
@@ -121,13 +131,16 @@ def init_tp(tp: int, device=None):
 
 
 def from_pretrained_tp(folder, tp: int, *, dtype=None, device=None, quantize=None, **kwargs) -> Qwen25VL:
-    """This rank's shard of a checkpoint: loaded on the CPU, apply_tp, moved to the rank's device, then
-    int4 (quantize="int4") if asked. dtype default: bfloat16 on CUDA, float32 on the CPU."""
+    """This rank's shard of a checkpoint: read on the CPU, each decoder layer sharded as soon as it is
+    built (so the rank never holds more than one unsharded layer besides the replicated parts), moved
+    to the rank's device, then int4 (quantize="int4") if asked. dtype default: bfloat16 on CUDA,
+    float32 on the CPU."""
     group, rank, device = init_tp(tp, device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Qwen25VL.from_pretrained(folder, dtype=dtype, device="cpu", cpu_fp16_pack=False, **kwargs)
-    apply_tp(model, group)
+    model = Qwen25VL.from_pretrained(
+        folder, dtype=dtype, device="cpu", cpu_fp16_pack=False, layer_hook=partial(shard_layer, group=group), **kwargs
+    )
     model.to_device(device)
     if quantize is not None:
         apply_int4(model, quantize)

@@ -24,10 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(tmp_path, harness: bool, timeout: float = 120) -> dict:
+def _spawn(tmp_path, checkpoint, harness: bool, timeout: float = 120) -> dict:
     ctx = mp.start_processes(
         tp_worker.main,
-        args=(2, _free_port(), str(tmp_path), harness, str(FIXTURES)),
+        args=(2, _free_port(), str(tmp_path), harness, str(FIXTURES), str(checkpoint)),
         nprocs=2,
         join=False,
         start_method="spawn",
@@ -66,10 +66,14 @@ def test_head_counts_refused():
         tp_heads(6, 3, 2, 0)
 
 
-def test_tp2_equals_tp1_and_harness_passes(tmp_path):
+def test_tp2_equals_tp1_and_harness_passes(tmp_path, tiny_checkpoint):
     """TP=2 logits and every decoder layer within float32 summation-order noise of TP=1, greedy
-    tokens equal; then the conformance harness (fixture model_batch, impl expectations) under TP=2."""
-    out = _spawn(tmp_path, harness=True)
+    tokens equal; the checkpoint loader that shards layer by layer gives the same shards as sharding
+    the whole model; then the conformance harness (fixture model_batch, impl expectations) under TP=2."""
+    out = _spawn(tmp_path, tiny_checkpoint, harness=True)
+    loaders = out["loaders"]
+    assert loaders["same_keys"] and not loaders["unequal"], loaders
+    assert loaders["local_heads"] == [2, 1] and loaders["gate_up_rows"] == 2 * 64 // 2, loaders
     for name, heads in (("kv_replicated", [1, 1]), ("kv_sharded", [2, 1])):
         r = out[name]
         assert r["local_heads"] == heads and r["cache_kv_heads"] == heads[1], (name, r)
@@ -83,3 +87,41 @@ def test_tp2_equals_tp1_and_harness_passes(tmp_path):
     assert any(s == "pass" and st.startswith("text.layer.") for (_, st), s in statuses.items())
     assert any(s == "pass" and st == "generate.tokens" for (_, st), s in statuses.items())
     print(json.dumps({k: {m: v for m, v in out[k].items() if m != "tokens"} for k in ("kv_replicated", "kv_sharded")}))
+
+
+def test_layer_hook_sees_each_layer_before_the_next_is_read():
+    """from_pretrained_tp shards in Qwen25VL's layer_hook: a rank holds at most one unsharded layer only
+    if the hook runs on layer i before any tensor of layer i+1 is read."""
+    import torch
+    from qwen25vl.impl.model import Qwen25VL
+    from qwen25vl.tools.make_tiny_checkpoint import make_random_params, tiny_config
+
+    config = tiny_config()
+    read: list[str] = []
+
+    class Logged:
+        """A stored tensor that logs when its values are taken (check_params reads only the shape)."""
+
+        def __init__(self, key, t):
+            self.key, self.t, self.shape, self.dtype = key, t, t.shape, t.dtype
+
+        def is_floating_point(self):
+            return self.t.is_floating_point()
+
+        def to(self, *args, **kwargs):
+            read.append(self.key)
+            return self.t.to(*args, **kwargs)
+
+    def layer_of(key):
+        return int(key.split(".")[2]) if key.startswith("model.layers.") else None
+
+    seen = []
+
+    def hook(layer):
+        later = [k for k in read if (layer_of(k) or -1) > layer.i]
+        seen.append((layer.i, max(layer_of(k) for k in read if layer_of(k) is not None), later))
+
+    params = {k: Logged(k, t) for k, t in make_random_params(config, 0, torch.float32).items()}
+    Qwen25VL(config, params, dtype=torch.float32, device="cpu", layer_hook=hook)
+    assert [i for i, _, _ in seen] == list(range(config.num_hidden_layers))
+    assert all(newest == i and not later for i, newest, later in seen), seen

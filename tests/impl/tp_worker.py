@@ -1,7 +1,9 @@
 """One rank of tests/impl/test_tp.py (imported by torch.multiprocessing's spawn, so no pytest here).
 
 Each rank builds the TP=1 model and the TP=W model from the same random params, runs both on the
-same inputs, and (rank 0) writes the differences to OUT/result.json. With harness=True every rank
+same inputs, and (rank 0) writes the differences to OUT/result.json. It also loads a checkpoint
+folder both ways (from_pretrained_tp, which shards each layer as it is read, and from_pretrained +
+apply_tp) and compares the shards. With harness=True every rank
 also runs the conformance harness on the impl target sharded over the group (in process: every rank
 makes the same calls in the same order), and rank 0 writes each stage's status.
 """
@@ -64,6 +66,23 @@ def compare_models(out: dict) -> None:
         }
 
 
+def compare_loaders(out: dict, checkpoint: str) -> None:
+    """from_pretrained_tp (each layer sharded as it is read) against from_pretrained + apply_tp."""
+    from qwen25vl.impl.model import Qwen25VL
+    from qwen25vl.impl.tp import apply_tp, from_pretrained_tp
+
+    sharded_on_load = from_pretrained_tp(checkpoint, dist.get_world_size(), dtype=torch.float32, device="cpu")
+    sharded_after = Qwen25VL.from_pretrained(checkpoint, dtype=torch.float32, device="cpu")
+    apply_tp(sharded_after, dist.group.WORLD)
+    got, want = sharded_on_load.state_dict(), sharded_after.state_dict()
+    out["loaders"] = {
+        "same_keys": list(got) == list(want),
+        "unequal": [k for k in want if k in got and not torch.equal(got[k], want[k])],
+        "local_heads": [sharded_on_load.text.layers[0].attn.N, sharded_on_load.text.layers[0].attn.K],
+        "gate_up_rows": sharded_on_load.text.layers[0].mlp.gate_up.weight.shape[0],
+    }
+
+
 def run_harness(out: dict, fixtures: str) -> None:
     from qwen25vl.conformance import runner
     from qwen25vl.conformance.adapters.impl import ImplAdapter
@@ -77,13 +96,14 @@ def run_harness(out: dict, fixtures: str) -> None:
     out["harness"] = {"describe": desc, "results": [[r.case, r.stage, r.status, r.note] for r in results]}
 
 
-def main(rank: int, world: int, port: int, out_dir: str, harness: bool, fixtures: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def main(rank: int, world: int, port: int, out_dir: str, harness: bool, fixtures: str, checkpoint: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out: dict = {}
         compare_models(out)
+        compare_loaders(out, checkpoint)
         if harness:
             run_harness(out, fixtures)
         if rank == 0:
