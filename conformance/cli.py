@@ -96,6 +96,14 @@ def conform_parser() -> argparse.ArgumentParser:
         help="call the port in the harness's own process, for a debugger (a crash then ends the run)",
     )
     p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="target impl only: judge the tensor-parallel model, sharded over N ranks; run under "
+        "`torchrun --nproc-per-node N` (in process; rank 0 prints and writes the report)",
+    )
+    p.add_argument(
         "--teacher-forced",
         choices=("first", "all", "none"),
         default="first",
@@ -193,6 +201,33 @@ def _stage_names(paths: list[Path]) -> list[str]:
     return sorted(names, key=lambda n: stages.order_key(n) if stages.is_known(n) else (-1, 0))
 
 
+def _check_tp(args) -> None:
+    """--tp N: the impl target, in process (a supervised worker cannot join the ranks' group), one job."""
+    if args.tp < 1:
+        raise ValueError(f"--tp {args.tp}: must be at least 1")
+    if args.tp == 1:
+        return
+    if args.target != "impl":
+        raise ValueError(f"--tp {args.tp} shards qwen25vl.impl; target {args.target!r} is not impl")
+    if args.jobs > 1:
+        raise ValueError(f"--tp {args.tp} runs the cases in the ranks' own processes: drop --jobs")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise ValueError(f"--tp {args.tp} must run under `torchrun --nproc-per-node {args.tp}` (WORLD_SIZE is {world})")
+    args.in_process = True
+
+
+def _tp_adapter(args):
+    """This rank's ImplAdapter over the torchrun group; ranks other than 0 print nothing and write no report."""
+    from .adapters.impl import ImplAdapter
+
+    adapter, rank = ImplAdapter.under_torchrun(args.tp, dtype=args.dtype, device=args.device)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - every rank judges the same stages; one reports
+        args.json = args.junit = None
+    return adapter
+
+
 def conform(argv: list[str]) -> int:
     args = conform_parser().parse_args(argv)
     # everything the command line can get wrong is refused here, before any work
@@ -207,6 +242,7 @@ def conform(argv: list[str]) -> int:
             raise ValueError(f"--memory-limit {args.memory_limit:g}: must be a positive number of GiB")
         if args.in_process and args.jobs > 1:
             raise ValueError("--in-process runs one case at a time: drop --jobs")
+        _check_tp(args)
         _check_output_path("--json", args.json)
         _check_output_path("--junit", args.junit)
         _check_device(args.device)
@@ -270,7 +306,12 @@ def conform(argv: list[str]) -> int:
         expectations = [] if args.no_expectations else runner.load_expectations(exp_path)
         # in process: build the adapter here, so a bad target fails before any case runs (the
         # supervised workers report a bad target the same way, from their first call)
-        adapter = runner.make_adapter(args.target, dtype=args.dtype, device=args.device) if args.in_process else None
+        if args.tp > 1:
+            adapter = _tp_adapter(args)
+        elif args.in_process:
+            adapter = runner.make_adapter(args.target, dtype=args.dtype, device=args.device)
+        else:
+            adapter = None
         desc, results = runner.run_suite(paths, opts, jobs=args.jobs, expectations=expectations, adapter=adapter)
     except ValueError as e:
         return _fail(str(e))

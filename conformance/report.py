@@ -111,6 +111,7 @@ def render(desc: dict, results: list[StageResult], *, verbose: bool = False, sec
     head = (
         f"qwen25vl conform: target {desc.get('name', '?')} {desc.get('version', '')} "
         f"dtype {desc.get('dtype', '?')} device {desc.get('device', '?')}"
+        + (f" tensor-parallel {desc['tp']} ranks" if desc.get("tp") else "")
     )
     lines = [head, table(results, verbose=verbose), ""]
     first = first_divergence(results)

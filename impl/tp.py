@@ -131,11 +131,18 @@ def init_tp(tp: int, device=None):
 
 
 def from_pretrained_tp(folder, tp: int, *, dtype=None, device=None, quantize=None, **kwargs) -> Qwen25VL:
-    """This rank's shard of a checkpoint: read on the CPU, each decoder layer sharded as soon as it is
-    built (so the rank never holds more than one unsharded layer besides the replicated parts), moved
-    to the rank's device, then int4 (quantize="int4") if asked. dtype default: bfloat16 on CUDA,
-    float32 on the CPU."""
-    group, rank, device = init_tp(tp, device)
+    """This rank's shard of a checkpoint, under `torchrun --nproc-per-node tp` (init_tp, then
+    load_shard). dtype default: bfloat16 on CUDA, float32 on the CPU."""
+    group, _, device = init_tp(tp, device)
+    return load_shard(folder, group, device, dtype=dtype, quantize=quantize, **kwargs)
+
+
+def load_shard(folder, group, device, *, dtype=None, quantize=None, **kwargs) -> Qwen25VL:
+    """This rank's shard over `group` (torch.distributed initialised): read on the CPU, each decoder
+    layer sharded as soon as it is built (so the rank never holds more than one unsharded layer
+    besides the replicated parts), moved to `device`, then int4 (quantize="int4"|"w4a8") if asked.
+    kwargs: the other options of Qwen25VL.from_pretrained (attention, use_triton, progress)."""
+    device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen25VL.from_pretrained(
@@ -144,6 +151,6 @@ def from_pretrained_tp(folder, tp: int, *, dtype=None, device=None, quantize=Non
     model.to_device(device)
     if quantize is not None:
         apply_int4(model, quantize)
-    if fp16_pack_wanted(device, dtype):  # after sharding: the shards get packed, as from_params would
+    if fp16_pack_wanted(device, model.dtype_):  # after sharding: the shards get packed, as from_params would
         apply_fp16_pack(model)
     return model

@@ -8,9 +8,10 @@ blocks and decoder layers (its public one-stage methods fed the golden input), a
 decode. A stage impl has no method for is reported as not covered, never as passed; an error inside
 impl is an error.
 
-tp_group: a torch.distributed group; the model is then sharded over it (impl.tp.apply_tp) after
-loading on the CPU. Every rank runs the same calls in the same order (tests/impl/test_tp.py runs the
-harness so under 2 gloo processes).
+tp_group: a torch.distributed group; the model is then this rank's shard over it (impl.tp.load_shard,
+as `qwen25vl generate --tp` loads it). Every rank runs the same calls in the same order
+(`qwen25vl conform --tp N` under torchrun; tests/impl/test_tp.py runs the harness so under 2 gloo
+processes).
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ class ImplAdapter(SpecAdapter):
         self.attention, self.tp_group = attention, tp_group
         self.model = None
 
+    @classmethod
+    def under_torchrun(cls, tp: int, *, dtype: str | None = None, device: str | None = None):
+        """(this rank's adapter over the group torchrun made for `tp` ranks, the rank): impl.tp.init_tp."""
+        from ...impl.tp import init_tp
+
+        group, rank, rank_device = init_tp(tp, device)
+        return cls(dtype=dtype, device=str(rank_device), tp_group=group), rank
+
     def run_items(self, stage, items, *, tokenizer_dir=None):
         _impl()  # no impl, nothing of it passes: the fn.* stages are not covered either
         return super().run_items(stage, items, tokenizer_dir=tokenizer_dir)
@@ -62,17 +71,16 @@ class ImplAdapter(SpecAdapter):
         m = _impl()
         if not hasattr(m, "Qwen25VL") or not hasattr(m.Qwen25VL, "from_pretrained"):
             raise NotCovered("qwen25vl.impl has no Qwen25VL.from_pretrained")
-        self.model = m.Qwen25VL.from_pretrained(
-            checkpoint,
-            dtype=torch_dtype(self.dtype),
-            device="cpu" if self.tp_group is not None else self.device,
-            attention=self.attention,
-        )
-        if self.tp_group is not None:
-            from ...impl.tp import apply_tp
+        if self.tp_group is None:
+            self.model = m.Qwen25VL.from_pretrained(
+                checkpoint, dtype=torch_dtype(self.dtype), device=self.device, attention=self.attention
+            )
+        else:
+            from ...impl.tp import load_shard
 
-            apply_tp(self.model, self.tp_group)
-            self.model.to_device(self.device)
+            self.model = load_shard(
+                checkpoint, self.tp_group, self.device, dtype=torch_dtype(self.dtype), attention=self.attention
+            )
         self.config = self.model.config
 
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):

@@ -198,6 +198,10 @@ def test_pytest_plugin_items_per_stage(tmp_path):
         (["--device", "tpu"], "--device 'tpu'"),
         (["--memory-limit", "0"], "--memory-limit 0: must be a positive number"),
         (["--in-process", "--jobs", "2"], "--in-process runs one case at a time"),
+        (["--tp", "0"], "--tp 0: must be at least 1"),
+        (["--tp", "2", "--target", "spec"], "--tp 2 shards qwen25vl.impl; target 'spec' is not impl"),
+        (["--tp", "2", "--jobs", "2"], "--tp 2 runs the cases in the ranks' own processes: drop --jobs"),
+        (["--tp", "2"], "--tp 2 must run under `torchrun --nproc-per-node 2` (WORLD_SIZE is 1)"),
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(capsys, argv, says):
