@@ -29,7 +29,7 @@ from .mistakes import LOCK as MISTAKES_LOCK
 from .mistakes import for_stage
 from .precision import Profile
 from .reference import Reference
-from .repeat import ModelRun, repeat_runs, tokens_of
+from .repeat import ModelRun, answered_tokens, repeat_runs, tokens_of
 from .results import BAD, StageResult
 from .supervisor import StageTimeout, call_with_timeout, describe_failure  # noqa: F401  (StageTimeout: tests)
 
@@ -284,9 +284,12 @@ class CaseRunner:
         if "generate.tokens" in names:
             result, tokens = self._generate(case, request, inputs, ck)
             out.append(result)
-        if model_names and captured and not failure:  # kept for the repeat check (state.repeat)
-            keep = {k: v.detach().clone() for k, v in captured.items() if isinstance(v, torch.Tensor)}
-            self._runs.append(ModelRun(case, inputs, capture, keep, tokens, self._last_model_case))
+        # kept for the repeat check (state.repeat): the captured stages, or the tokens alone for a port
+        # that only generates (a serving engine)
+        ran = bool(model_names and captured and not failure)
+        if ran or answered_tokens(tokens) is not None:
+            keep = {k: v.detach().clone() for k, v in captured.items() if isinstance(v, torch.Tensor)} if ran else {}
+            self._runs.append(ModelRun(case, inputs, capture if ran else [], keep, tokens, self._last_model_case))
         self._last_model_case = name
         return sorted(out, key=lambda r: (stages.order_key(r.stage), r.mode == "teacher"))
 

@@ -6,6 +6,7 @@ tests/conformance/test_state.py checks state.repeat catches each and passes impl
 from __future__ import annotations
 
 import torch
+from qwen25vl.conformance.adapters.base import NotCovered
 from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.spec import mrope
 
@@ -54,3 +55,30 @@ class PrefixCacheByTokenIds(SpecAdapter):
         if key not in self._cache:
             self._cache[key] = super().run(inputs, capture=capture)
         return {k: v.clone() for k, v in self._cache[key].items() if isinstance(v, torch.Tensor)}
+
+
+class _Engine:
+    """Answers generate() only, as a serving engine does: run() is not covered, so state.repeat can
+    compare nothing but the tokens."""
+
+    def run(self, inputs, *, capture):
+        raise NotCovered("this port only generates (a serving engine)")
+
+
+class StaleRopeDeltasEngine(_Engine, StaleRopeDeltas):
+    """StaleRopeDeltas behind an engine that only generates."""
+
+
+class ColdFirstRequestEngine(_Engine, SpecAdapter):
+    """The first request after loading runs before the vision encoder's cache is filled and sees zeros
+    for its pixels (vllm-ascend#1081: only the first request comes back corrupted)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._warm = False
+
+    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        if not self._warm:
+            self._warm = True
+            inputs = {k: torch.zeros_like(v) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+        return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)

@@ -1,6 +1,7 @@
 """state.repeat: within one adapter's lifetime the model cases run again in reverse order, and a case
 with the same text as another and a different image is in the suite; any difference is an error
-"state leaks between requests" that names the case that ran before."""
+"state leaks between requests" that names the case that ran before. A port that only generates (a
+serving engine) is repeated on its tokens."""
 
 import json
 
@@ -31,6 +32,9 @@ def test_spec_and_impl_give_the_same_answer_whatever_ran_before(capsys, tmp_path
         ("StaleRopeDeltas", "model_(image|video)$"),  # two cases whose rope_deltas differ
         ("StalePositions", "model_image$"),  # even one case, asked twice
         ("PrefixCacheByTokenIds", "model_image(_swap)?$"),  # the same text, another image
+        # ports that only generate (serving engines): the repeat compares their tokens
+        ("StaleRopeDeltasEngine", "model_(image|video)$"),
+        ("ColdFirstRequestEngine", "model_(image|video)$"),  # only the first request is wrong
     ],
 )
 def test_leaky_ports_are_caught(capsys, tmp_path, port, cases):
@@ -38,8 +42,12 @@ def test_leaky_ports_are_caught(capsys, tmp_path, port, cases):
     leaks = [r for r in repeat if r["status"] == "error"]
     assert code == 1 and leaks, repeat
     assert all("state leaks between requests" in r["metric"] for r in leaks)
+    if port.endswith("Engine"):
+        assert all("generate.tokens differ" in r["metric"] for r in leaks), leaks
+    if port == "ColdFirstRequestEngine":
+        assert [r["case"] for r in leaks] == ["model_image"] and "after nothing" in leaks[0]["where"], leaks
     if port == "PrefixCacheByTokenIds":
         swap = next(r for r in leaks if r["case"] == "model_image_swap")
         assert "with the outputs of model_image, which has the same token ids" in swap["metric"]
-    else:
+    elif port != "ColdFirstRequestEngine":
         assert all("after model_" in r["where"] for r in leaks)  # names the case that ran before
