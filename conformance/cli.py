@@ -214,7 +214,6 @@ def _check_tp(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.tp:
         raise ValueError(f"--tp {args.tp} must run under `torchrun --nproc-per-node {args.tp}` (WORLD_SIZE is {world})")
-    args.in_process = True
 
 
 def _tp_adapter(args):
@@ -293,7 +292,7 @@ def conform(argv: list[str]) -> int:
         timeout=args.timeout or None,
         teacher=args.teacher_forced,
         only_stages=args.stages,
-        in_process=args.in_process,
+        in_process=args.in_process or args.tp > 1,
         profile=profile,
         diagnose=not args.no_diagnosis,
     )

@@ -38,6 +38,11 @@ from .kernels.swiglu import swiglu
 SUPPORTED_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16, torch.float16, torch.float32)}
 
 
+def default_dtype(device) -> torch.dtype:
+    """The dtype a model gets when none is named: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def check_dtype_device(dtype, device) -> tuple[torch.dtype, torch.device]:
     """Normalize and validate (dtype, device); ValueError names the pair and what is supported."""
     if isinstance(dtype, str):
@@ -435,7 +440,7 @@ class Qwen25VL(nn.Module):
 
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
-            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+            dtype = default_dtype(device)
         dtype, device = check_dtype_device(dtype, device)
         check_backend(attention, device, dtype)
         if quantize not in (None, *INT4_MODES):

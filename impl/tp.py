@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .model import Qwen25VL, _linear
+from .model import Qwen25VL, _linear, default_dtype
 from .quant import apply_fp16_pack, apply_int4, fp16_pack_wanted
 
 
@@ -143,10 +143,13 @@ def load_shard(folder, group, device, *, dtype=None, quantize=None, **kwargs) ->
     besides the replicated parts), moved to `device`, then int4 (quantize="int4"|"w4a8") if asked.
     kwargs: the other options of Qwen25VL.from_pretrained (attention, use_triton, progress)."""
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = Qwen25VL.from_pretrained(
-        folder, dtype=dtype, device="cpu", cpu_fp16_pack=False, layer_hook=partial(shard_layer, group=group), **kwargs
+        folder,
+        dtype=dtype or default_dtype(device),
+        device="cpu",
+        cpu_fp16_pack=False,
+        layer_hook=partial(shard_layer, group=group),
+        **kwargs,
     )
     model.to_device(device)
     if quantize is not None:

@@ -309,11 +309,9 @@ class LlamaCpp:
 class Bench:
     def __init__(self, args):
         self.args, self.device = args, torch.device(args.device)
-        self.dtype = (
-            getattr(torch, args.dtype)
-            if args.dtype
-            else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        )
+        from ..impl.model import default_dtype
+
+        self.dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(self.device)
         self.timer = Timer(self.device)
         self.records = []
         self.out = open(args.out, "a") if args.out else None

@@ -149,12 +149,12 @@ def _apply_layers(model, layers: str) -> None:
 
 class Perf:
     def __init__(self, a):
-        from ..impl.model import Qwen25VL
+        from ..impl.model import Qwen25VL, default_dtype
         from .bench import IMAGE_SIDE, Timer, make_config, make_inputs
         from .make_tiny_checkpoint import make_random_params
 
         self.a, self.dev = a, torch.device(a.device)
-        self.dt = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+        self.dt = default_dtype(self.dev)
         self.rec = Recorder(a.out, self.dev)
         self.timer = Timer(self.dev)
         t = time.perf_counter()
