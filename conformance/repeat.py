@@ -74,6 +74,9 @@ def _repeat_one(runner, run: ModelRun, before_now: str | None) -> StageResult:
     gen = case.json("generate.json") if "generate.tokens" in case.stages else None
     t0 = time.perf_counter()
     try:
+        # the case before may run on another checkpoint (model_text's tied one): loading this case's own
+        # again is not state kept between requests
+        runner._prepare(runner.checkpoint(case.checkpoint()))
         runner.adapter.begin_case(again_case)
         # a port that only generates (run() not covered) is asked for its tokens alone
         again = (

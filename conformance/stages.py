@@ -307,9 +307,10 @@ def order_key(name: str) -> tuple[int, int]:
 model_stages = model_stage_names
 
 
-def previous(name: str, vision_depth: int, text_layers: int | None = None) -> str | None:
+def previous(name: str, vision_depth: int, text_layers: int | None = None, *, vision: bool = True) -> str | None:
     """The stage whose golden output feeds `name` when run teacher-forced (None: fed by the model inputs).
-    text.norm is fed by the last decoder layer, so it needs `text_layers`."""
+    text.norm is fed by the last decoder layer, so it needs `text_layers`. vision False: a text-only
+    request, whose text.inputs_embeds is the embedding of the input ids alone."""
     m = _INDEXED.match(name)
     if m and m.group(1) == "vision.block":
         i = int(m.group(2))
@@ -319,7 +320,7 @@ def previous(name: str, vision_depth: int, text_layers: int | None = None) -> st
         return "text.inputs_embeds" if i == 0 else f"text.layer.{i - 1}"
     return {
         "vision.merger": f"vision.block.{vision_depth - 1}",
-        "text.inputs_embeds": "vision.merger",
+        "text.inputs_embeds": "vision.merger" if vision else None,
         "text.norm": f"text.layer.{text_layers - 1}" if text_layers else None,
         "logits": "text.norm",
     }.get(name)

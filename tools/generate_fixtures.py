@@ -36,6 +36,7 @@ from ..spec.config import Qwen25VLConfig
 from ..spec.generate import generate_greedy
 
 CHECKPOINT = "checkpoints/tiny"
+TIED_CHECKPOINT = "checkpoints/tiny_tied"  # the 3B layout: tie_word_embeddings, no lm_head.weight stored
 IMG, VID, VS, VE = 151655, 151656, 151652, 151653  # image pad, video pad, vision start, vision end
 MAX_NEW_TOKENS = 6
 TOPK_STORED = 20
@@ -710,6 +711,42 @@ MODEL_CASES = {
         "videos": [{"frames": [(112, 140, 10 + k) for k in range(5)], "fps": 1.0}],
         "options": {"video_options": {"fps": 1.0, "min_pixels": 12544, "max_pixels": 25088}},
     },
+    "model_text": {
+        "description": "text only, on the tied checkpoint (the 3B layout: no lm_head.weight stored), a system "
+        "prompt of its own and two user turns, 394 tokens: positions past 256 (where bfloat16 stops holding every "
+        "integer), digit runs, contractions in capitals, '(x):\\n', tabs, CRLF, CJK, Arabic and emoji for the "
+        "pre-tokenizer",
+        "checkpoint": TIED_CHECKPOINT,
+        "conversations": [
+            [
+                {"role": "system", "content": "You are a terse assistant. Answer in one line."},
+                {
+                    "role": "user",
+                    "content": "Read this log and tell me what failed.\n\n"
+                    "    [2026-12-06 03:51:27] step 12345 ->  loss=0.0731  lr=3e-4\n"
+                    "\t[2026-12-06 03:52:02] step 12346 ->  loss=NaN (x):\n"
+                    "IT'S the 2nd time; we'LL retry, they'RE sure it's fine, I'M not.\n"
+                    "Costs: $1,299.99 vs \u20ac1.049,50 -- 50% off!!! ...  \u00abquoted\u00bb \u201csmart\u201d\r\n"
+                    "\u4f60\u597d\uff0c\u4e16\u754c\uff01 \u3053\u3093\u306b\u3061\u306f "
+                    "\u0645\u0631\u062d\u0628\u0627 \U0001f600\U0001f44d\n"
+                    "def f(x):\n    return x**2  # 0x1F, 1e-6, 3.14159\n\n\n"
+                    "https://example.com/a_b-c?d=1&e=2#frag   trailing   \n",
+                },
+                {"role": "assistant", "content": "Step 12346 diverged (NaN loss) after 12345 passed."},
+                {
+                    "role": "user",
+                    "content": "Now the table:\n| id | value |\n|----|-------|\n| 007 | 1234567890 |\n"
+                    "| 08 | -0.000001 |\nSum the values, then count down: 10 9 8 7 6 5 4 3 2 1 0.\n"
+                    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt "
+                    "ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation "
+                    "ullamco laboris nisi ut aliquip...",
+                },
+            ]
+        ],
+        "images": [],
+        "videos": [],
+        "options": {},
+    },
 }
 
 
@@ -745,7 +782,7 @@ def write_model(
     whole (tools/fixtures_from_checkpoint.py streams them).
     """
     spec_case = MODEL_CASES[name]
-    ck = out / CHECKPOINT if checkpoint is None else Path(checkpoint)
+    ck = out / spec_case.get("checkpoint", CHECKPOINT) if checkpoint is None else Path(checkpoint)
     ref = Reference(str(ck), loaded=loaded)
     files: dict = {}
     images, videos = [], []
@@ -829,7 +866,7 @@ def write_model(
                 bf16_store = {k: v for k, v in run.items() if k != "logits"}
         tf = {}
         for s in scaled:
-            prev = stages.previous(s, depth, layers)
+            prev = stages.previous(s, depth, layers, vision=has_vision)
             tf[s] = ref.stage(s, feeds if prev is None else {**feeds, "hidden": stored[prev]}, precision)
         control_tf[precision] = _rel_control(g64, tf, mask)
         if precision in COMPUTE:  # how far the spec's own decode logits move at this precision
@@ -872,12 +909,14 @@ def write_model(
     write_case(out / name, manifest, files)
 
 
-def write_checkpoint(out: Path) -> Path:
-    """The one tiny checkpoint the numeric cases share, with a manifest of its files' sha256."""
+def write_checkpoint(out: Path, tied: bool = False) -> Path:
+    """A tiny checkpoint the numeric cases run on, with a manifest of its files' sha256: CHECKPOINT (the 7B
+    layout, untied, a stop planted in its head) or, tied, TIED_CHECKPOINT (the 3B layout: the same draw,
+    the head is the embedding and is not stored)."""
     from .make_tiny_checkpoint import make_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(out / CHECKPOINT, seed=0, overwrite=True)
-    write_checkpoint_manifest(folder, "tools/make_tiny_checkpoint.py --seed 0")
+    folder = make_tiny_checkpoint(out / (TIED_CHECKPOINT if tied else CHECKPOINT), seed=0, tied=tied, overwrite=True)
+    write_checkpoint_manifest(folder, "tools/make_tiny_checkpoint.py --seed 0" + (" --tied" if tied else ""))
     return folder
 
 
@@ -913,9 +952,12 @@ def _generate(out: Path, only: str | None) -> list[str]:
         names = [n for n in names if re.fullmatch(only, n)]
         if not names:
             raise ValueError(f"--only {only!r} matches no case; cases are {list(EXACT_CASES) + list(MODEL_CASES)}")
-    needs_ck = any(n in MODEL_CASES for n in names) or "exact_prompt" in names
-    if needs_ck and not (out / CHECKPOINT / "manifest.json").is_file():
-        write_checkpoint(out)
+    needed = {MODEL_CASES[n].get("checkpoint", CHECKPOINT) for n in names if n in MODEL_CASES}
+    if "exact_prompt" in names:
+        needed.add(CHECKPOINT)  # its tokenizer
+    for folder in sorted(needed):
+        if not (out / folder / "manifest.json").is_file():
+            write_checkpoint(out, tied=folder == TIED_CHECKPOINT)
     tokenizer_dir = str(out / CHECKPOINT)
     spec = SpecAdapter("float64")
     for n in names:

@@ -181,7 +181,10 @@ class MlxVlmAdapter(Adapter):
             if name == "text":  # Qwen2Model: what it is given
                 got["text.inputs_embeds"] = _to_torch(kwargs["inputs_embeds"])
                 if kwargs.get("position_ids") is not None:
-                    got["text.position_ids"] = _to_torch(kwargs["position_ids"])
+                    pos = _to_torch(kwargs["position_ids"])
+                    # text only, mlx-vlm passes [B, L]: its rotary (rope_utils._mrope_apply_cos_sin, ndim 2)
+                    # gives every frequency slot that one position, i.e. the same position on all 3 axes
+                    got["text.position_ids"] = pos.expand(3, *pos.shape) if pos.dim() == 2 else pos
             else:
                 got[name] = _to_torch(out)
 

@@ -38,15 +38,18 @@ FEEDS = {
     "preprocess.pixel_values_videos": _VIDEO,
     "preprocess.video_grid_thw": _VIDEO,
     "preprocess.second_per_grid_ts": ("fn.sample_frame_indices",),
+    # the decoder layers rotate with the MRoPE tables: a wrong table (RotaryTableMistake) first shows there
+    # in a port that exposes no fn.mrope_cos_sin (a serving engine, llama.cpp)
+    "text.layer.{i}": ("fn.mrope_cos_sin",),
 }
 
 
 def for_stage(stage: str) -> list[Mistake]:
-    """The entries whose stage (a name or a template such as "vision.block.{i}") matches `stage`, and for a
-    preprocess stage those of the functions that feed it (FEEDS)."""
+    """The entries whose stage (a name or a template such as "vision.block.{i}") or `also` matches `stage`,
+    and those of the functions that feed it (FEEDS: a preprocess stage's, the decoder layers' rotary tables)."""
     template = stages.template(stage) if stages.is_known(stage) else stage
-    names = (stage, template, *FEEDS.get(stage, ()))
-    return [m for m in CATALOGUE if m.stage in names]
+    names = (stage, template, *FEEDS.get(stage, ()), *(FEEDS.get(template, ()) if template != stage else ()))
+    return [m for m in CATALOGUE if m.stage in names or any(a in names for a in m.also)]
 
 
 def by_name(name: str) -> Mistake:
@@ -73,7 +76,8 @@ def markdown_table() -> str:
         "| name | stage | description | seen |",
         "|---|---|---|---|",
     ]
-    lines += [f"| `{m.name}` | `{m.stage}` | {m.description} | {m.seen} |" for m in ordered]
+    also = {m.name: "".join(f", `{a}`" for a in m.also) for m in ordered}
+    lines += [f"| `{m.name}` | `{m.stage}`{also[m.name]} | {m.description} | {m.seen} |" for m in ordered]
     if blind:
         lines += ["", "## Blind spots", "", "The bundled fixtures cannot show these yet:", ""]
         lines += [f"- `{m.name}`: {m.blind_spot}" for m in blind]

@@ -27,6 +27,7 @@ class Mistake:
     adapter: type  # a SpecAdapter subclass making exactly this mistake, and nothing else
     cases: str = "exact_"  # the bundled fixture cases (regex on case names) that show it
     blind_spot: str = ""  # non-empty: the bundled fixtures cannot show it, and why
+    also: tuple[str, ...] = ()  # later stages it explains where a port hides `stage` (text.norm for a norm)
 
 
 class Patched(SpecAdapter):

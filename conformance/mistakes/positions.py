@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...spec import forward as spec_forward
 from ...spec import generate as spec_generate
 from ...spec import mrope
 from ..adapters.spec import SpecAdapter
@@ -194,45 +195,63 @@ class StaleRopeDeltas(SpecAdapter):
 # ---------------------------------------------------------------------------------------------- tables
 
 
-def _interleaved_cos_sin(position_ids, *, head_dim, theta, mrope_section, dtype=torch.float64):
-    """Qwen3-VL's interleaved layout: frequency slot j takes axis j mod 3."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
-    angles = position_ids.to(dtype)[..., None] * inv_freq  # [3, B, L, D/2]
-    axis = torch.arange(head_dim // 2) % 3
-    picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
-    picked = torch.cat([picked, picked], -1)
-    return picked.cos(), picked.sin()
+_SPEC_TABLE = mrope.mrope_cos_sin  # the spec's own, kept before any variant replaces the module's name
 
 
-class MropeInterleaved(SpecAdapter):
+class RotaryTableMistake(Patched):
+    """A wrong MRoPE table, the same in fn.mrope_cos_sin and inside the model (the decoder's forward and
+    run_stage), so the harness can name it where a port shows it: the fn stage, or a model case's
+    text.layer.{i} (FEEDS in mistakes/__init__.py)."""
+
+    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
+        raise NotImplementedError
+
+    def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
+        return self.table(
+            position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=torch.float64
+        )
+
+    def model_patches(self, inputs):
+        def table(position_ids, *, head_dim, theta, mrope_section, dtype=torch.float64):
+            return self.table(position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
+
+        return [(spec_forward, "mrope_cos_sin", table), (mrope, "mrope_cos_sin", table)]
+
+
+class MropeInterleaved(RotaryTableMistake):
     """Frequency pairs interleaved t,h,w,t,h,w... (Qwen3-VL) instead of sectioned [16|24|24]."""
 
-    def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
-        return _interleaved_cos_sin(position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section)
+    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+        angles = position_ids.to(dtype)[..., None] * inv_freq  # [3, B, L, D/2]
+        axis = torch.arange(head_dim // 2) % 3  # frequency slot j takes axis j mod 3
+        picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
+        picked = torch.cat([picked, picked], -1)
+        return picked.cos(), picked.sin()
 
 
-class RopePositionsBf16(SpecAdapter):
+class RopePositionsBf16(RotaryTableMistake):
     """Rotary angles from positions held in bfloat16 (positions past 256 rounded)."""
 
-    def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
+    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
         coarse = position_ids.to(torch.bfloat16).to(torch.int64)
-        return mrope.mrope_cos_sin(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section)
+        return _SPEC_TABLE(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
 
 
-class RopePositionsFp16(SpecAdapter):
+class RopePositionsFp16(RotaryTableMistake):
     """Rotary angles from positions held in float16 (past 2048 rounded; past 65504 infinite)."""
 
-    def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
+    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
         coarse = position_ids.to(torch.float16).to(torch.float64)
-        return mrope.mrope_cos_sin(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section)
+        return _SPEC_TABLE(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
 
 
-class MropeSectionFallback(SpecAdapter):
+class MropeSectionFallback(RotaryTableMistake):
     """mrope_section not read: a fixed [24, 20, 20] used instead of the config's [16, 24, 24]."""
 
-    def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
+    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
         section = [24, 20, 20] if head_dim == 128 else mrope_section
-        return super().mrope_cos_sin(position_ids, head_dim=head_dim, theta=theta, mrope_section=section)
+        return _SPEC_TABLE(position_ids, head_dim=head_dim, theta=theta, mrope_section=section, dtype=dtype)
 
 
 ENTRIES = [

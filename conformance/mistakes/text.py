@@ -119,6 +119,21 @@ class LmHeadTied(SpecAdapter):
         self.params = {**self.params, "lm_head.weight": self.params["model.embed_tokens.weight"]}
 
 
+class LmHeadUnloadedWhenTied(SpecAdapter):
+    """A tied checkpoint (no lm_head.weight stored) whose lm_head is left at its random initialisation: the
+    loader fills the head only from a stored lm_head.weight, and nothing ties it to the embedding."""
+
+    INIT_STD = 0.02  # transformers' initializer_range, which the published configs keep
+
+    def prepare(self, checkpoint, *, dtype, device):
+        super().prepare(checkpoint, dtype=dtype, device=device)
+        if self.config.tie_word_embeddings:
+            embed = self.params["model.embed_tokens.weight"]
+            draw = torch.randn(embed.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+            head = (draw * self.INIT_STD).to(device=embed.device, dtype=embed.dtype)
+            self.params = {**self.params, "lm_head.weight": head}
+
+
 class StopsOnImEndOnly(SpecAdapter):
     """Generation stops at config.json's eos_token_id (151645, <|im_end|>) only, not at every id of
     generation_config.json's list (also 151643, <|endoftext|>)."""
@@ -192,6 +207,14 @@ ENTRIES = [
         "sgl-project/sglang#18024; QwenLM/Qwen3-VL#1016",
         LmHeadTied,
         cases="model_image",
+    ),
+    Mistake(
+        "lm_head_unloaded_when_tied",
+        "logits",
+        "lm_head left at its random init on a tied checkpoint (the 3B: no lm_head.weight stored)",
+        "port_bugs_2026-12.md P3; sgl-project/sglang#18024",
+        LmHeadUnloadedWhenTied,
+        cases="model_text",
     ),
     Mistake(
         "stops_on_im_end_only",

@@ -113,6 +113,8 @@ class RotaryNotReordered(Patched):
 
     def model_patches(self, inputs):
         grid = grid_of(inputs)
+        if grid is None:  # text only: no vision tower runs
+            return []
         v = self.config.vision
         wi, _, _ = windows.window_partition(
             grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
@@ -131,6 +133,8 @@ class WindowInverseIsPermutation(Patched):
     """After the merger the window order is undone with window_index itself instead of argsort(window_index)."""
 
     def model_patches(self, inputs):
+        if grid_of(inputs) is None:  # text only: no vision tower runs
+            return []
         v = self.config.vision
         wi, _, _ = windows.window_partition(
             grid_of(inputs), window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size
@@ -219,6 +223,19 @@ class RmsNormEpsZero(Patched):
         from ...spec import text
 
         return [(vision, "rms_norm", norm), (text, "rms_norm", norm)]
+
+
+class TextRmsNormEpsUnread(Patched):
+    """The decoder's RMSNorms without eps (eps = 0): the text model's rms_norm_eps never read from the
+    config (the vision tower's is), as llama.cpp's qwen2vl loader does."""
+
+    def model_patches(self, inputs):
+        def norm(x, weight, eps):
+            return _rms(x, weight, 0.0)
+
+        from ...spec import text
+
+        return [(text, "rms_norm", norm)]
 
 
 class RmsNormEpsOutsideSqrt(Patched):
@@ -382,6 +399,16 @@ ENTRIES = [
         "hf_reference.md §5",
         RmsNormEpsZero,
         cases="model_image",
+        also=("text.norm",),
+    ),
+    Mistake(
+        "text_rmsnorm_eps_unread",
+        "text.layer.{i}",
+        "the decoder's RMSNorm eps never read from the config: eps 0 in the text model, the vision tower's right",
+        "llama.cpp src/models/qwen2vl.cpp load_arch_hparams (docs/ports.md §llama.cpp)",
+        TextRmsNormEpsUnread,
+        cases="model_text",
+        also=("text.norm",),
     ),
     Mistake(
         "rmsnorm_eps_outside_sqrt",
@@ -390,6 +417,7 @@ ENTRIES = [
         "hf_reference.md §5",
         RmsNormEpsOutsideSqrt,
         cases="model_image",
+        also=("text.norm",),
     ),
     Mistake(
         "vision_mlp_quick_gelu",

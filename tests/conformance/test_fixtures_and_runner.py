@@ -10,6 +10,7 @@ import pytest
 import torch
 from qwen25vl.conformance import case_runner, report, runner, stages
 from qwen25vl.conformance.adapters.base import Adapter
+from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, sha256_file, write_case
 from qwen25vl.conformance.golden import Checkpoint
 
@@ -195,18 +196,43 @@ def test_stage_order_and_teacher_forcing_inputs():
     assert stages.previous("text.layer.3", 4) == "text.layer.2"
     assert stages.previous("vision.merger", 4) == "vision.block.3"
     assert stages.model_stages(2, 1)[-3:] == ["text.layer.0", "text.norm", "logits"]
+    assert stages.previous("text.inputs_embeds", 4) == "vision.merger"
+    assert stages.previous("text.inputs_embeds", 4, vision=False) is None  # text only: the embedding alone
+
+
+def test_a_text_only_case_measures_inputs_embeds_locally_from_the_input_ids():
+    """model_text runs no vision stage: text.inputs_embeds is judged locally on the input ids alone, and a
+    wrong embedding is blamed there, not left 'not measured' for want of a vision.merger."""
+
+    class WrongEmbedding(SpecAdapter):
+        def prepare(self, checkpoint, *, dtype, device):
+            super().prepare(checkpoint, dtype=dtype, device=device)
+            embed = self.params["model.embed_tokens.weight"]
+            self.params = {**self.params, "model.embed_tokens.weight": embed * 1.01}
+
+    _, results = runner.run_suite(
+        runner.select_cases(FIXTURES, "^model_text$"),
+        runner.SuiteOptions(only_stages="^text\\.inputs_embeds$"),
+        adapter=WrongEmbedding("float32"),
+    )
+    (r,) = [r for r in results if r.stage == "text.inputs_embeds" and r.mode == "e2e"]
+    assert r.status == "fail", r
+    assert "fed the model inputs" in r.note and "did not capture" not in r.note, r.note
 
 
 def test_bundled_fixtures_are_intact_and_small():
-    total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
-    assert total < 40e6, f"bundled fixtures are {total / 1e6:.1f} MB"
+    # what a clone carries: git stores a content once, so the two checkpoints' tokenizer files count once
+    by_content = {sha256_file(p): p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file()}
+    total = sum(by_content.values())
+    assert total < 50e6, f"bundled fixtures are {total / 1e6:.1f} MB of distinct content"
     for path in find_cases(FIXTURES):
         case = load_case(path)
         assert case.bad_files == {}, (path, case.bad_files)
         for stage, entry in case.stages.items():
             assert stages.is_known(stage), stage
             assert entry["tolerance"] == stages.info(stage).tolerance.name
-    assert Checkpoint(FIXTURES / "checkpoints" / "tiny").problem is None
+    for checkpoint in ("tiny", "tiny_tied"):
+        assert Checkpoint(FIXTURES / "checkpoints" / checkpoint).problem is None
 
 
 def test_fixture_errors_name_the_file(tmp_path):

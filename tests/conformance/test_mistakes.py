@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from qwen25vl.conformance import runner, stages
-from qwen25vl.conformance.mistakes import CATALOGUE, for_stage, markdown_table
+from qwen25vl.conformance.mistakes import CATALOGUE, by_name, for_stage, markdown_table
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
@@ -84,3 +84,32 @@ def test_preprocess_stages_also_try_the_mistakes_of_the_functions_that_feed_them
     assert "tokenizer_without_nfc" in {m.name for m in mistakes.for_stage("preprocess.input_ids")}
     assert "letterbox" in {m.name for m in mistakes.for_stage("preprocess.pixel_values")}
     assert "letterbox" not in {m.name for m in mistakes.for_stage("preprocess.input_ids")}
+
+
+@pytest.mark.parametrize(
+    "name, case",
+    [
+        ("rope_positions_bf16", "model_text"),
+        ("mrope_interleaved", "model_image"),
+        ("text_rmsnorm_eps_unread", "model_text"),
+    ],
+)
+def test_a_wrong_rotary_table_or_norm_is_named_in_a_model_case(name, case):
+    """Ports that expose no fn.* stage (llama.cpp, serving engines) show a wrong MRoPE table first in the
+    decoder layers: the table's entries are candidates there (FEEDS), and model_text's positions run past
+    256, where bfloat16 no longer holds every integer."""
+    m = by_name(name)
+    paths = runner.select_cases(FIXTURES, f"^{case}$")
+    _, results = runner.run_suite(
+        paths, runner.SuiteOptions(only_stages=up_to("text.layer.{i}")), adapter=m.adapter("float32")
+    )
+    first = runner.first_divergence(results)
+    assert first is not None and first.stage == "text.layer.0", first
+    assert m.description in first.note, first.note
+
+
+def test_a_norm_entry_also_explains_the_final_norm():
+    """llama.cpp's decoder runs its RMSNorms with eps 0; where its layers carry float16 attention noise the
+    final norm is where the port shows it alone (also=("text.norm",))."""
+    named = {m.name for m in for_stage("text.norm")}
+    assert {"rmsnorm_eps_zero", "text_rmsnorm_eps_unread", "rmsnorm_eps_outside_sqrt"} <= named

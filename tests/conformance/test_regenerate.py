@@ -45,20 +45,22 @@ def test_exact_cases_regenerate(tmp_path):
     assert not problems, "\n".join(problems)
 
 
-def test_numeric_case_regenerates(tmp_path):
-    out = _regenerate(tmp_path, "model_image")
-    problems = _differences(out / "model_image", FIXTURES / "model_image")
+@pytest.mark.parametrize("case", ["model_image", "model_text"])  # an image, and text only on the tied checkpoint
+def test_numeric_case_regenerates(tmp_path, case):
+    out = _regenerate(tmp_path, case)
+    problems = _differences(out / case, FIXTURES / case)
     assert not problems, "\n".join(problems)
 
 
-def test_the_shared_checkpoint_regenerates(tmp_path):
+@pytest.mark.parametrize("name, tied", [("tiny", False), ("tiny_tied", True)])
+def test_the_shared_checkpoints_regenerate(tmp_path, name, tied):
     from qwen25vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(tmp_path / "tiny", seed=0)
-    committed = json.loads((FIXTURES / "checkpoints" / "tiny" / "manifest.json").read_text())["files"]
-    for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt"):
-        assert name in committed
-        assert content_difference(folder / name, FIXTURES / "checkpoints" / "tiny" / name) is None, name
+    folder = make_tiny_checkpoint(tmp_path / name, seed=0, tied=tied)
+    committed = json.loads((FIXTURES / "checkpoints" / name / "manifest.json").read_text())["files"]
+    for file in ("model.safetensors", "config.json", "vocab.json", "merges.txt"):
+        assert file in committed
+        assert content_difference(folder / file, FIXTURES / "checkpoints" / name / file) is None, file
 
 
 # The rule itself: what it lets through and what it stops.
