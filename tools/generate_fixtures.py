@@ -711,6 +711,16 @@ MODEL_CASES = {
         "videos": [{"frames": [(112, 140, 10 + k) for k in range(5)], "fps": 1.0}],
         "options": {"video_options": {"fps": 1.0, "min_pixels": 12544, "max_pixels": 25088}},
     },
+    "model_resize_tie": {
+        "description": "one 126x294 image whose resize is a tie on both sides (4.5 and 10.5 patches of 28): "
+        "Python's round, half to even, gives 112x280 (grid 8x20); C's std::round, ties away from zero, 140x308",
+        "conversations": [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+        ],
+        "images": [(126, 294, 17)],  # seed 17: every greedy step is picked by >= 0.136 logit (no near tie)
+        "videos": [],
+        "options": {},
+    },
     "model_text": {
         "description": "text only, on the tied checkpoint (the 3B layout: no lm_head.weight stored), a system "
         "prompt of its own and two user turns, 394 tokens: positions past 256 (where bfloat16 stops holding every "

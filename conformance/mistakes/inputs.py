@@ -18,14 +18,24 @@ from ._base import Mistake, Patched
 # ---------------------------------------------------------------------------------------------- resize
 
 
-class ResizeTiesAwayFromZero(SpecAdapter):
-    """smart_resize rounds ties up (C's std::round) instead of Python's half-to-even: 70 px -> 84, not 56."""
+def _resize_ties_up(height, width, *, factor=28, **budget):
+    """spec.resize.smart_resize, but a side of factor * (k + 1/2) rounds up (C's std::round), not to even."""
+
+    def up(x):  # nudge a tie by one pixel so Python's round() goes up
+        return x + 1 if (2 * x) % factor == 0 and (2 * x // factor) % 2 == 1 else x
+
+    return resize.smart_resize(up(height), up(width), factor=factor, **budget)
+
+
+class ResizeTiesAwayFromZero(Patched):
+    """smart_resize rounds ties up (C's std::round) instead of Python's half-to-even: 70 px -> 84, not 56; in
+    fn.smart_resize and in the image preprocessing build_inputs runs (a model case's image grid)."""
 
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
-        def up(x):  # a side of factor*(k + 1/2) is a tie; nudge it so round() goes up
-            return x + 1 if (2 * x) % factor == 0 and (2 * x // factor) % 2 == 1 else x
+        return _resize_ties_up(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
-        return super().smart_resize(up(height), up(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    def input_patches(self, images, options):
+        return [(image, "smart_resize", _resize_ties_up)]
 
 
 class ResizeFloat32(SpecAdapter):

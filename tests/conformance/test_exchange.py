@@ -89,7 +89,14 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(ported, tmp_
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert code == 0
     model = [r for r in results if not r["stage"].startswith("preprocess.")]
-    assert {r["case"] for r in model} == {"model_image", "model_batch", "model_video", "model_image_swap", "model_text"}
+    assert {r["case"] for r in model} == {
+        "model_image",
+        "model_batch",
+        "model_video",
+        "model_image_swap",
+        "model_text",
+        "model_resize_tie",
+    }
     assert all(r["status"] == "pass" for r in model), [(r["case"], r["stage"], r["metric"]) for r in model]
     stages = {r["stage"] for r in model}
     assert {

@@ -91,13 +91,20 @@ def test_tap_runs_llama_cpp_on_the_converted_checkpoint(tmp_path):
 def test_conform_llama_cpp_matches_its_expectations(capsys, tmp_path):
     """`qwen25vl conform --target llama.cpp` on the image cases and the text-only one, as a user runs it: the
     harness's own findings (run without expectations) are exactly what expectations/llama.cpp.json lists, and
-    the two real preprocessing divergences and the decoder's missing RMSNorm eps are named by the catalogue."""
+    the three real preprocessing divergences and the decoder's missing RMSNorm eps are named by the catalogue."""
     from qwen25vl.conformance.expectations import apply_expectations, load_expectations
     from qwen25vl.conformance.results import StageResult
 
     report = tmp_path / "r.json"
     code = cli.main(
-        ["conform", "--target", "llama.cpp", "--cases", "model_batch|model_image|model_text", "--no-expectations"]
+        [
+            "conform",
+            "--target",
+            "llama.cpp",
+            "--cases",
+            "model_batch|model_image|model_text|model_resize_tie",
+            "--no-expectations",
+        ]
         + ["--json", str(report)]
     )
     out = capsys.readouterr().out
@@ -116,6 +123,8 @@ def test_conform_llama_cpp_matches_its_expectations(capsys, tmp_path):
     # reads layer_norm_rms_epsilon), named at the final norm, where float16 attention noise does not hide it
     assert status[("model_text", "preprocess.input_ids")] == "pass" and status[("model_text", "text.norm")] == "fail"
     assert "eps 0 in the text model" in results[("model_text", "text.norm")]["note"]
+    # a resize tie (126x294 = 4.5 x 10.5 patches) rounded away from zero: grid 10x22, not 8x20
+    assert "rounds ties away from zero" in results[("model_resize_tie", "preprocess.image_grid_thw")]["note"]
     # the patch embedding is judged on llama.cpp's own pixels: only its float16 im2col is left (declared)
     patch = results[("model_batch", "vision.patch_embed")]
     assert patch["status"] == "pass" and "the port's own preprocess.pixel_values" in patch["note"]

@@ -87,24 +87,26 @@ def test_preprocess_stages_also_try_the_mistakes_of_the_functions_that_feed_them
 
 
 @pytest.mark.parametrize(
-    "name, case",
+    "name, case, stage",
     [
-        ("rope_positions_bf16", "model_text"),
-        ("mrope_interleaved", "model_image"),
-        ("text_rmsnorm_eps_unread", "model_text"),
+        ("rope_positions_bf16", "model_text", "text.layer.0"),
+        ("mrope_interleaved", "model_image", "text.layer.0"),
+        ("text_rmsnorm_eps_unread", "model_text", "text.layer.0"),
+        ("resize_ties_away_from_zero", "model_resize_tie", "preprocess.input_ids"),
     ],
 )
-def test_a_wrong_rotary_table_or_norm_is_named_in_a_model_case(name, case):
+def test_a_function_level_mistake_is_named_in_a_model_case(name, case, stage):
     """Ports that expose no fn.* stage (llama.cpp, serving engines) show a wrong MRoPE table first in the
-    decoder layers: the table's entries are candidates there (FEEDS), and model_text's positions run past
-    256, where bfloat16 no longer holds every integer."""
+    decoder layers (the table's entries are candidates there: FEEDS; model_text's positions run past 256,
+    where bfloat16 no longer holds every integer) and a resize rule in their model inputs (model_resize_tie's
+    image is a tie on both sides)."""
     m = by_name(name)
     paths = runner.select_cases(FIXTURES, f"^{case}$")
     _, results = runner.run_suite(
         paths, runner.SuiteOptions(only_stages=up_to("text.layer.{i}")), adapter=m.adapter("float32")
     )
     first = runner.first_divergence(results)
-    assert first is not None and first.stage == "text.layer.0", first
+    assert first is not None and first.stage == stage, first
     assert m.description in first.note, first.note
 
 
