@@ -518,7 +518,7 @@ class CaseRunner:
             else float_bad[:1]
         )
         for r in todo:
-            prev = stages.previous(r.stage, depth, layers, vision="vision.merger" in case.stages)
+            prev = stages.previous(r.stage, depth, layers, vision=case.has_vision)
             feeds = dict(inputs)
             if prev is not None:
                 feeds["hidden"] = golden[prev]

@@ -68,7 +68,6 @@ class Diagnosis:
     def __init__(self, case, reference: Reference, profile: Profile, judge: Callable, mistakes_for: Callable):
         self.case = case
         self.depth = (int(case.manifest["depth"]["vision"]), int(case.manifest["depth"]["text"]))
-        self.vision = "vision.merger" in case.stages  # a text-only case runs no vision stage
         self.reference = reference
         self.profile = profile
         self.judge = judge
@@ -77,7 +76,7 @@ class Diagnosis:
 
     def previous(self, stage: str) -> str | None:
         """The stage whose output feeds `stage` (None: the model inputs)."""
-        return stages.previous(stage, *self.depth, vision=self.vision)
+        return stages.previous(stage, *self.depth, vision=self.case.has_vision)
 
     def feeds(self, stage: str, inputs: dict, golden: dict, captured: dict) -> tuple[dict | None, str]:
         """The spec's inputs for `stage` from the port's own previous output; (None, why) when absent."""

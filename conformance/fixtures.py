@@ -138,6 +138,11 @@ class Case:
         return self.manifest["kind"]
 
     @property
+    def has_vision(self) -> bool:
+        """Whether the case runs the vision tower (model_text runs none: its inputs_embeds are the ids')."""
+        return "vision.merger" in self.stages
+
+    @property
     def stages(self) -> dict[str, dict]:
         return self.manifest["stages"]
 

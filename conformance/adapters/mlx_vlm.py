@@ -32,6 +32,12 @@ def _import_mlx():
     return mx, mlx_vlm
 
 
+def _three_sections(pos: torch.Tensor) -> torch.Tensor:
+    """mlx-vlm's positions as [3, B, L]. Text only, it gives the one row [B, L] that every section shares:
+    its rotary (rope_utils._mrope_apply_cos_sin, ndim 2) gives every frequency slot that one position."""
+    return pos.expand(3, -1, -1) if pos.dim() == 2 else pos
+
+
 def _to_torch(a) -> torch.Tensor:
     """An mlx array -> a torch tensor on the CPU (floats as float32, integers as int64)."""
     import mlx.core as mx
@@ -110,9 +116,7 @@ class MlxVlmAdapter(Adapter):
             _to_mlx(video_grid_thw),
             _to_mlx(attention_mask),
         )
-        pos, deltas = _to_torch(pos), _to_torch(deltas)
-        if pos.dim() == 2:  # text only: mlx-vlm returns the one row [B, L] that every section shares
-            pos = pos.expand(3, -1, -1)
+        pos, deltas = _three_sections(_to_torch(pos)), _to_torch(deltas)
         if attention_mask is None:
             return pos, deltas.reshape(-1, 1)
         return pos, conversions.rope_deltas_padded(
@@ -181,10 +185,7 @@ class MlxVlmAdapter(Adapter):
             if name == "text":  # Qwen2Model: what it is given
                 got["text.inputs_embeds"] = _to_torch(kwargs["inputs_embeds"])
                 if kwargs.get("position_ids") is not None:
-                    pos = _to_torch(kwargs["position_ids"])
-                    # text only, mlx-vlm passes [B, L]: its rotary (rope_utils._mrope_apply_cos_sin, ndim 2)
-                    # gives every frequency slot that one position, i.e. the same position on all 3 axes
-                    got["text.position_ids"] = pos.expand(3, *pos.shape) if pos.dim() == 2 else pos
+                    got["text.position_ids"] = _three_sections(_to_torch(kwargs["position_ids"]))
             else:
                 got[name] = _to_torch(out)
 

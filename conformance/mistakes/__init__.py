@@ -48,7 +48,8 @@ def for_stage(stage: str) -> list[Mistake]:
     """The entries whose stage (a name or a template such as "vision.block.{i}") or `also` matches `stage`,
     and those of the functions that feed it (FEEDS: a preprocess stage's, the decoder layers' rotary tables)."""
     template = stages.template(stage) if stages.is_known(stage) else stage
-    names = (stage, template, *FEEDS.get(stage, ()), *(FEEDS.get(template, ()) if template != stage else ()))
+    names = {stage, template}
+    names |= {fed for name in (stage, template) for fed in FEEDS.get(name, ())}
     return [m for m in CATALOGUE if m.stage in names or any(a in names for a in m.also)]
 
 

@@ -198,22 +198,48 @@ class StaleRopeDeltas(SpecAdapter):
 _SPEC_TABLE = mrope.mrope_cos_sin  # the spec's own, kept before any variant replaces the module's name
 
 
-class RotaryTableMistake(Patched):
-    """A wrong MRoPE table, the same in fn.mrope_cos_sin and inside the model (the decoder's forward and
-    run_stage), so the harness can name it where a port shows it: the fn stage, or a model case's
-    text.layer.{i} (FEEDS in mistakes/__init__.py)."""
+def _interleaved_table(position_ids, *, head_dim, theta, mrope_section, dtype):
+    """Qwen3-VL's layout: frequency slot j takes axis j mod 3."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    angles = position_ids.to(dtype)[..., None] * inv_freq  # [3, B, L, D/2]
+    axis = torch.arange(head_dim // 2) % 3
+    picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
+    picked = torch.cat([picked, picked], -1)
+    return picked.cos(), picked.sin()
 
-    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
-        raise NotImplementedError
+
+def _bf16_positions_table(position_ids, *, head_dim, theta, mrope_section, dtype):
+    coarse = position_ids.to(torch.bfloat16).to(torch.int64)
+    return _SPEC_TABLE(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
+
+
+def _fp16_positions_table(position_ids, *, head_dim, theta, mrope_section, dtype):
+    coarse = position_ids.to(torch.float16).to(torch.float64)
+    return _SPEC_TABLE(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
+
+
+def _fixed_section_table(position_ids, *, head_dim, theta, mrope_section, dtype):
+    section = [24, 20, 20] if head_dim == 128 else mrope_section
+    return _SPEC_TABLE(position_ids, head_dim=head_dim, theta=theta, mrope_section=section, dtype=dtype)
+
+
+class RotaryTableMistake(Patched):
+    """The spec with its MRoPE table replaced by `table`, the same in fn.mrope_cos_sin and inside the model
+    (the decoder's forward and run_stage), so the harness can name it where a port shows it: the fn stage,
+    or a model case's text.layer.{i} (FEEDS in mistakes/__init__.py)."""
+
+    table = None  # (position_ids, *, head_dim, theta, mrope_section, dtype) -> (cos, sin)
 
     def mrope_cos_sin(self, position_ids, *, head_dim, theta, mrope_section):
-        return self.table(
+        return type(self).table(
             position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=torch.float64
         )
 
     def model_patches(self, inputs):
         def table(position_ids, *, head_dim, theta, mrope_section, dtype=torch.float64):
-            return self.table(position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
+            return type(self).table(
+                position_ids, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype
+            )
 
         return [(spec_forward, "mrope_cos_sin", table), (mrope, "mrope_cos_sin", table)]
 
@@ -221,37 +247,25 @@ class RotaryTableMistake(Patched):
 class MropeInterleaved(RotaryTableMistake):
     """Frequency pairs interleaved t,h,w,t,h,w... (Qwen3-VL) instead of sectioned [16|24|24]."""
 
-    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
-        angles = position_ids.to(dtype)[..., None] * inv_freq  # [3, B, L, D/2]
-        axis = torch.arange(head_dim // 2) % 3  # frequency slot j takes axis j mod 3
-        picked = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:])).squeeze(0)
-        picked = torch.cat([picked, picked], -1)
-        return picked.cos(), picked.sin()
+    table = staticmethod(_interleaved_table)
 
 
 class RopePositionsBf16(RotaryTableMistake):
     """Rotary angles from positions held in bfloat16 (positions past 256 rounded)."""
 
-    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
-        coarse = position_ids.to(torch.bfloat16).to(torch.int64)
-        return _SPEC_TABLE(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
+    table = staticmethod(_bf16_positions_table)
 
 
 class RopePositionsFp16(RotaryTableMistake):
     """Rotary angles from positions held in float16 (past 2048 rounded; past 65504 infinite)."""
 
-    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
-        coarse = position_ids.to(torch.float16).to(torch.float64)
-        return _SPEC_TABLE(coarse, head_dim=head_dim, theta=theta, mrope_section=mrope_section, dtype=dtype)
+    table = staticmethod(_fp16_positions_table)
 
 
 class MropeSectionFallback(RotaryTableMistake):
     """mrope_section not read: a fixed [24, 20, 20] used instead of the config's [16, 24, 24]."""
 
-    def table(self, position_ids, *, head_dim, theta, mrope_section, dtype):
-        section = [24, 20, 20] if head_dim == 128 else mrope_section
-        return _SPEC_TABLE(position_ids, head_dim=head_dim, theta=theta, mrope_section=section, dtype=dtype)
+    table = staticmethod(_fixed_section_table)
 
 
 ENTRIES = [

@@ -225,17 +225,12 @@ class RmsNormEpsZero(Patched):
         return [(vision, "rms_norm", norm), (text, "rms_norm", norm)]
 
 
-class TextRmsNormEpsUnread(Patched):
+class TextRmsNormEpsUnread(RmsNormEpsZero):
     """The decoder's RMSNorms without eps (eps = 0): the text model's rms_norm_eps never read from the
     config (the vision tower's is), as llama.cpp's qwen2vl loader does."""
 
     def model_patches(self, inputs):
-        def norm(x, weight, eps):
-            return _rms(x, weight, 0.0)
-
-        from ...spec import text
-
-        return [(text, "rms_norm", norm)]
+        return [p for p in super().model_patches(inputs) if p[0] is not vision]
 
 
 class RmsNormEpsOutsideSqrt(Patched):
