@@ -721,6 +721,32 @@ MODEL_CASES = {
         "videos": [],
         "options": {},
     },
+    "model_thin": {
+        "description": "one 8x288 image, a thin strip: the min_pixels branch scales it up to 28x336 (grid 2x24); "
+        "float32 arithmetic gives 28x364, qwen-vl-utils' rule (first rounding clamped to 28) 28x280, and "
+        "transformers <= 4.51 refuses a side under 28 px",
+        "conversations": [
+            [{"role": "user", "content": [{"type": "text", "text": "Read the strip:"}, {"type": "image"}]}]
+        ],
+        "images": [(8, 288, 25)],  # seed 25: every greedy step is picked by >= 0.108 logit (bf16 noise 0.070)
+        "videos": [],
+        "options": {},
+    },
+    "model_video_fps": {
+        "description": "a 6-frame clip at 1.5 fps: second_per_grid_t 4/3, so the temporal positions are 0, 2, 5 "
+        "(an integer cast of second_per_grid_t gives 0, 2, 4; ignoring it, 0, 1, 2)",
+        "conversations": [
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "video"}, {"type": "text", "text": "What changes between the frames?"}],
+                }
+            ]
+        ],
+        "images": [],
+        "videos": [{"frames": [(112, 140, 30 + k) for k in range(6)], "fps": 1.5}],
+        "options": {"video_options": {"fps": 1.5, "min_pixels": 12544, "max_pixels": 25088}},
+    },
     "model_text": {
         "description": "text only, on the tied checkpoint (the 3B layout: no lm_head.weight stored), a system "
         "prompt of its own and two user turns, 394 tokens: positions past 256 (where bfloat16 stops holding every "

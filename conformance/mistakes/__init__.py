@@ -22,12 +22,14 @@ from ._base import LOCK, Mistake, Patched
 
 CATALOGUE: list[Mistake] = [*inputs.ENTRIES, *positions.ENTRIES, *vision.ENTRIES, *text.ENTRIES]
 
-__all__ = ["CATALOGUE", "LOCK", "Mistake", "Patched", "by_name", "for_stage", "markdown_table"]
+__all__ = ["CATALOGUE", "LOCK", "Mistake", "Patched", "by_name", "for_stage", "markdown_table", "model_stages_fed_by"]
 
 
 # a port's build_inputs runs these functions: an entry of one of them is also a candidate explanation of
-# the preprocess stage it feeds (a tokenizer without NFC shows first in a model case's input_ids)
-_PROMPT = ("fn.render_chat", "fn.expand_vision_tokens", "fn.tokenize", "fn.smart_resize")
+# the preprocess stage it feeds (a tokenizer without NFC shows first in a model case's input_ids; the
+# number of vision tokens follows the grid, which the resize, the frame sampling and patchify decide)
+_GRID = ("fn.smart_resize", "fn.sample_frame_indices", "fn.patchify")
+_PROMPT = ("fn.render_chat", "fn.expand_vision_tokens", "fn.tokenize", *_GRID)
 _IMAGE = ("fn.smart_resize", "fn.resize_bicubic", "fn.patchify", "fn.preprocess_image")
 _VIDEO = ("fn.smart_resize", "fn.sample_frame_indices", "fn.patchify")
 FEEDS = {
@@ -38,10 +40,19 @@ FEEDS = {
     "preprocess.pixel_values_videos": _VIDEO,
     "preprocess.video_grid_thw": _VIDEO,
     "preprocess.second_per_grid_ts": ("fn.sample_frame_indices",),
+    # the model's positions are rope_index's, its decode steps decode_positions'
+    "text.position_ids": ("fn.rope_index",),
+    "text.rope_deltas": ("fn.rope_index",),
     # the decoder layers rotate with the MRoPE tables: a wrong table (RotaryTableMistake) first shows there
     # in a port that exposes no fn.mrope_cos_sin (a serving engine, llama.cpp)
     "text.layer.{i}": ("fn.mrope_cos_sin",),
+    "generate.tokens": ("fn.decode_positions",),
 }
+
+
+def model_stages_fed_by(fn_stage: str) -> list[str]:
+    """The model stages (templates) where a port without function stages shows a mistake of `fn_stage`."""
+    return [stage for stage, fns in FEEDS.items() if fn_stage in fns]
 
 
 def for_stage(stage: str) -> list[Mistake]:
@@ -74,15 +85,34 @@ def markdown_table() -> str:
         "",
         f"{len(CATALOGUE)} entries, {len(blind)} of them blind spots of the bundled fixtures.",
         "",
-        "| name | stage | description | seen |",
-        "|---|---|---|---|",
+        "| name | stage | description | seen | model case |",
+        "|---|---|---|---|---|",
     ]
     also = {m.name: "".join(f", `{a}`" for a in m.also) for m in ordered}
-    lines += [f"| `{m.name}` | `{m.stage}`{also[m.name]} | {m.description} | {m.seen} |" for m in ordered]
+    lines += [
+        f"| `{m.name}` | `{m.stage}`{also[m.name]} | {m.description} | {m.seen} | {_model_column(m)} |" for m in ordered
+    ]
     if blind:
         lines += ["", "## Blind spots", "", "The bundled fixtures cannot show these yet:", ""]
         lines += [f"- `{m.name}`: {m.blind_spot}" for m in blind]
+    unseen = [m for m in ordered if m.model_blind_spot]
+    lines += [
+        "",
+        "## Function-level mistakes no model case shows",
+        "",
+        "A port that exposes no `fn.*` stage (llama.cpp, a serving engine) is judged on the model cases",
+        'alone. The "model case" column names the case that shows each function-level entry at a model stage',
+        f"the function feeds; these {len(unseen)} show in their function stage only, for these reasons:",
+        "",
+    ]
+    lines += [f"- `{m.name}`: {m.model_blind_spot}" for m in unseen]
     return "\n".join(lines) + "\n"
+
+
+def _model_column(m: Mistake) -> str:
+    if m.model_case:
+        return f"`{m.model_case}`"
+    return "none (below)" if m.model_blind_spot else ""
 
 
 def _check_unique() -> None:

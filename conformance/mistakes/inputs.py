@@ -1,6 +1,8 @@
 """Mistakes of the input half: resize, resampling, frame sampling, patchify, prompt, tokenizer, batch.
 
-Each adapter breaks one protocol method (a fn.* stage) or build_inputs (a preprocess.* stage).
+Each adapter breaks one protocol method (a fn.* stage) or build_inputs (a preprocess.* stage). A broken
+method that build_inputs also runs (_base.INPUT_SITES) is broken there too, as in a port: a Patched variant
+routes those calls to it.
 """
 
 from __future__ import annotations
@@ -28,17 +30,13 @@ def _resize_ties_up(height, width, *, factor=28, **budget):
 
 
 class ResizeTiesAwayFromZero(Patched):
-    """smart_resize rounds ties up (C's std::round) instead of Python's half-to-even: 70 px -> 84, not 56; in
-    fn.smart_resize and in the image preprocessing build_inputs runs (a model case's image grid)."""
+    """smart_resize rounds ties up (C's std::round) instead of Python's half-to-even: 70 px -> 84, not 56."""
 
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
         return _resize_ties_up(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
-    def input_patches(self, images, options):
-        return [(image, "smart_resize", _resize_ties_up)]
 
-
-class ResizeFloat32(SpecAdapter):
+class ResizeFloat32(Patched):
     """smart_resize computed in float32 (the ratio, the square root and the scaled sides)."""
 
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
@@ -57,7 +55,7 @@ class ResizeFloat32(SpecAdapter):
         return h, w
 
 
-class ResizeRefusesSmallSides(SpecAdapter):
+class ResizeRefusesSmallSides(Patched):
     """Older transformers: a side under the factor (28) raises instead of being scaled up."""
 
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
@@ -66,7 +64,7 @@ class ResizeRefusesSmallSides(SpecAdapter):
         return super().smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-class ResizeQwenVlUtilsRule(SpecAdapter):
+class ResizeQwenVlUtilsRule(Patched):
     """qwen-vl-utils' smart_resize: first rounding clamped to the factor, floor branch unclamped."""
 
     def smart_resize(self, height, width, *, factor, min_pixels, max_pixels):
@@ -82,7 +80,7 @@ def _torch_bicubic(img, size):
     return y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
 
 
-class ResizeTorchBicubic(SpecAdapter):
+class ResizeTorchBicubic(Patched):
     """Resampling with torch's antialiased bicubic (the fast processor) instead of Pillow's."""
 
     def resize_bicubic(self, image_, size):
@@ -92,7 +90,7 @@ class ResizeTorchBicubic(SpecAdapter):
 # ---------------------------------------------------------------------------------------------- frames
 
 
-class FramesFloorSampling(SpecAdapter):
+class FramesFloorSampling(Patched):
     """Frame indices floor(k * T / n) (transformers' sample_frames) instead of round(linspace(0, T-1, n))."""
 
     def sample_frame_indices(self, total_frames, video_fps, **kwargs):
@@ -100,7 +98,7 @@ class FramesFloorSampling(SpecAdapter):
         return [k * total_frames // n for k in range(n)]
 
 
-class FramesLinspaceFloat64(SpecAdapter):
+class FramesLinspaceFloat64(Patched):
     """round(linspace(0, T-1, n)) in float64 (numpy's default) instead of float32 (torch's, qwen-vl-utils')."""
 
     def sample_frame_indices(self, total_frames, video_fps, **kwargs):
@@ -108,7 +106,7 @@ class FramesLinspaceFloat64(SpecAdapter):
         return np.rint(np.linspace(0, total_frames - 1, n)).astype(int).tolist()
 
 
-class OddFramesDropped(SpecAdapter):
+class OddFramesDropped(Patched):
     """An odd frame count is floored to whole temporal pairs (last frame dropped), not padded by repeating it."""
 
     def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
@@ -119,7 +117,7 @@ class OddFramesDropped(SpecAdapter):
         )
 
 
-class PatchOrderRaster(SpecAdapter):
+class PatchOrderRaster(Patched):
     """Patches in plain raster order instead of 2x2 merge blocks."""
 
     def patchify(self, frames, *, patch_size, temporal_patch_size, merge_size):
@@ -226,7 +224,7 @@ class VideoFpsDropped(SpecAdapter):
 # ---------------------------------------------------------------------------------------------- prompt
 
 
-class NoDefaultSystemPrompt(SpecAdapter):
+class NoDefaultSystemPrompt(Patched):
     """A hand-written template without the default system block."""
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
@@ -234,7 +232,7 @@ class NoDefaultSystemPrompt(SpecAdapter):
         return text.replace(f"<|im_start|>system\n{chat.DEFAULT_SYSTEM}<|im_end|>\n", "", 1)
 
 
-class TextModelSystemPrompt(SpecAdapter):
+class TextModelSystemPrompt(Patched):
     """The Qwen2.5 text model's default system prompt ("You are Qwen, created by Alibaba Cloud. ...")."""
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
@@ -245,7 +243,7 @@ class TextModelSystemPrompt(SpecAdapter):
         )
 
 
-class VisionBeforeText(SpecAdapter):
+class VisionBeforeText(Patched):
     """Every image/video of a message placed before its text (the tool-calling template's order)."""
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
@@ -262,7 +260,7 @@ class VisionBeforeText(SpecAdapter):
         )
 
 
-class WrongImageMarker(SpecAdapter):
+class WrongImageMarker(Patched):
     """The image is marked `<image>` instead of <|vision_start|><|image_pad|><|vision_end|>."""
 
     def render_chat(self, messages, *, add_generation_prompt, add_vision_id):
@@ -270,14 +268,14 @@ class WrongImageMarker(SpecAdapter):
         return text.replace(chat.IMAGE_PLACEHOLDER, "<image>")
 
 
-class ImageTokenCountUnmerged(SpecAdapter):
+class ImageTokenCountUnmerged(Patched):
     """Each pad expanded to t*h*w tokens, forgetting the 2x2 merge."""
 
     def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
         return super().expand_vision_tokens(texts, image_grid_thw, video_grid_thw, merge_size=1)
 
 
-class VideoTokensPerFrame(SpecAdapter):
+class VideoTokensPerFrame(Patched):
     """Video pads counted per frame (2*t*h*w/4), as if the temporal pair were not merged."""
 
     def expand_vision_tokens(self, texts, image_grid_thw, video_grid_thw, *, merge_size):
@@ -323,6 +321,7 @@ ENTRIES = [
         "smart_resize rounds ties away from zero (C std::round) instead of to even: 70 px -> 84, not 56",
         "kekzl/imp#1166; llama.cpp calc_size_preserved_ratio (ports.md §2.3)",
         ResizeTiesAwayFromZero,
+        model_case="model_resize_tie",
     ),
     Mistake(
         "resize_float32",
@@ -330,6 +329,7 @@ ENTRIES = [
         "smart_resize computed in float32 (ratio, square root and scaled sides)",
         "llama.cpp calc_size_preserved_ratio (ports.md §2.3)",
         ResizeFloat32,
+        model_case="model_thin",
     ),
     Mistake(
         "resize_refuses_small_sides",
@@ -337,6 +337,7 @@ ENTRIES = [
         "a side under 28 px raises instead of being scaled up (transformers <= 4.51)",
         "QwenLM/Qwen3-VL#1111; vllm-project/vllm#15080",
         ResizeRefusesSmallSides,
+        model_case="model_thin",
     ),
     Mistake(
         "resize_qwen_vl_utils_rule",
@@ -344,6 +345,7 @@ ENTRIES = [
         "qwen-vl-utils' smart_resize (first rounding clamped to 28, floor branch unclamped) instead of transformers'",
         "2U1/Qwen-VL-Series-Finetune#113; QwenLM/Qwen3-VL#2121",
         ResizeQwenVlUtilsRule,
+        model_case="model_thin",
     ),
     Mistake(
         "resize_torch_bicubic",
@@ -351,6 +353,7 @@ ENTRIES = [
         "torch/torchvision antialiased bicubic (the fast processor) instead of Pillow's bicubic",
         "vllm-project/vllm#19789; kaiko-ai/eva#971",
         ResizeTorchBicubic,
+        model_case="model_resize_tie",
     ),
     Mistake(
         "frames_floor_sampling",
@@ -358,6 +361,7 @@ ENTRIES = [
         "frame indices floor(k*T/n) (transformers' sample_frames) instead of round(linspace(0, T-1, n))",
         "hf_reference.md §9.10",
         FramesFloorSampling,
+        model_blind_spot="a frame list is used as given; only a decoded video file is sampled, and no model case carries one",
     ),
     Mistake(
         "frames_linspace_float64",
@@ -365,6 +369,7 @@ ENTRIES = [
         "frame indices round(linspace(0, T-1, n)) computed in float64 instead of float32 (one frame off from 12342 frames)",
         "hf_reference.md §9.10 (qwen-vl-utils: torch.linspace, float32)",
         FramesLinspaceFloat64,
+        model_blind_spot="float32 and float64 linspace round apart first at 12342 frames, far past any model case",
     ),
     Mistake(
         "odd_frames_dropped",
@@ -372,6 +377,7 @@ ENTRIES = [
         "an odd frame count floored to whole temporal pairs (last frame dropped) instead of padded",
         "vllm-project/vllm#13148",
         OddFramesDropped,
+        model_case="model_video",
     ),
     Mistake(
         "patch_order_raster",
@@ -379,6 +385,7 @@ ENTRIES = [
         "pixel_values rows in raster order instead of 2x2 merge blocks",
         "ports.md §1.3",
         PatchOrderRaster,
+        model_case="model_image",
     ),
     Mistake(
         "letterbox",
@@ -386,6 +393,7 @@ ENTRIES = [
         "image letterboxed (fit, centred, black bars) into the target size instead of stretched",
         "llama.cpp img_tool::resize (ports.md §2.3); ggml-org/llama.cpp#16334",
         Letterbox,
+        model_case="model_resize_tie",
     ),
     Mistake(
         "resize_hw_swapped",
@@ -393,6 +401,7 @@ ENTRIES = [
         "the resize called with (height, width) where it takes (width, height)",
         "EricLBuehler/mistral.rs#1950",
         ResizeHeightWidthSwapped,
+        model_case="model_image",
     ),
     Mistake(
         "images_resized_to_largest",
@@ -424,6 +433,7 @@ ENTRIES = [
         "hand-written template without the default system block",
         "ports.md §3.6",
         NoDefaultSystemPrompt,
+        model_case="model_image",
     ),
     Mistake(
         "text_model_system_prompt",
@@ -431,6 +441,7 @@ ENTRIES = [
         'the Qwen2.5 text system prompt "You are Qwen, created by Alibaba Cloud. ..."',
         "InternLM/lmdeploy#3475",
         TextModelSystemPrompt,
+        model_case="model_image",
     ),
     Mistake(
         "vision_before_text",
@@ -438,6 +449,7 @@ ENTRIES = [
         "images and videos placed before the message text (tokenizer_config.json's template)",
         "vllm-project/vllm#15125",
         VisionBeforeText,
+        model_case="model_image",
     ),
     Mistake(
         "wrong_image_marker",
@@ -445,6 +457,7 @@ ENTRIES = [
         "image marked <image> instead of <|vision_start|><|image_pad|><|vision_end|>",
         "abetlen/llama-cpp-python#2040; ollama/ollama#11164",
         WrongImageMarker,
+        model_case="model_image",
     ),
     Mistake(
         "image_tokens_unmerged",
@@ -452,6 +465,7 @@ ENTRIES = [
         "each pad expanded to t*h*w tokens, forgetting the 2x2 merge",
         "ggml-org/llama.cpp#16842; kekzl/imp#1173",
         ImageTokenCountUnmerged,
+        model_case="model_image",
     ),
     Mistake(
         "video_tokens_per_frame",
@@ -459,6 +473,7 @@ ENTRIES = [
         "video pads counted per frame instead of per temporal pair (twice the tokens)",
         "ggml-org/llama.cpp#13754; LostRuins/koboldcpp#2359",
         VideoTokensPerFrame,
+        model_case="model_video",
     ),
     Mistake(
         "gpt2_pretokenizer",
@@ -466,6 +481,7 @@ ENTRIES = [
         "GPT-2 pre-tokenizer regex on the Qwen2 vocabulary (digit runs kept whole)",
         "kekzl/imp#660",
         Gpt2PreTokenizer,
+        model_case="model_text",
     ),
     Mistake(
         "tokenizer_without_nfc",
@@ -473,5 +489,6 @@ ENTRIES = [
         "tokenizer without the NFC normalizer",
         "hf_reference.md §4.4",
         NoNfc,
+        model_case="model_batch",
     ),
 ]

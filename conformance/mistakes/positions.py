@@ -275,6 +275,7 @@ ENTRIES = [
         "text after a vision span resumes at span start + its token count, not largest position + 1",
         "kekzl/imp#1173; ggml-org/llama.cpp#13394",
         TextAfterSpanTokenCount,
+        model_case="model_image",
     ),
     Mistake(
         "text_after_span_max_side",
@@ -282,6 +283,7 @@ ENTRIES = [
         "text after a span at start + max(h, w)/2 (transformers >= 5.3), ignoring a video's temporal extent",
         "port_bugs_2026-12.md §4; hf_reference.md §6.4",
         TextAfterSpanMaxSide,
+        model_case="model_video",
     ),
     Mistake(
         "video_time_unscaled",
@@ -289,6 +291,7 @@ ENTRIES = [
         "video temporal ids ignore second_per_grid_t (temporal-patch index used as is)",
         "sgl-project/sglang#3674; vllm-project/vllm#14548",
         VideoTimeUnscaled,
+        model_case="model_video",
     ),
     Mistake(
         "video_seconds_truncated",
@@ -296,6 +299,7 @@ ENTRIES = [
         "second_per_grid_t cast to an integer before the multiply (fps > 2 collapses the temporal ids)",
         "EvolvingLMMs-Lab/lmms-eval#1269; huggingface/transformers#45381",
         VideoSecondsTruncated,
+        model_case="model_video_fps",
     ),
     Mistake(
         "frames_as_images",
@@ -303,6 +307,7 @@ ENTRIES = [
         "each temporal patch of a video positioned as its own image span",
         "ggml-org/llama.cpp#13754; LostRuins/koboldcpp#2359",
         FramesAsImages,
+        model_case="model_video",
     ),
     Mistake(
         "positions_1d",
@@ -310,6 +315,7 @@ ENTRIES = [
         "1-D positions (0, 1, 2, ...) for every token, vision included",
         "Blaizzy/mlx-vlm#319; huggingface/candle#2814; areal-project/AReaL#217",
         Positions1D,
+        model_case="model_image",
     ),
     Mistake(
         "rope_deltas_first_row",
@@ -317,6 +323,7 @@ ENTRIES = [
         "only the first batch row's rope_delta kept",
         "mlx-vlm get_rope_index (ports.md §2.4)",
         RopeDeltasFirstRow,
+        model_case="model_batch",
     ),
     Mistake(
         "decode_without_deltas",
@@ -324,6 +331,7 @@ ENTRIES = [
         "decode positions count from the cache length, dropping rope_deltas",
         "Blaizzy/mlx-vlm#1527",
         DecodeWithoutDeltas,
+        model_case="model_image",
     ),
     Mistake(
         "decode_off_by_one",
@@ -331,6 +339,7 @@ ENTRIES = [
         "the first generated token takes the last prompt token's position (off by one)",
         "ports.md §3.1; ggml-org/llama.cpp#13141",
         DecodeOffByOne,
+        model_case="model_image",
     ),
     Mistake(
         "decode_deltas_shared",
@@ -338,6 +347,7 @@ ENTRIES = [
         "one rope_delta used for every row of the batch",
         "sgl-project/sglang#8219; Blaizzy/mlx-vlm#1143",
         DecodeDeltasShared,
+        model_blind_spot="model_batch's rows differ by 13 in rope_delta, yet row 1 keeps its greedy tokens when it decodes at row 0's delta: the tiny checkpoint's choices do not move with that shift",
     ),
     Mistake(
         "stale_rope_deltas",
@@ -353,6 +363,7 @@ ENTRIES = [
         "MRoPE frequency slots interleaved t,h,w,... (Qwen3-VL) instead of sectioned [16|24|24]",
         "Blaizzy/mlx-vlm#576",
         MropeInterleaved,
+        model_case="model_image",
     ),
     Mistake(
         "mrope_section_fallback",
@@ -360,6 +371,7 @@ ENTRIES = [
         "mrope_section not read: a fixed [24, 20, 20] instead of [16, 24, 24]",
         "mlx-vlm language.py (ports.md §2.4)",
         MropeSectionFallback,
+        model_blind_spot="the fixed [24, 20, 20] fits head_dim 128 only; the tiny checkpoints' head_dim is 8, where the variant keeps the config's section",
     ),
     Mistake(
         "rope_positions_bf16",
@@ -367,6 +379,7 @@ ENTRIES = [
         "rotary angles from positions held in bfloat16",
         "huggingface/candle#3520",
         RopePositionsBf16,
+        model_case="model_text",
     ),
     Mistake(
         "rope_positions_fp16",
@@ -374,5 +387,6 @@ ENTRIES = [
         "rotary angles from positions held in float16",
         "openvinotoolkit/openvino#34716",
         RopePositionsFp16,
+        model_blind_spot="float16 holds every integer up to 2048; model_text's positions end at 393",
     ),
 ]

@@ -306,6 +306,7 @@ ENTRIES = [
         "padding windows of a grid that is a multiple of 4 kept as empty segments (cu_window_seqlens not de-duplicated)",
         "vllm-project/vllm#15200; huggingface/transformers#37535",
         WindowNoDedup,
+        model_blind_spot="an empty window segment attends to nothing: the spec's attention, and so the variant's model, are unchanged; only a kernel that mishandles empty segments shows it",
     ),
     Mistake(
         "full_attention_shifted",

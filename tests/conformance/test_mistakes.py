@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from qwen25vl.conformance import runner, stages
-from qwen25vl.conformance.mistakes import CATALOGUE, by_name, for_stage, markdown_table
+from qwen25vl.conformance.mistakes import CATALOGUE, for_stage, markdown_table, model_stages_fed_by
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
@@ -86,28 +86,67 @@ def test_preprocess_stages_also_try_the_mistakes_of_the_functions_that_feed_them
     assert "letterbox" not in {m.name for m in mistakes.for_stage("preprocess.input_ids")}
 
 
-@pytest.mark.parametrize(
-    "name, case, stage",
-    [
-        ("rope_positions_bf16", "model_text", "text.layer.0"),
-        ("mrope_interleaved", "model_image", "text.layer.0"),
-        ("text_rmsnorm_eps_unread", "model_text", "text.layer.0"),
-        ("resize_ties_away_from_zero", "model_resize_tie", "preprocess.input_ids"),
-    ],
-)
-def test_a_function_level_mistake_is_named_in_a_model_case(name, case, stage):
-    """Ports that expose no fn.* stage (llama.cpp, serving engines) show a wrong MRoPE table first in the
-    decoder layers (the table's entries are candidates there: FEEDS; model_text's positions run past 256,
-    where bfloat16 no longer holds every integer) and a resize rule in their model inputs (model_resize_tie's
-    image is a tie on both sides)."""
-    m = by_name(name)
-    paths = runner.select_cases(FIXTURES, f"^{case}$")
+FUNCTION_ENTRIES = [m for m in CATALOGUE if m.stage.startswith("fn.")]
+
+
+def _model_bound(m) -> str:
+    """The last model stage (data-flow order) that m's function feeds: where a model run may stop."""
+    order = [s.name for s in stages._TABLE]
+    return max(model_stages_fed_by(m.stage), key=order.index)
+
+
+def test_every_function_entry_says_which_model_case_shows_it():
+    for m in FUNCTION_ENTRIES:
+        assert bool(m.model_case) != bool(m.model_blind_spot), f"{m.name}: give model_case or model_blind_spot"
+        if m.model_case:
+            assert model_stages_fed_by(m.stage), f"{m.name}: FEEDS names no model stage that {m.stage} feeds"
+    assert not any(m.model_case or m.model_blind_spot for m in CATALOGUE if not m.stage.startswith("fn."))
+
+
+@pytest.mark.parametrize("m", [m for m in FUNCTION_ENTRIES if m.model_case], ids=lambda m: m.name)
+def test_a_function_level_mistake_is_named_in_its_model_case(m):
+    """Ports that expose no fn.* stage (llama.cpp, serving engines) are judged on the model cases: each
+    function-level entry is made the same way in a model case's inputs and run (a port has one resize, one
+    chat template, one rotary table) and shows at a model stage its function feeds (FEEDS). A wrong table
+    shows first in the decoder layers (model_text's positions run past 256, where bfloat16 no longer holds
+    every integer); a resize rule in a model case's inputs (model_resize_tie's image is a tie on both sides)."""
+    paths = runner.select_cases(FIXTURES, f"^{m.model_case}$")
+    assert paths, f"{m.name}: no model case {m.model_case}"
     _, results = runner.run_suite(
-        paths, runner.SuiteOptions(only_stages=up_to("text.layer.{i}")), adapter=m.adapter("float32")
+        paths, runner.SuiteOptions(only_stages=up_to(_model_bound(m))), adapter=m.adapter("float32")
     )
     first = runner.first_divergence(results)
-    assert first is not None and first.stage == stage, first
-    assert m.description in first.note, first.note
+    assert first is not None, f"{m.name} passed {m.model_case}"
+    fed = {stages.template(s) for s in model_stages_fed_by(m.stage)} | set(model_stages_fed_by(m.stage))
+    assert first.stage in fed or stages.template(first.stage) in fed, f"{m.name}: first divergence {first.stage}"
+    assert first.status in runner.BAD, first
+    if first.status == "fail":
+        assert m.description in first.note, f"{m.name} not named at {first.stage}: {first.note}"
+
+
+@pytest.mark.parametrize(
+    "m", [m for m in FUNCTION_ENTRIES if m.model_blind_spot and model_stages_fed_by(m.stage)], ids=lambda m: m.name
+)
+def test_a_model_blind_spot_passes_every_model_case(m):
+    """A declared model blind spot must be one: when a model case starts to show it, this fails, and the
+    entry gets its model_case."""
+    paths = runner.select_cases(FIXTURES, "^model_")
+    _, results = runner.run_suite(
+        paths, runner.SuiteOptions(only_stages=up_to(_model_bound(m))), adapter=m.adapter("float32")
+    )
+    first = runner.first_divergence(results)
+    assert first is None, f"{m.name} is now shown by {first.case} at {first.stage}: give it model_case"
+
+
+def test_a_variant_breaks_build_inputs_like_its_function():
+    """A variant of a function build_inputs runs (INPUT_SITES) is a Patched one, so the model cases see it."""
+    from qwen25vl.conformance.adapters.spec import SpecAdapter
+    from qwen25vl.conformance.mistakes import Patched
+    from qwen25vl.conformance.mistakes._base import INPUT_SITES
+
+    for m in CATALOGUE:
+        overridden = [k for k in INPUT_SITES if getattr(m.adapter, k) is not getattr(SpecAdapter, k)]
+        assert not overridden or issubclass(m.adapter, Patched), f"{m.name} overrides {overridden}: make it Patched"
 
 
 def test_a_norm_entry_also_explains_the_final_norm():
