@@ -102,7 +102,7 @@ def test_conform_llama_cpp_matches_its_expectations(capsys, tmp_path):
             "--target",
             "llama.cpp",
             "--cases",
-            "model_batch|model_image|model_text|model_resize_tie",
+            "model_batch|model_image|model_text|model_resize_tie|model_thin",
             "--no-expectations",
         ]
         + ["--json", str(report)]
@@ -125,6 +125,8 @@ def test_conform_llama_cpp_matches_its_expectations(capsys, tmp_path):
     assert "eps 0 in the text model" in results[("model_text", "text.norm")]["note"]
     # a resize tie (126x294 = 4.5 x 10.5 patches) rounded away from zero: grid 10x22, not 8x20
     assert "rounds ties away from zero" in results[("model_resize_tie", "preprocess.image_grid_thw")]["note"]
+    # an 8x288 strip: mtmd clamps the first rounding to 28 (qwen-vl-utils' rule), grid 2x20, not 2x24
+    assert "qwen-vl-utils' smart_resize" in results[("model_thin", "preprocess.image_grid_thw")]["note"]
     # the patch embedding is judged on llama.cpp's own pixels: only its float16 im2col is left (declared)
     patch = results[("model_batch", "vision.patch_embed")]
     assert patch["status"] == "pass" and "the port's own preprocess.pixel_values" in patch["note"]

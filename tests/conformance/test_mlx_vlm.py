@@ -1,9 +1,11 @@
 """`qwen25vl conform --target mlx-vlm`: mlx-vlm 0.7.10 judged on the bundled fixtures, as a user runs it.
 
-Restricted to the cases exact_resize, exact_positions, model_image, model_video, model_text and
-model_resize_tie (about 60 s on 2 cores): the exact stages mlx-vlm exposes, two image requests that pass
-end to end, the video request where its time-position divergence lives, and the text-only request on the
-tied checkpoint (model_batch, with the padding divergences, is left to `qwen25vl conform --target mlx-vlm`). CI installs the [mlx] extra, so these run there.
+Restricted to the cases exact_resize, exact_positions, model_image, model_video, model_text,
+model_resize_tie, model_thin and model_video_fps (about 80 s on 2 cores): the exact stages mlx-vlm exposes,
+the image requests that pass end to end (a resize tie, a thin strip), the two video requests where its
+time-position divergence lives, and the text-only request on the tied checkpoint (model_batch, with the
+padding divergences, is left to `qwen25vl conform --target mlx-vlm`). CI installs the [mlx] extra, so these
+run there.
 """
 
 import importlib.util
@@ -40,7 +42,7 @@ def test_conform_mlx_vlm_matches_its_expectations(capsys, tmp_path):
             "--target",
             "mlx-vlm",
             "--cases",
-            "exact_resize|exact_positions|model_image|model_video|model_text|model_resize_tie",
+            "exact_resize|exact_positions|model_image|model_video|model_text|model_resize_tie|model_thin|model_video_fps",
             "--json",
             str(report),
         ]
@@ -58,6 +60,9 @@ def test_conform_mlx_vlm_matches_its_expectations(capsys, tmp_path):
     # text only on the tied checkpoint: mlx-vlm's [B, L] positions are the same position on all 3 axes
     assert status[("model_text", "text.position_ids")] == "pass" and status[("model_text", "logits")] == "pass"
     assert status[("model_resize_tie", "preprocess.image_grid_thw")] == "pass"  # Python's round: ties to even
+    # the 8 px strip's side rounds to 0 and the min_pixels branch scales it (transformers' processor)
+    assert status[("model_thin", "preprocess.image_grid_thw")] == "pass" and status[("model_thin", "logits")] == "pass"
+    assert status[("model_video_fps", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 2, 5
     assert json.loads(EXPECTATIONS.read_text())["port"] == "mlx-vlm"
 
 
