@@ -29,7 +29,7 @@ from .mistakes import LOCK as MISTAKES_LOCK
 from .mistakes import for_stage
 from .precision import Profile
 from .reference import Reference
-from .repeat import ModelRun, answered_tokens, repeat_runs, tokens_of
+from .repeat import ModelRun, answered_tokens, repeat_runs
 from .results import BAD, StageResult
 from .supervisor import StageTimeout, call_with_timeout, describe_failure  # noqa: F401  (StageTimeout: tests)
 
@@ -569,12 +569,10 @@ class CaseRunner:
             if isinstance(e, KeyboardInterrupt):
                 raise
             return StageResult(case.name, s, "error", describe_failure(e), mode="e2e"), None
-        v = stages.info(s).tolerance.judge_tokens(
-            gen, got, precision=self.profile(s), logit_noise=case.stages[s].get("logit_noise")
-        )
+        tol, noise = stages.info(s).tolerance, case.stages[s].get("logit_noise")
+        v = tol.judge_tokens(gen, got, precision=self.profile(s), logit_noise=noise)
         note = ""
         if v.status == "fail":
-            port = tokens_of(got)
 
             def answer(m):
                 variant = self._variant(ck, m)
@@ -584,13 +582,14 @@ class CaseRunner:
                     variant.generate(
                         dict(previous.inputs), max_new_tokens=int(g["max_new_tokens"]), eos_token_id=g["eos_token_id"]
                     )
-                return tokens_of(
-                    variant.generate(
-                        dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
-                    )
+                return variant.generate(
+                    dict(inputs), max_new_tokens=int(gen["max_new_tokens"]), eos_token_id=gen["eos_token_id"]
                 )
 
-            note = self._name_mistakes(s, answer, lambda t: t is not None and torch.equal(t, port))
+            def same(theirs):  # the variant runs in float32: its log-probs carry float32 noise on top
+                return tol.same_answer(theirs, got, precision=self.profile(s), logit_noise=noise)
+
+            note = self._name_mistakes(s, answer, same)
         return StageResult(
             case.name,
             s,

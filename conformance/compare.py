@@ -461,7 +461,7 @@ def tokens(
         diff = (golden[b] != got[b]).nonzero()
         s = int(diff[0]) if len(diff) else golden.shape[1]
         if got_logprobs is not None and golden_logprobs is not None and noise is not None:
-            lp_bad = _logprob_difference(golden_topk[b, :s], golden_logprobs[b, :s], got_topk, got_logprobs, b, noise)
+            lp_bad = logprob_difference(golden_topk[b, :s], golden_logprobs[b, :s], got_topk, got_logprobs, b, noise)
             if lp_bad:
                 failed.append(f"row {b}: {lp_bad}")
                 continue
@@ -499,7 +499,7 @@ def tokens(
     return Verdict("pass", metric, tol, where="; ".join(notes))
 
 
-def _logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str | None:
+def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str | None:
     """First step where a log-prob the port gives for an id in the golden top-k is off by > noise."""
     if got_ids is None:
         return None

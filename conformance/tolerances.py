@@ -77,17 +77,8 @@ class Tokens(Tolerance):
         """gen: the case's generate.json; got: the port's answer (tokens [B, n], or (tokens, topk ids),
         or {"tokens", "topk", "topk_logprobs"}); precision: what the port decodes at; logit_noise: the
         manifest's measured noise per precision (None: the top-5 rule of older fixtures)."""
-        if isinstance(got, dict):
-            tokens, topk, logprobs = got.get("tokens"), got.get("topk"), got.get("topk_logprobs")
-        elif isinstance(got, tuple):
-            tokens, topk, logprobs = (*got, None, None)[:3]
-        else:
-            tokens, topk, logprobs = got, None, None
-        noise = None
-        if logit_noise:
-            measured, _ = compare.control_at(logit_noise, precision)
-            # float64: no measured noise, but two float64 ports still differ in the last bits of a log-prob
-            noise = compare.FLOAT64_LOGIT_NOISE if precision == "float64" else measured
+        tokens, topk, logprobs = _answer_parts(got)
+        noise = _noise_at(logit_noise, precision)
         f64 = torch.float64
         return compare.tokens(
             torch.tensor(gen["tokens"], dtype=torch.int64),
@@ -100,6 +91,37 @@ class Tokens(Tolerance):
             noise=noise,
             eos=gen.get("eos_token_id"),
         )
+
+    def same_answer(self, a, b, *, precision: str, logit_noise: dict | None = None) -> bool:
+        """Two generate() answers agree: the same tokens, and where both give top-k log-probs, the ids
+        both list within the logit noise at `precision` at every step (how a catalogue entry is matched
+        to a port whose log-probs, not tokens, diverge)."""
+        (ta, ka, la), (tb, kb, lb) = _answer_parts(a), _answer_parts(b)
+        if ta is None or tb is None or not torch.equal(torch.as_tensor(ta), torch.as_tensor(tb)):
+            return False
+        noise = _noise_at(logit_noise, precision)
+        if noise is None or la is None or lb is None or ka is None or kb is None:
+            return True
+        ka, kb, la = torch.as_tensor(ka), torch.as_tensor(kb), torch.as_tensor(la, dtype=torch.float64)
+        return all(compare.logprob_difference(ka[r], la[r], kb, lb, r, noise) is None for r in range(ka.shape[0]))
+
+
+def _answer_parts(got) -> tuple:
+    """(tokens, topk ids, topk log-probs) of a generate() answer, None where it gives no such part."""
+    if isinstance(got, dict):
+        return got.get("tokens"), got.get("topk"), got.get("topk_logprobs")
+    if isinstance(got, tuple):
+        return (*got, None, None)[:3]
+    return got, None, None
+
+
+def _noise_at(logit_noise: dict | None, precision: str) -> float | None:
+    """The logit noise a port at `precision` is allowed (the manifest's measurement), None for old fixtures."""
+    if not logit_noise:
+        return None
+    measured, _ = compare.control_at(logit_noise, precision)
+    # float64: no measured noise, but two float64 ports still differ in the last bits of a log-prob
+    return compare.FLOAT64_LOGIT_NOISE if precision == "float64" else measured
 
 
 EXACT = Exact("exact", "integers, strings, index tensors: equal, element for element (seconds within 1e-9)")

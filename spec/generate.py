@@ -51,13 +51,22 @@ def check_generate_args(config, inputs: dict, max_new_tokens, eos_token_id) -> t
 
 
 def generate_greedy(
-    params: dict, config, inputs: dict, max_new_tokens: int, *, eos_token_id, rope_rule=rope_index
-) -> torch.Tensor:
+    params: dict,
+    config,
+    inputs: dict,
+    max_new_tokens: int,
+    *,
+    eos_token_id,
+    rope_rule=rope_index,
+    return_logits: bool = False,
+):
     """Greedy continuation of a left-padded batch: model inputs -> new tokens int64 [B, n], n <= max_new_tokens.
 
     eos_token_id: an id or a list of ids; a row stops at the first of them (which it keeps), and is
     filled with config.pad_token_id after it. Generation stops when every row has stopped or after
     max_new_tokens. rope_rule: the position rule of the prompt (see spec.forward.prefill).
+    return_logits: also return the logits [B, n, V] each token was picked from, as this loop computed
+    them (prefill, then one cached decode step per token).
     """
     eos = check_generate_args(config, inputs, max_new_tokens, eos_token_id)
     hidden, _, cache, rope_deltas = prefill(params, config, inputs, rope_rule=rope_rule)
@@ -68,8 +77,9 @@ def generate_greedy(
     mask = torch.ones(B, L, dtype=torch.int64, device=device) if mask is None else mask.to(device, torch.int64)
     eos = eos.to(device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, picked_from = [], []
     for step in range(max_new_tokens):
+        picked_from.append(logits[:, -1])
         token = logits[:, -1].argmax(-1)  # [B]; first maximal index on ties
         token = torch.where(done, config.pad_token_id, token)
         tokens.append(token)
@@ -79,4 +89,5 @@ def generate_greedy(
         mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64, device=device)], dim=1)  # [B, L + step + 1]
         positions = decode_positions(rope_deltas, L + step, 1).to(device)  # [3, B, 1]
         logits, cache = decode_step(params, config, token[:, None], positions, mask, cache)
-    return torch.stack(tokens, dim=1)
+    new_tokens = torch.stack(tokens, dim=1)
+    return (new_tokens, torch.stack(picked_from, dim=1)) if return_logits else new_tokens

@@ -103,15 +103,19 @@ class SpecAdapter(Adapter):
         return captured
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
-        inputs = self._inputs(inputs)
-        new = generate_greedy(
-            self.params, self.config, inputs, max_new_tokens, eos_token_id=eos_token_id, rope_rule=self.rope_rule
+        """Tokens, and the top-5 ids and log-probs of the logits the decode loop picked each from (so a
+        mistake in the decode steps, positions or cache, shows in the log-probs where the tokens hold)."""
+        new, logits = generate_greedy(
+            self.params,
+            self.config,
+            self._inputs(inputs),
+            max_new_tokens,
+            eos_token_id=eos_token_id,
+            rope_rule=self.rope_rule,
+            return_logits=True,
         )
-        return new, self.step_topk(inputs, new)
-
-    def step_topk(self, inputs: dict, new: torch.Tensor, k: int = 5) -> torch.Tensor:
-        """Top-k ids [B, n, k] of the distribution each new token was picked from."""
-        return self.step_logits(inputs, new).topk(k, dim=-1).indices
+        top = logits.double().log_softmax(-1).topk(5, dim=-1)
+        return {"tokens": new, "topk": top.indices, "topk_logprobs": top.values}
 
     def step_logits(self, inputs: dict, new: torch.Tensor) -> torch.Tensor:
         """Logits [B, n, V] each new token was picked from: one forward over prompt + new tokens (text

@@ -347,7 +347,7 @@ ENTRIES = [
         "one rope_delta used for every row of the batch",
         "sgl-project/sglang#8219; Blaizzy/mlx-vlm#1143",
         DecodeDeltasShared,
-        model_blind_spot="model_batch's rows differ by 13 in rope_delta, yet row 1 keeps its greedy tokens when it decodes at row 0's delta: the tiny checkpoint's choices do not move with that shift",
+        model_case="model_batch",
     ),
     Mistake(
         "stale_rope_deltas",

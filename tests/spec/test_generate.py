@@ -245,3 +245,23 @@ def test_bad_arguments(tiny_checkpoint):
     right["attention_mask"][0, -1] = 0
     with pytest.raises(ValueError, match="needs left padding"):
         generate_greedy(params, config, right, 2, eos_token_id=1)
+
+
+def test_returned_logits_are_the_decode_loops_and_match_one_full_forward(tiny_checkpoint):
+    """return_logits gives the logits each token was picked from (argmax = the token), and the cached decode
+    loop computes the same distribution as one forward over prompt + tokens at the decode positions (a
+    stale cache, a wrong decode position or a dropped mask would part them)."""
+    from qwen25vl.spec.forward import forward
+
+    folder = str(tiny_checkpoint)
+    config, params = load_spec(folder)
+    inputs = build("padded_batch", folder)
+    new, logits = generate_greedy(params, config, inputs, 6, eos_token_id=config.eos_token_id, return_logits=True)
+    assert logits.shape == (*new.shape, config.vocab_size)
+    assert torch.equal(logits.argmax(-1), new)
+    assert torch.equal(new, generate_greedy(params, config, inputs, 6, eos_token_id=config.eos_token_id))
+    B, L = inputs["input_ids"].shape
+    ids = torch.cat([inputs["input_ids"], new], dim=1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)
+    full, _ = forward(params, config, {**inputs, "input_ids": ids, "attention_mask": mask})
+    torch.testing.assert_close(logits, full[:, L - 1 : L - 1 + new.shape[1]], rtol=1e-9, atol=1e-9)
