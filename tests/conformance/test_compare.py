@@ -195,3 +195,23 @@ def test_tokens_near_tie_rule_eos_and_log_probs():
     got_lp[0, 2, 0] += 0.2
     bad = compare.tokens(gold, topk, gold, got_ids, golden_logprobs=lp, got_logprobs=got_lp, **kw)
     assert bad.status == "fail" and "step 2: log-prob of 7" in bad.metric
+
+
+def test_same_answer_needs_equal_tokens_and_log_probs_within_the_noise():
+    """How the catalogue matches a port at generate.tokens: tokens alone would name every entry whose tokens
+    happen to equal the golden ones for a port that diverges in log-probs only."""
+    from qwen25vl.conformance.tolerances import TOKENS
+
+    tokens = torch.tensor([[5, 7, 9]])
+    ids = torch.tensor([[[5, 1], [7, 2], [9, 3]]])
+    lp = torch.tensor([[[-0.1, -2.0], [-0.2, -2.5], [-0.3, -3.0]]], dtype=torch.float64)
+    port = {"tokens": tokens, "topk": ids, "topk_logprobs": lp}
+    noise = {"float32": 1e-4}
+    same = {"precision": "float32", "logit_noise": noise}
+    assert TOKENS.same_answer({**port, "topk_logprobs": lp + 5e-5}, port, **same)
+    assert not TOKENS.same_answer(
+        {**port, "topk_logprobs": lp + torch.tensor([0, 0, 1e-3])[None, :, None]}, port, **same
+    )
+    assert not TOKENS.same_answer({**port, "tokens": torch.tensor([[5, 7, 8]])}, port, **same)
+    assert TOKENS.same_answer(tokens, port, **same)  # no log-probs on one side: tokens decide
+    assert TOKENS.same_answer((tokens, ids), port, **same)
