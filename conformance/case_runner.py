@@ -569,8 +569,8 @@ class CaseRunner:
             if isinstance(e, KeyboardInterrupt):
                 raise
             return StageResult(case.name, s, "error", describe_failure(e), mode="e2e"), None
-        tol, noise = stages.info(s).tolerance, case.stages[s].get("logit_noise")
-        v = tol.judge_tokens(gen, got, precision=self.profile(s), logit_noise=noise)
+        tol, noise, precision = stages.info(s).tolerance, case.stages[s].get("logit_noise"), self.profile.end_to_end(s)
+        v = tol.judge_tokens(gen, got, precision=precision, logit_noise=noise)
         note = ""
         if v.status == "fail":
 
@@ -587,7 +587,7 @@ class CaseRunner:
                 )
 
             def same(theirs):  # the variant runs in float32: its log-probs carry float32 noise on top
-                return tol.same_answer(theirs, got, precision=self.profile(s), logit_noise=noise)
+                return tol.same_answer(theirs, got, precision=precision, logit_noise=noise)
 
             note = self._name_mistakes(s, answer, same)
         return StageResult(

@@ -88,5 +88,24 @@ class Profile:
         matches = [p for p in self.patterns if fnmatch.fnmatchcase(stage, p)]
         return self.patterns[max(matches, key=len)] if matches else self.default
 
+    def end_to_end(self, stage: str) -> str:
+        """The precision an end-to-end result (generation) is judged at: the stage's own where the profile
+        names it, else the coarsest the profile declares anywhere. Every stage's rounding reaches the
+        tokens' log-probs: float16 vision under a float32 decoder leaves float16-sized noise there."""
+        if stage in self.patterns:
+            return self.patterns[stage]
+        declared = [self.default, *self.patterns.values()]
+        return max((compute_dtype_of_noise(p) for p in declared), key=COARSENESS.index)
+
     def describe(self) -> dict:
         return {"default": self.default, **self.patterns}
+
+
+# compute dtypes from the finest to the coarsest (the logit noise each leaves grows along it)
+COARSENESS = ("float64", "float32", "float16", "bfloat16")
+
+
+def compute_dtype_of_noise(precision: str) -> str:
+    """The compute dtype whose noise a precision leaves downstream: inputs rounded to float16 leave
+    float16's ('float16-inputs' -> 'float16'), unlike compute_dtype, which says what the arithmetic runs in."""
+    return {"float16-inputs": "float16", "bfloat16-inputs": "bfloat16"}.get(precision, precision)

@@ -107,6 +107,14 @@ def test_profiles_pick_the_most_specific_pattern_and_refuse_unknown_precisions(c
     assert Profile.parse("float16", "float32")("text.layer.3") == "float16"
     with pytest.raises(ValueError, match="'float8' is not a precision"):
         Profile.parse({"vision.*": "float8"}, "float32")
+    # generation is judged at the coarsest precision anywhere in the profile (the float16 merger's noise
+    # reaches the log-probs), unless the profile names generate.tokens itself
+    assert Profile.parse(PROFILE, "float32").end_to_end("generate.tokens") == "float16"
+    assert Profile.parse({"vision.*": "bfloat16-inputs"}, "float32").end_to_end("generate.tokens") == "bfloat16"
+    assert (
+        Profile.parse({**PROFILE, "generate.tokens": "float32"}, "float32").end_to_end("generate.tokens") == "float32"
+    )
+    assert Profile.parse(None, "float32").end_to_end("generate.tokens") == "float32"
     assert cli.main(["conform", "--profile", '{"vision.*": "float8"}']) == 2
     assert "'float8' is not a precision" in capsys.readouterr().err
     assert cli.main(["conform", "--profile", "{not json"]) == 2
