@@ -95,7 +95,7 @@ class Profile:
         if stage in self.patterns:
             return self.patterns[stage]
         declared = [self.default, *self.patterns.values()]
-        return max((compute_dtype_of_noise(p) for p in declared), key=COARSENESS.index)
+        return max((_noise_dtype(p) for p in declared), key=COARSENESS.index)
 
     def describe(self) -> dict:
         return {"default": self.default, **self.patterns}
@@ -105,7 +105,8 @@ class Profile:
 COARSENESS = ("float64", "float32", "float16", "bfloat16")
 
 
-def compute_dtype_of_noise(precision: str) -> str:
-    """The compute dtype whose noise a precision leaves downstream: inputs rounded to float16 leave
-    float16's ('float16-inputs' -> 'float16'), unlike compute_dtype, which says what the arithmetic runs in."""
-    return {"float16-inputs": "float16", "bfloat16-inputs": "bfloat16"}.get(precision, precision)
+def _noise_dtype(precision: str) -> str:
+    """The dtype whose noise a precision leaves downstream: inputs rounded to float16 leave float16's
+    (unlike compute_dtype, which says what the arithmetic runs in)."""
+    rounded = ROUNDED_INPUTS.get(precision)
+    return precision if rounded is None else str(rounded).removeprefix("torch.")

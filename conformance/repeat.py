@@ -22,6 +22,7 @@ from .adapters.base import NotCovered
 from .precision import compute_dtype
 from .results import StageResult
 from .supervisor import describe_failure
+from .tolerances import answer_parts
 
 REPEAT_SUFFIX = "@repeat"  # the file exchange's folder for a case's second run (export_inputs)
 
@@ -40,11 +41,8 @@ class ModelRun:
 
 def tokens_of(answer):
     """The token tensor of a generate() answer (a tensor, a tuple, or a dict)."""
-    if isinstance(answer, dict):
-        answer = answer.get("tokens")
-    elif isinstance(answer, tuple):
-        answer = answer[0] if answer else None
-    return None if answer is None else torch.as_tensor(answer)
+    tokens = answer_parts(answer)[0]
+    return None if tokens is None else torch.as_tensor(tokens)
 
 
 def answered_tokens(answer):

@@ -77,7 +77,7 @@ class Tokens(Tolerance):
         """gen: the case's generate.json; got: the port's answer (tokens [B, n], or (tokens, topk ids),
         or {"tokens", "topk", "topk_logprobs"}); precision: what the port decodes at; logit_noise: the
         manifest's measured noise per precision (None: the top-5 rule of older fixtures)."""
-        tokens, topk, logprobs = _answer_parts(got)
+        tokens, topk, logprobs = answer_parts(got)
         noise = _noise_at(logit_noise, precision)
         f64 = torch.float64
         return compare.tokens(
@@ -96,7 +96,7 @@ class Tokens(Tolerance):
         """Two generate() answers agree: the same tokens, and where both give top-k log-probs, the ids
         both list within the logit noise at `precision` at every step (how a catalogue entry is matched
         to a port whose log-probs, not tokens, diverge)."""
-        (ta, ka, la), (tb, kb, lb) = _answer_parts(a), _answer_parts(b)
+        (ta, ka, la), (tb, kb, lb) = answer_parts(a), answer_parts(b)
         if ta is None or tb is None or not torch.equal(torch.as_tensor(ta), torch.as_tensor(tb)):
             return False
         noise = _noise_at(logit_noise, precision)
@@ -106,12 +106,12 @@ class Tokens(Tolerance):
         return all(compare.logprob_difference(ka[r], la[r], kb, lb, r, noise) is None for r in range(ka.shape[0]))
 
 
-def _answer_parts(got) -> tuple:
+def answer_parts(got) -> tuple:
     """(tokens, topk ids, topk log-probs) of a generate() answer, None where it gives no such part."""
     if isinstance(got, dict):
         return got.get("tokens"), got.get("topk"), got.get("topk_logprobs")
     if isinstance(got, tuple):
-        return (*got, None, None)[:3]
+        return (*got, None, None, None)[:3]
     return got, None, None
 
 
