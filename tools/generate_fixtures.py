@@ -747,6 +747,23 @@ MODEL_CASES = {
         "videos": [{"frames": [(112, 140, 30 + k) for k in range(6)], "fps": 1.5}],
         "options": {"video_options": {"fps": 1.5, "min_pixels": 12544, "max_pixels": 25088}},
     },
+    "model_video_sparse": {
+        "description": "six frames of a 40-minute recording, one every 400 s (fps 0.0025): second_per_grid_t 800, "
+        "so the temporal positions are 0, 1600, 3200 and the text after the video resumes at 3201, past 2048 "
+        "(where float16 stops holding every integer) and far past the prompt's own length (a rotary table sized "
+        "by the token count runs out)",
+        "conversations": [
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "video"}, {"type": "text", "text": "Describe what happens over time."}],
+                }
+            ]
+        ],
+        "images": [],
+        "videos": [{"frames": [(112, 140, 50 + k) for k in range(6)], "fps": 0.0025}],
+        "options": {"video_options": {"fps": 0.0025, "min_pixels": 12544, "max_pixels": 25088}},
+    },
     "model_text": {
         "description": "text only, on the tied checkpoint (the 3B layout: no lm_head.weight stored), a system "
         "prompt of its own and two user turns, 394 tokens: positions past 256 (where bfloat16 stops holding every "
