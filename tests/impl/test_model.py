@@ -38,7 +38,10 @@ def test_from_pretrained_equals_from_params(request, models):
         assert torch.equal(a, b.cpu()), n
 
 
-def compare_stages(ref: dict, got: dict, inputs: dict, dtype):
+def compare_stages(ref: dict, got: dict, inputs: dict, dtype, control: dict | None = None):
+    """got (impl in dtype) against ref (spec in float64), stage by stage; control: the spec's own run in
+    dtype on the same inputs, which widens the tolerance where this input's rounding noise is large
+    (helpers.STAGE_CONTROL_FACTOR)."""
     real = inputs["attention_mask"].bool()
     assert set(got) == set(ref), set(ref) ^ set(got)
     for name, expected in ref.items():
@@ -46,9 +49,11 @@ def compare_stages(ref: dict, got: dict, inputs: dict, dtype):
         if name in ("text.position_ids", "text.rope_deltas"):
             assert torch.equal(actual, expected), name
             continue
+        own = None if control is None else control[name]
         if name.startswith("text.") or name == "logits":
             actual, expected = actual[real], expected[real]
-        assert_close(actual, expected, dtype, kind="stage", what=name)
+            own = None if own is None else own[real]
+        assert_close(actual, expected, dtype, kind="stage", what=name, control=own)
 
 
 grid_hw = st.integers(1, 6).map(lambda u: 2 * u)  # patches; 2*odd units -> partial windows
@@ -75,7 +80,10 @@ def test_stages_match_spec(oracle, models, dtype, batch):
     inputs = vision_inputs(config, texts, images, videos, seed=seed, spgt=spgt)
     _, ref = spec_forward.forward(params, config, inputs, capture="all")
     _, got = models[dtype].forward(inputs, capture="all")
-    compare_stages(ref, got, inputs, dtype)
+    control = None
+    if dtype != torch.float32:  # float32 noise is far below TOL; bfloat16's varies with the input
+        _, control = spec_forward.forward({k: v.to(dtype) for k, v in params.items()}, config, inputs, capture="all")
+    compare_stages(ref, got, inputs, dtype, control)
 
 
 @pytest.mark.parametrize("heads,kv", [(4, 1), (4, 2), (4, 4), (6, 2)])
