@@ -748,10 +748,10 @@ MODEL_CASES = {
         "options": {"video_options": {"fps": 1.5, "min_pixels": 12544, "max_pixels": 25088}},
     },
     "model_video_sparse": {
-        "description": "six frames of a 40-minute recording, one every 400 s (fps 0.0025): second_per_grid_t 800, "
-        "so the temporal positions are 0, 1600, 3200 and the text after the video resumes at 3201, past 2048 "
-        "(where float16 stops holding every integer) and far past the prompt's own length (a rotary table sized "
-        "by the token count runs out)",
+        "description": "model_video_fps's six frames as a 40-minute recording, one frame every 400 s (fps 0.0025): "
+        "second_per_grid_t 800, so the temporal positions are 0, 1600, 3200 past the span start and the text "
+        "after the video resumes at 3216: past 2048 (where float16 stops holding every integer) and far past "
+        "the prompt's 88 tokens (a rotary table sized by the token count runs out)",
         "conversations": [
             [
                 {

@@ -3,9 +3,9 @@
 Restricted to the cases exact_resize, exact_positions, model_image, model_video* (the pattern
 `model_video` picks all three clips), model_text, model_resize_tie and model_thin (about 90 s on 2 cores):
 the exact stages mlx-vlm exposes, the image requests that pass end to end (a resize tie, a thin strip), the
-three video requests where its time-position divergence lives, and the text-only request on the tied checkpoint (model_batch, with the
-padding divergences, is left to `qwen25vl conform --target mlx-vlm`). CI installs the [mlx] extra, so these
-run there.
+three video requests where its time-position divergence lives, and the text-only request on the tied
+checkpoint (model_batch, with the padding divergences, is left to `qwen25vl conform --target mlx-vlm`). CI
+installs the [mlx] extra, so these run there.
 """
 
 import importlib.util
