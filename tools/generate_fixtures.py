@@ -632,6 +632,17 @@ def write_exact(name: str, out: Path, spec: SpecAdapter, tokenizer_dir: str) -> 
 
 # ------------------------------------------------------------------------- model cases
 
+
+def _clip(frames: int, fps: float) -> dict:
+    """The "videos" and "options" of a one-clip case: `frames` frames of 112x140 (write_model draws the same
+    moving square for every clip, so clips of equal length differ only in their rate), sampled at `fps`,
+    within 16 to 32 patches of 28x28 per frame."""
+    return {
+        "videos": [{"frames": [(112, 140)] * frames, "fps": fps}],
+        "options": {"video_options": {"fps": fps, "min_pixels": 12544, "max_pixels": 25088}},
+    }
+
+
 MODEL_CASES = {
     "model_image": {
         "description": "one image mid-prompt (grid 18x12: partial windows), greedy decode past the image",
@@ -708,8 +719,7 @@ MODEL_CASES = {
         "description": "a 5-frame clip at 1 fps (odd count, 2 s per temporal patch: time positions 0, 4, 8)",
         "conversations": [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]],
         "images": [],
-        "videos": [{"frames": [(112, 140, 10 + k) for k in range(5)], "fps": 1.0}],
-        "options": {"video_options": {"fps": 1.0, "min_pixels": 12544, "max_pixels": 25088}},
+        **_clip(frames=5, fps=1.0),
     },
     "model_resize_tie": {
         "description": "one 126x294 image whose resize is a tie on both sides (4.5 and 10.5 patches of 28): "
@@ -744,8 +754,7 @@ MODEL_CASES = {
             ]
         ],
         "images": [],
-        "videos": [{"frames": [(112, 140, 30 + k) for k in range(6)], "fps": 1.5}],
-        "options": {"video_options": {"fps": 1.5, "min_pixels": 12544, "max_pixels": 25088}},
+        **_clip(frames=6, fps=1.5),
     },
     "model_video_sparse": {
         "description": "model_video_fps's six frames as a 40-minute recording, one frame every 400 s (fps 0.0025): "
@@ -761,8 +770,7 @@ MODEL_CASES = {
             ]
         ],
         "images": [],
-        "videos": [{"frames": [(112, 140, 50 + k) for k in range(6)], "fps": 0.0025}],
-        "options": {"video_options": {"fps": 0.0025, "min_pixels": 12544, "max_pixels": 25088}},
+        **_clip(frames=6, fps=0.0025),  # model_video_fps's frames: only the rate differs
     },
     "model_text": {
         "description": "text only, on the tied checkpoint (the 3B layout: no lm_head.weight stored), a system "
@@ -844,7 +852,7 @@ def write_model(
         images.append(f"media/image{k}.png")
     for v, vid in enumerate(spec_case["videos"]):
         frames = []
-        for k, (h, w, seed) in enumerate(vid["frames"]):
+        for k, (h, w) in enumerate(vid["frames"]):
             # a moving square over a fixed background: something for the temporal patches to see
             img = synthetic_image(h, w, 7)
             img[20 + 8 * k : 50 + 8 * k, 10 + 15 * k : 40 + 15 * k] = (255, 40, 40)
