@@ -20,6 +20,8 @@ import torch
 
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
+from .chunked import STAGE as STAGE_CHUNKED
+from .chunked import chunked_result
 from .conversions import GIVEN
 from .diagnosis import Diagnosis, name_mistakes
 from .fixtures import FixtureError, load_case
@@ -225,7 +227,8 @@ class CaseRunner:
 
         # the model, end to end
         model_names = [s for s in names if not s.startswith("preprocess.") and s != "generate.tokens"]
-        if model_names or "generate.tokens" in names:
+        chunked = "generate.tokens" in case.stages and self._wanted(STAGE_CHUNKED)  # a state.* check: not listed
+        if model_names or "generate.tokens" in names or chunked:
             try:
                 self._prepare(ck)
             except NotCovered as e:
@@ -284,6 +287,8 @@ class CaseRunner:
         if "generate.tokens" in names:
             result, tokens = self._generate(case, request, inputs, ck)
             out.append(result)
+        if chunked and not case.stage_problem("generate.tokens"):
+            out.append(chunked_result(self, case, inputs, ck, result if "generate.tokens" in names else None))
         # kept for the repeat check (state.repeat): the captured stages, or the tokens alone for a port
         # that only generates (a serving engine)
         ran = bool(model_names and captured and not failure)

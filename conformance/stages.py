@@ -239,6 +239,13 @@ _TABLE = [
         "the same request gives the same outputs whatever ran before it in the same process "
         "(no positions, rope_deltas or prefix caches kept from an earlier request)",
     ),
+    Stage(
+        "state.chunked",
+        (spec_forward.decoder_stack_in_chunks, spec_generate.generate_greedy),
+        TOKENS,
+        "the prompt prefilled in chunks, a boundary inside a vision span, gives the golden generation "
+        "(each chunk takes the whole prompt's positions and vision features at its own offset)",
+    ),
 ]
 
 STAGES = {s.name: s for s in _TABLE}

@@ -50,6 +50,7 @@ FORWARDED = (
     "run",
     "run_stage",
     "generate",
+    "generate_chunked",
 )
 TAIL_BYTES = 16 * 1024  # how much of the port's own output is kept for crash reports
 START_TIMEOUT = 120.0  # a fresh worker imports torch and builds the adapter
@@ -218,6 +219,10 @@ class SupervisedAdapter:
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         kw = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id}
         return self._call("generate", (inputs,), kw, what="generate (generate.tokens)")
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        kw = {"prefill_chunk": prefill_chunk, "max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id}
+        return self._call("generate_chunked", (inputs,), kw, what=f"generate_chunked {prefill_chunk} (state.chunked)")
 
     def close(self) -> None:
         self._kill()

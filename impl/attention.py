@@ -123,20 +123,23 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: S
     return o.transpose(1, 2).reshape(S * Lm, N, D).index_select(0, plan.scatter)
 
 
-def prefill_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """attention_mask int [B, L] -> bool [B, 1, L, L] (causal, padding keys hidden, each query sees
-    itself), or None when there is no padding (then SDPA's own causal path is used)."""
-    if bool(attention_mask.bool().all()):
+def prefill_mask(attention_mask: torch.Tensor, start: int = 0) -> torch.Tensor | None:
+    """attention_mask int [B, S] -> bool [B, 1, S - start, S]: the queries of tokens start..S-1 (a
+    prefill chunk; start 0: the whole prompt) over the keys 0..S-1, causal, padding keys hidden, each
+    query sees itself. None for a whole prompt without padding (then SDPA's own causal path is used;
+    its causal mask is aligned top-left, right only when queries and keys start together)."""
+    if start == 0 and bool(attention_mask.bool().all()):
         return None
-    L = attention_mask.shape[1]
-    idx = torch.arange(L, device=attention_mask.device)
-    causal = idx[None, :] <= idx[:, None]  # [L, L]
-    allowed = (causal[None] & attention_mask.bool()[:, None, :]) | (idx[None, :] == idx[:, None])[None]
-    return allowed[:, None]
+    S = attention_mask.shape[1]
+    keys = torch.arange(S, device=attention_mask.device)
+    queries = keys[start:, None]  # [S - start, 1]
+    allowed = (keys[None, :] <= queries)[None] & attention_mask.bool()[:, None, :]
+    return (allowed | (keys[None, :] == queries)[None])[:, None]
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Causal GQA: q [B, N, L, D], k, v [B, K, L, D], mask from `prefill_mask` -> [B, N, L, D]."""
+    """Causal GQA: q [B, N, L, D], k, v [B, K, S, D] (S = L, or the cache up to a chunk's end), mask
+    from `prefill_mask` -> [B, N, L, D]."""
     G = q.shape[1] // k.shape[1]
     if G > 1:
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from ..spec.forward import chunk_spans
 from ..spec.generate import check_generate_args
 from ..spec.mrope import decode_positions
 from .attention import check_decode_backend, resolve_decode_backend
@@ -122,6 +123,7 @@ def generate_tokens(
     on_token=None,
     ignore_eos: bool = False,
     decode_attention: str = "auto",
+    prefill_chunk: int | None = None,
 ) -> torch.Tensor:
     """Greedy continuation: model inputs -> int64 [B, n] on the CPU (see module doc).
 
@@ -130,10 +132,13 @@ def generate_tokens(
     generated position, in order (forces a sync per step). ignore_eos: always produce max_new_tokens
     (benchmarks). decode_attention: "auto" | "sdpa" | "split" | "math" | "cpu_c"
     (impl.attention.decode_attention; "auto" is resolved here, and last_stats names what ran).
+    prefill_chunk: None (the prompt at once) or the prompt prefilled that many tokens at a time
+    (Qwen25VL.prefill): the same answer up to rounding, with activations bounded by the chunk.
     The model's caches are set up here for B x (L + max_new_tokens) tokens. Timings and what ran land
     in model.last_stats.
     """
     check_decode_backend(decode_attention)
+    chunk_spans(0, prefill_chunk)  # a bad chunk is refused before the cache is allocated
     eos = check_generate_args(model.config, inputs, max_new_tokens, eos_token_id)  # spec's own checks
     if ignore_eos:
         eos = torch.tensor([-1])  # matches no token
@@ -142,7 +147,8 @@ def generate_tokens(
     T = -(-(L + max_new_tokens) // 16) * 16  # rounded up: SDPA's fused kernels want an aligned mask
     cfg, layer = model.config, model.text.layers[0]
     item = torch.empty((), dtype=model.dtype_).element_size()
-    work = B * L * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * item + B * cfg.vocab_size * 4  # rough
+    rows = L if prefill_chunk is None else min(L, prefill_chunk)  # the activations a prefill step holds
+    work = B * rows * (4 * cfg.hidden_size + 2 * cfg.intermediate_size) * item + B * cfg.vocab_size * 4  # rough
     model.cache = None  # the previous generation's cache is not counted as used memory
     check_cache_fits(
         cfg, B, L + max_new_tokens, model.dtype_, model.device_, extra_bytes=work, alloc_len=T, kv_heads=layer.attn.K
@@ -155,7 +161,7 @@ def generate_tokens(
     sync = (lambda: torch.cuda.synchronize(model.device_)) if model.device_.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     model.setup_caches(B, T)
-    logits, rope_deltas = model.prefill(inputs)
+    logits, rope_deltas = model.prefill(inputs, prefill_chunk)
     first = logits.argmax(-1)  # [B]
     st = DecodeState(model, first, mask, rope_deltas, L, max_new_tokens, eos)
     like_q = torch.empty(0, dtype=model.dtype_, device=model.device_)  # what the decode's queries will be
@@ -163,7 +169,8 @@ def generate_tokens(
     st.attn = decode_attention
     sync()
     t1 = time.perf_counter()
-    stats.update(prefill_s=t1 - t0, batch=B, prompt_tokens=L, decode_attention=decode_attention)
+    stats.update(prefill_s=t1 - t0, batch=B, prompt_tokens=L, prefill_chunk=prefill_chunk)
+    stats.update(decode_attention=decode_attention)
     stats.update(decode_variant=f"{layer.attn.variant}/{layer.mlp.variant}")
     if on_token is not None:
         on_token(first.tolist())

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..spec.checkpoint import check_params
-from ..spec.forward import check_inputs, select_stages
+from ..spec.forward import check_inputs, chunk_positions, chunk_spans, select_stages
 from ..spec.mrope import mrope_cos_sin, rope_index
 from ..spec.vision import VISION_ROPE_THETA
 from ..spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition, window_row_order
@@ -225,16 +225,20 @@ class Attention(nn.Module):
         qkv = self.qkv(rms_norm(x, self.norm, self.eps, use_triton=self.use_triton)).view(x.shape[0], -1, self.D)
         return apply_rotary_(qkv, cos, sin, self.N + self.K, use_triton=self.use_triton)
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, kv) -> torch.Tensor:
-        """x [B, L, C]; cos, sin [B*L, D/2]; mask from prefill_mask; kv None or this layer's caches
-        (k, v) [B, K, T, D], written at slots 0..L-1 -> [B, L, C]."""
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, kv, start: int = 0) -> torch.Tensor:
+        """x [B, L, C], the prompt tokens start..start+L-1; cos, sin [B*L, D/2]; mask from
+        prefill_mask(attention_mask[:, :start + L], start); kv None or this layer's caches (k, v)
+        [B, K, T, D], written at slots start..start+L-1; a chunk after the first (start > 0) attends to
+        the cached keys 0..start+L-1 -> [B, L, C]."""
         B, L, C = x.shape
         N, K, D = self.N, self.K, self.D
         qkv = self.project(x.reshape(B * L, C), cos, sin).view(B, L, N + 2 * K, D)
         q = qkv[:, :, :N].transpose(1, 2)  # [B, N, L, D]
         k, v = qkv[:, :, N : N + K].transpose(1, 2), qkv[:, :, N + K :].transpose(1, 2)  # [B, K, L, D]
         if kv is not None:
-            kv[0][:, :, :L], kv[1][:, :, :L] = k, v
+            kv[0][:, :, start : start + L], kv[1][:, :, start : start + L] = k, v
+            if start:
+                k, v = kv[0][:, :, : start + L], kv[1][:, :, : start + L]
         return self.step_out(x, prefill_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, N * D))
 
     def step_in(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, slot: torch.Tensor) -> torch.Tensor:
@@ -298,9 +302,11 @@ class DecoderLayer(nn.Module):
             use_triton,
         )
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, kv=None) -> torch.Tensor:
+    def prefill(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, kv=None, start: int = 0
+    ) -> torch.Tensor:
         """x [B, L, C] -> [B, L, C]; see Attention.prefill."""
-        return self.mlp(self.attn.prefill(x, cos, sin, mask, kv))
+        return self.mlp(self.attn.prefill(x, cos, sin, mask, kv, start))
 
     def decode(self, x, cos, sin, key_mask, kv, slot, attn: str = "sdpa", n_valid=None) -> torch.Tensor:
         """x [B, C] -> [B, C]; see Attention.decode."""
@@ -536,10 +542,14 @@ class Qwen25VL(nn.Module):
                 x = x.masked_scatter(mask[..., None], feats.to(x.dtype))  # flattened (row, position) order
         return x
 
-    def _run(self, inputs: dict, *, captured: dict, wanted: set, all_logits: bool, cache: KVCache | None):
+    def _run(self, inputs: dict, *, captured: dict, wanted: set, all_logits: bool, cache: KVCache | None, chunk=None):
         """Prompt -> (logits [B, L, V], or [B, V] for the last position, rope_deltas [B, 1]); keys and
-        values written into `cache` when given."""
+        values written into `cache` when given. chunk: None, or the decoder run over the prompt that
+        many tokens at a time, each chunk attending to the cache (spec.forward.decoder_stack_in_chunks)."""
         check_inputs(self.config, inputs)
+        chunk_spans(0, chunk)  # a bad chunk is refused before any compute
+        if chunk is not None and cache is None:
+            raise ValueError("a prefill in chunks needs the KV cache: call setup_caches first")
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(torch.int64)
@@ -559,12 +569,19 @@ class Qwen25VL(nn.Module):
         ):
             if name in wanted:
                 captured[name] = val
-        cos, sin = self.rope_tables(position_ids)
-        amask = prefill_mask(mask.to(self.device_))
-        for layer in self.text.layers:
-            x = layer.prefill(x, cos, sin, amask, None if cache is None else cache.layer(layer.i))
-            if f"text.layer.{layer.i}" in wanted:
-                captured[f"text.layer.{layer.i}"] = x
+        mask = mask.to(self.device_)
+        outputs, layer_parts = [], {}
+        for start, end in chunk_spans(ids.shape[1], chunk):  # one span unless prefilled in chunks
+            h = x[:, start:end]
+            cos, sin = self.rope_tables(chunk_positions(position_ids, start, end))
+            amask = prefill_mask(mask[:, :end], start)
+            for layer in self.text.layers:
+                h = layer.prefill(h, cos, sin, amask, None if cache is None else cache.layer(layer.i), start)
+                if f"text.layer.{layer.i}" in wanted:
+                    layer_parts.setdefault(f"text.layer.{layer.i}", []).append(h)
+            outputs.append(h)
+        x = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        captured.update({name: torch.cat(parts, dim=1) for name, parts in layer_parts.items()})
         if not all_logits and "text.norm" not in wanted:
             x = x[:, -1]  # generation needs only the last position (left padding: every row ends there)
         x = self.text.final(x)
@@ -604,10 +621,12 @@ class Qwen25VL(nn.Module):
         )
 
     @torch.inference_mode()
-    def prefill(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt into the cache: model inputs -> (logits of the last position [B, V], rope_deltas [B, 1])."""
+    def prefill(self, inputs: dict, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt into the cache: model inputs -> (logits of the last position [B, V], rope_deltas [B, 1]).
+        chunk: None (the prompt at once) or a token count: the decoder runs chunk by chunk, which bounds
+        the activations by the chunk rather than the prompt (the vision tower still runs once)."""
         self._check_cache(*inputs["input_ids"].shape)
-        return self._run(inputs, captured={}, wanted=set(), all_logits=False, cache=self.cache)
+        return self._run(inputs, captured={}, wanted=set(), all_logits=False, cache=self.cache, chunk=chunk)
 
     def decode(
         self,

@@ -162,13 +162,71 @@ def decoder_stack(
     return x, new_cache
 
 
-def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_index):
+def chunk_spans(length: int, chunk: int | None) -> list[tuple[int, int]]:
+    """The token ranges [start, end) of a prompt of `length` tokens prefilled `chunk` tokens at a time
+    (None: the whole prompt at once). chunk must be a positive int."""
+    if chunk is None:
+        return [(0, length)]
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive integer or None, got {chunk!r}")
+    return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+
+
+def chunk_positions(position_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The positions of prompt tokens start..end-1: int64 [3, B, L] -> [3, B, end - start].
+
+    They are the whole prompt's, cut at the chunk's own offset: rope_index needs every token (a
+    vision span's positions follow its grid, the text after it resumes past the span's largest
+    position), so a chunk cannot compute its own, and the first chunk's or the last chunk's
+    positions are not a later chunk's."""
+    return position_ids[..., start:end]
+
+
+def decoder_stack_in_chunks(
+    params: dict,
+    config,
+    x: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    chunk: int,
+    *,
+    captured: dict,
+    wanted: set = frozenset(),
+) -> tuple[torch.Tensor, list]:
+    """decoder_stack over the prompt `chunk` tokens at a time (chunked prefill, how serving engines
+    and mlx-vlm run long prompts): each chunk attends to the cache the chunks before it wrote and,
+    causally, to itself. Same arguments and result as decoder_stack without a cache; equal to it up
+    to rounding. The embeddings (vision features already scattered) and positions are the whole
+    prompt's, sliced per chunk: a chunk boundary may fall inside a vision span."""
+    outputs, layer_parts, cache = [], {}, None
+    for start, end in chunk_spans(x.shape[1], chunk):
+        got: dict = {}
+        h, cache = decoder_stack(
+            params,
+            config,
+            x[:, start:end],
+            chunk_positions(position_ids, start, end),
+            attention_mask[:, :end],
+            cache,
+            captured=got,
+            wanted=wanted,
+        )
+        outputs.append(h)
+        for name, value in got.items():
+            layer_parts.setdefault(name, []).append(value)
+    captured.update({name: torch.cat(parts, dim=1) for name, parts in layer_parts.items()})
+    return torch.cat(outputs, dim=1), cache
+
+
+def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_index, prefill_chunk=None):
     """Everything up to the final norm: (hidden [B, L, C], captured, cache, rope_deltas int64 [B, 1]).
 
     Generation needs the cache (one (k, v) per layer, each [B, K, L, D]) and rope_deltas, and the
     logits of the last position only. rope_rule: the position rule, spec.mrope.rope_index
-    (training-time, the default) or a named variant with the same signature.
+    (training-time, the default) or a named variant with the same signature. prefill_chunk: None
+    (the prompt at once) or a token count (decoder_stack_in_chunks; the vision tower still runs once).
     """
+    chunk_spans(0, prefill_chunk)  # a bad chunk is refused before any compute
     check_inputs(config, inputs)
     wanted = select_stages(config, capture)
     table = params["model.embed_tokens.weight"]
@@ -195,7 +253,12 @@ def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_in
     mask = mask.to(device)
     stages = {"text.inputs_embeds": x, "text.position_ids": position_ids, "text.rope_deltas": rope_deltas}
     captured.update({k: v for k, v in stages.items() if k in wanted})
-    x, cache = decoder_stack(params, config, x, position_ids, mask, captured=captured, wanted=wanted)
+    if prefill_chunk is None:
+        x, cache = decoder_stack(params, config, x, position_ids, mask, captured=captured, wanted=wanted)
+    else:
+        x, cache = decoder_stack_in_chunks(
+            params, config, x, position_ids, mask, prefill_chunk, captured=captured, wanted=wanted
+        )
     x = text.final_norm(params, config, x)
     if "text.norm" in wanted:
         captured["text.norm"] = x

@@ -59,6 +59,7 @@ def generate_greedy(
     eos_token_id,
     rope_rule=rope_index,
     return_logits: bool = False,
+    prefill_chunk: int | None = None,
 ):
     """Greedy continuation of a left-padded batch: model inputs -> new tokens int64 [B, n], n <= max_new_tokens.
 
@@ -66,10 +67,12 @@ def generate_greedy(
     filled with config.pad_token_id after it. Generation stops when every row has stopped or after
     max_new_tokens. rope_rule: the position rule of the prompt (see spec.forward.prefill).
     return_logits: also return the logits [B, n, V] each token was picked from, as this loop computed
-    them (prefill, then one cached decode step per token).
+    them (prefill, then one cached decode step per token). prefill_chunk: None, or the prompt
+    prefilled that many tokens at a time (spec.forward.decoder_stack_in_chunks): the same answer up
+    to rounding, whatever the chunk.
     """
     eos = check_generate_args(config, inputs, max_new_tokens, eos_token_id)
-    hidden, _, cache, rope_deltas = prefill(params, config, inputs, rope_rule=rope_rule)
+    hidden, _, cache, rope_deltas = prefill(params, config, inputs, rope_rule=rope_rule, prefill_chunk=prefill_chunk)
     logits = text.lm_head(params, hidden[:, -1:])  # [B, 1, V]: only the last position is needed
     B, L = inputs["input_ids"].shape
     device = hidden.device

@@ -23,6 +23,9 @@ what your port exposes:
         the golden output of the previous stage (float32), and "position_ids" for text layers
     generate(inputs, *, max_new_tokens, eos_token_id) -> tokens int [B, n], or (tokens, topk int [B, n, k]),
         or {"tokens", "topk", "topk_logprobs" float [B, n, k]}: log-probs are judged at every step
+    generate_chunked(inputs, *, prefill_chunk, max_new_tokens, eos_token_id) -> as generate, with the
+        prompt prefilled `prefill_chunk` tokens at a time (state.chunked; the harness picks a chunk
+        whose boundary falls inside a vision span)
 
 Stage outputs are in the canonical order of docs/INTERFACES.md ("Stage names"): vision stages in
 pixel_values row order, text stages [B, L, C] including padded positions (they are masked out).
@@ -66,6 +69,9 @@ class Adapter:
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         raise NotCovered("generate")
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        raise NotCovered("generate_chunked: the port does not say how to prefill in chunks")
 
     # the item table of an exact stage; the file exchange overrides this to read a port's files
     def run_items(self, stage: str, items: list[dict], *, tokenizer_dir=None) -> list:

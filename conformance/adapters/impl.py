@@ -103,9 +103,16 @@ class ImplAdapter(SpecAdapter):
         return self._cpu(captured)
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        return self.generate_chunked(
+            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        )
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
         if not hasattr(self.model, "generate_from_inputs"):
             raise NotCovered("impl has no generate_from_inputs")
-        return self.model.generate_from_inputs(self._inputs(inputs), max_new_tokens, eos_token_id).cpu()
+        return self.model.generate_from_inputs(
+            self._inputs(inputs), max_new_tokens, eos_token_id, prefill_chunk=prefill_chunk
+        ).cpu()
 
     def run_stage(self, stage, feeds):
         """Teacher-forced stages through impl's public one-stage methods (vision blocks and merger,

@@ -105,6 +105,12 @@ class SpecAdapter(Adapter):
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         """Tokens, and the top-5 ids and log-probs of the logits the decode loop picked each from (so a
         mistake in the decode steps, positions or cache, shows in the log-probs where the tokens hold)."""
+        return self.generate_chunked(
+            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        )
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        """generate, with the prompt prefilled `prefill_chunk` tokens at a time (None: at once)."""
         new, logits = generate_greedy(
             self.params,
             self.config,
@@ -113,6 +119,7 @@ class SpecAdapter(Adapter):
             eos_token_id=eos_token_id,
             rope_rule=self.rope_rule,
             return_logits=True,
+            prefill_chunk=prefill_chunk,
         )
         top = logits.double().log_softmax(-1).topk(5, dim=-1)
         return {"tokens": new, "topk": top.indices, "topk_logprobs": top.values}

@@ -107,9 +107,11 @@ class Patched(SpecAdapter):
         with self._patched(self.model_patches(feeds)):
             return super().run_stage(stage, feeds)
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
-        with self._patched(self.model_patches(inputs)):
-            return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        with self._patched(self.model_patches(inputs)):  # generate comes here too (SpecAdapter.generate)
+            return super().generate_chunked(
+                inputs, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+            )
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
         with self._patched(self.routed_patches() + self.input_patches(images, options)):

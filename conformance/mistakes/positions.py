@@ -146,9 +146,11 @@ class _Decode(SpecAdapter):
     def decode_positions(self, rope_deltas, start, steps):
         return self.positions(torch.as_tensor(rope_deltas), start, steps)
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):  # generate too
         with Patched._patched(self, [(spec_generate, "decode_positions", self.positions)]):
-            return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+            return super().generate_chunked(
+                inputs, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+            )
 
 
 class DecodeWithoutDeltas(_Decode):
@@ -178,7 +180,7 @@ class DecodeDeltasShared(_Decode):
 class StaleRopeDeltas(SpecAdapter):
     """rope_deltas of the first generation kept and reused by every later one (same batch size)."""
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):  # generate too
         real = spec_generate.prefill
 
         def prefill(*args, **kwargs):
@@ -189,7 +191,9 @@ class StaleRopeDeltas(SpecAdapter):
             return hidden, captured, cache, stale
 
         with Patched._patched(self, [(spec_generate, "prefill", prefill)]):
-            return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+            return super().generate_chunked(
+                inputs, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+            )
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -138,17 +138,21 @@ class StopsOnImEndOnly(SpecAdapter):
     """Generation stops at config.json's eos_token_id (151645, <|im_end|>) only, not at every id of
     generation_config.json's list (also 151643, <|endoftext|>)."""
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):  # generate too
         first = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
-        return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=first)
+        return super().generate_chunked(
+            inputs, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, eos_token_id=first
+        )
 
 
 class NeverStops(SpecAdapter):
     """Generation ignores eos and always runs max_new_tokens (a benchmark setting left on)."""
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):  # generate too
         never = self.config.vocab_size - 1  # an unused row of the padded vocabulary: no greedy pick
-        return super().generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=never)
+        return super().generate_chunked(
+            inputs, prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, eos_token_id=never
+        )
 
 
 ENTRIES = [
