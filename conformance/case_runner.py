@@ -288,7 +288,8 @@ class CaseRunner:
             result, tokens = self._generate(case, request, inputs, ck)
             out.append(result)
         if chunked and not case.stage_problem("generate.tokens"):
-            out.append(chunked_result(self, case, inputs, ck, result if "generate.tokens" in names else None))
+            ran = "generate.tokens" in names
+            out.append(chunked_result(self, case, inputs, ck, result if ran else None, tokens))
         # kept for the repeat check (state.repeat): the captured stages, or the tokens alone for a port
         # that only generates (a serving engine)
         ran = bool(model_names and captured and not failure)

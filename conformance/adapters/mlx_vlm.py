@@ -240,6 +240,13 @@ class MlxVlmAdapter(Adapter):
         top-k ids: the log-probs generate_step yields differ from float64 by about 1e-5 at step 0 (a
         float32 log-softmax over 152064 entries), above the 3e-6 float32 noise budget of the tokens rule,
         while the logits stage itself passes with mean KL 3e-13."""
+        return self.generate_chunked(
+            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        )
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        """generate with generate_step's own `prefill_step_size` (its default, 2048, when None): mlx-vlm
+        runs a prompt longer than that through the model in chunks of that many tokens."""
         import mlx.core as mx
         from mlx_vlm.generate.ar import generate_step
 
@@ -258,6 +265,7 @@ class MlxVlmAdapter(Adapter):
                 max_tokens=max_new_tokens,
                 temperature=0.0,
                 repetition_penalty=None,
+                **({} if prefill_chunk is None else {"prefill_step_size": prefill_chunk}),
                 **kw,
             )
             for token, lp in steps:

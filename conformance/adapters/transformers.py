@@ -349,8 +349,29 @@ class TransformersAdapter(Adapter):
         return 151643
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        return self.generate_chunked(
+            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        )
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        """generate with transformers' own `prefill_chunk_size`. Its chunked prefill refuses raw pixels
+        (it cannot split them), so the vision tower runs first and its outputs go in as
+        `mm_encoder_outputs`, which generate hands to each chunk for the placeholders it holds."""
         model_inputs = self._model_inputs(inputs)
         self.model.model.rope_deltas = None
+        if prefill_chunk is not None:
+            model_inputs["prefill_chunk_size"] = prefill_chunk
+            encoded = {}
+            with torch.no_grad():
+                for kind, pixels, grid in (
+                    ("image", "pixel_values", "image_grid_thw"),
+                    ("video", "pixel_values_videos", "video_grid_thw"),
+                ):
+                    if model_inputs.get(pixels) is not None:
+                        features = getattr(self.model.model, f"get_{kind}_features")
+                        encoded[kind] = features(model_inputs.pop(pixels), model_inputs[grid], return_dict=True)
+            if encoded:
+                model_inputs["mm_encoder_outputs"] = encoded
         with torch.no_grad():
             out = self.model.generate(
                 **model_inputs,

@@ -17,10 +17,10 @@ stage family, and one Mistake(...) in that module's ENTRIES; docs/mistakes.md is
 from __future__ import annotations
 
 from .. import stages
-from . import inputs, positions, text, vision
+from . import chunks, inputs, positions, text, vision
 from ._base import LOCK, Mistake, Patched
 
-CATALOGUE: list[Mistake] = [*inputs.ENTRIES, *positions.ENTRIES, *vision.ENTRIES, *text.ENTRIES]
+CATALOGUE: list[Mistake] = [*inputs.ENTRIES, *positions.ENTRIES, *vision.ENTRIES, *text.ENTRIES, *chunks.ENTRIES]
 
 __all__ = ["CATALOGUE", "LOCK", "Mistake", "Patched", "by_name", "for_stage", "markdown_table", "model_stages_fed_by"]
 

@@ -161,3 +161,41 @@ def test_batch_equals_single_rows(models):
         single = vision_inputs(config, [texts[b]], images, [], seed=4)
         alone = models[torch.float32].generate_from_inputs(single, 5, [151645])
         assert torch.equal(alone[0], together[b, : alone.shape[1]])
+
+
+@settings(max_examples=12)
+@given(batch=batches(), cut=st.floats(0.0, 1.0))
+def test_a_prefill_in_chunks_equals_the_prompt_at_once(models, batch, cut):
+    """Any chunk size, on any batch (left padding, images and videos a boundary may split): the same last
+    logits and the same keys and values in the cache as the prompt prefilled at once (float32)."""
+    texts, images, videos, spgt, seed = batch
+    model = models[torch.float32]
+    inputs = vision_inputs(model.config, texts, images, videos, seed=seed, spgt=spgt)
+    B, L = inputs["input_ids"].shape
+    chunk = 1 + int(cut * (L - 1))
+    model.setup_caches(B, L)
+    whole, deltas = model.prefill(inputs)
+    k, v = model.cache.k.clone(), model.cache.v.clone()
+    model.setup_caches(B, L)
+    got, got_deltas = model.prefill(inputs, chunk)
+    assert torch.equal(got_deltas, deltas)
+    torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.cache.k, k, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.cache.v, v, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_in_chunks_gives_the_same_tokens_and_refuses_a_bad_chunk(oracle, models):
+    config, params = oracle
+    inputs = vision_inputs(
+        config, [[100, 101, 102, 103], [7]], [(0, (1, 6, 10))], [(1, (2, 4, 8))], seed=11, spgt=[0.5]
+    )
+    ref = generate_greedy(params, config, inputs, 8, eos_token_id=[151645])
+    model = models[torch.float32]
+    for chunk in (1, 9, 10_000):
+        assert torch.equal(model.generate_from_inputs(inputs, 8, [151645], prefill_chunk=chunk), ref), chunk
+        assert model.last_stats["prefill_chunk"] == chunk
+    for bad in (0, -1, 1.5, "4"):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive integer or None"):
+            model.generate_from_inputs(inputs, 2, [151645], prefill_chunk=bad)
+    with pytest.raises(ValueError, match="a prefill in chunks needs the KV cache"):
+        model._run(inputs, captured={}, wanted=set(), all_logits=False, cache=None, chunk=4)

@@ -265,3 +265,37 @@ def test_returned_logits_are_the_decode_loops_and_match_one_full_forward(tiny_ch
     mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)
     full, _ = forward(params, config, {**inputs, "input_ids": ids, "attention_mask": mask})
     torch.testing.assert_close(logits, full[:, L - 1 : L - 1 + new.shape[1]], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["padded_batch", "image_mid_prompt"])
+def test_a_prefill_in_chunks_gives_the_prompt_at_once(case, tiny_checkpoint):
+    """Chunks of one token, a boundary inside the first image, and one chunk as long as the prompt: the
+    same tokens and, in float64, the same logits and layer outputs (each chunk takes the whole prompt's
+    positions and embeddings at its own offset and attends to the cache the chunks before it wrote)."""
+    folder = str(tiny_checkpoint)
+    config, params = load_spec(folder)
+    inputs = build(case, folder)
+    L = inputs["input_ids"].shape[1]
+    first_pad = int((inputs["input_ids"][0] == config.image_token_id).nonzero()[0])
+    new, logits = generate_greedy(params, config, inputs, 6, eos_token_id=config.eos_token_id, return_logits=True)
+    hidden, captured, cache, deltas = prefill(params, config, inputs, capture="text")
+    for chunk in (1, first_pad + 3, L):
+        got, got_logits = generate_greedy(
+            params, config, inputs, 6, eos_token_id=config.eos_token_id, return_logits=True, prefill_chunk=chunk
+        )
+        assert torch.equal(got, new), chunk
+        torch.testing.assert_close(got_logits, logits, rtol=1e-9, atol=1e-9)
+        h, c, k, d = prefill(params, config, inputs, capture="text", prefill_chunk=chunk)
+        assert torch.equal(d, deltas) and k[0][0].shape == cache[0][0].shape
+        torch.testing.assert_close(h, hidden, rtol=1e-9, atol=1e-9)
+        for name in ("text.layer.0", "text.position_ids"):
+            torch.testing.assert_close(c[name], captured[name], rtol=1e-9, atol=1e-9)
+
+
+def test_a_bad_prefill_chunk_is_refused_before_any_compute(tiny_checkpoint):
+    folder = str(tiny_checkpoint)
+    config, params = load_spec(folder)
+    inputs = build("one_image", folder)
+    for bad in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="prefill_chunk must be a positive integer or None, got"):
+            generate_greedy(params, config, inputs, 2, eos_token_id=1, prefill_chunk=bad)
