@@ -1,7 +1,7 @@
 """state.chunked: does the port answer the same when it prefills the prompt in chunks?
 
-Serving engines and mlx-vlm run a long prompt through the decoder a chunk at a time. Five real ports
-shipped bugs that show only then: every chunk given the first chunk's positions (mlx-vlm#1737), the
+Serving engines and mlx-vlm run a long prompt through the decoder a chunk at a time. Four real ports
+shipped five bugs that show only then: every chunk given the first chunk's positions (mlx-vlm#1737), the
 last chunk's (mistral.rs#2083), positions sliced on one side only (vllm#10388), vision rows paired
 with chunk-local ids (mistral.rs#2301), an image split across micro-batches (llama.cpp#16876). A
 model case's prompt is shorter than any default chunk, so the harness asks for one: for every model

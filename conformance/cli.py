@@ -195,9 +195,13 @@ def _stage_names(paths: list[Path]) -> list[str]:
     names: set[str] = set()
     for p in paths:
         try:
-            names |= set(load_case(p, verify=False).stages)
+            case = load_case(p, verify=False)
         except ValueError:
             continue
+        names |= set(case.stages)
+        # the checks of the port's state that the runner adds to a model case (repeat.py, chunked.py)
+        names |= {"state.repeat"} if case.kind == "model" else set()
+        names |= {"state.chunked"} if "generate.tokens" in case.stages else set()
     return sorted(names, key=lambda n: stages.order_key(n) if stages.is_known(n) else (-1, 0))
 
 

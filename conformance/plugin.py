@@ -16,6 +16,7 @@ import json
 import pytest
 
 from . import report, runner, stages
+from .chunked import STAGE as STAGE_CHUNKED
 from .cli import default_expectations
 from .fixtures import FORMAT, load_case
 from .supervisor import SupervisedAdapter, default_memory_limit
@@ -54,7 +55,9 @@ def pytest_collect_file(file_path, parent):
 class CaseFile(pytest.File):
     def collect(self):
         case = load_case(self.path.parent, verify=False)
-        for stage in sorted(case.stages, key=stages.order_key):
+        # a model case with a generation is also generated with its prompt prefilled in chunks (chunked.py)
+        extra = [STAGE_CHUNKED] if "generate.tokens" in case.stages else []
+        for stage in sorted([*case.stages, *extra], key=stages.order_key):
             yield StageItem.from_parent(self, name=stage, stage=stage)
 
 

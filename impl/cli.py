@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tp", type=int, default=1, help="tensor parallel ranks; run under torchrun --nproc-per-node N (default 1)"
     )
     p.add_argument("--fetch-timeout", type=float, default=None, help="seconds allowed per URL fetch (default 30)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="prefill the prompt this many tokens at a time (bounds a long prompt's activations; default: at once)",
+    )
     return p
 
 
@@ -176,6 +182,9 @@ def _load(args, **kwargs):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        print(f"error: --prefill-chunk must be >= 1, got {args.prefill_chunk}", file=sys.stderr)
+        return 2
     if args.max_new_tokens < 1:
         print(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}", file=sys.stderr)
         return 2
@@ -224,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         stop = [cfg.eos_token_id, cfg.pad_token_id]
         streamer = _Streamer(model.tokenizer, stop)
         with torch.inference_mode():
-            model.generate_from_inputs(inputs, args.max_new_tokens, stop, on_token=streamer)
+            model.generate_from_inputs(
+                inputs, args.max_new_tokens, stop, on_token=streamer, prefill_chunk=args.prefill_chunk
+            )
         s = model.last_stats
         print(file=sys.stdout, flush=True)  # the answer ends with a newline, whatever it was
         rate = f", {s['decode_tok_per_s']:.1f} tok/s" if s.get("decode_tok_per_s") else ""

@@ -37,6 +37,11 @@ if [ ! -f "$build/bin/libllama.so" ] || [ ! -f "$build/bin/libmtmd.so" ]; then
   cmake --build "$build" -j2 --target llama mtmd >&2
 fi
 tap_build="$build/conformance-tap"
+# a tap configured from another checkout of this repo: cmake refuses to reuse its cache, so start it afresh
+if [ -f "$tap_build/CMakeCache.txt" ] &&
+  ! grep -qxF "CMAKE_HOME_DIRECTORY:INTERNAL=$repo/conformance/llama_cpp_tap" "$tap_build/CMakeCache.txt"; then
+  rm -rf "$tap_build"
+fi
 cmake -S "$repo/conformance/llama_cpp_tap" -B "$tap_build" -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_CPP_SRC="$src" -DLLAMA_CPP_BUILD="$build" >&2
 cmake --build "$tap_build" -j2 >&2

@@ -6,7 +6,8 @@ docs/exchange.md is the full specification, written for a port author who reads 
    golden outputs: IN/<case>/case.json (what to compute and every file it needs: checkpoint,
    preprocessor config, tokenizer files, prompts, max_new_tokens, eos ids), the stage inputs of exact
    cases, and for model cases request.json, inputs.safetensors (the model inputs) and media/.
-   IN/order.json lists the case folders, the model cases again as <case>@repeat (state.repeat).
+   IN/order.json lists the case folders, the model cases again as <case>@repeat (state.repeat), and
+   the model cases with a generation as <case>@chunked, whose case.json adds prefill_chunk (state.chunked).
 2. The port writes OUT/<case>/: <stage>.json for exact stages, model stage tensors in safetensors
    (outputs.safetensors in the batch layout, or rows/<i>.safetensors per row), generate.tokens.json,
    and OUT/port.json declaring its conventions (conversions.CONVENTIONS; defaults: the canonical ones).
@@ -27,10 +28,12 @@ from safetensors.torch import load_file, save_file
 from ...spec.chat import render_chat
 from ...spec.config import Qwen25VLConfig
 from .. import conversions, stages
+from ..chunked import chunk_for
 from ..conversions import GIVEN
 from ..repeat import REPEAT_SUFFIX
 from .base import Adapter, NotCovered
 
+CHUNKED_SUFFIX = "@chunked"  # the file exchange's folder for a case generated with its prompt prefilled in chunks
 PORT_KEYS = ("name", "version", "dtype", "device", "profile", "exchange") + tuple(conversions.CONVENTIONS)
 # a port that declares nothing is read in the canonical layout: each convention's first value
 DEFAULTS = {key: values[0] for key, values in conversions.CONVENTIONS.items()}
@@ -228,6 +231,17 @@ class FilesAdapter(Adapter):
             x, grid, window_size=v.window_size, patch_size=v.patch_size, merge_size=v.spatial_merge_size, where=where
         )
 
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        """OUT/<case>@chunked/generate.tokens.json: the port's generation with the prompt prefilled in
+        chunks of IN/<case>@chunked/case.json's prefill_chunk (the harness picks the same chunk)."""
+        if prefill_chunk is None:
+            return self.generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        folder, self.case_dir = self.case_dir, self.case_dir.with_name(self.case_dir.name + CHUNKED_SUFFIX)
+        try:
+            return self.generate(inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        finally:
+            self.case_dir = folder
+
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         got = self._json("generate.tokens.json")
         where = str(self.case_dir / "generate.tokens.json")
@@ -357,9 +371,10 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
             raise ValueError(f"case {case.name}: cannot export, bad files {case.bad_files}")
     infos = [case_info(case) for case in cases]  # prompts rendered, files found: before anything is written
     for case in cases:
-        again = out / (case.name + REPEAT_SUFFIX)
-        if case.kind == "model" and again.exists() and not again.is_dir():
-            raise ValueError(f"--export-inputs: {again} exists and is not a folder")
+        for suffix in (REPEAT_SUFFIX, CHUNKED_SUFFIX):
+            again = out / (case.name + suffix)
+            if case.kind == "model" and again.exists() and not again.is_dir():
+                raise ValueError(f"--export-inputs: {again} exists and is not a folder")
     names = []
     for case, info in zip(cases, infos):
         # only the files named below are (over)written: a port's own files in the folder stay
@@ -393,6 +408,26 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
         shutil.copytree(out / name, again, dirs_exist_ok=True)
         info = json.loads((out / name / "case.json").read_text(encoding="utf-8"))
         (again / "case.json").write_bytes(dump_json({**info, "case": again.name, "repeat_of": name}))
-    order = names + [n + REPEAT_SUFFIX for n in reversed(model)]
+    # state.chunked: each model case with a generation once more, to be generated with its prompt prefilled
+    # prefill_chunk tokens at a time (the chunk the harness picks: a boundary inside the first vision span)
+    chunked = []
+    for name, case, info in zip(names, cases, infos):
+        picked = _chunk_of(case) if case.kind == "model" and "max_new_tokens" in info else None
+        if picked is None:
+            continue
+        again = out / (name + CHUNKED_SUFFIX)
+        shutil.copytree(out / name, again, dirs_exist_ok=True)
+        extra = {"case": again.name, "chunked_of": name, "prefill_chunk": picked[0], "prefill_chunks": picked[1]}
+        (again / "case.json").write_bytes(dump_json({**info, **extra, "stages": ["generate.tokens"]}))
+        chunked.append(again.name)
+    order = names + [n + REPEAT_SUFFIX for n in reversed(model)] + chunked
     (out / "order.json").write_bytes(dump_json({"run_in_one_process_in_this_order": order}))
     return names
+
+
+def _chunk_of(case):
+    """(prefill chunk, where its boundaries fall) for a model case, as the case runner picks it."""
+    ck = case.checkpoint()
+    if not ck or not (ck / "config.json").is_file():
+        return None
+    return chunk_for(case.tensors(case.manifest["inputs"])["input_ids"], Qwen25VLConfig.from_file(ck / "config.json"))

@@ -207,14 +207,16 @@ class LlamaCppAdapter(Adapter):
         self.case = case
 
     # ---- one request row through the tap
-    def _tap(self, checkpoint: str, prompt: str, images: list[str], n_predict: int, eos=(151645,)) -> dict:
+    def _tap(self, checkpoint: str, prompt: str, images: list[str], n_predict: int, eos=(151645,), batch=None) -> dict:
+        """One tap run; batch: None (the prompt in one pass) or llama.cpp's n_batch = n_ubatch."""
         text, mmproj = self._gguf(checkpoint)
         out = Path(tempfile.mkdtemp(prefix="qwen25vl-llama-cpp-tap-"))
         (out / "prompt.txt").write_text(prompt, encoding="utf-8")
         cmd = [str(self.tap), str(text), str(mmproj), str(out / "prompt.txt"), str(out), str(n_predict)]
         cmd += [",".join(str(int(e)) for e in eos)] + list(images)
+        env = None if batch is None else {**os.environ, "QWEN25VL_TAP_BATCH": str(int(batch))}
         try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=TAP_TIMEOUT)
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=TAP_TIMEOUT, env=env)
         except subprocess.TimeoutExpired:
             shutil.rmtree(out, ignore_errors=True)
             raise LlamaCppError(f"the llama.cpp tap ran past {TAP_TIMEOUT:.0f} s") from None
@@ -383,10 +385,19 @@ class LlamaCppAdapter(Adapter):
 
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         """The tap's greedy loop, one row at a time; rows that stopped are padded with an eos id."""
+        return self.generate_chunked(
+            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        )
+
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
+        """generate with n_batch = n_ubatch = prefill_chunk: llama.cpp decodes each text chunk and each
+        image's embeddings that many tokens at a time (mtmd splits an image into several batches, the
+        path of llama.cpp#16876). Its chunks follow mtmd's own text/image split, so the harness's
+        boundary falls at the chunk size counted from each chunk's start, not the prompt's."""
         eos = sorted(set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]))
         tokens, topk = [], []
         for prompt, files in self._case_rows(inputs):
-            t = self._tap(self.checkpoint, prompt, files, max_new_tokens, eos)
+            t = self._tap(self.checkpoint, prompt, files, max_new_tokens, eos, batch=prefill_chunk)
             tokens.append(t["generated"].tolist())
             topk.append(t["generated_top5"].reshape(-1, 5).tolist())
         return {

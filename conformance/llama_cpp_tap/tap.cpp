@@ -165,6 +165,16 @@ int main(int argc, char ** argv) {
     cp.n_ctx = 4096;
     cp.n_batch = 4096;
     cp.n_ubatch = 4096;  // one prompt pass: each named tensor seen once per chunk
+    // QWEN25VL_TAP_BATCH=N: the prompt decoded N tokens at a time (n_batch = n_ubatch = N), text and image
+    // chunks alike, the way a smaller batch setting runs it (state.chunked; the generated tokens are read)
+    if (getenv("QWEN25VL_TAP_BATCH")) {
+        const int n = atoi(getenv("QWEN25VL_TAP_BATCH"));
+        if (n < 1) {
+            fprintf(stderr, "tap: QWEN25VL_TAP_BATCH must be a positive integer\n");
+            return 2;
+        }
+        cp.n_batch = cp.n_ubatch = n;
+    }
     cp.n_threads = cp.n_threads_batch = 2;
     // QWEN25VL_TAP_F32=1: float32 KV cache and no flash attention (llama.cpp's defaults are a float16 KV cache
     // and flash attention where the backend has it, which rounds K and V to float16)

@@ -3,6 +3,7 @@ in chunks, the first boundary inside the first vision span, and judged against t
 port whose own answer is already wrong passes when the chunking does not change it; the catalogue's
 chunk mistakes (test_mistakes.py) are named."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from qwen25vl.conformance.chunked import chunk_for
 from qwen25vl.conformance.mistakes.chunks import ChunkPositionsFromStart
 from qwen25vl.conformance.mistakes.positions import DecodeWithoutDeltas
 from qwen25vl.spec.config import Qwen25VLConfig
+from qwen25vl.tools import cli
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 IMAGE, VIDEO = 151655, 151656  # the config's image and video pad ids
@@ -98,3 +100,10 @@ def test_what_state_chunked_says(port, status, says):
     assert "(the first inside the image span 18..71)" in r.where
     plain = got[("model_image", "generate.tokens")].status
     assert plain == ("fail" if issubclass(port, DecodeWithoutDeltas) else "pass")
+
+
+def test_the_state_checks_are_stages_the_command_line_selects(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["conform", "--target", "spec", "--cases", "model_thin", "--stages", r"^state\.", "--json", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert {r["stage"] for r in json.loads(out.read_text())["results"]} == {"state.repeat", "state.chunked"}

@@ -181,6 +181,20 @@ def test_pytest_plugin_items_per_stage(tmp_path):
     assert "3 passed" in proc.stdout and "bringing up nodes" in proc.stdout
 
 
+def test_pytest_plugin_holds_the_chunked_prefill_of_a_model_case(tmp_path):
+    """A model case with a generation has a state.chunked item beside its fixture's stages."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "qwen25vl.conformance.plugin", str(FIXTURES / "model_thin")]
+        + ["--conform-target", "spec", "-v", "-p", "no:cacheprovider", "-p", "no:randomly"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "model_thin::generate.tokens PASSED" in proc.stdout and "model_thin::state.chunked PASSED" in proc.stdout
+
+
 # ---- the command line refuses what it cannot do, before doing any work
 
 

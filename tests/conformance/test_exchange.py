@@ -109,9 +109,37 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(ported, tmp_
         "vision.block.0",
         "generate.tokens",
         "state.repeat",
+        "state.chunked",  # the port prefilled each <case>@chunked prompt in chunks of prefill_chunk tokens
     } <= stages
     # preprocessing is not this port's business: not covered, never a failure
     assert {r["status"] for r in results if r["stage"].startswith("preprocess.")} == {"not_covered"}
+
+
+def test_a_chunked_generation_is_read_from_its_own_folder(ported, exported, tmp_path):
+    """IN/<case>@chunked/case.json holds the chunk the case runner picks; OUT/<case>@chunked/ is judged as
+    state.chunked: a changed token there fails it (and nothing else), a missing folder is not covered."""
+    info = json.loads((exported / "model_image@chunked" / "case.json").read_text())
+    assert (info["chunked_of"], info["prefill_chunk"], info["stages"]) == ("model_image", 45, ["generate.tokens"])
+    assert "inside the image span 18..71" in info["prefill_chunks"]
+    order = json.loads((exported / "order.json").read_text())["run_in_one_process_in_this_order"]
+    assert order[-1].endswith("@chunked") and "model_batch@chunked" in order
+    out = tmp_path / "out"
+    shutil.copytree(ported, out)
+    tokens = out / "model_image@chunked" / "generate.tokens.json"
+    answer = json.loads(tokens.read_text())
+    answer["tokens"][0][1] = 17
+    tokens.write_text(json.dumps(answer))
+    shutil.rmtree(out / "model_thin@chunked")
+    code = cli.main(
+        ["conform", "--target", f"files:{out}", "--cases", "model_(image|thin)$", "--json", str(tmp_path / "r.json")]
+    )
+    results = {(r["case"], r["stage"]): r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert code == 1
+    assert results[("model_image", "state.chunked")]["status"] == "fail"
+    assert "chunks of 45 tokens" in results[("model_image", "state.chunked")]["where"]
+    assert results[("model_image", "generate.tokens")]["status"] == "pass"
+    assert results[("model_thin", "state.chunked")]["status"] == "not_covered"
+    assert results[("model_thin", "generate.tokens")]["status"] == "pass"
 
 
 def test_a_key_the_port_leaves_out_stays_not_covered(ported, tmp_path):

@@ -1,13 +1,17 @@
 """`qwen25vl generate` (impl/cli.py) on the tiny checkpoint: streams the same text as a direct call."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from qwen25vl.impl.cli import main
 from qwen25vl.impl.model import Qwen25VL
 
 
-def test_generate_streams_answer(tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("chunk", [[], ["--prefill-chunk", "7"]])
+def test_generate_streams_answer(tiny_checkpoint, tmp_path, capsys, chunk):
+    """The same text as a direct call, with the prompt at once or prefilled 7 tokens at a time (boundaries
+    inside the image's span)."""
     img = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((60, 90, 3)) * 255).astype("uint8")).save(img)
     rc = main(
@@ -22,6 +26,7 @@ def test_generate_streams_answer(tiny_checkpoint, tmp_path, capsys):
             "6",
             "--device",
             "cpu",
+            *chunk,
         ]
     )
     out, err = capsys.readouterr()
@@ -35,6 +40,11 @@ def test_generate_streams_answer(tiny_checkpoint, tmp_path, capsys):
         eos_token_id=[cfg.eos_token_id, cfg.pad_token_id],
     )
     assert out == expected + "\n"
+
+
+def test_a_bad_prefill_chunk_is_refused_before_loading(tmp_path, capsys):
+    rc = main(["--checkpoint", str(tmp_path / "none"), "--prompt", "hi", "--prefill-chunk", "0"])
+    assert rc == 2 and "--prefill-chunk must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys):

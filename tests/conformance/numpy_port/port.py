@@ -195,8 +195,10 @@ class Model:
             out["text.norm"] = x
         return x, new
 
-    def run_row(self, ids, pixels, grids, video_seconds, max_new, eos):
-        """One prompt, alone: (its stages, generated ids, the top-5 ids per step)."""
+    def run_row(self, ids, pixels, grids, video_seconds, max_new, eos, chunk=None):
+        """One prompt, alone: (its stages, generated ids, the top-5 ids per step). chunk: the prompt through
+        the decoder that many tokens at a time (a <case>@chunked folder), each chunk taking the whole
+        prompt's embeddings and positions at its own offset; its stages are then not written."""
         out, w = {}, self.w
         x = w["model.embed_tokens.weight"][ids]  # [L, C]
         if len(grids):
@@ -209,7 +211,10 @@ class Model:
         out["text.position_ids"] = np.concatenate([pos, np.zeros((1, len(ids)), np.int64)])  # llama.cpp: t, y, x, 0
         out["text.rope_deltas"] = np.array([delta], np.int64)
         empty = np.zeros((0, self.K, self.D))
-        h, caches = self.decoder(x, pos, [(empty, empty)] * self.cfg["num_hidden_layers"], out)
+        caches = [(empty, empty)] * self.cfg["num_hidden_layers"]
+        step = chunk or len(ids)
+        for start in range(0, len(ids), step):
+            h, caches = self.decoder(x[start : start + step], pos[:, start : start + step], caches, out)
         logits = h[-1] @ self.head.T  # [V], the last prompt token only
         out["logits"] = logits
         tokens, topk = [], []
@@ -262,8 +267,12 @@ def run_case(model: Model, in_dir: Path, out_dir: Path, case: str) -> None:
         pixels = np.concatenate(pix).astype(np.float64) if pix else None
         if any(s is not None for s in secs) and any(s is None for s in secs):
             raise NotImplementedError("rows with both images and videos (the fixtures have none)")
-        stages, toks, topk = model.run_row(ids, pixels, grids, secs, info["max_new_tokens"], info["eos_token_id"])
-        qx.write_row(out_dir, case, b, stages)
+        chunk = info.get("prefill_chunk")  # a <case>@chunked folder: generate.tokens only
+        stages, toks, topk = model.run_row(
+            ids, pixels, grids, secs, info["max_new_tokens"], info["eos_token_id"], chunk
+        )
+        if chunk is None:
+            qx.write_row(out_dir, case, b, stages)
         tokens.append(toks)
         topks.append(topk)
     # top-k log-probs stay out: at a declared float64 the harness allows them no noise at all (see report)
