@@ -152,47 +152,30 @@ def test_jobs_run_cases_in_processes(capsys, tmp_path):
     assert (tmp_path / "r.xml").read_text().count("<testcase") == 2
 
 
-def test_pytest_plugin_items_per_stage(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "qwen25vl.conformance.plugin",
-            str(FIXTURES / "exact_windows"),
-            str(FIXTURES / "exact_resize"),
-            "--conform-target",
-            "spec",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:randomly",
-            "-n",
-            "2",
-        ],  # under pytest-xdist
+def run_plugin(tmp_path, *args):
+    """pytest with the conformance plugin on fixture folders, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "qwen25vl.conformance.plugin", *args]
+        + ["-p", "no:cacheprovider", "-p", "no:randomly"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         timeout=300,
     )
+
+
+def test_pytest_plugin_items_per_stage(tmp_path):
+    exact = [str(FIXTURES / "exact_windows"), str(FIXTURES / "exact_resize")]
+    proc = run_plugin(tmp_path, *exact, "--conform-target", "spec", "-q", "-n", "2")  # under pytest-xdist
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout and "bringing up nodes" in proc.stdout
 
 
 def test_pytest_plugin_holds_the_chunked_prefill_of_a_model_case(tmp_path):
     """A model case with a generation has a state.chunked item beside its fixture's stages."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "qwen25vl.conformance.plugin", str(FIXTURES / "model_thin")]
-        + ["--conform-target", "spec", "-v", "-p", "no:cacheprovider", "-p", "no:randomly"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = run_plugin(tmp_path, str(FIXTURES / "model_thin"), "--conform-target", "spec", "-v")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "model_thin::generate.tokens PASSED" in proc.stdout and "model_thin::state.chunked PASSED" in proc.stdout
+    assert "::generate.tokens PASSED" in proc.stdout and "::state.chunked PASSED" in proc.stdout
 
 
 # ---- the command line refuses what it cannot do, before doing any work
