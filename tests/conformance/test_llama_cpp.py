@@ -116,6 +116,11 @@ def test_conform_llama_cpp_matches_its_expectations(capsys, tmp_path):
     assert status[("model_image", "preprocess.pixel_values")] == "pass"
     assert status[("model_image", "text.position_ids")] == "pass" and status[("model_image", "logits")] == "pass"
     assert status[("model_image", "generate.tokens")] == "pass"
+    # n_batch = n_ubatch = 45 (QWEN25VL_TAP_BATCH) decodes the image's 54 tokens in two batches: the same tokens
+    assert status[("model_image", "state.chunked")] == "pass"
+    assert "inside the image span 18..71" in results[("model_image", "state.chunked")]["where"]
+    # where llama.cpp's own answer is wrong (the letterbox), the chunked one is that same answer
+    assert results[("model_batch", "state.chunked")]["metric"] == "the same answer as the prompt prefilled at once"
     # the tokenizer without NFC and the letterbox, named by the catalogue
     assert "tokenizer without the NFC normalizer" in results[("model_batch", "preprocess.input_ids")]["note"]
     assert "letterboxed" in results[("model_batch", "preprocess.pixel_values")]["note"]
