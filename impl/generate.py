@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from ..spec.forward import chunk_spans
+from ..spec.forward import check_prefill_chunk
 from ..spec.generate import check_generate_args
 from ..spec.mrope import decode_positions
 from .attention import check_decode_backend, resolve_decode_backend
@@ -138,7 +138,7 @@ def generate_tokens(
     in model.last_stats.
     """
     check_decode_backend(decode_attention)
-    chunk_spans(0, prefill_chunk)  # a bad chunk is refused before the cache is allocated
+    check_prefill_chunk(prefill_chunk)  # before the cache is allocated
     eos = check_generate_args(model.config, inputs, max_new_tokens, eos_token_id)  # spec's own checks
     if ignore_eos:
         eos = torch.tensor([-1])  # matches no token

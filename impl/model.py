@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..spec.checkpoint import check_params
-from ..spec.forward import check_inputs, chunk_positions, chunk_spans, select_stages
+from ..spec.forward import check_inputs, check_prefill_chunk, chunk_positions, chunk_spans, select_stages
 from ..spec.mrope import mrope_cos_sin, rope_index
 from ..spec.vision import VISION_ROPE_THETA
 from ..spec.windows import vision_rotary_cos_sin, vision_rotary_positions, window_partition, window_row_order
@@ -547,7 +547,7 @@ class Qwen25VL(nn.Module):
         values written into `cache` when given. chunk: None, or the decoder run over the prompt that
         many tokens at a time, each chunk attending to the cache (spec.forward.decoder_stack_in_chunks)."""
         check_inputs(self.config, inputs)
-        chunk_spans(0, chunk)  # a bad chunk is refused before any compute
+        check_prefill_chunk(chunk)
         if chunk is not None and cache is None:
             raise ValueError("a prefill in chunks needs the KV cache: call setup_caches first")
         ids = inputs["input_ids"]

@@ -162,13 +162,18 @@ def decoder_stack(
     return x, new_cache
 
 
+def check_prefill_chunk(chunk) -> None:
+    """Refuse a prefill chunk that is neither None nor a positive int, before any compute."""
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive integer or None, got {chunk!r}")
+
+
 def chunk_spans(length: int, chunk: int | None) -> list[tuple[int, int]]:
     """The token ranges [start, end) of a prompt of `length` tokens prefilled `chunk` tokens at a time
-    (None: the whole prompt at once). chunk must be a positive int."""
+    (None: the whole prompt at once)."""
+    check_prefill_chunk(chunk)
     if chunk is None:
         return [(0, length)]
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"prefill_chunk must be a positive integer or None, got {chunk!r}")
     return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
 
 
@@ -226,7 +231,7 @@ def prefill(params: dict, config, inputs: dict, *, capture=(), rope_rule=rope_in
     (training-time, the default) or a named variant with the same signature. prefill_chunk: None
     (the prompt at once) or a token count (decoder_stack_in_chunks; the vision tower still runs once).
     """
-    chunk_spans(0, prefill_chunk)  # a bad chunk is refused before any compute
+    check_prefill_chunk(prefill_chunk)
     check_inputs(config, inputs)
     wanted = select_stages(config, capture)
     table = params["model.embed_tokens.weight"]
