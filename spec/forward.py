@@ -7,7 +7,9 @@
 `forward` works in the dtype of `params` (load with dtype=torch.float64 for the oracle); pixel
 values are cast to it. The stage names it can return are `stage_names(config)`, the one list the
 conformance harness imports. `precision_profile` measures how far a float32 or bfloat16 run drifts
-from float64, stage by stage.
+from float64, stage by stage. `prefill(..., prefill_chunk=N)` runs the decoder over the prompt N
+tokens at a time through the cache (`decoder_stack_in_chunks`), as serving engines do: the same
+result up to rounding, and the definition of what each chunk must be given.
 
 Shapes: B batch, L tokens, P patches (pixel_values rows), C hidden, V vocab, (t, h, w) grid.
 """
