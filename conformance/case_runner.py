@@ -21,6 +21,7 @@ import torch
 from . import compare, stages
 from .adapters.base import Adapter, NotCovered
 from .chunked import STAGE as STAGE_CHUNKED
+from .chunked import applies as chunked_applies
 from .chunked import chunked_result
 from .conversions import GIVEN
 from .diagnosis import Diagnosis, name_mistakes
@@ -227,7 +228,7 @@ class CaseRunner:
 
         # the model, end to end
         model_names = [s for s in names if not s.startswith("preprocess.") and s != "generate.tokens"]
-        chunked = "generate.tokens" in case.stages and self._wanted(STAGE_CHUNKED)  # a state.* check: not listed
+        chunked = chunked_applies(case) and self._wanted(STAGE_CHUNKED)  # a state.* check: not in the manifest
         if model_names or "generate.tokens" in names or chunked:
             try:
                 self._prepare(ck)
@@ -283,13 +284,12 @@ class CaseRunner:
                 self._name_position_mistakes(out, captured, inputs, mask, ck)
             self._teacher_forced(case, out, inputs, golden, mask, ck)
 
-        tokens = None
+        result, tokens = None, None
         if "generate.tokens" in names:
             result, tokens = self._generate(case, request, inputs, ck)
             out.append(result)
         if chunked and not case.stage_problem("generate.tokens"):
-            ran = "generate.tokens" in names
-            out.append(chunked_result(self, case, inputs, ck, result if ran else None, tokens))
+            out.append(chunked_result(self, case, inputs, ck, result, tokens))
         # kept for the repeat check (state.repeat): the captured stages, or the tokens alone for a port
         # that only generates (a serving engine)
         ran = bool(model_names and captured and not failure)

@@ -24,6 +24,12 @@ from .supervisor import call_with_timeout, describe_failure
 STAGE = "state.chunked"
 
 
+def applies(case) -> bool:
+    """A case gets state.chunked when it has a golden generation (a model case's generate.tokens): the
+    one place that says so, for the runner, the command line, the pytest plugin and the file exchange."""
+    return "generate.tokens" in case.stages
+
+
 def vision_spans(input_ids: torch.Tensor, config) -> list[tuple[int, int, str]]:
     """The runs of image/video pad tokens of row 0 that has any: [(start, end, "image"|"video")], end
     exclusive; rows are left padded, so every row's spans sit at the same offsets from its end."""

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report, runner, stages
+from . import chunked, report, runner, stages
 from .precision import PRECISIONS, Profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +201,7 @@ def _stage_names(paths: list[Path]) -> list[str]:
         names |= set(case.stages)
         # the runner adds state.chunked to a case with a generation (chunked.py); state.repeat needs the
         # case's own stages run first, so it is not selected alone
-        names |= {"state.chunked"} if "generate.tokens" in case.stages else set()
+        names |= {chunked.STAGE} if chunked.applies(case) else set()
     return sorted(names, key=lambda n: stages.order_key(n) if stages.is_known(n) else (-1, 0))
 
 

@@ -15,8 +15,7 @@ import json
 
 import pytest
 
-from . import report, runner, stages
-from .chunked import STAGE as STAGE_CHUNKED
+from . import chunked, report, runner, stages
 from .cli import default_expectations
 from .fixtures import FORMAT, load_case
 from .supervisor import SupervisedAdapter, default_memory_limit
@@ -56,7 +55,7 @@ class CaseFile(pytest.File):
     def collect(self):
         case = load_case(self.path.parent, verify=False)
         # a model case with a generation is also generated with its prompt prefilled in chunks (chunked.py)
-        extra = [STAGE_CHUNKED] if "generate.tokens" in case.stages else []
+        extra = [chunked.STAGE] if chunked.applies(case) else []
         for stage in sorted([*case.stages, *extra], key=stages.order_key):
             yield StageItem.from_parent(self, name=stage, stage=stage)
 

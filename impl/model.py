@@ -570,6 +570,7 @@ class Qwen25VL(nn.Module):
             if name in wanted:
                 captured[name] = val
         mask = mask.to(self.device_)
+        every_position = all_logits or "text.norm" in wanted  # else the last chunk's output is all that is read
         outputs, layer_parts = [], {}
         for start, end in chunk_spans(ids.shape[1], chunk):  # one span unless prefilled in chunks
             h = x[:, start:end]
@@ -579,7 +580,7 @@ class Qwen25VL(nn.Module):
                 h = layer.prefill(h, cos, sin, amask, None if cache is None else cache.layer(layer.i), start)
                 if f"text.layer.{layer.i}" in wanted:
                     layer_parts.setdefault(f"text.layer.{layer.i}", []).append(h)
-            outputs.append(h)
+            outputs = [*outputs, h] if every_position else [h]
         x = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         captured.update({name: torch.cat(parts, dim=1) for name, parts in layer_parts.items()})
         if not all_logits and "text.norm" not in wanted:

@@ -25,7 +25,8 @@ what your port exposes:
         or {"tokens", "topk", "topk_logprobs" float [B, n, k]}: log-probs are judged at every step
     generate_chunked(inputs, *, prefill_chunk, max_new_tokens, eos_token_id) -> as generate, with the
         prompt prefilled `prefill_chunk` tokens at a time (state.chunked; the harness picks a chunk
-        whose boundary falls inside a vision span)
+        whose boundary falls inside a vision span). Subclass `ChunkedGeneration` instead of `Adapter`
+        and write generate_chunked alone: its generate is generate_chunked(prefill_chunk=None).
 
 Stage outputs are in the canonical order of docs/INTERFACES.md ("Stage names"): vision stages in
 pixel_values row order, text stages [B, L, C] including padded positions (they are masked out).
@@ -96,6 +97,16 @@ class Adapter:
         if uncovered is not None and all(isinstance(o, dict) and "not_covered" in o for o in out):
             raise uncovered
         return out
+
+
+class ChunkedGeneration(Adapter):
+    """An adapter with one generation routine that takes the chunk: generate is generate_chunked with
+    prefill_chunk None (the prompt at once)."""
+
+    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+        return self.generate_chunked(
+            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
+        )
 
 
 def _not_covered(row: stages.Stage):

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from ...spec.chat import render_chat
 from ...spec.config import Qwen25VLConfig
 from .. import conversions, stages
+from ..chunked import applies as chunked_applies
 from ..chunked import chunk_for
 from ..conversions import GIVEN
 from ..repeat import REPEAT_SUFFIX
@@ -412,7 +413,7 @@ def export_inputs(case_paths, out: str | Path) -> list[str]:
     # prefill_chunk tokens at a time (the chunk the harness picks: a boundary inside the first vision span)
     chunked = []
     for name, case, info in zip(names, cases, infos):
-        picked = _chunk_of(case) if case.kind == "model" and "max_new_tokens" in info else None
+        picked = _chunk_of(case) if chunked_applies(case) else None
         if picked is None:
             continue
         again = out / (name + CHUNKED_SUFFIX)

@@ -102,11 +102,6 @@ class ImplAdapter(SpecAdapter):
         _, captured = self.model.forward(self._inputs(inputs), capture=list(capture))
         return self._cpu(captured)
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
-        return self.generate_chunked(
-            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
-        )
-
     def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
         if not hasattr(self.model, "generate_from_inputs"):
             raise NotCovered("impl has no generate_from_inputs")

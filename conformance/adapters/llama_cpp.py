@@ -46,7 +46,7 @@ from ...spec.patches import patchify
 from ...spec.tokens import PAD_TOKEN_ID
 from .. import conversions
 from ..conversions import GIVEN
-from .base import Adapter, NotCovered
+from .base import ChunkedGeneration, NotCovered
 
 PACKAGE = Path(__file__).resolve().parents[2]  # the repository root (or the installed qwen25vl package)
 BUILD_SCRIPT = PACKAGE / "tools" / "build_llama_cpp.sh"
@@ -124,7 +124,7 @@ def _rows_of(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.cat([p.reshape(-1, width) for p in parts]) if parts else torch.zeros(0, width)
 
 
-class LlamaCppAdapter(Adapter):
+class LlamaCppAdapter(ChunkedGeneration):
     name = "llama.cpp"
 
     def __init__(self, dtype: str = "float32", device: str = "cpu"):
@@ -383,14 +383,9 @@ class LlamaCppAdapter(Adapter):
                 got[s] = conversions.place_vision_rows(vals, items, none, grid, None, where, per=per)
         return {k: v for k, v in got.items() if k in capture or (k.endswith(GIVEN) and k[: -len(GIVEN)] in capture)}
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
-        """The tap's greedy loop, one row at a time; rows that stopped are padded with an eos id."""
-        return self.generate_chunked(
-            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
-        )
-
     def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
-        """generate with n_batch = n_ubatch = prefill_chunk: llama.cpp decodes each text chunk and each
+        """The tap's greedy loop, one row at a time; rows that stopped are padded with an eos id. With
+        n_batch = n_ubatch = prefill_chunk (None: the prompt in one pass): llama.cpp decodes each text chunk and each
         image's embeddings that many tokens at a time (mtmd splits an image into several batches, the
         path of llama.cpp#16876). Its chunks follow mtmd's own text/image split, so the harness's
         boundary falls at the chunk size counted from each chunk's start, not the prompt's."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import conversions
-from .base import Adapter, NotCovered
+from .base import ChunkedGeneration, NotCovered
 from .transformers import open_image
 
 INSTALL_HINT = 'mlx-vlm is not importable: pip install -e ".[mlx]" (mlx[cpu] 0.32.4 and mlx-vlm 0.7.10)'
@@ -77,7 +77,7 @@ def _tapped(modules: dict, record):
             modules[name].__class__ = base
 
 
-class MlxVlmAdapter(Adapter):
+class MlxVlmAdapter(ChunkedGeneration):
     name = "mlx-vlm"
 
     def __init__(self, dtype: str = "float32", device: str = "cpu"):
@@ -234,19 +234,14 @@ class MlxVlmAdapter(Adapter):
                 out[key] = inputs[key]
         return out
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
+    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
         """mlx-vlm's generate_step, greedy (temperature 0, no penalties), one row at a time (its
         generate takes one prompt); rows that stopped are padded with an eos id. Judged on tokens and
         top-k ids: the log-probs generate_step yields differ from float64 by about 1e-5 at step 0 (a
         float32 log-softmax over 152064 entries), above the 3e-6 float32 noise budget of the tokens rule,
-        while the logits stage itself passes with mean KL 3e-13."""
-        return self.generate_chunked(
-            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
-        )
-
-    def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
-        """generate with generate_step's own `prefill_step_size` (its default, 2048, when None): mlx-vlm
-        runs a prompt longer than that through the model in chunks of that many tokens."""
+        while the logits stage itself passes with mean KL 3e-13. prefill_chunk: generate_step's own
+        `prefill_step_size` (None: its default, 2048); mlx-vlm runs a longer prompt through the model in
+        chunks of that many tokens."""
         import mlx.core as mx
         from mlx_vlm.generate.ar import generate_step
 

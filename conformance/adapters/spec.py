@@ -17,7 +17,7 @@ from ...spec.config import Qwen25VLConfig
 from ...spec.forward import forward
 from ...spec.generate import generate_greedy
 from .. import stages
-from .base import Adapter
+from .base import ChunkedGeneration
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,7 +29,7 @@ def torch_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}") from None
 
 
-class SpecAdapter(Adapter):
+class SpecAdapter(ChunkedGeneration):
     name = "spec"
 
     def __init__(self, dtype: str = "float32", device: str = "cpu"):
@@ -102,15 +102,10 @@ class SpecAdapter(Adapter):
         )
         return captured
 
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
-        """Tokens, and the top-5 ids and log-probs of the logits the decode loop picked each from (so a
-        mistake in the decode steps, positions or cache, shows in the log-probs where the tokens hold)."""
-        return self.generate_chunked(
-            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
-        )
-
     def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
-        """generate, with the prompt prefilled `prefill_chunk` tokens at a time (None: at once)."""
+        """Tokens, and the top-5 ids and log-probs of the logits the decode loop picked each from (so a
+        mistake in the decode steps, positions or cache, shows in the log-probs where the tokens hold);
+        the prompt prefilled `prefill_chunk` tokens at a time (None: at once, what generate asks)."""
         new, logits = generate_greedy(
             self.params,
             self.config,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ...spec.forward import INPUT_KEYS
-from .base import Adapter, NotCovered
+from .base import ChunkedGeneration, NotCovered
 from .spec import torch_dtype
 
 TINY = Path(__file__).resolve().parents[2] / "fixtures" / "checkpoints" / "tiny"  # its tokenizer and chat template
@@ -50,7 +50,7 @@ def open_image(path):
         return ImageOps.exif_transpose(image)  # a transposed copy, or a plain copy without EXIF orientation
 
 
-class TransformersAdapter(Adapter):
+class TransformersAdapter(ChunkedGeneration):
     name = "transformers"
 
     def __init__(self, dtype: str = "float32", device: str = "cpu"):
@@ -347,11 +347,6 @@ class TransformersAdapter(Adapter):
             if getattr(cfg, "pad_token_id", None) is not None:
                 return int(cfg.pad_token_id)
         return 151643
-
-    def generate(self, inputs, *, max_new_tokens, eos_token_id):
-        return self.generate_chunked(
-            inputs, prefill_chunk=None, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id
-        )
 
     def generate_chunked(self, inputs, *, prefill_chunk, max_new_tokens, eos_token_id):
         """generate with transformers' own `prefill_chunk_size`. Its chunked prefill refuses raw pixels

@@ -41,7 +41,7 @@ class ChunkVisionRowsLocal(Patched):
         seen = {}
 
         def scatter(inputs_embeds, input_ids, image_feats, video_feats, config):
-            seen.update(ids=input_ids, feats=(image_feats, video_feats), config=config)
+            seen.update(ids=input_ids, feats=(image_feats, video_feats))
             return real_scatter(inputs_embeds, input_ids, image_feats, video_feats, config)
 
         def stack(params, config, x, position_ids, attention_mask, chunk, **kw):
