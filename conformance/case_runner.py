@@ -25,7 +25,7 @@ from .chunked import applies as chunked_applies
 from .chunked import chunked_result
 from .conversions import GIVEN
 from .diagnosis import Diagnosis, name_mistakes
-from .fixtures import FixtureError, load_case
+from .fixtures import FixtureError, load_case, request_media
 from .golden import Checkpoint
 from .locate import locate
 from .mistakes import LOCK as MISTAKES_LOCK
@@ -317,12 +317,10 @@ class CaseRunner:
             self._prepared = str(ck.folder)
 
     def _preprocess(self, case, request, inputs, names) -> list[StageResult]:
-        media = case.path
-        images = [str(media / p) for p in request.get("images", [])]
-        videos = [{**v, "frames": [str(media / p) for p in v["frames"]]} for v in request.get("videos", [])]
         built: dict = {}  # catalogue entry -> its build_inputs, made when a stage fails
         t0 = time.perf_counter()
         try:
+            images, videos = request_media(case.path, request)  # a malformed request is an error here
             got = call_with_timeout(
                 lambda: self.adapter.build_inputs(
                     request["conversations"],

@@ -15,8 +15,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..spec.video import read_video
 
 FORMAT = "qwen25vl-fixture/1"
 MANIFEST = "manifest.json"
@@ -88,6 +91,8 @@ def content_difference(new: str | os.PathLike, old: str | os.PathLike) -> str | 
         return None
     if old.suffix == ".json":
         return _json_difference(json.loads(new.read_text("utf-8")), json.loads(old.read_text("utf-8")))
+    if old.suffix in VIDEO_SUFFIXES:
+        return _video_difference(new, old)
     if old.suffix != ".safetensors":
         return f"{old.name}: bytes differ"
     a, b = load_file(str(new)), load_file(str(old))
@@ -111,6 +116,22 @@ def content_difference(new: str | os.PathLike, old: str | os.PathLike) -> str | 
         rel = ((x - y).norm() / y.norm().clamp_min(1e-300)).item()
         if rel > budget:
             return f"{old.name}:{k}: relative difference {rel:.2e} > {budget:.1e} ({dtype}, stored {y.dtype})"
+    return None
+
+
+VIDEO_SUFFIXES = (".mov", ".mp4", ".mkv")
+
+
+def _video_difference(new: Path, old: Path) -> str | None:
+    """None when two video files decode to the same frames at the same rate (a lossless codec round trips)."""
+    a, b = read_video(new, max_video_bytes=None), read_video(old, max_video_bytes=None)
+    if a.frames.shape != b.frames.shape:
+        return f"{old.name}: frames {list(a.frames.shape)} vs {list(b.frames.shape)}"
+    if a.fps != b.fps:
+        return f"{old.name}: {a.fps} vs {b.fps} frames per second"
+    if not np.array_equal(a.frames, b.frames):
+        first = int(np.flatnonzero((a.frames != b.frames).reshape(len(a.frames), -1).any(1))[0])
+        return f"{old.name}: decoded frame {first} differs"
     return None
 
 
@@ -169,9 +190,31 @@ class Case:
             self._cache[name] = load_file(self.file(name))
         return self._cache[name]
 
+    def media(self) -> tuple[list[str], list[dict]]:
+        """request.json's images and videos, their files under this case's folder (request_media)."""
+        return request_media(self.path, self.json(self.manifest["request"]))
+
     def checkpoint(self) -> Path | None:
         ck = self.manifest.get("checkpoint")
         return (self.path / ck).resolve() if ck else None
+
+
+def request_media(folder: str | os.PathLike, request: dict) -> tuple[list[str], list[dict]]:
+    """A model request's media with their paths made absolute under `folder`: (images [path], videos).
+
+    A video is {"frames": [path], "fps": rate}, a list of frames used as given, or {"file": path}, a video
+    file the port decodes and samples at the request's options.video_options.fps (default 2).
+    """
+    folder = Path(folder)
+    videos = []
+    for k, video in enumerate(request.get("videos", [])):
+        if not isinstance(video, dict) or ("frames" in video) == ("file" in video):
+            raise FixtureError(f"{folder / 'request.json'}: videos[{k}] must hold either 'frames' or 'file'")
+        if "file" in video:
+            videos.append({**video, "file": str(folder / video["file"])})
+        else:
+            videos.append({**video, "frames": [str(folder / p) for p in video["frames"]]})
+    return [str(folder / p) for p in request.get("images", [])], videos
 
 
 def load_case(path: str | os.PathLike, *, verify: bool = True) -> Case:

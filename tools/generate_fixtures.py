@@ -28,7 +28,7 @@ import torch
 
 from ..conformance import compare, stages
 from ..conformance.adapters.spec import SpecAdapter
-from ..conformance.fixtures import dump_json, sha256_file, write_case
+from ..conformance.fixtures import dump_json, request_media, sha256_file, write_case
 from ..conformance.precision import COMPUTE
 from ..conformance.reference import Reference
 from ..spec.checkpoint import stop_token_ids
@@ -90,6 +90,33 @@ def synthetic_image(h: int, w: int, seed: int) -> np.ndarray:
     base = np.stack([x * 255.0 / max(w - 1, 1), y * 255.0 / max(h - 1, 1), (x + y) * 127.0 / max(h + w - 2, 1)], -1)
     noise = rng(seed).integers(-40, 41, size=(h, w, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def moving_square(h: int, w: int, k: int, step: tuple[int, int] = (8, 15), seed: int = 7) -> np.ndarray:
+    """uint8 [h, w, 3] frame k of a clip: a red square moving `step` (down, right) pixels a frame over a
+    fixed background, something for the temporal patches to see and for a wrong frame index to change."""
+    img = synthetic_image(h, w, seed)
+    dy, dx = step
+    img[20 + dy * k : 50 + dy * k, 10 + dx * k : 40 + dx * k] = (255, 40, 40)
+    return img
+
+
+def video_file_bytes(frames: list[np.ndarray], fps: int) -> bytes:
+    """A QuickTime file of these RGB frames at `fps`: QuickTime RLE (lossless in RGB, so every decoder that
+    reads the file gets the frames back exactly, and inter-coded, so reading frame k means decoding from a
+    key frame), written bit-exact (no encoder version or random id in the file). The file holds its frame
+    count and rate, as a camera's does."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mov", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("qtrle", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "rgb24"
+        for img in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -721,6 +748,18 @@ MODEL_CASES = {
         "images": [],
         **_clip(frames=5, fps=1.0),
     },
+    "model_video_file": {
+        "description": "a video file (QuickTime RLE, lossless), 19 frames at 5 fps, sampled at 2 fps: 6 frames, "
+        "indices 0, 4, 7, 11, 14, 18 (round(linspace); transformers' floor(k*T/n) gives 0, 3, 6, 9, 12, 15 and "
+        "qwen-vl-utils 0.0.8's rounded count 8 frames), a sampled rate of 30/19 fps, so second_per_grid_t 19/15 "
+        "(not 1.0, what the 2 fps asked for gives) and temporal positions 0, 2, 5",
+        "conversations": [
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
+        ],
+        "images": [],
+        "videos": [{"file": {"frames": 19, "fps": 5, "size": (112, 140), "step": (4, 6), "seed": 97}}],
+        "options": {"video_options": {"fps": 2.0, "min_pixels": 12544, "max_pixels": 25088}},
+    },
     "model_resize_tie": {
         "description": "one 126x294 image whose resize is a tie on both sides (4.5 and 10.5 patches of 28): "
         "Python's round, half to even, gives 112x280 (grid 8x20); C's std::round, ties away from zero, 140x308",
@@ -851,12 +890,15 @@ def write_model(
         files[f"media/image{k}.png"] = png_bytes(synthetic_image(h, w, seed))
         images.append(f"media/image{k}.png")
     for v, vid in enumerate(spec_case["videos"]):
+        if "file" in vid:
+            clip = vid["file"]
+            drawn = [moving_square(*clip["size"], k, clip["step"], clip["seed"]) for k in range(clip["frames"])]
+            files[f"media/video{v}.mov"] = video_file_bytes(drawn, clip["fps"])
+            videos.append({"file": f"media/video{v}.mov"})
+            continue
         frames = []
         for k, (h, w) in enumerate(vid["frames"]):
-            # a moving square over a fixed background: something for the temporal patches to see
-            img = synthetic_image(h, w, 7)
-            img[20 + 8 * k : 50 + 8 * k, 10 + 15 * k : 40 + 15 * k] = (255, 40, 40)
-            files[f"media/video{v}_frame{k}.png"] = png_bytes(img)
+            files[f"media/video{v}_frame{k}.png"] = png_bytes(moving_square(h, w, k))
             frames.append(f"media/video{v}_frame{k}.png")
         videos.append({"frames": frames, "fps": vid["fps"]})
     request = {
@@ -868,7 +910,7 @@ def write_model(
     }
     files["request.json"] = request
 
-    # build the inputs from the media as written (the PNG round trip is lossless)
+    # build the inputs from the media as written (the PNG and QuickTime RLE round trips are lossless)
     import tempfile
 
     gold = ref.adapter("float64")
@@ -879,8 +921,7 @@ def write_model(
                 (Path(tmp) / f).write_bytes(b)
         inputs = gold.build_inputs(
             request["conversations"],
-            [f"{tmp}/{p}" for p in images],
-            [{**v, "frames": [f"{tmp}/{p}" for p in v["frames"]]} for v in videos],
+            *request_media(tmp, request),
             tokenizer_dir=tokenizer_dir,
             options=request["options"],
         )

@@ -256,8 +256,8 @@ class LlamaCppAdapter(ChunkedGeneration):
         if not torch.equal(torch.as_tensor(inputs["input_ids"]), own["input_ids"]):
             raise NotCovered("llama.cpp runs from the request's text and images, not from other input tensors")
         request = self.case.json(self.case.manifest["request"])
-        images = [str(self.case.path / p) for p in request.get("images", [])]
-        return self._prompts(request["conversations"], images, request.get("videos", []), request.get("options", {}))
+        images, videos = self.case.media()
+        return self._prompts(request["conversations"], images, videos, request.get("options", {}))
 
     # ---- preprocessing: mtmd's tokenizer and image preprocessor
     def _image_grids(self, ids: torch.Tensor, positions: torch.Tensor) -> list[list[int]]:

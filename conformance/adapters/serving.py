@@ -104,8 +104,7 @@ class ServingAdapter(Adapter):
     def generate(self, inputs, *, max_new_tokens, eos_token_id):
         case = self._case_for(inputs["input_ids"])
         request = case.json(case.manifest["request"])
-        images = [str(case.path / p) for p in request.get("images", [])]
-        videos = [{**v, "frames": [str(case.path / p) for p in v["frames"]]} for v in request.get("videos", [])]
+        images, videos = case.media()
         eos = [eos_token_id] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
         options = request.get("options", {})
         rows = []
@@ -145,6 +144,9 @@ class ServingAdapter(Adapter):
 def video_frames(video: dict):
     """A request video (frame files + fps) -> uint8 numpy [T, H, W, 3], the frames as the engine takes them."""
     import numpy as np
+
+    if "file" in video:  # decoding and sampling it are the engine's, through its own loader
+        raise NotCovered(f"a video file ({Path(video['file']).name}): this adapter hands engines frame lists only")
 
     return np.stack([np.asarray(open_image(f).convert("RGB")) for f in video["frames"]])
 

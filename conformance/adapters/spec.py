@@ -79,7 +79,8 @@ class SpecAdapter(ChunkedGeneration):
         self.config, self.params = self.model_config(config), params
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
-        frames = [list(v["frames"]) for v in videos] or None
+        # a frame list is used as given; a file is decoded and sampled (spec.video.sample_video)
+        frames = [list(v["frames"]) if "frames" in v else v["file"] for v in videos] or None
         vopts = dict(options.get("video_options", {}))
         if videos and "fps" in videos[0]:
             vopts.setdefault("fps", videos[0]["fps"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, normalizers, pre_tokenizers
 
-from ...spec import chat, image, patches, resize
+from ...spec import chat, image, patches, resize, video
 from ..adapters.spec import SpecAdapter
 from ._base import Mistake, Patched
 
@@ -104,6 +104,21 @@ class FramesLinspaceFloat64(Patched):
     def sample_frame_indices(self, total_frames, video_fps, **kwargs):
         n = len(super().sample_frame_indices(total_frames, video_fps, **kwargs))
         return np.rint(np.linspace(0, total_frames - 1, n)).astype(int).tolist()
+
+
+class NframesRounded(Patched):
+    """qwen-vl-utils 0.0.8's frame count: round(clamp(T / video_fps * fps) / 2) * 2, where >= 0.0.10 floors."""
+
+    def sample_frame_indices(self, total_frames, video_fps, **kwargs):
+        if any(kwargs.get(k) is not None for k in ("nframes", "video_start", "video_end")):
+            return super().sample_frame_indices(total_frames, video_fps, **kwargs)
+        fps = video.DEFAULT_FPS if kwargs.get("fps") is None else kwargs["fps"]
+        lo = math.ceil(kwargs["min_frames"] / video.FRAME_FACTOR) * video.FRAME_FACTOR
+        hi = math.floor(min(kwargs["max_frames"], total_frames) / video.FRAME_FACTOR) * video.FRAME_FACTOR
+        n = round(min(max(total_frames / video_fps * fps, lo), hi) / video.FRAME_FACTOR) * video.FRAME_FACTOR
+        if not video.FRAME_FACTOR <= n <= total_frames:
+            raise ValueError(f"nframes should in interval [{video.FRAME_FACTOR}, {total_frames}], but got {n}.")
+        return torch.linspace(0, total_frames - 1, n).round().long().tolist()
 
 
 class OddFramesDropped(Patched):
@@ -218,6 +233,18 @@ class VideoFpsDropped(SpecAdapter):
         out = super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
         if out.get("second_per_grid_ts") is not None:
             out["second_per_grid_ts"] = torch.full_like(out["second_per_grid_ts"], 2 / 24)
+        return out
+
+
+class VideoSecondsFromRequestedFps(SpecAdapter):
+    """second_per_grid_ts from the fps the request asked for (2 / fps) instead of the rate actually sampled
+    (2 / (n / T * video_fps)); the two agree only when the file's length gives exactly that rate."""
+
+    def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
+        out = super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
+        if out.get("second_per_grid_ts") is not None:
+            asked = options.get("video_options", {}).get("fps", video.DEFAULT_FPS)
+            out["second_per_grid_ts"] = torch.full_like(out["second_per_grid_ts"], video.FRAME_FACTOR / asked)
         return out
 
 
@@ -361,7 +388,15 @@ ENTRIES = [
         "frame indices floor(k*T/n) (transformers' sample_frames) instead of round(linspace(0, T-1, n))",
         "hf_reference.md §9.10",
         FramesFloorSampling,
-        model_blind_spot="a frame list is used as given; only a decoded video file is sampled, and no model case carries one",
+        model_case="model_video_file",
+    ),
+    Mistake(
+        "nframes_rounded",
+        "fn.sample_frame_indices",
+        "frame count round(T / video_fps * fps / 2) * 2 (qwen-vl-utils 0.0.8) instead of floored to an even count",
+        "hf_reference.md §3.1 (smart_nframes, 0.0.8 vs >= 0.0.10)",
+        NframesRounded,
+        model_case="model_video_file",
     ),
     Mistake(
         "frames_linspace_float64",
@@ -426,6 +461,14 @@ ENTRIES = [
         "vllm-project/vllm#47736; EvolvingLMMs-Lab/lmms-eval#1269",
         VideoFpsDropped,
         cases="model_video",
+    ),
+    Mistake(
+        "video_seconds_from_requested_fps",
+        "preprocess.second_per_grid_ts",
+        "second_per_grid_ts from the fps the request asked for instead of the rate the frame sampling gave",
+        "hiyouga/LlamaFactory#6868; modelscope/ms-swift#5110; QwenLM/Qwen3-VL#798",
+        VideoSecondsFromRequestedFps,
+        cases="model_video_file",
     ),
     Mistake(
         "no_default_system_prompt",

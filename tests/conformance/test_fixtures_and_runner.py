@@ -11,7 +11,7 @@ import torch
 from qwen25vl.conformance import case_runner, report, runner, stages
 from qwen25vl.conformance.adapters.base import Adapter
 from qwen25vl.conformance.adapters.spec import SpecAdapter
-from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, sha256_file, write_case
+from qwen25vl.conformance.fixtures import FixtureError, find_cases, load_case, request_media, sha256_file, write_case
 from qwen25vl.conformance.golden import Checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
@@ -222,7 +222,7 @@ def test_a_text_only_case_measures_inputs_embeds_locally_from_the_input_ids():
 
 def test_bundled_fixtures_are_intact_and_small():
     # what a clone carries: git stores a content once, so the two checkpoints' tokenizer files count once.
-    # 53 MB today: the checkpoint and tokenizer 39, fifteen cases about 1 to 4 each; a case that needs more
+    # 55 MB today: the checkpoint and tokenizer 35, sixteen cases about 1 to 4 each; a case that needs more
     # (full logits, a real-size image) is a mistake this catches
     by_content = {sha256_file(p): p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file()}
     total = sum(by_content.values())
@@ -235,6 +235,39 @@ def test_bundled_fixtures_are_intact_and_small():
             assert entry["tolerance"] == stages.info(stage).tolerance.name
     for checkpoint in ("tiny", "tiny_tied"):
         assert Checkpoint(FIXTURES / "checkpoints" / checkpoint).problem is None
+
+
+def test_request_media_resolves_frame_lists_and_files(tmp_path):
+    request = {
+        "images": ["media/a.png"],
+        "videos": [{"frames": ["media/f0.png", "media/f1.png"], "fps": 1.5}, {"file": "media/v.mov"}],
+    }
+    images, videos = request_media(tmp_path, request)
+    assert images == [str(tmp_path / "media/a.png")]
+    assert videos == [
+        {"frames": [str(tmp_path / "media/f0.png"), str(tmp_path / "media/f1.png")], "fps": 1.5},
+        {"file": str(tmp_path / "media/v.mov")},
+    ]
+    for bad in ({"file": "v.mov", "frames": []}, {"fps": 2.0}, "v.mov"):
+        with pytest.raises(FixtureError, match=r"request.json: videos\[0\] must hold either 'frames' or 'file'"):
+            request_media(tmp_path, {"videos": [bad]})
+
+
+def test_the_video_file_case_is_decoded_and_sampled_by_the_port():
+    case = load_case(FIXTURES / "model_video_file")
+    (video,) = case.media()[1]
+    assert set(video) == {"file"} and video["file"].endswith(".mov")
+    got = SpecAdapter("float64").build_inputs(
+        case.json("request.json")["conversations"],
+        [],
+        [video],
+        tokenizer_dir=str(case.checkpoint()),
+        options=case.json("request.json")["options"],
+    )
+    golden = case.tensors("inputs.safetensors")
+    assert got["video_grid_thw"].tolist() == golden["video_grid_thw"].tolist() == [[3, 8, 10]]  # 6 frames sampled
+    assert got["second_per_grid_ts"].tolist() == pytest.approx([19 / 15])  # 2 / (6 / 19 * 5 fps), not 2 / 2 fps
+    torch.testing.assert_close(got["pixel_values_videos"], golden["pixel_values_videos"], rtol=0, atol=1e-6)
 
 
 def test_fixture_errors_name_the_file(tmp_path):

@@ -45,7 +45,8 @@ def test_exact_cases_regenerate(tmp_path):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("case", ["model_image", "model_text"])  # an image, and text only on the tied checkpoint
+# an image, text only on the tied checkpoint, and a video file (compared by its decoded frames)
+@pytest.mark.parametrize("case", ["model_image", "model_text", "model_video_file"])
 def test_numeric_case_regenerates(tmp_path, case):
     out = _regenerate(tmp_path, case)
     problems = _differences(out / case, FIXTURES / case)
@@ -112,3 +113,29 @@ def test_json_floats_get_a_tolerance_and_strings_do_not(tmp_path):
     assert "'abd'" in content_difference(tmp_path / "c.json", tmp_path / "b.json")
     (tmp_path / "d.json").write_text(json.dumps({"x": [1.0, 2.0], "s": "abc", "n": 3.0}))
     assert content_difference(tmp_path / "d.json", tmp_path / "b.json") is not None  # 3.0 is not the integer 3
+
+
+def _clip(path, frames, fps, codec="qtrle"):
+    import av
+
+    with av.open(str(path), "w", format="mov") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "rgb24"
+        for img in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_a_video_is_compared_by_its_decoded_frames_and_rate(tmp_path):
+    frames = [generate_fixtures.moving_square(28, 42, k, step=(2, 3)) for k in range(5)]
+    committed = tmp_path / "clip.mov"
+    committed.write_bytes(generate_fixtures.video_file_bytes(frames, 5))
+    # other bytes (another lossless codec, no bit-exact flags), the same frames and rate: the same content
+    assert content_difference(_clip(tmp_path / "png.mov", frames, 5, codec="png"), committed) is None
+    moved = [f.copy() for f in frames]
+    moved[3][0, 0] ^= 1  # one bit of one pixel
+    assert content_difference(_clip(tmp_path / "moved.mov", moved, 5), committed) == "clip.mov: decoded frame 3 differs"
+    assert "frames per second" in content_difference(_clip(tmp_path / "slow.mov", frames, 4), committed)
+    assert "frames [4, 28, 42, 3]" in content_difference(_clip(tmp_path / "short.mov", frames[:4], 5), committed)

@@ -88,6 +88,17 @@ def test_serving_adapter_sends_one_request_per_row_with_the_eos_list(standins, a
         adapter.generate(other, max_new_tokens=2, eos_token_id=eos)
 
 
+def test_a_video_file_is_not_covered_not_handed_over_as_frames(standins):
+    from qwen25vl.conformance.adapters.base import NotCovered
+
+    case = load_case(FIXTURES / "model_video_file")
+    adapter = VllmAdapter(dtype="float32", device="cpu")
+    adapter.prepare(str(case.checkpoint()), dtype="float32", device="cpu")
+    adapter.begin_case(case)
+    with pytest.raises(NotCovered, match=r"a video file \(video0.mov\): this adapter hands engines frame lists"):
+        adapter.generate(dict(case.tensors(case.manifest["inputs"])), max_new_tokens=2, eos_token_id=[151645])
+
+
 def test_conform_target_vllm_passes_generate_on_image_cases(tmp_path):
     """The whole command, as a user with vLLM would run it (the stand-in in its place)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STANDINS), os.environ.get("PYTHONPATH", "")]))
