@@ -760,6 +760,19 @@ MODEL_CASES = {
         "videos": [{"file": {"frames": 19, "fps": 5, "size": (112, 140), "step": (4, 6), "seed": 97}}],
         "options": {"video_options": {"fps": 2.0, "min_pixels": 12544, "max_pixels": 25088}},
     },
+    "model_video_budget": {
+        "description": "a 2-frame video file of 112x140 frames at 2 fps and no pixel budget in the request: "
+        "Qwen2.5-VL's per-frame video budget (at least 128 x 28 x 28 pixels a frame) scales the frames up to "
+        "308x364 (grid 1x22x26, 143 tokens); a budget over the whole clip (Qwen3-VL's rule: 2 x 112 x 140 "
+        "within the image budget 3136..12845056) keeps 112x140 (20 tokens)",
+        "conversations": [
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+        ],
+        "images": [],
+        # seed 100: every greedy step is picked by >= 0.148 logit
+        "videos": [{"file": {"frames": 2, "fps": 2, "size": (112, 140), "step": (4, 6), "seed": 100}}],
+        "options": {},
+    },
     "model_resize_tie": {
         "description": "one 126x294 image whose resize is a tie on both sides (4.5 and 10.5 patches of 28): "
         "Python's round, half to even, gives 112x280 (grid 8x20); C's std::round, ties away from zero, 140x308",

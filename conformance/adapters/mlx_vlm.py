@@ -142,22 +142,30 @@ class MlxVlmAdapter(ChunkedGeneration):
         return self.processor
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
-        """mlx-vlm's own chat template (the processor's) and prepare_inputs (its image processor)."""
+        """mlx-vlm's own chat template (the processor's) and prepare_inputs: its image processor, and for a
+        video file its OpenCV loader, frame sampling (at the request's fps) and video processor."""
         from mlx_vlm.utils import prepare_inputs
 
-        if videos:
-            raise NotCovered("mlx-vlm's prepare_inputs is given images here; its video path is not tapped")
-        if options.get("min_pixels") or options.get("max_pixels"):
+        video_options = options.get("video_options", {})
+        if any(budget.get(k) for budget in (options, video_options) for k in ("min_pixels", "max_pixels")):
             raise NotCovered("per-request pixel budgets: mlx-vlm's prepare_inputs takes none")
+        if any("file" not in v for v in videos):
+            raise NotCovered("a video as a list of frames: mlx-vlm's prepare_inputs is given video files here")
         proc = self._processor(tokenizer_dir)
         texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         imgs = [open_image(p).convert("RGB") for p in images] or None
-        out = prepare_inputs(proc, images=imgs, prompts=texts, padding=True, padding_side="left")
-        return {
-            k: _to_torch(v)
-            for k, v in out.items()
-            if k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-        }
+        media = {"videos": [v["file"] for v in videos], "fps": video_options.get("fps", 2.0)} if videos else {}
+        out = prepare_inputs(proc, images=imgs, prompts=texts, padding=True, padding_side="left", **media)
+        # no second_per_grid_ts: mlx-vlm's positions never read it (that stage is not covered)
+        keys = (
+            "input_ids",
+            "attention_mask",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+        )
+        return {k: _to_torch(v) for k, v in out.items() if k in keys}
 
     def _call_kwargs(self, inputs: dict) -> dict:
         """The canonical model-inputs dict as mlx-vlm's Model.__call__ takes it."""

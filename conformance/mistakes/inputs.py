@@ -236,6 +236,30 @@ class VideoFpsDropped(SpecAdapter):
         return out
 
 
+def _whole_clip_size(height, width, nframes, *, factor=28, **video_budget):
+    """Qwen3-VL's video resize: the clip's t*h*w (t padded to the temporal pair) against one budget, the image
+    budget of preprocessor_config.json; the per-frame video budget it is given is not consulted."""
+    min_pixels, max_pixels = 3136, 12845056
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    t = math.ceil(nframes / video.FRAME_FACTOR) * video.FRAME_FACTOR
+    if t * h * w > max_pixels:
+        beta = math.sqrt(nframes * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif t * h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (nframes * height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+class VideoBudgetWholeClip(Patched):
+    """Video frames sized by Qwen3-VL's rule (the whole clip's pixels within the image budget), not by
+    Qwen2.5-VL's per-frame video budget (128 to 768 tokens a frame)."""
+
+    def input_patches(self, images, options):
+        return [(video, "video_frame_size", _whole_clip_size)]
+
+
 class VideoSecondsFromRequestedFps(SpecAdapter):
     """second_per_grid_ts from the fps the request asked for (2 / fps) instead of the rate actually sampled
     (2 / (n / T * video_fps)); the two agree only when the file's length gives exactly that rate."""
@@ -461,6 +485,15 @@ ENTRIES = [
         "vllm-project/vllm#47736; EvolvingLMMs-Lab/lmms-eval#1269",
         VideoFpsDropped,
         cases="model_video",
+    ),
+    Mistake(
+        "video_budget_whole_clip",
+        "preprocess.input_ids",
+        "video frames sized by Qwen3-VL's rule (the whole clip's t*h*w in the image budget), not by the per-frame budget",
+        "mlx-vlm 0.7.10, found here (docs/ports.md); QwenLM/Qwen3-VL#1924 asks which of the two a budget means",
+        VideoBudgetWholeClip,
+        cases="model_video_budget",
+        also=("preprocess.pixel_values_videos", "preprocess.video_grid_thw"),
     ),
     Mistake(
         "video_seconds_from_requested_fps",

@@ -222,7 +222,7 @@ def test_a_text_only_case_measures_inputs_embeds_locally_from_the_input_ids():
 
 def test_bundled_fixtures_are_intact_and_small():
     # what a clone carries: git stores a content once, so the two checkpoints' tokenizer files count once.
-    # 55 MB today: the checkpoint and tokenizer 35, sixteen cases about 1 to 4 each; a case that needs more
+    # 59 MB today: the checkpoint and tokenizer 35, seventeen cases about 1 to 4 each; a case that needs more
     # (full logits, a real-size image) is a mistake this catches
     by_content = {sha256_file(p): p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file()}
     total = sum(by_content.values())

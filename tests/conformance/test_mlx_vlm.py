@@ -1,9 +1,9 @@
 """`qwen25vl conform --target mlx-vlm`: mlx-vlm 0.7.10 judged on the bundled fixtures, as a user runs it.
 
 Restricted to the cases exact_resize, exact_positions, model_image, model_video* (the pattern
-`model_video` picks all four clips), model_text, model_resize_tie and model_thin (about 100 s on 2 cores):
+`model_video` picks all five clips), model_text, model_resize_tie and model_thin (about 110 s on 2 cores):
 the exact stages mlx-vlm exposes, the image requests that pass end to end (a resize tie, a thin strip), the
-four video requests where its time-position divergence lives, and the text-only request on the tied
+video requests where its time-position and frame-size divergences live, and the text-only request on the tied
 checkpoint (model_batch, with the padding divergences, is left to `qwen25vl conform --target mlx-vlm`). CI
 installs the [mlx] extra, so these run there.
 """
@@ -65,6 +65,11 @@ def test_conform_mlx_vlm_matches_its_expectations(capsys, tmp_path):
     assert status[("model_video_fps", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 2, 5
     assert status[("model_video_sparse", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 1600, 3200
     assert status[("model_video_file", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 2, 5 (19/15 s a patch)
+    assert status[("model_video_file", "preprocess.input_ids")] == "not_covered"  # a budget mlx-vlm cannot take
+    # a video file with no budget: mlx-vlm decodes and samples it itself, and sizes its frames by Qwen3-VL's rule
+    assert status[("model_video_budget", "preprocess.input_ids")] == "xfail"
+    assert status[("model_video_budget", "preprocess.video_grid_thw")] == "xfail"
+    assert status[("model_video_budget", "logits")] == "pass"  # one temporal patch: its time rule is not reached
     assert json.loads(EXPECTATIONS.read_text())["port"] == "mlx-vlm"
 
 
