@@ -16,6 +16,7 @@ import contextlib
 import numpy as np
 import torch
 
+from ...spec.forward import INPUT_KEYS
 from .. import conversions
 from .base import ChunkedGeneration, NotCovered
 from .transformers import open_image
@@ -156,16 +157,8 @@ class MlxVlmAdapter(ChunkedGeneration):
         imgs = [open_image(p).convert("RGB") for p in images] or None
         media = {"videos": [v["file"] for v in videos], "fps": video_options.get("fps", 2.0)} if videos else {}
         out = prepare_inputs(proc, images=imgs, prompts=texts, padding=True, padding_side="left", **media)
-        # no second_per_grid_ts: mlx-vlm's positions never read it (that stage is not covered)
-        keys = (
-            "input_ids",
-            "attention_mask",
-            "pixel_values",
-            "image_grid_thw",
-            "pixel_values_videos",
-            "video_grid_thw",
-        )
-        return {k: _to_torch(v) for k, v in out.items() if k in keys}
+        # it computes no second_per_grid_ts (its positions never read one): that stage is not covered
+        return {k: _to_torch(v) for k, v in out.items() if k in INPUT_KEYS}
 
     def _call_kwargs(self, inputs: dict) -> dict:
         """The canonical model-inputs dict as mlx-vlm's Model.__call__ takes it."""
