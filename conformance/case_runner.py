@@ -336,7 +336,11 @@ class CaseRunner:
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
-            return [StageResult(case.name, s, "error", describe_failure(e), mode="e2e") for s in names]
+            why = describe_failure(e)
+            if any("file" in v for v in request.get("videos", []) if isinstance(v, dict)):
+                # the protocol's newer video form: say so, for an adapter written for frame lists only
+                why += "; this request's video is a file ({'file': path}): decode and sample it, or raise NotCovered"
+            return [StageResult(case.name, s, "error", why, mode="e2e") for s in names]
         secs = time.perf_counter() - t0
         out = []
         for s in names:

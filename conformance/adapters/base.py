@@ -18,7 +18,8 @@ what your port exposes:
     build_inputs(conversations, images, videos, *, tokenizer_dir, options) -> model-inputs dict
         (docs/INTERFACES.md: input_ids, attention_mask, pixel_values, image_grid_thw, ...); images are
         file paths, a video is {"frames": [paths], "fps": rate} (a frame list, used as given) or
-        {"file": path} (a video file to decode and sample at options["video_options"]["fps"])
+        {"file": path} (a video file to decode and sample at options["video_options"]["fps"]; raise
+        NotCovered if the port takes frame lists only)
     run(inputs, *, capture: list[str]) -> {stage name: tensor}   free-running, end to end; a stage
         missing from the dict is not covered
     run_stage(stage, feeds) -> tensor   one stage teacher-forced: feeds = model inputs plus "hidden",

@@ -270,6 +270,24 @@ def test_the_video_file_case_is_decoded_and_sampled_by_the_port():
     torch.testing.assert_close(got["pixel_values_videos"], golden["pixel_values_videos"], rtol=0, atol=1e-6)
 
 
+def test_an_adapter_that_takes_frame_lists_only_is_told_the_video_is_a_file():
+    class FramesOnly(SpecAdapter):
+        def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
+            videos = [{"frames": v["frames"], "fps": v["fps"]} for v in videos]  # KeyError on a file
+            return super().build_inputs(conversations, images, videos, tokenizer_dir=tokenizer_dir, options=options)
+
+    _, results = runner.run_suite(
+        runner.select_cases(FIXTURES, "^model_video_file$"),
+        runner.SuiteOptions(only_stages="^(preprocess\\.video_grid_thw|text\\.position_ids)$"),
+        adapter=FramesOnly("float32"),
+    )
+    status = {r.stage: r for r in results}
+    assert status["preprocess.video_grid_thw"].status == "error"
+    assert "KeyError" in status["preprocess.video_grid_thw"].metric
+    assert "this request's video is a file" in status["preprocess.video_grid_thw"].metric
+    assert status["text.position_ids"].status == "pass"  # the model still runs on the golden inputs
+
+
 def test_fixture_errors_name_the_file(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
