@@ -32,7 +32,7 @@ from .mistakes import LOCK as MISTAKES_LOCK
 from .mistakes import for_stage
 from .precision import Profile
 from .reference import Reference
-from .repeat import ModelRun, answered_tokens, repeat_runs
+from .repeat import REPEAT_STAGE, ModelRun, answered_tokens, repeat_runs
 from .results import BAD, StageResult
 from .supervisor import StageTimeout, call_with_timeout, describe_failure  # noqa: F401  (StageTimeout: tests)
 
@@ -220,6 +220,10 @@ class CaseRunner:
         self._golden_ids, self._port_ids, self._port_pixels = inputs["input_ids"], None, None
         self._given = {}
         names = [s for s in case.stages if self._wanted(s)]
+        if not names and self._wanted(REPEAT_STAGE):
+            # state.repeat selected alone: the port answers the case once (rows not reported: run() keeps
+            # the wanted ones) so that it can be asked again
+            names = [s for s in case.stages if not s.startswith("preprocess.")]
 
         # preprocessing, from the request (conversation + media files)
         pre = [s for s in names if s.startswith("preprocess.")]
@@ -301,7 +305,7 @@ class CaseRunner:
 
     def repeat(self) -> list[StageResult]:
         """state.repeat for every model case this runner ran (repeat.py)."""
-        if not self._wanted("state.repeat"):
+        if not self._wanted(REPEAT_STAGE):
             return []
         return [r for r in repeat_runs(self) if self._wanted(r.stage)]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import chunked, report, runner, stages
 from .precision import PRECISIONS, Profile
+from .repeat import REPEAT_STAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "fixtures"
@@ -199,9 +200,10 @@ def _stage_names(paths: list[Path]) -> list[str]:
         except ValueError:
             continue
         names |= set(case.stages)
-        # the runner adds state.chunked to a case with a generation (chunked.py); state.repeat needs the
-        # case's own stages run first, so it is not selected alone
+        # the runner adds state.chunked to a case with a generation (chunked.py), and state.repeat to every
+        # model case (repeat.py)
         names |= {chunked.STAGE} if chunked.applies(case) else set()
+        names |= {REPEAT_STAGE} if case.kind == "model" else set()
     return sorted(names, key=lambda n: stages.order_key(n) if stages.is_known(n) else (-1, 0))
 
 

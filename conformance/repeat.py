@@ -24,6 +24,7 @@ from .results import StageResult
 from .supervisor import describe_failure
 from .tolerances import answer_parts
 
+REPEAT_STAGE = "state.repeat"
 REPEAT_SUFFIX = "@repeat"  # the file exchange's folder for a case's second run (export_inputs)
 
 
@@ -67,7 +68,7 @@ def repeat_runs(runner) -> list[StageResult]:
 
 
 def _repeat_one(runner, run: ModelRun, before_now: str | None) -> StageResult:
-    s, case = "state.repeat", run.case
+    s, case = REPEAT_STAGE, run.case
     again_case = dataclasses.replace(case, manifest={**case.manifest, "case": case.name + REPEAT_SUFFIX}, _cache={})
     gen = case.json("generate.json") if "generate.tokens" in case.stages else None
     t0 = time.perf_counter()

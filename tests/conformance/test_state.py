@@ -52,3 +52,12 @@ def test_leaky_ports_are_caught(capsys, tmp_path, port, cases):
         assert "with the outputs of model_image, which has the same token ids" in swap["metric"]
     elif port != "ColdFirstRequestEngine":
         assert all("after model_" in r["where"] for r in leaks)  # names the case that ran before
+
+
+def test_state_repeat_selected_alone_runs_the_cases_and_reports_only_it(capsys, tmp_path):
+    """`--stages state.repeat`: the port answers each model case once, unreported, then again."""
+    code, repeat, report = conform(
+        capsys, tmp_path, "tests.conformance.leaky:StalePositions", 1, "model_image$", "--stages", "state.repeat"
+    )
+    assert code == 1 and {r["stage"] for r in report["results"]} == {"state.repeat"}, report["results"]
+    assert [r["status"] for r in repeat] == ["error"] and "state leaks between requests" in repeat[0]["metric"]
