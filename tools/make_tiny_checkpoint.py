@@ -41,6 +41,16 @@ MODEL_CONFIG_FILES = ("preprocessor_config.json", "generation_config.json")
 STOP_ID, STOP_AFTER, STOP_SCALE = 151643, 77934, 1.12
 
 
+# The activation range of a real vision tower (lablup/mlxcel#1601: in the 3B one residual channel carries
+# 5.4e2 by block 15 and 2.3e4 by block 31) that random weights never reach: in the tied checkpoint, block
+# 0's MLP bias writes OUTLIER into residual channel OUTLIER_CHANNEL of every patch, and the later norms'
+# weights undo it (the other channels x OUTLIER / sqrt(width), that one / sqrt(width)), as trained
+# weights do. OUTLIER is exact in bfloat16 and float16; its square (4.2e8) is not a float16 (max 65504),
+# so a norm that sums squares in float16 gets inf and erases the row. The text model is untouched
+# (model_text's goldens do not move).
+OUTLIER, OUTLIER_CHANNEL = 20480.0, 5
+
+
 def tiny_config(*, tied: bool = False) -> Qwen25VLConfig:
     """The tiny config every test uses: real vocabulary, 2 text layers, 4 vision blocks.
 
@@ -137,6 +147,19 @@ def plant_stop(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return params
 
 
+def plant_outliers(params: dict[str, torch.Tensor], config: Qwen25VLConfig) -> dict[str, torch.Tensor]:
+    """The tied checkpoint's vision outlier channel (OUTLIER, OUTLIER_CHANNEL), in place; returns params."""
+    width, c = config.vision.hidden_size, OUTLIER_CHANNEL
+    bias = params["visual.blocks.0.mlp.down_proj.bias"]
+    bias[c] = OUTLIER
+    undo = torch.full((width,), OUTLIER / math.sqrt(width))
+    undo[c] = 1 / math.sqrt(width)
+    norms = [f"visual.blocks.{b}.norm{k}.weight" for b in range(1, config.vision.depth) for k in (1, 2)]
+    for key in norms + ["visual.merger.ln_q.weight"]:
+        params[key] = (params[key].float() * undo).to(params[key].dtype)
+    return params
+
+
 def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
     raw = config.to_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -188,6 +211,8 @@ def make_tiny_checkpoint(
     params = make_random_params(config, seed, dtype)
     if planted and not tied:
         plant_stop(params)
+    if planted and tied:
+        plant_outliers(params, config)
     if tied:
         del params["lm_head.weight"]  # as in the published 3B checkpoint
     rename = to_v5_key if layout == "v5" else (lambda k: k)

@@ -193,9 +193,11 @@ def layer_norm(x, weight, eps):
     return weight * h.to(x.dtype)
 
 
-def _rms(x, weight, eps, *, outside=False):
+def _rms(x, weight, eps, *, outside=False, squares_in_float16=False):
     h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    ms = h.pow(2).mean(-1, keepdim=True)
+    # float16: a square past 65504 (any |x| over 256, or a sum over the row) is inf, and rsqrt(inf) = 0
+    ms = (h.half().pow(2).sum(-1, keepdim=True).to(h.dtype) / h.shape[-1]) if squares_in_float16 else None
+    ms = h.pow(2).mean(-1, keepdim=True) if ms is None else ms
     h = h / (ms.sqrt() + eps) if outside else h * torch.rsqrt(ms + eps)
     return weight * h.to(x.dtype)
 
@@ -239,6 +241,19 @@ class RmsNormEpsOutsideSqrt(Patched):
     def model_patches(self, inputs):
         def norm(x, weight, eps):
             return _rms(x, weight, eps, outside=True)
+
+        from ...spec import text
+
+        return [(vision, "rms_norm", norm), (text, "rms_norm", norm)]
+
+
+class RmsNormSquaresInFloat16(Patched):
+    """RMSNorm whose sum of squares is taken in float16 (vision and text): a row with a channel past 256
+    overflows to inf and comes out zero."""
+
+    def model_patches(self, inputs):
+        def norm(x, weight, eps):
+            return _rms(x, weight, eps, squares_in_float16=True)
 
         from ...spec import text
 
@@ -396,6 +411,15 @@ ENTRIES = [
         RmsNormEpsZero,
         cases="model_image",
         also=("text.norm",),
+    ),
+    Mistake(
+        "rmsnorm_squares_float16",
+        "vision.block.{i}",
+        "RMSNorm's sum of squares in float16: past 65504 it is inf, and rsqrt(inf) = 0 erases the row",
+        "lablup/mlxcel#1601 (port_bugs_2026-12.md V2)",
+        RmsNormSquaresInFloat16,
+        cases="model_outliers",
+        also=("vision.merger",),
     ),
     Mistake(
         "text_rmsnorm_eps_unread",
