@@ -147,3 +147,30 @@ def test_empty_existing_folder_is_filled(tmp_path):
     folder = make_tiny_checkpoint(tmp_path / "empty")
     assert (folder / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_tied_checkpoint_carries_a_real_towers_outlier_channel(tiny_checkpoint, tiny_checkpoint_tied):
+    """Block 0's MLP writes OUTLIER into one residual channel of every patch and the later norms undo it;
+    the text weights are the untied draw's, so model_text's goldens do not move."""
+    from qwen25vl.spec import vision
+    from qwen25vl.spec.checkpoint import load_checkpoint
+    from qwen25vl.tools.make_tiny_checkpoint import OUTLIER, OUTLIER_CHANNEL
+
+    tied, untied = (load_file(str(f / "model.safetensors")) for f in (tiny_checkpoint_tied, tiny_checkpoint))
+    for key, t in tied.items():
+        if key.startswith("model."):
+            assert torch.equal(t, untied[key]), key
+    assert tied["visual.blocks.0.mlp.down_proj.bias"][OUTLIER_CHANNEL].item() == OUTLIER
+    assert tied["visual.blocks.1.norm1.weight"].float().abs().median() > 1000  # scaled up by OUTLIER / sqrt(64)
+
+    config, params = load_checkpoint(tiny_checkpoint_tied, dtype=torch.float32)
+    cfg = config.vision
+    pixels = torch.randn(
+        4 * 6, 3 * cfg.temporal_patch_size * cfg.patch_size**2, generator=torch.Generator().manual_seed(1)
+    )
+    captured: dict = {}
+    vision.vision_encoder(params, config, pixels, torch.tensor([[1, 4, 6]]), capture=captured)
+    hidden = captured["vision.block.0"]
+    assert (hidden[:, OUTLIER_CHANNEL].abs() > 0.9 * OUTLIER).all()  # every patch
+    others = torch.cat([hidden[:, :OUTLIER_CHANNEL], hidden[:, OUTLIER_CHANNEL + 1 :]], 1)
+    assert others.abs().max() < 100
