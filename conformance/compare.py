@@ -412,7 +412,9 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
     same = golden.argmax(-1) == got.argmax(-1)
     m = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
     kl_v, same_v = kl[m], same[m]
-    worst = [int(i) for i in (torch.where(m, kl, -1.0) == kl_v.max()).nonzero()[0]] if kl_v.numel() else []
+    # a NaN (non-finite logits: a control run past float16's range) ranks worst, and never breaks the search
+    ranked = torch.where(m, kl.nan_to_num(nan=math.inf), -math.inf)
+    worst = [int(i) for i in np.unravel_index(int(ranked.argmax()), tuple(kl.shape))] if kl_v.numel() else []
     return {
         "mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0,
         "max_kl": kl_v.max().item() if kl_v.numel() else 0.0,

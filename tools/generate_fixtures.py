@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import platform
 import re
@@ -890,6 +891,18 @@ def _rel_control(golden: dict, run: dict, mask) -> dict:
     return out
 
 
+def _finite(value) -> bool:
+    """A control (a float, or the logits' {"mean_kl", "top1"}) that is a number."""
+    values = value.values() if isinstance(value, dict) else [value]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _held(table: dict, stage: str) -> dict:
+    """{precision: control} of one stage, without the precisions whose spec run was not finite there: a
+    real checkpoint's activations can pass float16's 65504, and an inf control would budget anything."""
+    return {dt: table[dt][stage] for dt in table if stage in table[dt] and _finite(table[dt][stage])}
+
+
 def _before_eos(tokens: torch.Tensor, eos) -> torch.Tensor:
     """[B, n] 1.0 on each row's steps up to and including its first eos, 0.0 after (padding)."""
     eos = [eos] if isinstance(eos, int) else list(eos)
@@ -999,7 +1012,9 @@ def write_model(
         control_tf[precision] = _rel_control(g64, tf, mask)
         if precision in COMPUTE:  # how far the spec's own decode logits move at this precision
             low = ref.adapter(precision).step_logits(inputs, new).double().gather(-1, step_top.indices)
-            noise[precision] = 2 * float(((low - step_top.values).abs().amax(-1) * valid).max())
+            moved = 2 * float(((low - step_top.values).abs().amax(-1) * valid).max())
+            if math.isfinite(moved):  # else a stand-in's noise judges that precision
+                noise[precision] = moved
     files["control_bfloat16.safetensors"] = bf16_store
 
     st = {}
@@ -1015,8 +1030,11 @@ def write_model(
         else:
             entry["files"] = ["golden.safetensors"]
             if tol in ("float", "logits"):
-                entry["control"] = {dt: control[dt][s] for dt in control}
-                entry["control_teacher"] = {dt: control_tf[dt][s] for dt in control_tf}
+                entry["control"] = _held(control, s)
+                entry["control_teacher"] = _held(control_tf, s)
+                overflow = sorted({dt for table in (control, control_tf) for dt in table if dt not in _held(table, s)})
+                if overflow:  # a stand-in judges that precision (compare.STAND_IN): float16 -> bfloat16
+                    entry["not_held"] = overflow
             if s == "logits":
                 entry["derived"] = (
                     "text.norm @ lm_head.weight^T in float64 (lm_head: the checkpoint's, or the embedding when tied)"

@@ -101,6 +101,7 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(ported, tmp_
         "model_video_sparse",
         "model_video_file",
         "model_video_budget",
+        "model_outliers",
     }
     assert all(r["status"] == "pass" for r in model), [(r["case"], r["stage"], r["metric"]) for r in model]
     stages = {r["stage"] for r in model}

@@ -211,3 +211,32 @@ def test_failure_midway_leaves_no_output(tiny_checkpoint, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
         ffc.fixtures_from_checkpoint(tiny_checkpoint, tmp_path / "out", ["model_image"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_past_float16s_range_gets_no_float16_control(tmp_path, capsys):
+    """A residual channel past 65504 makes the spec's own float16 run inf: that control is left out (a stand-in
+    judges float16, said so), never written as Infinity or NaN, which would budget anything or nothing."""
+    from safetensors.torch import load_file, save_file
+
+    ck = make_tiny_checkpoint(tmp_path / "ck", tied=True)
+    weights = load_file(str(ck / "model.safetensors"))
+    weights["visual.blocks.1.mlp.down_proj.bias"][5] = 61440.0  # + block 0's 20480: 81920 in channel 5
+    save_file(weights, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "own"
+    assert ffc.main(["--checkpoint", str(ck), "--out", str(out), "--cases", "model_outliers"]) == 0
+    text = (out / "model_outliers" / "manifest.json").read_text("utf-8")
+    assert "Infinity" not in text and "NaN" not in text
+    stages = json.loads(text)["stages"]
+    assert "float16" not in stages["vision.block.1"]["control"] and stages["vision.block.1"]["not_held"] == ["float16"]
+    assert "float16" in stages["vision.block.0"]["control"] and "not_held" not in stages["vision.block.0"]
+    assert {"bfloat16", "float32"} <= set(stages["vision.block.1"]["control"])
+
+    assert conform(["--target", "spec", "--dtype", "float32", "--fixtures", str(out), "--in-process"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "r.json"
+    args = ["--target", "spec", "--dtype", "float16", "--fixtures", str(out), "--in-process", "--json", str(report)]
+    assert conform(args) == 1
+    rows = {r["stage"]: r for r in json.loads(report.read_text())["results"] if r.get("mode", "e2e") == "e2e"}
+    block = rows["vision.block.1"]
+    assert block["status"] == "error" and "non-finite" in block["metric"], block
+    assert "the spec's own float16 run is not finite here" in block["tolerance"], block
