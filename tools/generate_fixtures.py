@@ -1058,7 +1058,7 @@ def write_model(
 def write_checkpoint(out: Path, tied: bool = False) -> Path:
     """A tiny checkpoint the numeric cases run on, with a manifest of its files' sha256: CHECKPOINT (the 7B
     layout, untied, a stop planted in its head) or, tied, TIED_CHECKPOINT (the 3B layout: the same draw,
-    the head is the embedding and is not stored)."""
+    the head is the embedding and is not stored, and a real vision tower's outlier channel is planted)."""
     from .make_tiny_checkpoint import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(out / (TIED_CHECKPOINT if tied else CHECKPOINT), seed=0, tied=tied, overwrite=True)

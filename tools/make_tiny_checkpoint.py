@@ -185,7 +185,8 @@ def make_tiny_checkpoint(
     """Write a checkpoint folder and return its path.
 
     layout "hub" stores visual.* / model.* / lm_head.weight; "v5" stores transformers v5 in-memory
-    names (model.visual.*, model.language_model.*). tied: tie_word_embeddings, lm_head not stored.
+    names (model.visual.*, model.language_model.*). tied: tie_word_embeddings, lm_head not stored (the tiny
+    config's tied checkpoint also carries the vision outlier channel, plant_outliers).
     The folder is built in a temporary sibling and renamed into place, so it is never half-written;
     an existing non-empty folder is an error unless overwrite. config: another config (default tiny).
     """
@@ -248,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m qwen25vl.tools.make_tiny_checkpoint", description=__doc__.split("\n")[0]
     )
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
-    parser.add_argument("--tied", action="store_true", help="tie_word_embeddings (lm_head not stored)")
+    parser.add_argument(
+        "--tied", action="store_true", help="tie_word_embeddings (lm_head not stored), with the vision outlier channel"
+    )
     parser.add_argument("--layout", choices=("hub", "v5"), default="hub", help="tensor key names (default hub)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16")
