@@ -416,7 +416,7 @@ ENTRIES = [
         "rmsnorm_squares_float16",
         "vision.block.{i}",
         "RMSNorm's sum of squares in float16: past 65504 it is inf, and rsqrt(inf) = 0 erases the row",
-        "lablup/mlxcel#1601 (port_bugs_2026-12.md V2)",
+        "lablup/mlxcel#1601 (port_bugs_2026-12.md V2); Blaizzy/mlx-vlm#745 (fp16 overflow in the vision tower)",
         RmsNormSquaresInFloat16,
         cases="model_outliers",
         also=("vision.merger",),
