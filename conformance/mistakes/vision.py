@@ -195,9 +195,10 @@ def layer_norm(x, weight, eps):
 
 def _rms(x, weight, eps, *, outside=False, squares_in_float16=False):
     h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    # float16: a square past 65504 (any |x| over 256, or a sum over the row) is inf, and rsqrt(inf) = 0
-    ms = (h.half().pow(2).sum(-1, keepdim=True).to(h.dtype) / h.shape[-1]) if squares_in_float16 else None
-    ms = h.pow(2).mean(-1, keepdim=True) if ms is None else ms
+    if squares_in_float16:  # a square past 65504 (any |x| over 256, or a sum over the row) is inf: rsqrt(inf) = 0
+        ms = h.half().pow(2).sum(-1, keepdim=True).to(h.dtype) / h.shape[-1]
+    else:
+        ms = h.pow(2).mean(-1, keepdim=True)
     h = h / (ms.sqrt() + eps) if outside else h * torch.rsqrt(ms + eps)
     return weight * h.to(x.dtype)
 
