@@ -46,9 +46,19 @@ STOP_ID, STOP_AFTER, STOP_SCALE = 151643, 77934, 1.12
 # 0's MLP bias writes OUTLIER into residual channel OUTLIER_CHANNEL of every patch, and the later norms'
 # weights undo it (the other channels x OUTLIER / sqrt(width), that one / sqrt(width)), as trained
 # weights do. OUTLIER is exact in bfloat16 and float16; its square (4.2e8) is not a float16 (max 65504),
-# so a norm that sums squares in float16 gets inf and erases the row. The text model is untouched
-# (model_text's goldens do not move).
+# so a norm that sums squares in float16 gets inf and erases the row.
 OUTLIER, OUTLIER_CHANNEL = 20480.0, 5
+
+# The same in the decoder, where trained models grow it at a few tokens only: the first token and
+# delimiters (Sun et al. 2024, "Massive activations in large language models"; Qwen2 among them). In the
+# tied checkpoint, layer 0's MLP writes about TEXT_OUTLIER into residual channel TEXT_OUTLIER_CHANNEL of
+# every TEXT_OUTLIER_TOKEN (<|im_start|>, the first token of every chat prompt) and of no other token:
+# channel TEXT_OUTLIER_CHANNEL is zero in every other token's embedding and in the merger's output, and
+# layer 0's attention writes nothing into it, so the MLP unit that reads only that channel is exactly
+# zero elsewhere. Nothing undoes it: the later norms turn such a row into one channel, as in a trained
+# model (an attention sink), and a norm that sums squares in float16 turns it into zeros.
+TEXT_OUTLIER, TEXT_OUTLIER_CHANNEL, TEXT_OUTLIER_TOKEN = 20480.0, 14, 151644
+TEXT_OUTLIER_UNIT = 39  # the MLP unit of layer 0 that writes it
 
 
 def tiny_config(*, tied: bool = False) -> Qwen25VLConfig:
@@ -160,6 +170,33 @@ def plant_outliers(params: dict[str, torch.Tensor], config: Qwen25VLConfig) -> d
     return params
 
 
+def plant_text_outlier(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tied checkpoint's decoder outlier (TEXT_OUTLIER at TEXT_OUTLIER_TOKEN only), in place; returns params.
+
+    Layer 0's MLP unit 0 reads channel c alone (gate and up rows e_c) and writes channel c alone (down
+    column k e_c): at <|im_start|> its input carries channel c at about 4 (the embedding's 2.0 after the
+    norm), so it writes about k x 4 x 4 = TEXT_OUTLIER; everywhere else channel c is exactly 0 at its
+    input (the embedding column, the merger's output row and layer 0's o_proj row are zero), so it writes
+    exactly 0. The final norm's weight on c is 1/8, so the tied head's column c (2.0 at <|im_start|>
+    alone) moves no other token's logits by much.
+    """
+    c, token, unit = TEXT_OUTLIER_CHANNEL, TEXT_OUTLIER_TOKEN, TEXT_OUTLIER_UNIT
+    embed = params["model.embed_tokens.weight"]  # the tied head too: the same tensor
+    embed[:, c] = 0
+    embed[token, c] = 2.0
+    for key in ("visual.merger.mlp.2.weight", "visual.merger.mlp.2.bias", "model.layers.0.self_attn.o_proj.weight"):
+        params[key][c] = 0
+    mlp = "model.layers.0.mlp"
+    for key in (f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight"):
+        params[key][unit] = 0
+        params[key][unit, c] = 1.0
+    down = params[f"{mlp}.down_proj.weight"]
+    down[:, unit] = 0
+    down[c, unit] = TEXT_OUTLIER / 16
+    params["model.norm.weight"][c] = 1 / 8
+    return params
+
+
 def _config_json(config: Qwen25VLConfig, dtype: torch.dtype) -> dict:
     raw = config.to_dict()
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -186,7 +223,7 @@ def make_tiny_checkpoint(
 
     layout "hub" stores visual.* / model.* / lm_head.weight; "v5" stores transformers v5 in-memory
     names (model.visual.*, model.language_model.*). tied: tie_word_embeddings, lm_head not stored (the tiny
-    config's tied checkpoint also carries the vision outlier channel, plant_outliers).
+    config's tied checkpoint also carries the outlier channels, plant_outliers and plant_text_outlier).
     The folder is built in a temporary sibling and renamed into place, so it is never half-written;
     an existing non-empty folder is an error unless overwrite. config: another config (default tiny).
     """
@@ -214,6 +251,7 @@ def make_tiny_checkpoint(
         plant_stop(params)
     if planted and tied:
         plant_outliers(params, config)
+        plant_text_outlier(params)
     if tied:
         del params["lm_head.weight"]  # as in the published 3B checkpoint
     rename = to_v5_key if layout == "v5" else (lambda k: k)
@@ -250,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", help="folder to create (must not exist or be empty)")
     parser.add_argument(
-        "--tied", action="store_true", help="tie_word_embeddings (lm_head not stored), with the vision outlier channel"
+        "--tied",
+        action="store_true",
+        help="tie_word_embeddings (lm_head not stored), with the vision and decoder outlier channels",
     )
     parser.add_argument("--layout", choices=("hub", "v5"), default="hub", help="tensor key names (default hub)")
     parser.add_argument("--seed", type=int, default=0)

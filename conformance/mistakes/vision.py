@@ -261,6 +261,14 @@ class RmsNormSquaresInFloat16(Patched):
         return [(vision, "rms_norm", norm), (text, "rms_norm", norm)]
 
 
+class TextRmsNormSquaresInFloat16(RmsNormSquaresInFloat16):
+    """The decoder's RMSNorms with their sum of squares in float16 (the vision tower's right): a token that
+    carries a massive activation (the first token, in a trained model) comes out zero."""
+
+    def model_patches(self, inputs):
+        return [p for p in super().model_patches(inputs) if p[0] is not vision]
+
+
 class VisionMlpQuickGelu(Patched):
     """quick-GELU (x * sigmoid(1.702 x), Qwen2-VL's vision activation) instead of SiLU in the vision SwiGLU."""
 
@@ -421,6 +429,16 @@ ENTRIES = [
         RmsNormSquaresInFloat16,
         cases="model_outliers",
         also=("vision.merger",),
+    ),
+    Mistake(
+        "text_rmsnorm_squares_float16",
+        "text.layer.{i}",
+        "the decoder's RMSNorm sums squares in float16: at a massive activation it is inf, and rsqrt(inf) = 0 erases the row",
+        "QwenLM/Qwen3#826 (Qwen2 in float16: NaN from layer 1); microsoft/onnxruntime#31626 (a decomposed norm's "
+        "Pow overflows float16, the row normalises to zero)",
+        TextRmsNormSquaresInFloat16,
+        cases="model_text",
+        also=("text.norm",),
     ),
     Mistake(
         "text_rmsnorm_eps_unread",

@@ -151,14 +151,22 @@ def test_empty_existing_folder_is_filled(tmp_path):
 
 def test_tied_checkpoint_carries_a_real_towers_outlier_channel(tiny_checkpoint, tiny_checkpoint_tied):
     """Block 0's MLP writes OUTLIER into one residual channel of every patch and the later norms undo it;
-    the text weights are the untied draw's, so model_text's goldens do not move."""
+    the text weights are the untied draw's but for the decoder's outlier (the next test)."""
     from qwen25vl.spec import vision
     from qwen25vl.spec.checkpoint import load_checkpoint
     from qwen25vl.tools.make_tiny_checkpoint import OUTLIER, OUTLIER_CHANNEL
 
     tied, untied = (load_file(str(f / "model.safetensors")) for f in (tiny_checkpoint_tied, tiny_checkpoint))
+    text_planted = {
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.norm.weight",
+    }
     for key, t in tied.items():
-        if key.startswith("model."):
+        if key.startswith("model.") and key not in text_planted:
             assert torch.equal(t, untied[key]), key
     assert tied["visual.blocks.0.mlp.down_proj.bias"][OUTLIER_CHANNEL].item() == OUTLIER
     assert tied["visual.blocks.1.norm1.weight"].float().abs().median() > 1000  # scaled up by OUTLIER / sqrt(64)
@@ -173,4 +181,37 @@ def test_tied_checkpoint_carries_a_real_towers_outlier_channel(tiny_checkpoint, 
     hidden = captured["vision.block.0"]
     assert (hidden[:, OUTLIER_CHANNEL].abs() > 0.9 * OUTLIER).all()  # every patch
     others = torch.cat([hidden[:, :OUTLIER_CHANNEL], hidden[:, OUTLIER_CHANNEL + 1 :]], 1)
+    assert others.abs().max() < 100
+
+
+def test_tied_checkpoint_carries_a_decoder_outlier_at_im_start_only(tiny_checkpoint_tied):
+    """Layer 0's MLP writes a massive activation into one channel of every <|im_start|> and exactly nothing
+    into that channel of any other token (image pads included), as trained decoders do at the first token."""
+    from qwen25vl.spec import forward
+    from qwen25vl.spec.checkpoint import load_checkpoint
+    from qwen25vl.tools.make_tiny_checkpoint import (
+        TEXT_OUTLIER,
+        TEXT_OUTLIER_CHANNEL,
+        TEXT_OUTLIER_TOKEN,
+        TEXT_OUTLIER_UNIT,
+    )
+
+    config, params = load_checkpoint(tiny_checkpoint_tied, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 151000, (1, 40), generator=gen)
+    ids[0, [0, 17, 31]] = TEXT_OUTLIER_TOKEN
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    _, captured, _, _ = forward.prefill(params, config, inputs, capture=["text.layer.0"])
+    hidden = captured["text.layer.0"][0]
+    at = ids[0] == TEXT_OUTLIER_TOKEN
+    channel = hidden[:, TEXT_OUTLIER_CHANNEL]
+    assert (channel[at].abs() > TEXT_OUTLIER / 2).all() and (channel[at].abs() < 65504).all()  # float16 holds it
+    assert channel[~at].abs().max() < 10
+    # elsewhere the unit that writes it adds exactly nothing: without it the other rows are the same bits
+    params["model.layers.0.mlp.down_proj.weight"] = params["model.layers.0.mlp.down_proj.weight"].clone()
+    params["model.layers.0.mlp.down_proj.weight"][:, TEXT_OUTLIER_UNIT] = 0
+    _, without, _, _ = forward.prefill(params, config, inputs, capture=["text.layer.0"])
+    assert torch.equal(without["text.layer.0"][0][~at], hidden[~at])
+    assert not torch.equal(without["text.layer.0"][0][at], hidden[at])
+    others = torch.cat([hidden[:, :TEXT_OUTLIER_CHANNEL], hidden[:, TEXT_OUTLIER_CHANNEL + 1 :]], 1)
     assert others.abs().max() < 100
