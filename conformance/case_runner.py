@@ -276,7 +276,7 @@ class CaseRunner:
                     v = self._judge(case, s, golden, captured[s], mask, ck)
                     where = v.where
                     if v.status in BAD and v.values.get("worst") is not None:
-                        where += locate(s, v.values["worst"], inputs, ck.config)
+                        where += locate(s, v.values, inputs, ck.config)
                     out.append(
                         StageResult(
                             name, s, v.status, v.metric, v.tolerance, where, "e2e", seconds=secs, values=v.values

@@ -287,13 +287,51 @@ def channel_weights(golden: torch.Tensor) -> torch.Tensor:
     return torch.where(rms > cap, cap / rms, torch.ones_like(rms))
 
 
+# Where a hidden state's error sits, by row (token or patch): a bug confined to some rows (the first token's
+# massive activation erased, the image pads, the padding, a window edge) shows as most of the error in few
+# of them. Said when CONCENTRATED of the squared error sits in at most SPARSE of the rows.
+CONCENTRATED, SPARSE, ROWS_LISTED = 0.8, 0.1, 8
+
+
+def error_rows(golden: torch.Tensor, got: torch.Tensor) -> dict:
+    """Where the error of hidden states [..., C] sits, by row (every index but the last).
+
+    -> {"rows": the fewest rows (index lists, worst first, at most ROWS_LISTED) holding CONCENTRATED of
+    the squared error when they are at most SPARSE of the rows, else []; "share": their share of it;
+    "of": how many rows they are (possibly more than listed); "total": rows; "zero_rows": rows (at most
+    ROWS_LISTED) that are all zero in `got` and not in `golden`, a row erased; "zero_count": how many;
+    "batch": [b, share] when golden is [B, L, C] with B > 1 and batch row b holds CONCENTRATED of the
+    error (a bug of one row of a padded batch), else None}."""
+    shape = tuple(golden.shape[:-1])
+    g, x = golden.reshape(-1, golden.shape[-1]), got.reshape(-1, golden.shape[-1])
+    per_row = (x - g).pow(2).sum(-1)
+    total = per_row.sum().item()
+    out = {"rows": [], "share": 0.0, "of": 0, "total": per_row.numel(), "zero_rows": [], "zero_count": 0, "batch": None}
+    erased = ((x == 0).all(-1) & (g != 0).any(-1)).nonzero().flatten()
+    out["zero_count"] = erased.numel()
+    out["zero_rows"] = [[int(i) for i in np.unravel_index(int(r), shape)] for r in erased[:ROWS_LISTED]]
+    if total > 0 and len(shape) == 2 and shape[0] > 1:
+        by_batch = per_row.reshape(shape).sum(-1) / total
+        b = int(by_batch.argmax())
+        out["batch"] = [b, by_batch[b].item()] if by_batch[b] >= CONCENTRATED else None
+    if total > 0 and per_row.numel() >= 2:
+        ranked, order = per_row.sort(descending=True)
+        need = int((ranked.cumsum(0) < CONCENTRATED * total).sum().item()) + 1
+        if need <= SPARSE * per_row.numel():
+            out["of"] = need
+            out["share"] = ranked[:need].sum().item() / total
+            out["rows"] = [[int(i) for i in np.unravel_index(int(r), shape)] for r in order[: min(need, ROWS_LISTED)]]
+    return out
+
+
 def float_errors(
     golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None, *, channels: bool = False
 ) -> dict:
     """rel (relative Frobenius), max_abs, cosine and the worst coordinate of |got - golden|.
 
     channels: golden is hidden states [..., C]; rel, cosine and the worst coordinate weigh each channel by
-    channel_weights (max_abs stays in the stage's units), and "capped" lists the channels weighed down."""
+    channel_weights (max_abs stays in the stage's units), "capped" lists the channels weighed down, and
+    "rows" says where the error sits (error_rows, weighed the same way)."""
     g, x = _masked(golden, got, mask)
     diff = (x - g).abs()
     w = channel_weights(g) if channels and g.dim() >= 2 and g.numel() else None
@@ -314,6 +352,7 @@ def float_errors(
         "worst_golden": float(g.reshape(-1)[flat]) if diff.numel() else 0.0,
         "worst_got": float(x.reshape(-1)[flat]) if diff.numel() else 0.0,
         "capped": [] if w is None else [int(i) for i in (w < 1).nonzero().flatten()],
+        **({"rows": error_rows(gw, xw)} if channels and g.dim() >= 2 and g.numel() else {}),
     }
 
 

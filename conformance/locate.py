@@ -1,4 +1,4 @@
-"""Say what the worst coordinate of a failing stage is, in the model's own terms."""
+"""Say what the worst coordinate of a failing stage is, and which rows hold its error, in the model's own terms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from ..spec.config import Qwen25VLConfig
 from ..spec.windows import vision_rotary_positions
 
 
-def locate(stage: str, worst: list[int], inputs: dict, config: Qwen25VLConfig) -> str:
+def locate(stage: str, values: dict, inputs: dict, config: Qwen25VLConfig) -> str:
+    """The worst coordinate (locate_worst), then where the error sits (locate_rows), for a failing stage's
+    verdict values (compare.float_errors: "worst", and "rows" for hidden states)."""
+    return locate_worst(stage, values["worst"], inputs, config) + locate_rows(stage, values.get("rows"), inputs, config)
+
+
+def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLConfig) -> str:
     """Say what the worst coordinate is: for a vision stage the item, frame, patch (row, col) and
     whether it sits on a window edge; for a text stage the token and whether it is a vision pad.
     config: the checkpoint's (window size in patches, the pad token ids)."""
@@ -33,10 +39,61 @@ def locate(stage: str, worst: list[int], inputs: dict, config: Qwen25VLConfig) -
         if stage.startswith("text.") or stage == "logits":
             b, tok = worst[0], worst[1]
             tid = int(inputs["input_ids"][b, tok])
-            kind = {config.image_token_id: "an image pad", config.video_token_id: "a video pad"}.get(
-                tid, "a text token"
-            )
-            return f" = row {b} token {tok} (id {tid}, {kind})"
+            return f" = row {b} token {tok} (id {tid}, {_token_kind(tid, config)})"
     except (IndexError, KeyError, ValueError, RuntimeError):
         pass
     return ""
+
+
+def _token_kind(tid: int, config: Qwen25VLConfig) -> str:
+    return {config.image_token_id: "an image pad", config.video_token_id: "a video pad"}.get(tid, "a text token")
+
+
+def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
+    """'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage; 'patches 3, 17' for a vision one."""
+    if not stage.startswith("text."):
+        one, many = ("merged token", "merged tokens") if stage == "vision.merger" else ("patch", "patches")
+        unit = one if len(rows) == 1 else many
+        return f"{unit} {', '.join(str(r[0]) for r in rows)}"
+    ids = inputs["input_ids"]
+    single = ids.shape[0] == 1
+    names = [f"{r[1]}" if single else f"row {r[0]} token {r[1]}" for r in rows]
+    tids = [int(ids[r[0], r[1]]) for r in rows]
+    if len(set(tids)) == 1:
+        kinds = f"all id {tids[0]}, {_token_kind(tids[0], config)}" if len(tids) > 1 else f"id {tids[0]}"
+    else:
+        counts: dict[str, int] = {}
+        for t in tids:
+            counts[_token_kind(t, config)] = counts.get(_token_kind(t, config), 0) + 1
+        plural = {"a text token": "text tokens", "an image pad": "image pads", "a video pad": "video pads"}
+        kinds = ", ".join(f"{n} {plural[k] if n > 1 else k.split(' ', 1)[1]}" for k, n in counts.items())
+    unit = ("token " if len(rows) == 1 else "tokens ") if single else ""
+    return f"{unit}{', '.join(names)} ({kinds})"
+
+
+def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLConfig) -> str:
+    """Say where the error of a hidden state sits (compare.error_rows): rows the port erased (all zero where
+    the golden's are not), and the few rows that hold most of the error, when they do."""
+    if not rows:
+        return ""
+    out = ""
+    try:
+        unit = "tokens" if stage.startswith("text.") else ("merged tokens" if stage == "vision.merger" else "patches")
+        if rows["zero_count"]:
+            listed = _name_rows(stage, rows["zero_rows"], inputs, config)
+            more = (
+                f" and {rows['zero_count'] - len(rows['zero_rows'])} more"
+                if rows["zero_count"] > len(rows["zero_rows"])
+                else ""
+            )
+            out += f"; {rows['zero_count']} of {rows['total']} {unit} come out all zero where the golden's are not: {listed}{more}"
+        if rows.get("batch"):
+            b, share = rows["batch"]
+            out += f"; {share:.0%} of the error is in batch row {b}"
+        if rows["rows"]:
+            listed = _name_rows(stage, rows["rows"], inputs, config)
+            more = f" and {rows['of'] - len(rows['rows'])} more" if rows["of"] > len(rows["rows"]) else ""
+            out += f"; {rows['share']:.0%} of the error is in {rows['of']} of {rows['total']} {unit}: {listed}{more}"
+    except (IndexError, KeyError, ValueError, RuntimeError):
+        return out
+    return out

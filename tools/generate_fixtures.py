@@ -829,7 +829,8 @@ MODEL_CASES = {
     "model_outliers": {
         "description": "one 112x168 image on the tied checkpoint, whose vision tower carries 20480 in one residual "
         "channel of every patch from block 0's MLP on (the real 3B carries 2.3e4 by block 31), undone by the later "
-        "norms' weights: a norm that sums squares in float16 overflows (65504) and erases the row",
+        "norms' weights, and whose decoder carries 1.2e4 to 3.1e4 in one channel of each <|im_start|>: a norm that "
+        "sums squares in float16 overflows (65504) and erases the row",
         "checkpoint": TIED_CHECKPOINT,
         "conversations": [
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}]
@@ -842,7 +843,8 @@ MODEL_CASES = {
         "description": "text only, on the tied checkpoint (the 3B layout: no lm_head.weight stored), a system "
         "prompt of its own and two user turns, 394 tokens: positions past 256 (where bfloat16 stops holding every "
         "integer), digit runs, contractions in capitals, '(x):\\n', tabs, CRLF, CJK, Arabic and emoji for the "
-        "pre-tokenizer",
+        "pre-tokenizer; from layer 0 on, each of its five <|im_start|> carries a massive activation (1.2e4 to 3.7e4 "
+        "in one channel), as a trained decoder's first token does",
         "checkpoint": TIED_CHECKPOINT,
         "conversations": [
             [

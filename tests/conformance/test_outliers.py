@@ -76,3 +76,21 @@ def test_a_norm_that_sums_squares_in_float16_is_named_where_the_channel_first_me
     first = _first(RmsNormSquaresInFloat16(dtype))
     assert first is not None and first.stage == "vision.block.1" and first.status == "fail", first
     assert "sum of squares in float16" in first.note, first.note
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_decoder_norms_in_float16_are_named_at_layer_1_and_the_erased_rows_located(dtype):
+    """Each <|im_start|> of model_text carries the decoder's massive activation from layer 0's MLP on: layer 1's
+    first norm is where a float16 sum overflows, and at the final norm those rows come out zero."""
+    from qwen25vl.conformance.mistakes.vision import TextRmsNormSquaresInFloat16
+
+    paths = runner.select_cases(FIXTURES, "^model_text$")
+    _, results = runner.run_suite(
+        paths, runner.SuiteOptions(only_stages=r"^text\."), adapter=TextRmsNormSquaresInFloat16(dtype)
+    )
+    first = runner.first_divergence(results)
+    assert first is not None and first.stage == "text.layer.1" and first.status == "fail", first
+    assert "the decoder's RMSNorm sums squares in float16" in first.note, first.note
+    norm = next(r for r in results if r.stage == "text.norm")
+    assert "5 of 394 tokens come out all zero where the golden's are not" in norm.where, norm.where
+    assert "(all id 151644, a text token)" in norm.where, norm.where
