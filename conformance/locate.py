@@ -20,19 +20,7 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
     config: the checkpoint's (window size in patches, the pad token ids)."""
     try:
         if stage.startswith("vision.") and stage != "vision.merger":
-            window = config.vision.window_size // config.vision.patch_size  # patches per window side
-            grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
-            grid = torch.cat(grids)
-            p = worst[0]
-            sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
-            item, start = 0, 0
-            while p >= start + sizes[item]:
-                start += sizes[item]
-                item += 1
-            t, h, w = grid[item].tolist()
-            frame = (p - start) // (h * w)
-            row, col = vision_rotary_positions(grid[item : item + 1])[p - start].tolist()
-            edge = row % window in (0, window - 1) or col % window in (0, window - 1) or row == h - 1 or col == w - 1
+            item, frame, row, col, h, w, edge = _patch(worst[0], inputs, config)
             return f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid" + (
                 ", on a window edge" if edge else ", inside a window"
             )
@@ -45,16 +33,36 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
     return ""
 
 
+def _patch(p: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int, int, int, int, bool]:
+    """Patch p of a vision stage's rows: (item, frame, row, col, grid h, grid w, on a window edge)."""
+    window = config.vision.window_size // config.vision.patch_size  # patches per window side
+    grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
+    sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
+    item, start = 0, 0
+    while p >= start + sizes[item]:
+        start += sizes[item]
+        item += 1
+    t, h, w = grid[item].tolist()
+    frame = (p - start) // (h * w)
+    row, col = vision_rotary_positions(grid[item : item + 1])[p - start].tolist()
+    edge = row % window in (0, window - 1) or col % window in (0, window - 1) or row == h - 1 or col == w - 1
+    return item, frame, row, col, h, w, edge
+
+
 def _token_kind(tid: int, config: Qwen25VLConfig) -> str:
     return {config.image_token_id: "an image pad", config.video_token_id: "a video pad"}.get(tid, "a text token")
 
 
 def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
-    """'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage; 'patches 3, 17' for a vision one."""
+    """'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage, 'patches 3 (row 0, col 3), 17 (row 2,
+    col 1) (1 of 2 on a window edge)' for a vision one."""
+    if stage == "vision.merger":
+        return f"merged token{'' if len(rows) == 1 else 's'} {', '.join(str(r[0]) for r in rows)}"
     if not stage.startswith("text."):
-        one, many = ("merged token", "merged tokens") if stage == "vision.merger" else ("patch", "patches")
-        unit = one if len(rows) == 1 else many
-        return f"{unit} {', '.join(str(r[0]) for r in rows)}"
+        places = [_patch(r[0], inputs, config) for r in rows]
+        names = ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))
+        edges = sum(p[6] for p in places)
+        return f"patch{'' if len(rows) == 1 else 'es'} {names} ({edges} of {len(rows)} on a window edge)"
     ids = inputs["input_ids"]
     single = ids.shape[0] == 1
     names = [f"{r[1]}" if single else f"row {r[0]} token {r[1]}" for r in rows]

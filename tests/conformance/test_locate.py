@@ -70,5 +70,10 @@ def test_vision_rows_are_patches():
     x = g.clone()
     x[5] = 0
     rows = compare.float_errors(g, x, channels=True)["rows"]
-    said = locate_rows("vision.block.2", rows, {}, CONFIG)
-    assert "1 of 64 patches come out all zero where the golden's are not: patch 5" in said
+    grid = {"image_grid_thw": torch.tensor([[1, 8, 8]])}
+    said = locate_rows("vision.block.2", rows, grid, CONFIG)
+    # patch 5 in 2x2 merge-block order is (row 0, col 3): on the top edge of the first 8x8 window (112 px)
+    assert (
+        "1 of 64 patches come out all zero where the golden's are not: patch 5 (row 0, col 3) (1 of 1 on a window edge)"
+        in said
+    )
