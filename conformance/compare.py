@@ -334,7 +334,8 @@ def float_errors(
     "rows" says where the error sits (error_rows, weighed the same way)."""
     g, x = _masked(golden, got, mask)
     diff = (x - g).abs()
-    w = channel_weights(g) if channels and g.dim() >= 2 and g.numel() else None
+    hidden = channels and g.dim() >= 2 and g.numel() > 0
+    w = channel_weights(g) if hidden else None
     w = w if w is not None and bool((w < 1).any()) else None  # nothing capped: weigh nothing
     gw, xw = (g, x) if w is None else (g * w, x * w)
     dw = (xw - gw).abs()
@@ -352,7 +353,7 @@ def float_errors(
         "worst_golden": float(g.reshape(-1)[flat]) if diff.numel() else 0.0,
         "worst_got": float(x.reshape(-1)[flat]) if diff.numel() else 0.0,
         "capped": [] if w is None else [int(i) for i in (w < 1).nonzero().flatten()],
-        **({"rows": error_rows(gw, xw)} if channels and g.dim() >= 2 and g.numel() else {}),
+        **({"rows": error_rows(gw, xw)} if hidden else {}),
     }
 
 

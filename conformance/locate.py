@@ -53,9 +53,14 @@ def _token_kind(tid: int, config: Qwen25VLConfig) -> str:
     return {config.image_token_id: "an image pad", config.video_token_id: "a video pad"}.get(tid, "a text token")
 
 
-def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
-    """'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage, 'patches 3 (row 0, col 3), 17 (row 2,
-    col 1) (1 of 2 on a window edge)' for a vision one."""
+def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig, *, of: int) -> str:
+    """The listed rows of `of`: 'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage, 'patches 3
+    (row 0, col 3), 17 (row 2, col 1) (1 of 2 on a window edge)' for a vision one, then ' and N more'."""
+    more = f" and {of - len(rows)} more" if of > len(rows) else ""
+    return _names(stage, rows, inputs, config) + more
+
+
+def _names(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
     if stage == "vision.merger":
         return f"merged token{'' if len(rows) == 1 else 's'} {', '.join(str(r[0]) for r in rows)}"
     if not stage.startswith("text."):
@@ -88,20 +93,14 @@ def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLCon
     try:
         unit = "tokens" if stage.startswith("text.") else ("merged tokens" if stage == "vision.merger" else "patches")
         if rows["zero_count"]:
-            listed = _name_rows(stage, rows["zero_rows"], inputs, config)
-            more = (
-                f" and {rows['zero_count'] - len(rows['zero_rows'])} more"
-                if rows["zero_count"] > len(rows["zero_rows"])
-                else ""
-            )
-            out += f"; {rows['zero_count']} of {rows['total']} {unit} come out all zero where the golden's are not: {listed}{more}"
+            listed = _name_rows(stage, rows["zero_rows"], inputs, config, of=rows["zero_count"])
+            out += f"; {rows['zero_count']} of {rows['total']} {unit} come out all zero where the golden's are not: {listed}"
         if rows.get("batch"):
             b, share = rows["batch"]
             out += f"; {share:.0%} of the error is in batch row {b}"
         if rows["rows"]:
-            listed = _name_rows(stage, rows["rows"], inputs, config)
-            more = f" and {rows['of'] - len(rows['rows'])} more" if rows["of"] > len(rows["rows"]) else ""
-            out += f"; {rows['share']:.0%} of the error is in {rows['of']} of {rows['total']} {unit}: {listed}{more}"
+            listed = _name_rows(stage, rows["rows"], inputs, config, of=rows["of"])
+            out += f"; {rows['share']:.0%} of the error is in {rows['of']} of {rows['total']} {unit}: {listed}"
     except (IndexError, KeyError, ValueError, RuntimeError):
         return out
     return out
