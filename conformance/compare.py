@@ -293,8 +293,22 @@ def channel_weights(golden: torch.Tensor) -> torch.Tensor:
 CONCENTRATED, SPARSE, ROWS_LISTED = 0.8, 0.1, 8
 
 
-def error_rows(golden: torch.Tensor, got: torch.Tensor) -> dict:
-    """Where the error of hidden states [..., C] sits, by row (every index but the last).
+def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
+    return [int(i) for i in np.unravel_index(flat, shape)]
+
+
+def _weighed(golden: torch.Tensor, got: torch.Tensor, mask, channels: bool):
+    """(g, x, w, gw, xw): both masked, then weighed by channel_weights when `channels` and a channel is
+    capped (w None when nothing is)."""
+    g, x = _masked(golden, got, mask)
+    w = channel_weights(g) if channels and g.dim() >= 2 and g.numel() > 0 else None
+    w = w if w is not None and bool((w < 1).any()) else None  # nothing capped: weigh nothing
+    return g, x, w, *((g, x) if w is None else (g * w, x * w))
+
+
+def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None) -> dict | None:
+    """Where the error of hidden states [..., C] sits, by row (every index but the last), on the channel
+    weights float_errors uses; None for a tensor with no rows.
 
     -> {"rows": the fewest rows (index lists, worst first, at most ROWS_LISTED) holding CONCENTRATED of
     the squared error when they are at most SPARSE of the rows, else []; "share": their share of it;
@@ -302,14 +316,17 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor) -> dict:
     ROWS_LISTED) that are all zero in `got` and not in `golden`, a row erased; "zero_count": how many;
     "batch": [b, share] when golden is [B, L, C] with B > 1 and batch row b holds CONCENTRATED of the
     error (a bug of one row of a padded batch), else None}."""
+    if golden.dim() < 2 or golden.numel() == 0:
+        return None
+    _, _, _, gw, xw = _weighed(golden, got, mask, channels=True)
     shape = tuple(golden.shape[:-1])
-    g, x = golden.reshape(-1, golden.shape[-1]), got.reshape(-1, golden.shape[-1])
+    g, x = gw.reshape(-1, golden.shape[-1]), xw.reshape(-1, golden.shape[-1])
     per_row = (x - g).pow(2).sum(-1)
     total = per_row.sum().item()
     out = {"rows": [], "share": 0.0, "of": 0, "total": per_row.numel(), "zero_rows": [], "zero_count": 0, "batch": None}
     erased = ((x == 0).all(-1) & (g != 0).any(-1)).nonzero().flatten()
     out["zero_count"] = erased.numel()
-    out["zero_rows"] = [[int(i) for i in np.unravel_index(int(r), shape)] for r in erased[:ROWS_LISTED]]
+    out["zero_rows"] = [_index(int(r), shape) for r in erased[:ROWS_LISTED]]
     if total > 0 and len(shape) == 2 and shape[0] > 1:
         by_batch = per_row.reshape(shape).sum(-1) / total
         b = int(by_batch.argmax())
@@ -320,7 +337,7 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor) -> dict:
         if need <= SPARSE * per_row.numel():
             out["of"] = need
             out["share"] = ranked[:need].sum().item() / total
-            out["rows"] = [[int(i) for i in np.unravel_index(int(r), shape)] for r in order[: min(need, ROWS_LISTED)]]
+            out["rows"] = [_index(int(r), shape) for r in order[: min(need, ROWS_LISTED)]]
     return out
 
 
@@ -330,30 +347,24 @@ def float_errors(
     """rel (relative Frobenius), max_abs, cosine and the worst coordinate of |got - golden|.
 
     channels: golden is hidden states [..., C]; rel, cosine and the worst coordinate weigh each channel by
-    channel_weights (max_abs stays in the stage's units), "capped" lists the channels weighed down, and
-    "rows" says where the error sits (error_rows, weighed the same way)."""
-    g, x = _masked(golden, got, mask)
+    channel_weights (max_abs stays in the stage's units), and "capped" lists the channels weighed down."""
+    g, x, w, gw, xw = _weighed(golden, got, mask, channels)
     diff = (x - g).abs()
-    hidden = channels and g.dim() >= 2 and g.numel() > 0
-    w = channel_weights(g) if hidden else None
-    w = w if w is not None and bool((w < 1).any()) else None  # nothing capped: weigh nothing
-    gw, xw = (g, x) if w is None else (g * w, x * w)
     dw = (xw - gw).abs()
     gn = gw.norm().item()
     rel = (xw - gw).norm().item() / gn if gn > 0 else (0.0 if diff.max().item() == 0 else math.inf)
     flat = int(dw.argmax()) if diff.numel() else 0
-    worst = list(np.unravel_index(flat, tuple(g.shape))) if diff.numel() else []
+    worst = _index(flat, tuple(g.shape)) if diff.numel() else []
     xn = xw.norm().item()
     cos = float((xw * gw).sum().item() / (gn * xn)) if gn > 0 and xn > 0 else 1.0
     return {
         "rel": rel,
         "max_abs": diff.max().item() if diff.numel() else 0.0,
         "cosine": cos,
-        "worst": [int(i) for i in worst],
+        "worst": worst,
         "worst_golden": float(g.reshape(-1)[flat]) if diff.numel() else 0.0,
         "worst_got": float(x.reshape(-1)[flat]) if diff.numel() else 0.0,
         "capped": [] if w is None else [int(i) for i in (w < 1).nonzero().flatten()],
-        **({"rows": error_rows(gw, xw)} if hidden else {}),
     }
 
 
@@ -395,6 +406,8 @@ def floats(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask:
         return _error(why, f"rel <= {tol}")
     e = float_errors(golden, got, mask, channels=True)
     ok = e["rel"] <= budget
+    if not ok:  # only a failure is located (locate.locate_rows)
+        e["rows"] = error_rows(golden, got, mask)
     capped = f" (channels {e['capped']} capped at {CHANNEL_CAP:g}x the median RMS)" if e["capped"] else ""
     return Verdict(
         "pass" if ok else "fail",

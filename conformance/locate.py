@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..spec.config import Qwen25VLConfig
@@ -10,7 +12,7 @@ from ..spec.windows import vision_rotary_positions
 
 def locate(stage: str, values: dict, inputs: dict, config: Qwen25VLConfig) -> str:
     """The worst coordinate (locate_worst), then where the error sits (locate_rows), for a failing stage's
-    verdict values (compare.float_errors: "worst", and "rows" for hidden states)."""
+    verdict values (compare.floats: "worst", and "rows" for a failing hidden state)."""
     return locate_worst(stage, values["worst"], inputs, config) + locate_rows(stage, values.get("rows"), inputs, config)
 
 
@@ -49,39 +51,53 @@ def _patch(p: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int,
     return item, frame, row, col, h, w, edge
 
 
+# a token's kind: (one, several)
+_KINDS = {
+    "image": ("image pad", "image pads"),
+    "video": ("video pad", "video pads"),
+    "text": ("text token", "text tokens"),
+}
+
+
+def _kind(tid: int, config: Qwen25VLConfig) -> str:
+    return {config.image_token_id: "image", config.video_token_id: "video"}.get(tid, "text")
+
+
 def _token_kind(tid: int, config: Qwen25VLConfig) -> str:
-    return {config.image_token_id: "an image pad", config.video_token_id: "a video pad"}.get(tid, "a text token")
+    """'an image pad', 'a video pad' or 'a text token'."""
+    one = _KINDS[_kind(tid, config)][0]
+    return ("an " if one[0] in "aeiou" else "a ") + one
+
+
+def _row_unit(stage: str) -> tuple[str, str]:
+    """What a row of `stage` is: (one, several)."""
+    if stage.startswith("text."):
+        return "token", "tokens"
+    return ("merged token", "merged tokens") if stage == "vision.merger" else ("patch", "patches")
 
 
 def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig, *, of: int) -> str:
     """The listed rows of `of`: 'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage, 'patches 3
     (row 0, col 3), 17 (row 2, col 1) (1 of 2 on a window edge)' for a vision one, then ' and N more'."""
-    more = f" and {of - len(rows)} more" if of > len(rows) else ""
-    return _names(stage, rows, inputs, config) + more
-
-
-def _names(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
-    if stage == "vision.merger":
-        return f"merged token{'' if len(rows) == 1 else 's'} {', '.join(str(r[0]) for r in rows)}"
-    if not stage.startswith("text."):
-        places = [_patch(r[0], inputs, config) for r in rows]
-        names = ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))
-        edges = sum(p[6] for p in places)
-        return f"patch{'' if len(rows) == 1 else 'es'} {names} ({edges} of {len(rows)} on a window edge)"
-    ids = inputs["input_ids"]
-    single = ids.shape[0] == 1
-    names = [f"{r[1]}" if single else f"row {r[0]} token {r[1]}" for r in rows]
-    tids = [int(ids[r[0], r[1]]) for r in rows]
-    if len(set(tids)) == 1:
-        kinds = f"all id {tids[0]}, {_token_kind(tids[0], config)}" if len(tids) > 1 else f"id {tids[0]}"
+    unit = _row_unit(stage)[len(rows) > 1]
+    if stage.startswith("text.") and inputs["input_ids"].shape[0] == 1:
+        names = f"{unit} " + ", ".join(str(r[1]) for r in rows)
+    elif stage.startswith("text."):
+        names = ", ".join(f"row {r[0]} token {r[1]}" for r in rows)
+    elif stage == "vision.merger":
+        names = f"{unit} " + ", ".join(str(r[0]) for r in rows)
     else:
-        counts: dict[str, int] = {}
-        for t in tids:
-            counts[_token_kind(t, config)] = counts.get(_token_kind(t, config), 0) + 1
-        plural = {"a text token": "text tokens", "an image pad": "image pads", "a video pad": "video pads"}
-        kinds = ", ".join(f"{n} {plural[k] if n > 1 else k.split(' ', 1)[1]}" for k, n in counts.items())
-    unit = ("token " if len(rows) == 1 else "tokens ") if single else ""
-    return f"{unit}{', '.join(names)} ({kinds})"
+        places = [_patch(r[0], inputs, config) for r in rows]
+        names = f"{unit} " + ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))
+        names += f" ({sum(p[6] for p in places)} of {len(rows)} on a window edge)"
+    if stage.startswith("text."):
+        tids = [int(inputs["input_ids"][r[0], r[1]]) for r in rows]
+        if len(set(tids)) == 1:
+            names += f" (all id {tids[0]}, {_token_kind(tids[0], config)})" if len(tids) > 1 else f" (id {tids[0]})"
+        else:
+            counts = Counter(_kind(t, config) for t in tids)
+            names += " (" + ", ".join(f"{n} {_KINDS[k][n > 1]}" for k, n in counts.items()) + ")"
+    return names + (f" and {of - len(rows)} more" if of > len(rows) else "")
 
 
 def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLConfig) -> str:
@@ -91,7 +107,7 @@ def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLCon
         return ""
     out = ""
     try:
-        unit = "tokens" if stage.startswith("text.") else ("merged tokens" if stage == "vision.merger" else "patches")
+        unit = _row_unit(stage)[1]
         if rows["zero_count"]:
             listed = _name_rows(stage, rows["zero_rows"], inputs, config, of=rows["zero_count"])
             out += f"; {rows['zero_count']} of {rows['total']} {unit} come out all zero where the golden's are not: {listed}"
