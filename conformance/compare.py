@@ -293,8 +293,71 @@ def channel_weights(golden: torch.Tensor) -> torch.Tensor:
 CONCENTRATED, SPARSE, ROWS_LISTED = 0.8, 0.1, 8
 
 
+# A bug that enters a sequence at one token (the first image pad, the first token after the image, the
+# first position past some length) leaves every token before it as close as the rest of the run allows: in a
+# causal decoder nothing flows backwards. A per-token bug (a wrong embedding of the image pads) leaves the
+# tokens after it alone too. A run of tokens is quiet when its mean squared error (or KL, for logits) is at
+# most 1/QUIET of the loud run's: 10x closer in RMS. Precision drift is loud everywhere and says nothing.
+QUIET = 100.0
+
+
+def _best_split(e: torch.Tensor) -> tuple[int, float, float]:
+    """(k, mean of e[:k], mean of e[k:]) for the split of row errors e [n >= 2] most likely under two means
+    (the likelihood of exponentials: the split that maximises -k log(mean before) - (n-k) log(mean after))."""
+    n = e.numel()
+    c = e.cumsum(0)[:-1]
+    k = torch.arange(1, n, dtype=e.dtype)
+    before, after = c / k, (e.sum() - c).clamp(min=0) / (n - k)
+    tiny = e.sum() / n * 1e-12 + 1e-300  # an exact run (error 0) is the quietest there is, not -inf
+    i = int((-(k * (before + tiny).log() + (n - k) * (after + tiny).log())).argmax())
+    return i + 1, before[i].item(), after[i].item()
+
+
+def _near(n: int) -> int:
+    """How many of a run's n rows next to a split are checked to be loud: a quarter, 1 to 8."""
+    return max(1, min(8, n // 4))
+
+
+def loud_span(e: torch.Tensor) -> tuple[int, int]:
+    """The run [s, t) of row errors e [n] that holds the error, once every quiet run at either end (QUIET
+    times quieter than the rest) is trimmed; (0, n) when none is. A quiet run must end at a step: the few
+    loud rows next to it are at least sqrt(QUIET) louder too, so error that grows smoothly along the
+    sequence (drift) is no span."""
+    s, t = 0, e.numel()
+    while t - s >= 2:
+        k, before, after = _best_split(e[s:t])
+        ahead, behind = e[s + k : s + k + _near(t - s - k)], e[s + k - _near(k) : s + k]  # loud rows by the split
+        if before * QUIET <= after and ahead.mean() >= QUIET**0.5 * before:
+            s += k
+        elif after * QUIET <= before and behind.mean() >= QUIET**0.5 * after:
+            t = s + k
+        else:
+            break
+    return s, t
+
+
+def loud_spans(per_row: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
+    """For each sequence b of per-row errors [B, L] whose error starts after its first valid token or ends
+    before its last: [b, first loud token, last loud token, quiet valid tokens before, quiet ones after]."""
+    out = []
+    for b in range(per_row.shape[0]):
+        idx = valid[b].nonzero().flatten()
+        e = per_row[b, idx]
+        if idx.numel() < 2 or not bool((e > 0).any()):
+            continue
+        s, t = loud_span(e)
+        if s > 0 or t < idx.numel():
+            out.append([b, int(idx[s]), int(idx[t - 1]), s, idx.numel() - t])
+    return out
+
+
 def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
     return [int(i) for i in np.unravel_index(flat, shape)]
+
+
+def _valid(mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """The rows [B, L] a mask ([B, L], or None for all) leaves to judge."""
+    return torch.ones(shape, dtype=torch.bool) if mask is None else mask.bool().reshape(-1, shape[-1]).expand(shape)
 
 
 def _weighed(golden: torch.Tensor, got: torch.Tensor, mask, channels: bool):
@@ -315,7 +378,7 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | Non
     "of": how many rows they are (possibly more than listed); "total": rows; "zero_rows": rows (at most
     ROWS_LISTED) that are all zero in `got` and not in `golden`, a row erased; "zero_count": how many;
     "batch": [b, share] when golden is [B, L, C] with B > 1 and batch row b holds CONCENTRATED of the
-    error (a bug of one row of a padded batch), else None}."""
+    error (a bug of one row of a padded batch), else None; "spans": loud_spans of a [B, L, C] sequence}."""
     if golden.dim() < 2 or golden.numel() == 0:
         return None
     _, _, _, gw, xw = _weighed(golden, got, mask, channels=True)
@@ -324,6 +387,7 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | Non
     per_row = (x - g).pow(2).sum(-1)
     total = per_row.sum().item()
     out = {"rows": [], "share": 0.0, "of": 0, "total": per_row.numel(), "zero_rows": [], "zero_count": 0, "batch": None}
+    out["spans"] = loud_spans(per_row.reshape(shape), _valid(mask, shape)) if len(shape) == 2 else []
     erased = ((x == 0).all(-1) & (g != 0).any(-1)).nonzero().flatten()
     out["zero_count"] = erased.numel()
     out["zero_rows"] = [_index(int(r), shape) for r in erased[:ROWS_LISTED]]
@@ -458,8 +522,9 @@ def exact_tensor(golden: torch.Tensor, got, mask=None) -> Verdict:
 # ---------------------------------------------------------------- logits and tokens
 
 
-def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-    """KL(golden || got) per position (nats) over [B, L, V] logits, and top-1 agreement, on valid positions."""
+def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None, *, spans=False) -> dict:
+    """KL(golden || got) per position (nats) over [B, L, V] logits, and top-1 agreement, on valid positions.
+    spans: also {"rows": {"spans": loud_spans}} of the KL per position (where the error sits)."""
     lp = torch.log_softmax(golden.double(), -1)
     lq = torch.log_softmax(got.double(), -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)  # [B, L]
@@ -469,7 +534,9 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
     # a NaN (non-finite logits: a control run past float16's range) ranks worst, and never breaks the search
     ranked = torch.where(m, kl.nan_to_num(nan=math.inf), -math.inf)
     worst = [int(i) for i in np.unravel_index(int(ranked.argmax()), tuple(kl.shape))] if kl_v.numel() else []
+    rows = {"rows": {"spans": loud_spans(kl.nan_to_num(nan=math.inf).clamp(min=0), m)}} if spans else {}
     return {
+        **rows,
         "mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0,
         "max_kl": kl_v.max().item() if kl_v.numel() else 0.0,
         "top1": same_v.double().mean().item() if same_v.numel() else 1.0,
@@ -487,13 +554,15 @@ def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=
     kl_budget = ALPHA * c["mean_kl"] + _floor(KL_FLOOR, dtype)
     if why:
         return _error(why, f"mean_kl <= {kl_budget:.2e} ({src} control)")
-    s = logit_stats(golden, got, mask)
+    s = logit_stats(golden, got, mask, spans=True)
     # near-ties flip either way at low precision (a tiny model has many): allow TOP1_SLACK, and never
     # fewer than three positions; the KL bound is the main criterion
     slack = 0.0 if dtype == "float64" else max(TOP1_SLACK, 3.0 / max(1, s["positions"]))
     top1_min = max(0.0, c["top1"] - slack)
     tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
     ok = s["mean_kl"] <= kl_budget and s["top1"] >= top1_min
+    if ok:  # only a failure is located (locate.locate_rows)
+        del s["rows"]
     return Verdict(
         "pass" if ok else "fail",
         f"mean_kl {s['mean_kl']:.2e} max_kl {s['max_kl']:.2e} top1 {s['top1']:.3f}",

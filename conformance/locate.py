@@ -8,6 +8,7 @@ import torch
 
 from ..spec.config import Qwen25VLConfig
 from ..spec.windows import vision_rotary_positions
+from .compare import QUIET
 
 
 def locate(stage: str, values: dict, inputs: dict, config: Qwen25VLConfig) -> str:
@@ -26,10 +27,8 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
             return f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid" + (
                 ", on a window edge" if edge else ", inside a window"
             )
-        if stage.startswith("text.") or stage == "logits":
-            b, tok = worst[0], worst[1]
-            tid = int(inputs["input_ids"][b, tok])
-            return f" = row {b} token {tok} (id {tid}, {_token_kind(tid, config)})"
+        if _by_token(stage):
+            return " = " + _token(worst[0], worst[1], inputs, config, batch_named=True)
     except (IndexError, KeyError, ValueError, RuntimeError):
         pass
     return ""
@@ -49,6 +48,17 @@ def _patch(p: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int,
     row, col = vision_rotary_positions(grid[item : item + 1])[p - start].tolist()
     edge = row % window in (0, window - 1) or col % window in (0, window - 1) or row == h - 1 or col == w - 1
     return item, frame, row, col, h, w, edge
+
+
+def _by_token(stage: str) -> bool:
+    """Whether a row of `stage` is a token of the prompt (else a patch or a merged token)."""
+    return stage.startswith("text.") or stage == "logits"
+
+
+def _token(b: int, tok: int, inputs: dict, config: Qwen25VLConfig, *, batch_named: bool) -> str:
+    """'row 0 token 15 (id 151655, an image pad)', without 'row 0 ' unless batch_named."""
+    tid = int(inputs["input_ids"][b, tok])
+    return ("" if not batch_named else f"row {b} ") + f"token {tok} (id {tid}, {_token_kind(tid, config)})"
 
 
 # a token's kind: (one, several)
@@ -71,7 +81,7 @@ def _token_kind(tid: int, config: Qwen25VLConfig) -> str:
 
 def _row_unit(stage: str) -> tuple[str, str]:
     """What a row of `stage` is: (one, several)."""
-    if stage.startswith("text."):
+    if _by_token(stage):
         return "token", "tokens"
     return ("merged token", "merged tokens") if stage == "vision.merger" else ("patch", "patches")
 
@@ -80,9 +90,9 @@ def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VL
     """The listed rows of `of`: 'tokens 0, 16, 94 (all id 151644, a text token)' for a text stage, 'patches 3
     (row 0, col 3), 17 (row 2, col 1) (1 of 2 on a window edge)' for a vision one, then ' and N more'."""
     unit = _row_unit(stage)[len(rows) > 1]
-    if stage.startswith("text.") and inputs["input_ids"].shape[0] == 1:
+    if _by_token(stage) and inputs["input_ids"].shape[0] == 1:
         names = f"{unit} " + ", ".join(str(r[1]) for r in rows)
-    elif stage.startswith("text."):
+    elif _by_token(stage):
         names = ", ".join(f"row {r[0]} token {r[1]}" for r in rows)
     elif stage == "vision.merger":
         names = f"{unit} " + ", ".join(str(r[0]) for r in rows)
@@ -90,7 +100,7 @@ def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VL
         places = [_patch(r[0], inputs, config) for r in rows]
         names = f"{unit} " + ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))
         names += f" ({sum(p[6] for p in places)} of {len(rows)} on a window edge)"
-    if stage.startswith("text."):
+    if _by_token(stage):
         tids = [int(inputs["input_ids"][r[0], r[1]]) for r in rows]
         if len(set(tids)) == 1:
             names += f" (all id {tids[0]}, {_token_kind(tids[0], config)})" if len(tids) > 1 else f" (id {tids[0]})"
@@ -100,21 +110,50 @@ def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VL
     return names + (f" and {of - len(rows)} more" if of > len(rows) else "")
 
 
+def _count(n: int, one: str) -> str:
+    """'token' for 1, '15 tokens' for 15."""
+    return one if n == 1 else f"{n} {one}s"
+
+
+def _spans(stage: str, spans: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
+    """Where a sequence's error starts and ends, when the tokens outside are quiet (compare.loud_spans):
+    '; the error starts at token 15 (id 151655, an image pad); the 15 tokens before it are quiet (...)'."""
+    quiet = f"quiet (mean {'KL' if stage == 'logits' else 'squared error'} <= {1 / QUIET:.0%} of the rest's)"
+    batch_named = inputs["input_ids"].shape[0] > 1
+    out = ""
+    for b, first, last, before, after in spans:
+        at = f" in row {b}" if batch_named else ""
+        first_tok, last_tok = (_token(b, t, inputs, config, batch_named=False) for t in (first, last))
+        if before and after:
+            out += f"; the error{at} sits in {first_tok} to {last_tok[len('token ') :]}: the "
+            out += f"{_count(before, 'token')} before and the {after} after are {quiet}"
+        elif before:
+            out += f"; the error{at} starts at {first_tok}: the {_count(before, 'token')} before it "
+            out += f"{'is' if before == 1 else 'are'} {quiet}"
+        else:
+            out += f"; the error{at} ends at {last_tok}: the {_count(after, 'token')} after it "
+            out += f"{'is' if after == 1 else 'are'} {quiet}"
+    return out
+
+
 def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLConfig) -> str:
-    """Say where the error of a hidden state sits (compare.error_rows): rows the port erased (all zero where
-    the golden's are not), and the few rows that hold most of the error, when they do."""
+    """Say where the error of a failing stage sits (compare.error_rows, compare.logit_stats): where in the
+    sequence it starts and ends, rows the port erased (all zero where the golden's are not), and the few rows
+    that hold most of the error, when they do."""
     if not rows:
         return ""
     out = ""
     try:
         unit = _row_unit(stage)[1]
-        if rows["zero_count"]:
+        if rows.get("spans") and _by_token(stage):
+            out += _spans(stage, rows["spans"], inputs, config)
+        if rows.get("zero_count"):
             listed = _name_rows(stage, rows["zero_rows"], inputs, config, of=rows["zero_count"])
             out += f"; {rows['zero_count']} of {rows['total']} {unit} come out all zero where the golden's are not: {listed}"
         if rows.get("batch"):
             b, share = rows["batch"]
             out += f"; {share:.0%} of the error is in batch row {b}"
-        if rows["rows"]:
+        if rows.get("rows"):
             listed = _name_rows(stage, rows["rows"], inputs, config, of=rows["of"])
             out += f"; {rows['share']:.0%} of the error is in {rows['of']} of {rows['total']} {unit}: {listed}"
     except (IndexError, KeyError, ValueError, RuntimeError):

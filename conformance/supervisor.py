@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from .adapters.base import NotCovered
+from .threads import warm_threads
 
 # protocol methods forwarded to the worker; prepare and begin_case are replayed after a restart
 FORWARDED = (
@@ -416,6 +417,7 @@ def worker_main(fd: int) -> None:
             _send(conn, ("raised", f"unknown adapter method {method!r}"))
             continue
         try:
+            warm_threads()  # the port may have changed torch's thread count (threads.py says why)
             answer = ("ok", getattr(adapter, method)(*args, **kwargs))
         except NotCovered as e:
             answer = ("not_covered", str(e))

@@ -5,11 +5,15 @@ import os
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from qwen25vl.conformance.threads import warm_threads
 
 # Under pytest-xdist every worker is its own process; torch's default of one thread per core would
 # oversubscribe the 2-core CI machine several times over.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+# A new intra-op thread's first work can come out wrong on some CPUs (conformance/threads.py): start them
+# before any test computes.
+warm_threads()
 
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,12 +1,17 @@
 """Where a failing hidden state's error sits (compare.error_rows), said in the model's terms (locate)."""
 
+from pathlib import Path
+
 import torch
-from qwen25vl.conformance import compare
+from qwen25vl.conformance import compare, runner
+from qwen25vl.conformance.fixtures import load_case
 from qwen25vl.conformance.locate import locate_rows
+from qwen25vl.conformance.mistakes import by_name
 from qwen25vl.tools.make_tiny_checkpoint import tiny_config
 
 CONFIG = tiny_config()
 IMG = CONFIG.image_token_id
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 
 def _hidden(*shape, seed=0):
@@ -77,3 +82,73 @@ def test_vision_rows_are_patches():
         "1 of 64 patches come out all zero where the golden's are not: patch 5 (row 0, col 3) (1 of 1 on a window edge)"
         in said
     )
+
+
+def test_an_error_that_enters_at_one_token_says_where_it_starts():
+    """Causal: a bug entering at token 30 leaves tokens 0-29 at the run's own noise."""
+    g = _hidden(1, 100, 16)
+    x = g + 1e-3 * _hidden(1, 100, 16, seed=1)
+    x[0, 30:] += 0.05 * _hidden(70, 16, seed=2)
+    rows = compare.error_rows(g, x)
+    assert rows["spans"] == [[0, 30, 99, 30, 0]]
+    ids = _ids(1, 100)
+    ids[0, 30] = IMG
+    said = locate_rows("text.layer.0", rows, {"input_ids": ids}, CONFIG)
+    assert "the error starts at token 30 (id 151655, an image pad): the 30 tokens before it are quiet" in said
+
+
+def test_precision_noise_says_no_span_even_when_rows_differ_in_scale():
+    g = _hidden(2, 200, 16)
+    scale = torch.logspace(-1, 1, 200, dtype=torch.float64)[:, None]  # rows 100x apart in error
+    x = g + 1e-2 * scale * _hidden(2, 200, 16, seed=3)
+    assert compare.error_rows(g, x)["spans"] == []
+    kl = compare.logit_stats(g, x, spans=True)  # [B, L, V] as logits: KL per position
+    assert kl["rows"]["spans"] == []
+
+
+def test_a_per_token_error_says_both_ends_and_the_masked_padding_is_no_quiet_run():
+    g = _hidden(2, 60, 16)
+    x = g + 1e-4 * _hidden(2, 60, 16, seed=4)
+    x[1, 20:28] += 1.0  # the image pads of row 1 embedded wrong; the tokens after them untouched
+    x[:, :5] = 0  # row 0's left padding, written as zeros by the port: masked, so no quiet run
+    mask = torch.ones(2, 60, dtype=torch.int64)
+    mask[:, :5] = 0
+    rows = compare.error_rows(g, x, mask)
+    assert rows["spans"] == [[1, 20, 27, 15, 32]]
+    ids = _ids(2, 60)
+    ids[1, 20:28] = IMG
+    said = locate_rows("text.inputs_embeds", rows, {"input_ids": ids}, CONFIG)
+    assert (
+        "the error in row 1 sits in token 20 (id 151655, an image pad) to 27 (id 151655, an image pad): "
+        "the 15 tokens before and the 32 after are quiet (mean squared error <= 1% of the rest's)"
+    ) in said
+
+
+def test_failing_logits_say_where_the_kl_starts():
+    g = _hidden(1, 50, 300)
+    x = g + 1e-3 * _hidden(1, 50, 300, seed=5)
+    x[0, 1:] += 0.5 * _hidden(49, 300, seed=6)  # position 0 untouched: a rotation-free token
+    v = compare.logits(g, x, control={"float32": {"mean_kl": 1e-6, "top1": 1.0}}, dtype="float32")
+    assert v.status == "fail" and v.values["rows"]["spans"] == [[0, 1, 49, 1, 0]]
+    said = locate_rows("logits", v.values["rows"], {"input_ids": _ids(1, 50)}, CONFIG)
+    assert (
+        said
+        == "; the error starts at token 1 (id 1001, a text token): the token before it is quiet (mean KL <= 1% of the rest's)"
+    )
+    passing = compare.logits(g, g, control={"float32": {"mean_kl": 1e-6, "top1": 1.0}}, dtype="float32")
+    assert passing.status == "pass" and "rows" not in passing.values
+
+
+def test_a_mask_built_from_positions_is_located_at_the_image_pads():
+    """The catalogue's causal_mask_by_position lets the image pads, which share a time position, see each
+    other: on model_image, text.layer.0's error sits exactly in the image pads but the last (which sees every
+    other pad under a causal mask anyway), the text before and after them quiet."""
+    case = FIXTURES / "model_image"
+    adapter = by_name("causal_mask_by_position").adapter("float32")
+    _, results = runner.run_suite([case], runner.SuiteOptions(only_stages=r"^text\.layer\.0$"), adapter=adapter)
+    (layer0,) = results
+    ids = load_case(case).tensors("inputs.safetensors")["input_ids"][0]
+    pads = (ids == IMG).nonzero().flatten().tolist()
+    assert layer0.status == "fail"
+    assert f"sits in token {pads[0]} (id 151655, an image pad) to {pads[-2]} (id 151655, an image pad)" in layer0.where
+    assert f"the {pads[0]} tokens before and the {len(ids) - 1 - pads[-2]} after are quiet" in layer0.where
