@@ -29,7 +29,11 @@ TOP1_SLACK = 0.02  # a port may lose this much top-1 agreement beyond the contro
 PIXELS_MAX_ABS = 1e-5
 COS_SIN_MAX_ABS = 5e-3
 TOPK = 5
-FLOAT64_LOGIT_NOISE = 1e-9  # the tokens rule at float64, where the spec measures no noise of its own
+# The tokens rule's logit noise is measured on the fixture machine (the spec's own decode logits at each
+# precision); another CPU's reductions move a float32 log-prob further (3.2e-6 against a measured 2.9e-6 on
+# a Xeon's AVX-512 path at one thread). So no precision is allowed less than its floor, like FLOOR for the
+# hidden states; float64 measures no noise of its own, and two float64 ports differ in the last bits.
+LOGIT_NOISE_FLOOR = {"float64": 1e-9, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 
 @dataclass
@@ -546,7 +550,8 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
 
 
 def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=None) -> Verdict:
-    """Mean KL within ALPHA x the control's + KL_FLOOR, top-1 agreement at least the control's - TOP1_SLACK."""
+    """Mean KL within ALPHA x the control's + KL_FLOOR; top-1 disagreement within ALPHA x the control's +
+    TOP1_SLACK."""
     got, why = check_tensor(golden, got, floating=True)
     c, src = control_at(control, dtype)
     if dtype == "float64" or c is None:
@@ -555,10 +560,12 @@ def logits(golden: torch.Tensor, got, *, control: dict | None, dtype: str, mask=
     if why:
         return _error(why, f"mean_kl <= {kl_budget:.2e} ({src} control)")
     s = logit_stats(golden, got, mask, spans=True)
-    # near-ties flip either way at low precision (a tiny model has many): allow TOP1_SLACK, and never
-    # fewer than three positions; the KL bound is the main criterion
+    # near-ties flip either way at low precision (a tiny model has many), and which ones flip depends on the
+    # CPU's rounding: the disagreement the control shows is budgeted like an error (ALPHA x control), plus
+    # TOP1_SLACK and never fewer than three positions. (A Xeon's bfloat16 path flipped 4 more of model_batch's
+    # ~200 positions than the fixture machine's.) The KL bound is the main criterion.
     slack = 0.0 if dtype == "float64" else max(TOP1_SLACK, 3.0 / max(1, s["positions"]))
-    top1_min = max(0.0, c["top1"] - slack)
+    top1_min = max(0.0, 1.0 - ALPHA * (1.0 - c["top1"]) - slack)
     tol = f"mean_kl <= {kl_budget:.2e}, top1 >= {top1_min:.3f} ({src} control)"
     ok = s["mean_kl"] <= kl_budget and s["top1"] >= top1_min
     if ok:  # only a failure is located (locate.locate_rows)
@@ -660,7 +667,10 @@ def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str 
         ours = dict(zip(got_ids[b, t].tolist(), got_lp[b, t].tolist()))
         for tok, lp in zip(golden_ids[t].tolist(), golden_lp[t].tolist()):
             if tok in ours and abs(ours[tok] - lp) > noise:
-                return f"step {t}: log-prob of {tok} is {ours[tok]:.4f}, golden {lp:.4f} (> noise {noise:.2g})"
+                return (
+                    f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} (off by {abs(ours[tok] - lp):.2g} "
+                    f"> noise {noise:.2g})"
+                )
     return None
 
 

@@ -15,6 +15,7 @@ import torch
 
 from . import compare
 from .compare import Verdict
+from .precision import compute_dtype
 
 SECONDS_MAX_ABS = 1e-9  # float-valued exact stages (second_per_grid_ts): only representation noise
 
@@ -116,12 +117,13 @@ def answer_parts(got) -> tuple:
 
 
 def _noise_at(logit_noise: dict | None, precision: str) -> float | None:
-    """The logit noise a port at `precision` is allowed (the manifest's measurement), None for old fixtures."""
+    """The logit noise a port at `precision` is allowed (the manifest's measurement, at least the precision's
+    floor), None for old fixtures."""
     if not logit_noise:
         return None
     measured, _ = compare.control_at(logit_noise, precision)
-    # float64: no measured noise, but two float64 ports still differ in the last bits of a log-prob
-    return compare.FLOAT64_LOGIT_NOISE if precision == "float64" else measured
+    floor = compare.LOGIT_NOISE_FLOOR[compute_dtype(precision)]
+    return floor if precision == "float64" or measured is None else max(measured, floor)
 
 
 EXACT = Exact("exact", "integers, strings, index tensors: equal, element for element (seconds within 1e-9)")

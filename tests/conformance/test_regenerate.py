@@ -105,6 +105,18 @@ def test_a_control_file_gets_its_dtypes_budget(tmp_path, dtype):
     assert content_difference(*_pair(tmp_path, "golden.safetensors", {"t": rounding}, {"t": g})) is not None
 
 
+def test_a_control_file_beside_a_manifest_gets_twice_the_measured_control(tmp_path):
+    """Two CPUs' bfloat16 runs each sit within the stage's control of the golden: within twice it of each other."""
+    torch.manual_seed(0)
+    g = torch.randn(64, 64, dtype=torch.float64)
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {"t": {"control": {"bfloat16": 0.01}}}}))
+    moved = g * (1 + 0.015 * torch.randn_like(g).sign())  # 1.5e-2: past two roundoffs (7.8e-3), within 2 x 1e-2
+    assert content_difference(*_pair(tmp_path, "control_bfloat16.safetensors", {"t": moved}, {"t": g})) is None
+    far = g * (1 + 0.03 * torch.randn_like(g).sign())
+    d = content_difference(*_pair(tmp_path, "control_bfloat16.safetensors", {"t": far}, {"t": g}))
+    assert d and "relative difference 3.00e-02 > 2.0e-02" in d
+
+
 def test_json_floats_get_a_tolerance_and_strings_do_not(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"x": [1.0, 2.0000000000001], "s": "abc", "n": 3}))
     (tmp_path / "b.json").write_text(json.dumps({"x": [1.0, 2.0], "s": "abc", "n": 3}))
