@@ -162,9 +162,11 @@ def apply_compiled(model, mode: str = "default") -> None:
                     f"eager or fused; build with cpu_fp16_pack=False to compile on the CPU)"
                 )
     kw = dict(mode=mode, dynamic=False, fullgraph=True)
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-        # ATen dispatches no SIMD kernels then, and inductor's C++ must not use at::vec either (its
-        # generated code fails to compile); scalar code, same results. torch takes mode or options.
+    if os.environ.get("ATEN_CPU_CAPABILITY") in ("default", "avx2"):
+        # An emulated older CPU (CI's passes). Under "default" ATen dispatches no SIMD kernels, and
+        # inductor's C++ must not use at::vec either (its generated code fails to compile). Under "avx2" on
+        # an AVX-512 host, inductor's AVX2 code at one thread decoded wrong tokens (torch 2.13, a Xeon with
+        # AMX; an AVX2 host is fine). Scalar code gives the same results. torch takes mode or options.
         kw = dict(options={"cpp.simdlen": 1, "max_autotune": "max-autotune" in mode}, dynamic=False, fullgraph=True)
     fns = {k: torch.compile(f, **kw) for k, f in (("step_in", _step_in), ("step_out", _step_out), ("mlp", _mlp))}
     _swap(model, CompiledAttention, CompiledMLP, fns=fns)
