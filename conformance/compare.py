@@ -536,9 +536,10 @@ def logit_stats(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | No
     m = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.bool()
     kl_v, same_v = kl[m], same[m]
     # a NaN (non-finite logits: a control run past float16's range) ranks worst, and never breaks the search
-    ranked = torch.where(m, kl.nan_to_num(nan=math.inf), -math.inf)
+    kl_inf = kl.nan_to_num(nan=math.inf)
+    ranked = torch.where(m, kl_inf, -math.inf)
     worst = [int(i) for i in np.unravel_index(int(ranked.argmax()), tuple(kl.shape))] if kl_v.numel() else []
-    rows = {"rows": {"spans": loud_spans(kl.nan_to_num(nan=math.inf).clamp(min=0), m)}} if spans else {}
+    rows = {"rows": {"spans": loud_spans(kl_inf.clamp(min=0), m)}} if spans else {}
     return {
         **rows,
         "mean_kl": kl_v.mean().item() if kl_v.numel() else 0.0,

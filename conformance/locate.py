@@ -57,8 +57,13 @@ def _by_token(stage: str) -> bool:
 
 def _token(b: int, tok: int, inputs: dict, config: Qwen25VLConfig, *, batch_named: bool) -> str:
     """'row 0 token 15 (id 151655, an image pad)', without 'row 0 ' unless batch_named."""
+    return ("" if not batch_named else f"row {b} ") + f"token {_token_at(b, tok, inputs, config)}"
+
+
+def _token_at(b: int, tok: int, inputs: dict, config: Qwen25VLConfig) -> str:
+    """'15 (id 151655, an image pad)': token tok of batch row b."""
     tid = int(inputs["input_ids"][b, tok])
-    return ("" if not batch_named else f"row {b} ") + f"token {tok} (id {tid}, {_token_kind(tid, config)})"
+    return f"{tok} (id {tid}, {_token_kind(tid, config)})"
 
 
 # a token's kind: (one, several)
@@ -110,29 +115,27 @@ def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VL
     return names + (f" and {of - len(rows)} more" if of > len(rows) else "")
 
 
-def _count(n: int, one: str) -> str:
-    """'token' for 1, '15 tokens' for 15."""
-    return one if n == 1 else f"{n} {one}s"
+def _quiet_run(n: int, where: str) -> str:
+    """'the token before it is' for 1, 'the 15 tokens before it are' for 15."""
+    return f"the token {where} is" if n == 1 else f"the {n} tokens {where} are"
 
 
 def _spans(stage: str, spans: list[list[int]], inputs: dict, config: Qwen25VLConfig) -> str:
     """Where a sequence's error starts and ends, when the tokens outside are quiet (compare.loud_spans):
-    '; the error starts at token 15 (id 151655, an image pad); the 15 tokens before it are quiet (...)'."""
+    '; the error starts at token 15 (id 151655, an image pad): the 15 tokens before it are quiet (...)'."""
     quiet = f"quiet (mean {'KL' if stage == 'logits' else 'squared error'} <= {1 / QUIET:.0%} of the rest's)"
     batch_named = inputs["input_ids"].shape[0] > 1
     out = ""
     for b, first, last, before, after in spans:
         at = f" in row {b}" if batch_named else ""
-        first_tok, last_tok = (_token(b, t, inputs, config, batch_named=False) for t in (first, last))
+        first_tok, last_tok = (_token_at(b, t, inputs, config) for t in (first, last))
         if before and after:
-            out += f"; the error{at} sits in {first_tok} to {last_tok[len('token ') :]}: the "
-            out += f"{_count(before, 'token')} before and the {after} after are {quiet}"
+            out += f"; the error{at} sits in token {first_tok} to {last_tok}: the "
+            out += f"{'token' if before == 1 else f'{before} tokens'} before and the {after} after are {quiet}"
         elif before:
-            out += f"; the error{at} starts at {first_tok}: the {_count(before, 'token')} before it "
-            out += f"{'is' if before == 1 else 'are'} {quiet}"
+            out += f"; the error{at} starts at token {first_tok}: {_quiet_run(before, 'before it')} {quiet}"
         else:
-            out += f"; the error{at} ends at {last_tok}: the {_count(after, 'token')} after it "
-            out += f"{'is' if after == 1 else 'are'} {quiet}"
+            out += f"; the error{at} ends at token {last_tok}: {_quiet_run(after, 'after it')} {quiet}"
     return out
 
 
