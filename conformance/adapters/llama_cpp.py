@@ -16,8 +16,12 @@ callbacks saw; this module maps those tensors onto the harness's stages with con
   vision.merger             the encoder output as mtmd hands it to the decoder
   text.inputs_embeds        token embeddings of text chunks (embd) and image embeddings, in chunk order
   text.position_ids         per-token (t, y, x) from mtmd_helper_image_get_decoder_pos
-  text.layer.i              l_out-i; llama.cpp computes the last layer, the final norm and the logits at
-  text.norm, logits         the last prompt position only: judged there alone (conversions.GIVEN)
+  text.layer.i              l_out-i
+  text.norm, logits         result_norm and result_output. llama.cpp computes the last layer, the final norm
+                            and the logits at the last prompt position only; the tap makes every prompt token
+                            an output while it records, so all three hold every row. A tap run with
+                            QWEN25VL_TAP_LAST_ONLY=1 (or an older tap) gives the last position: judged there
+                            alone (conversions.GIVEN)
   generate.tokens           greedy (first maximal id), stopping on the eos list, with the top 5 per step
 
 llama.cpp runs from the request (the rendered conversation and the image files), not from tensors: the
@@ -326,8 +330,11 @@ class LlamaCppAdapter(ChunkedGeneration):
         row["text.inputs_embeds"] = _rows_of(parts, width)
         for i in range(n_layers):
             row[f"text.layer.{i}"] = _rows_of(_passes(t, f"text.l_out-{i}"), width)
-        row["text.norm"] = _rows_of(_passes(t, "text.result_norm"), width)
-        row["logits"] = t["text.last_logits"].reshape(1, -1)
+        # an embeddings context (the tap's prompt pass) renames the final norm's output as it hands it out
+        norm = _passes(t, "text.result_norm") or _passes(t, "text.result_embd_pooled")
+        row["text.norm"] = _rows_of(norm, width)
+        logits = _rows_of(_passes(t, "text.result_output"), t["text.last_logits"].numel())
+        row["logits"] = logits if len(logits) == n else t["text.last_logits"].reshape(1, -1)
         # vision, per image: block outputs in window order; the merger output as the decoder receives it
         grids = self._image_grids(ids, row["positions"])
         win = {"window_size": v["window_size"], "patch_size": v["patch_size"], "merge_size": v["spatial_merge_size"]}

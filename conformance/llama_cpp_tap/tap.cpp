@@ -293,6 +293,13 @@ int main(int argc, char ** argv) {
     }
     // one chunk at a time (what mtmd_helper_eval_chunks does), so that each image's encoder output can be
     // kept: it is what the decoder receives at the image's positions
+    // every prompt token an output while the prompt is evaluated: llama.cpp otherwise computes its last layer,
+    // final norm and logits at the last position only (the graph keeps only the output rows before that layer).
+    // An embeddings context outputs every token (llama_batch_allocr overrides the batch's output flags), so
+    // l_out-(n-1), result_norm and result_output are captured for the whole prompt; generation runs as usual.
+    // QWEN25VL_TAP_LAST_ONLY=1 keeps llama.cpp's own last-position graph (the decode path a user runs).
+    const bool last_only = getenv("QWEN25VL_TAP_LAST_ONLY") && std::string(getenv("QWEN25VL_TAP_LAST_ONLY")) == "1";
+    llama_set_embeddings(lctx, !last_only && n_predict >= 0);
     const size_t n_chunks = mtmd_input_chunks_size(chunks);
     const int n_embd = llama_model_n_embd(model);
     llama_pos n_past = 0;
@@ -324,6 +331,7 @@ int main(int argc, char ** argv) {
     }
     text_tap.recording = false;
     vision_tap.recording = false;
+    llama_set_embeddings(lctx, false);
 
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);

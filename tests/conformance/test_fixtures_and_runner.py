@@ -160,6 +160,15 @@ def test_expectations_turn_known_failures_into_xfail(tmp_path):
     res = run(Toy(), [toy_case(tmp_path)])
     runner.apply_expectations(res, exp)
     assert next(r for r in res if r.stage == "fn.smart_resize").status == "xpass"
+    # a divergence at its budget's edge: "pass" among the statuses keeps a pass a pass, with the reason
+    edge = [dict(exp[0], status=["fail", "pass"], reason="eps at the budget's edge")]
+    res = run(Toy(), [toy_case(tmp_path)])
+    runner.apply_expectations(res, edge)
+    r = next(r for r in res if r.stage == "fn.smart_resize")
+    assert r.status == "pass" and "eps at the budget's edge" in r.note
+    res = run(Wrong(), [toy_case(tmp_path)])
+    runner.apply_expectations(res, edge)
+    assert next(r for r in res if r.stage == "fn.smart_resize").status == "xfail"
 
 
 def test_reports_json_junit_table(tmp_path):

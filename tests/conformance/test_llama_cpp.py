@@ -48,14 +48,15 @@ def test_tap_runs_llama_cpp_on_the_converted_checkpoint(tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("<|im_start|>user\n<__media__>Describe.<|im_end|>\n<|im_start|>assistant\n")
     n_predict = 5
-    run = subprocess.run(
-        [TAP, str(text), str(mmproj), str(prompt), str(tmp_path), str(n_predict), ",".join(map(str, EOS)), str(IMAGE)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    tapped = load_file(str(tmp_path / "tap.safetensors"))
+
+    def tap(out, **env):
+        out.mkdir(exist_ok=True)
+        args = [str(text), str(mmproj), str(prompt), str(out), str(n_predict), ",".join(map(str, EOS)), str(IMAGE)]
+        run = subprocess.run([TAP, *args], capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+        assert run.returncode == 0, run.stderr[-2000:]
+        return load_file(str(out / "tap.safetensors"))
+
+    tapped = tap(tmp_path)
     config = json.loads((TINY / "config.json").read_text())
 
     ids = tapped["input_ids"]
@@ -69,11 +70,25 @@ def test_tap_runs_llama_cpp_on_the_converted_checkpoint(tmp_path):
     assert tapped["vision.ffn_down"].shape == (len(image_positions), config["hidden_size"])
     for layer in range(config["num_hidden_layers"]):
         assert f"text.l_out-{layer}" in tapped
-    # the logits read through the eval callback (the last chunk's pass, text.result_output#N with the largest N)
-    # are the ones llama.cpp hands out
-    passes = [k for k in tapped if k.startswith("text.result_output")]
-    callback_logits = tapped[max(passes, key=lambda k: int(k.partition("#")[2] or 0))]
-    assert callback_logits.reshape(-1).tolist() == tapped["text.last_logits"].tolist()
+    # every prompt token is an output while the tap records: the last layer, the final norm and the logits
+    # hold a row per token (llama.cpp alone computes them at the last position only)
+    def rows(name, t=tapped):
+        passes = sorted((k for k in t if k.partition("#")[0] == name), key=lambda k: int(k.partition("#")[2] or 0))
+        return [t[k].reshape(-1, t[k].shape[-1]) for k in passes]
+
+    last_layer = f"text.l_out-{config['num_hidden_layers'] - 1}"
+    # (an embeddings context names the final norm's output result_embd_pooled)
+    for name in (last_layer, "text.result_embd_pooled", "text.result_output"):
+        assert sum(len(r) for r in rows(name)) == len(ids), name
+    # the last row the callback saw is the logits llama.cpp hands out
+    assert rows("text.result_output")[-1][-1].tolist() == tapped["text.last_logits"].tolist()
+    # QWEN25VL_TAP_LAST_ONLY=1 keeps llama.cpp's own graph, which computes those at the last position only; the
+    # greedy tokens agree
+    last_only = tap(tmp_path / "last_only", QWEN25VL_TAP_LAST_ONLY="1")
+    for name in ("text.result_norm", "text.result_output"):
+        assert sum(len(r) for r in rows(name, last_only)) == 1, name
+    assert "text.result_embd_pooled" not in last_only
+    assert last_only["generated"].tolist() == tapped["generated"].tolist()
     generated = tapped["generated"].tolist()
     assert 1 <= len(generated) <= n_predict
     assert generated[0] == int(tapped["text.last_logits"].argmax())
