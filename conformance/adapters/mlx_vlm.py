@@ -19,6 +19,7 @@ import torch
 from ...spec.forward import INPUT_KEYS
 from .. import conversions
 from .base import ChunkedGeneration, NotCovered
+from .serving import video_frames
 from .transformers import open_image
 
 INSTALL_HINT = 'mlx-vlm is not importable: pip install -e ".[mlx]" (mlx[cpu] 0.32.4 and mlx-vlm 0.7.10)'
@@ -143,19 +144,30 @@ class MlxVlmAdapter(ChunkedGeneration):
         return self.processor
 
     def build_inputs(self, conversations, images, videos, *, tokenizer_dir, options):
-        """mlx-vlm's own chat template (the processor's) and prepare_inputs: its image processor, and for a
-        video file its OpenCV loader, frame sampling (at the request's fps) and video processor."""
+        """mlx-vlm's own chat template (the processor's) and prepare_inputs: its image processor, and its
+        video processor, given a video file through its OpenCV loader and frame sampling (at the request's
+        fps) or a frame list as decoded frames at the list's rate. A pixel budget is what a user sets in
+        the checkpoint's preprocessor config: images take it as prepare_inputs' min_pixels / max_pixels, the
+        video processor (which prepare_inputs passes none) as the same settings on a copy of it."""
+        import copy
+
         from mlx_vlm.utils import prepare_inputs
 
-        video_options = options.get("video_options", {})
-        if any(budget.get(k) for budget in (options, video_options) for k in ("min_pixels", "max_pixels")):
-            raise NotCovered("per-request pixel budgets: mlx-vlm's prepare_inputs takes none")
-        if any("file" not in v for v in videos):
-            raise NotCovered("a video as a list of frames: mlx-vlm's prepare_inputs is given video files here")
         proc = self._processor(tokenizer_dir)
+        video_options = options.get("video_options", {})
+        video_budget = {k: video_options[k] for k in ("min_pixels", "max_pixels") if video_options.get(k)}
+        if videos and video_budget:
+            proc = copy.copy(proc)
+            proc.video_processor = copy.copy(proc.video_processor)
+            vars(proc.video_processor).update(video_budget)
         texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         imgs = [open_image(p).convert("RGB") for p in images] or None
-        media = {"videos": [v["file"] for v in videos], "fps": video_options.get("fps", 2.0)} if videos else {}
+        media = {k: options[k] for k in ("min_pixels", "max_pixels") if images and options.get(k)}
+        if videos:
+            # a file: mlx-vlm's loader samples it at the requested fps; frames: [T, C, H, W] uint8 as its loader
+            # returns them, at the rate they were taken
+            media["videos"] = [v["file"] if "file" in v else video_frames(v).transpose(0, 3, 1, 2) for v in videos]
+            media["fps"] = [video_options.get("fps", 2.0) if "file" in v else v["fps"] for v in videos]
         out = prepare_inputs(proc, images=imgs, prompts=texts, padding=True, padding_side="left", **media)
         # it computes no second_per_grid_ts (its positions never read one): that stage is not covered
         return {k: _to_torch(v) for k, v in out.items() if k in INPUT_KEYS}

@@ -236,10 +236,14 @@ class VideoFpsDropped(SpecAdapter):
         return out
 
 
-def _whole_clip_size(height, width, nframes, *, factor=28, **video_budget):
-    """Qwen3-VL's video resize: the clip's t*h*w (t padded to the temporal pair) against one budget, the image
-    budget of preprocessor_config.json; the per-frame video budget it is given is not consulted."""
-    min_pixels, max_pixels = 3136, 12845056
+def _whole_clip_size(
+    height, width, nframes, *, factor=28, min_pixels=video.VIDEO_MIN_PIXELS, max_pixels=video.VIDEO_MAX_PIXELS, **rest
+):
+    """Qwen3-VL's video resize: the clip's t*h*w (t padded to the temporal pair) against one budget. A budget
+    the request sets is that budget (a user of such a port writes it into the processor's config); with none,
+    the image budget of preprocessor_config.json, not Qwen2.5-VL's per-frame video budget."""
+    if (min_pixels, max_pixels) == (video.VIDEO_MIN_PIXELS, video.VIDEO_MAX_PIXELS):
+        min_pixels, max_pixels = 3136, 12845056
     h, w = round(height / factor) * factor, round(width / factor) * factor
     t = math.ceil(nframes / video.FRAME_FACTOR) * video.FRAME_FACTOR
     if t * h * w > max_pixels:
@@ -253,8 +257,8 @@ def _whole_clip_size(height, width, nframes, *, factor=28, **video_budget):
 
 
 class VideoBudgetWholeClip(Patched):
-    """Video frames sized by Qwen3-VL's rule (the whole clip's pixels within the image budget), not by
-    Qwen2.5-VL's per-frame video budget (128 to 768 tokens a frame)."""
+    """Video frames sized by Qwen3-VL's rule (the whole clip's pixels within one budget: the request's, else
+    the image budget), not by Qwen2.5-VL's per-frame video budget (128 to 768 tokens a frame)."""
 
     def input_patches(self, images, options):
         return [(video, "video_frame_size", _whole_clip_size)]
@@ -489,7 +493,8 @@ ENTRIES = [
     Mistake(
         "video_budget_whole_clip",
         "preprocess.input_ids",
-        "video frames sized by Qwen3-VL's rule (the whole clip's t*h*w in the image budget), not by the per-frame budget",
+        "video frames sized by Qwen3-VL's rule (the whole clip's t*h*w against one budget: the request's, else the image"
+        " budget), not by the per-frame budget",
         "mlx-vlm 0.7.10, found here (docs/ports.md); QwenLM/Qwen3-VL#1924 asks which of the two a budget means",
         VideoBudgetWholeClip,
         cases="model_video_budget",

@@ -65,7 +65,10 @@ def test_conform_mlx_vlm_matches_its_expectations(capsys, tmp_path):
     assert status[("model_video_fps", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 2, 5
     assert status[("model_video_sparse", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 1600, 3200
     assert status[("model_video_file", "text.position_ids")] == "xfail"  # 0, 1, 2 for 0, 2, 5 (19/15 s a patch)
-    assert status[("model_video_file", "preprocess.input_ids")] == "not_covered"  # a budget mlx-vlm cannot take
+    # a per-request budget, set on mlx-vlm's video processor as a user sets it in its config, and frame lists
+    # handed to prepare_inputs as decoded frames: every clip's preprocessing is judged, by Qwen3-VL's rule
+    for case in ("model_video", "model_video_fps", "model_video_sparse", "model_video_file"):
+        assert status[(case, "preprocess.input_ids")] == status[(case, "preprocess.video_grid_thw")] == "xfail", case
     # a video file with no budget: mlx-vlm decodes and samples it itself, and sizes its frames by Qwen3-VL's rule
     assert status[("model_video_budget", "preprocess.input_ids")] == "xfail"
     assert status[("model_video_budget", "preprocess.video_grid_thw")] == "xfail"
