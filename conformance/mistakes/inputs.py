@@ -493,8 +493,7 @@ ENTRIES = [
     Mistake(
         "video_budget_whole_clip",
         "preprocess.input_ids",
-        "video frames sized by Qwen3-VL's rule (the whole clip's t*h*w against one budget: the request's, else the image"
-        " budget), not by the per-frame budget",
+        "video frames sized by Qwen3-VL's rule (the whole clip's t*h*w in one budget), not by the per-frame budget",
         "mlx-vlm 0.7.10, found here (docs/ports.md); QwenLM/Qwen3-VL#1924 asks which of the two a budget means",
         VideoBudgetWholeClip,
         cases="model_video_budget",

@@ -70,6 +70,7 @@ def test_tap_runs_llama_cpp_on_the_converted_checkpoint(tmp_path):
     assert tapped["vision.ffn_down"].shape == (len(image_positions), config["hidden_size"])
     for layer in range(config["num_hidden_layers"]):
         assert f"text.l_out-{layer}" in tapped
+
     # every prompt token is an output while the tap records: the last layer, the final norm and the logits
     # hold a row per token (llama.cpp alone computes them at the last position only)
     def rows(name, t=tapped):
