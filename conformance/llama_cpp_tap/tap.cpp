@@ -291,8 +291,6 @@ int main(int argc, char ** argv) {
     if (n_predict < 0) {  // tokenize and preprocess only
         text_tap.recording = vision_tap.recording = false;
     }
-    // one chunk at a time (what mtmd_helper_eval_chunks does), so that each image's encoder output can be
-    // kept: it is what the decoder receives at the image's positions
     // every prompt token an output while the prompt is evaluated: llama.cpp otherwise computes its last layer,
     // final norm and logits at the last position only (the graph keeps only the output rows before that layer).
     // An embeddings context outputs every token (llama_batch_allocr overrides the batch's output flags), so
@@ -300,6 +298,8 @@ int main(int argc, char ** argv) {
     // QWEN25VL_TAP_LAST_ONLY=1 keeps llama.cpp's own last-position graph (the decode path a user runs).
     const bool last_only = getenv("QWEN25VL_TAP_LAST_ONLY") && std::string(getenv("QWEN25VL_TAP_LAST_ONLY")) == "1";
     llama_set_embeddings(lctx, !last_only && n_predict >= 0);
+    // one chunk at a time (what mtmd_helper_eval_chunks does), so that each image's encoder output can be
+    // kept: it is what the decoder receives at the image's positions
     const size_t n_chunks = mtmd_input_chunks_size(chunks);
     const int n_embd = llama_model_n_embd(model);
     llama_pos n_past = 0;
