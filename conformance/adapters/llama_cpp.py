@@ -333,8 +333,7 @@ class LlamaCppAdapter(ChunkedGeneration):
         # an embeddings context (the tap's prompt pass) renames the final norm's output as it hands it out
         norm = _passes(t, "text.result_norm") or _passes(t, "text.result_embd_pooled")
         row["text.norm"] = _rows_of(norm, width)
-        logits = _rows_of(_passes(t, "text.result_output"), t["text.last_logits"].numel())
-        row["logits"] = logits if len(logits) == n else t["text.last_logits"].reshape(1, -1)
+        row["logits"] = _rows_of(_passes(t, "text.result_output"), t["text.last_logits"].numel())
         # vision, per image: block outputs in window order; the merger output as the decoder receives it
         grids = self._image_grids(ids, row["positions"])
         win = {"window_size": v["window_size"], "patch_size": v["patch_size"], "merge_size": v["spatial_merge_size"]}

@@ -19,7 +19,7 @@ import torch
 from ...spec.forward import INPUT_KEYS
 from .. import conversions
 from .base import ChunkedGeneration, NotCovered
-from .serving import video_frames
+from .serving import processor_options, video_frames
 from .transformers import open_image
 
 INSTALL_HINT = 'mlx-vlm is not importable: pip install -e ".[mlx]" (mlx[cpu] 0.32.4 and mlx-vlm 0.7.10)'
@@ -154,15 +154,16 @@ class MlxVlmAdapter(ChunkedGeneration):
         from mlx_vlm.utils import prepare_inputs
 
         proc = self._processor(tokenizer_dir)
-        video_options = options.get("video_options", {})
-        video_budget = {k: video_options[k] for k in ("min_pixels", "max_pixels") if video_options.get(k)}
+        image_budget = processor_options(options)
+        video_options = image_budget.pop("videos_kwargs", {})
+        video_budget = {k: v for k, v in video_options.items() if k != "fps"}
         if videos and video_budget:
             proc = copy.copy(proc)
             proc.video_processor = copy.copy(proc.video_processor)
             vars(proc.video_processor).update(video_budget)
         texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
         imgs = [open_image(p).convert("RGB") for p in images] or None
-        media = {k: options[k] for k in ("min_pixels", "max_pixels") if images and options.get(k)}
+        media = image_budget if images else {}
         if videos:
             # a file: mlx-vlm's loader samples it at the requested fps; frames: [T, C, H, W] uint8 as its loader
             # returns them, at the rate they were taken

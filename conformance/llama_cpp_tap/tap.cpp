@@ -297,7 +297,7 @@ int main(int argc, char ** argv) {
     // l_out-(n-1), result_norm and result_output are captured for the whole prompt; generation runs as usual.
     // QWEN25VL_TAP_LAST_ONLY=1 keeps llama.cpp's own last-position graph (the decode path a user runs).
     const bool last_only = getenv("QWEN25VL_TAP_LAST_ONLY") && std::string(getenv("QWEN25VL_TAP_LAST_ONLY")) == "1";
-    llama_set_embeddings(lctx, !last_only && n_predict >= 0);
+    llama_set_embeddings(lctx, !last_only);
     // one chunk at a time (what mtmd_helper_eval_chunks does), so that each image's encoder output can be
     // kept: it is what the decoder receives at the image's positions
     const size_t n_chunks = mtmd_input_chunks_size(chunks);

@@ -236,14 +236,8 @@ class VideoFpsDropped(SpecAdapter):
         return out
 
 
-def _whole_clip_size(
-    height, width, nframes, *, factor=28, min_pixels=video.VIDEO_MIN_PIXELS, max_pixels=video.VIDEO_MAX_PIXELS, **rest
-):
-    """Qwen3-VL's video resize: the clip's t*h*w (t padded to the temporal pair) against one budget. A budget
-    the request sets is that budget (a user of such a port writes it into the processor's config); with none,
-    the image budget of preprocessor_config.json, not Qwen2.5-VL's per-frame video budget."""
-    if (min_pixels, max_pixels) == (video.VIDEO_MIN_PIXELS, video.VIDEO_MAX_PIXELS):
-        min_pixels, max_pixels = 3136, 12845056
+def _whole_clip_size(height, width, nframes, *, factor=28, min_pixels, max_pixels, **rest):
+    """Qwen3-VL's video resize: the clip's t*h*w (t padded to the temporal pair) against one budget."""
     h, w = round(height / factor) * factor, round(width / factor) * factor
     t = math.ceil(nframes / video.FRAME_FACTOR) * video.FRAME_FACTOR
     if t * h * w > max_pixels:
@@ -261,7 +255,15 @@ class VideoBudgetWholeClip(Patched):
     the image budget), not by Qwen2.5-VL's per-frame video budget (128 to 768 tokens a frame)."""
 
     def input_patches(self, images, options):
-        return [(video, "video_frame_size", _whole_clip_size)]
+        """A budget the request sets is the budget (a user of such a port writes it into the processor's
+        config); with none, the image budget of preprocessor_config.json, not the per-frame video budget."""
+        if any(options.get("video_options", {}).get(k) for k in ("min_pixels", "max_pixels")):
+            return [(video, "video_frame_size", _whole_clip_size)]
+
+        def in_image_budget(height, width, nframes, *, factor=28, **video_budget):
+            return _whole_clip_size(height, width, nframes, factor=factor, min_pixels=3136, max_pixels=12845056)
+
+        return [(video, "video_frame_size", in_image_budget)]
 
 
 class VideoSecondsFromRequestedFps(SpecAdapter):
