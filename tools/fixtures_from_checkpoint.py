@@ -1,6 +1,7 @@
 """Golden model cases from the user's own Qwen2.5-VL checkpoint, streamed from its safetensors.
 
     qwen25vl fixtures --checkpoint DIR --out DIR [--cases model_image model_video ...]
+    qwen25vl fixtures --real-dims --out DIR [--cases ...]     a random checkpoint at the real head dims
 
 The cases are the bundled ones (tools/generate_fixtures.py MODEL_CASES), computed by the same code
 (write_model) in float64 by the spec, with the spec's bfloat16/float16/float32 controls. A real
@@ -32,11 +33,13 @@ from ..conformance.precision import COMPUTE
 from ..spec.checkpoint import CheckpointError, checkpoint_files, expected_shapes, to_hub_key
 from ..spec.config import ConfigError, Qwen25VLConfig
 from .generate_fixtures import MODEL_CASES, deterministic, write_checkpoint_manifest, write_model
+from .make_tiny_checkpoint import make_tiny_checkpoint, real_dims_config
 
 MODEL_TYPE = "qwen2_5_vl"  # config.json's model_type in the published 3B/7B/32B/72B folders
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # links to the user's files, where the bundled folder keeps its checkpoint (one level down is a case)
 CHECKPOINT_LINKS = "checkpoints/own"
+REAL_DIMS_CHECKPOINT = "checkpoints/real_dims"  # --real-dims: the checkpoint itself, made inside the folder
 LINKED_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja", ".model")
 VOCAB_CHUNK_ROWS = 8192  # LM head rows per matmul: 8192 x 3584 float64 = 235 MB at 7B width
 
@@ -158,19 +161,30 @@ def _model_type(config_json: Path) -> object:
     return raw.get("model_type") if isinstance(raw, dict) else None
 
 
-def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cases=None) -> list[str]:
+def fixtures_from_checkpoint(
+    checkpoint: str | os.PathLike | None, out: str | os.PathLike, cases=None, *, real_dims: bool = False
+) -> list[str]:
     """Write the model cases `cases` (default: all of MODEL_CASES) for `checkpoint` into the new folder `out`.
 
     Everything is written into a temporary folder beside `out` and renamed at the end, so a failure
-    leaves no half-written `out`. The checkpoint folder is also the tokenizer folder.
+    leaves no half-written `out`. The checkpoint folder is also the tokenizer folder. real_dims (with no
+    checkpoint): make the real-dims checkpoint (make_tiny_checkpoint.real_dims_config, the same bits on
+    every CPU) inside `out` (out/checkpoints/real_dims) and write the cases for it.
     """
-    checkpoint, out = Path(checkpoint).resolve(), Path(out)
+    out = Path(out)
     names = list(MODEL_CASES) if not cases else list(cases)
     unknown = [n for n in names if n not in MODEL_CASES]
     if unknown:
         raise ValueError(f"--cases {unknown}: no such model case; the cases are {list(MODEL_CASES)}")
     if out.exists():
         raise ValueError(f"--out {str(out)!r} exists already; name a new folder")
+    if real_dims:
+        if checkpoint is not None:
+            raise ValueError("--real-dims makes its own checkpoint: give --checkpoint or --real-dims, not both")
+        return _real_dims_fixtures(out, names)
+    if checkpoint is None:
+        raise ValueError("no checkpoint: give --checkpoint DIR (or --real-dims)")
+    checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_dir():
         raise ValueError(f"--checkpoint {str(checkpoint)!r} does not exist or is not a folder")
     if not (checkpoint / "config.json").is_file():
@@ -182,14 +196,31 @@ def fixtures_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLi
             "the goldens are of Qwen2.5-VL (Qwen2-VL and Qwen3-VL differ in the vision tower and positions)"
         )
     loaded = streamed_weights(checkpoint)  # config and shard checks before anything is written
+    return _write_cases(out, names, lambda partial: (link_checkpoint(checkpoint, partial / CHECKPOINT_LINKS), loaded))
+
+
+def _real_dims_fixtures(out: Path, names: list[str]) -> list[str]:
+    def make(partial: Path) -> tuple[Path, dict]:
+        folder = make_tiny_checkpoint(
+            partial / REAL_DIMS_CHECKPOINT, tied=True, config=real_dims_config(), draw="uniform-int"
+        )
+        write_checkpoint_manifest(folder, "qwen25vl fixtures --real-dims")
+        return folder, streamed_weights(folder)
+
+    return _write_cases(out, names, make)
+
+
+def _write_cases(out: Path, names: list[str], checkpoint_in) -> list[str]:
+    """The cases `names`, written into a temporary sibling of `out` renamed at the end (nothing half-written).
+    checkpoint_in(partial) -> (the checkpoint folder it put inside partial, its streamed weights)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     partial.chmod(0o755)  # mkdtemp's 0700 is for the temporary name only; the result is an ordinary folder
     try:
-        linked = link_checkpoint(checkpoint, partial / CHECKPOINT_LINKS)
+        folder, loaded = checkpoint_in(partial)
         with deterministic(), torch.no_grad():
             for name in names:
-                write_model(name, partial, str(linked), checkpoint=linked, loaded=loaded)
+                write_model(name, partial, str(folder), checkpoint=folder, loaded=loaded)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -224,14 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         description="Golden model cases (float64 spec, streamed weights) from your own Qwen2.5-VL checkpoint, "
         "for `qwen25vl conform --fixtures OUT` (docs/own-checkpoint.md).",
     )
-    p.add_argument("--checkpoint", required=True, help="Hugging Face model folder: config.json, tokenizer, safetensors")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="Hugging Face model folder: config.json, tokenizer, safetensors")
+    source.add_argument(
+        "--real-dims",
+        action="store_true",
+        help="make a random checkpoint at the real head dims (text 128, vision 80; 261 MB) inside OUT and "
+        "write the cases for it: what the bundled tiny checkpoint cannot show (docs/own-checkpoint.md)",
+    )
     p.add_argument("--out", required=True, help="new fixtures folder to write (must not exist)")
     p.add_argument(
         "--cases", nargs="+", default=None, help=f"model cases to write (default: all of {list(MODEL_CASES)})"
     )
     args = p.parse_args(argv)
     try:
-        names = fixtures_from_checkpoint(args.checkpoint, args.out, args.cases)
+        names = fixtures_from_checkpoint(args.checkpoint, args.out, args.cases, real_dims=args.real_dims)
     except (ValueError, ConfigError, CheckpointError) as e:
         print(f"qwen25vl fixtures: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,43 @@ def tiny_config(*, tied: bool = False) -> Qwen25VLConfig:
     )
 
 
+def real_dims_config() -> Qwen25VLConfig:
+    """The tiny config at the real head dims: what the tiny one cannot show, at the width of one.
+
+    Every Qwen2.5-VL size has text head_dim 128 with MRoPE sections (16, 24, 24) and vision head_dim 80
+    (20 row and 20 column rotary frequencies, not a power of two). A port's fused attention and rotary
+    kernels are specialised on these (MLX's fused SDPA, llama.cpp's flash attention, Triton blocks padded
+    to a power of two), and at the tiny config's 8 and 16 take another path, or none; a constant that only
+    holds at 128 (a rotary dimension of 64) is invisible at 8. Widths stay small (2 text layers of 4 query
+    heads on 2 KV heads, 4 vision blocks of 4 heads) except the MLPs, which keep the real 3B widths (11008,
+    3420: not a multiple of 64), and the vocabulary, which is the 3B's (151936, tied as in the 3B).
+    """
+    return Qwen25VLConfig(
+        vocab_size=151936,
+        hidden_size=512,
+        intermediate_size=11008,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mrope_section=(16, 24, 24),
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+        vision=VisionConfig(
+            depth=4,
+            hidden_size=320,
+            num_heads=4,
+            intermediate_size=3420,
+            fullatt_block_indexes=(1, 3),
+            window_size=112,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=512,
+            tokens_per_second=2,
+        ),
+    )
+
+
 def _init_std(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
     """(mean, std) of the random init of one tensor, chosen so activations stay O(1).
 
@@ -117,6 +154,10 @@ def _init_std(key: str, shape: tuple[int, ...]) -> tuple[float, float]:
     return 0.0, scale / math.sqrt(fan_in)
 
 
+DRAWS = ("normal", "uniform-int")
+UNIFORM_STEPS = 2**20  # uniform draws are k / UNIFORM_STEPS x sqrt(3) std, k in [-UNIFORM_STEPS, UNIFORM_STEPS]
+
+
 def _key_seed(seed: int, key: str) -> int:
     """A per-tensor seed from (seed, key), stable across runs and Python versions (no hash())."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
@@ -129,6 +170,7 @@ def make_random_params(
     *,
     device: str | torch.device = "cpu",
     prefixes: tuple[str, ...] | None = None,
+    draw: str = "normal",
 ) -> dict[str, torch.Tensor]:
     """Random params (hub names, `expected_shapes(config)` order) for any config, deterministic in seed.
 
@@ -136,7 +178,11 @@ def make_random_params(
     tie_word_embeddings, lm_head.weight is the embedding tensor itself. prefixes: make only the keys
     that start with one of them (e.g. ("visual.blocks.0.",) for one real-size block); every tensor
     is seeded from (seed, its key), so a subset holds the same values as the full set.
+    draw "normal" (torch.randn: its bits depend on the CPU's vector path, ATEN_CPU_CAPABILITY) or
+    "uniform-int" (torch.randint scaled: the same bits on every CPU, for checkpoints made where they are used).
     """
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
     params = {}
     for key, shape in expected_shapes(config).items():
         if prefixes is not None and not key.startswith(tuple(prefixes)):
@@ -148,8 +194,12 @@ def make_random_params(
             continue
         mean, std = _init_std(source, shape)
         gen = torch.Generator(device=device).manual_seed(_key_seed(seed, source))
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        params[key] = (t.mul_(std).add_(mean)).to(dtype)
+        if draw == "normal":
+            t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).mul_(std)
+        else:  # uniform with the same std: integers scaled by a constant are exact on every CPU
+            t = torch.randint(-UNIFORM_STEPS, UNIFORM_STEPS + 1, shape, generator=gen, device=device)
+            t = t.to(torch.float32).mul_(std * math.sqrt(3) / UNIFORM_STEPS)
+        params[key] = t.add_(mean).to(dtype)
     return params
 
 
@@ -222,6 +272,7 @@ def make_tiny_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     overwrite: bool = False,
     config: Qwen25VLConfig | None = None,
+    draw: str = "normal",
 ) -> Path:
     """Write a checkpoint folder and return its path.
 
@@ -229,7 +280,8 @@ def make_tiny_checkpoint(
     names (model.visual.*, model.language_model.*). tied: tie_word_embeddings, lm_head not stored (the tiny
     config's tied checkpoint also carries the outlier channels, plant_outliers and plant_text_outlier).
     The folder is built in a temporary sibling and renamed into place, so it is never half-written;
-    an existing non-empty folder is an error unless overwrite. config: another config (default tiny).
+    an existing non-empty folder is an error unless overwrite. config: another config (default tiny),
+    with nothing planted. draw: make_random_params'.
     """
     if layout not in ("hub", "v5"):
         raise ValueError(f"layout must be 'hub' or 'v5', got {layout!r}")
@@ -250,7 +302,7 @@ def make_tiny_checkpoint(
     planted = config is None
     if config is None:
         config = tiny_config(tied=tied)
-    params = make_random_params(config, seed, dtype)
+    params = make_random_params(config, seed, dtype, draw=draw)
     if planted and not tied:
         plant_stop(params)
     if planted and tied:
@@ -300,15 +352,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    parser.add_argument(
+        "--real-dims",
+        action="store_true",
+        help="real_dims_config(): text head_dim 128, vision head_dim 80, tied, uniform integer draw (same bits on every CPU)",
+    )
     args = parser.parse_args(argv)
     try:
         path = make_tiny_checkpoint(
             args.out_dir,
             seed=args.seed,
-            tied=args.tied,
+            tied=args.tied or args.real_dims,
             layout=args.layout,
             dtype=getattr(torch, args.dtype),
             overwrite=args.overwrite,
+            **({"config": real_dims_config(), "draw": "uniform-int"} if args.real_dims else {}),
         )
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

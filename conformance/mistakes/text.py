@@ -49,6 +49,27 @@ class TextRotaryAdjacentPairs(Patched):
         return [(text, "apply_mrope", apply)]
 
 
+class TextRotaryDim64(Patched):
+    """Text rotary over the first 64 channels of each head only, the rest passed through unrotated: a
+    partial-rotary layout (rotary_dim 64) where Qwen2.5-VL rotates the whole head. At head_dim <= 64 (the
+    tiny checkpoint's 8) it rotates everything and is the spec; at the real 128 half of each head keeps no
+    position."""
+
+    ROTARY_DIM = 64
+
+    def model_patches(self, inputs):
+        def apply(q, k, cos, sin):
+            r = min(self.ROTARY_DIM, q.shape[-1])
+            half_table = cos.shape[-1] // 2
+            # the partial layout's table: its r/2 lowest-index frequencies, in halves over r channels
+            c = torch.cat([cos[..., : r // 2], cos[..., half_table : half_table + r // 2]], -1)
+            s = torch.cat([sin[..., : r // 2], sin[..., half_table : half_table + r // 2]], -1)
+            qr, kr = mrope.apply_mrope(q[..., :r], k[..., :r], c, s)
+            return torch.cat([qr, q[..., r:]], -1), torch.cat([kr, k[..., r:]], -1)
+
+        return [(text, "apply_mrope", apply)]
+
+
 class RotaryFirstRowOnly(Patched):
     """The MRoPE tables of the first batch row used for every row (left padding shifts the others)."""
 
@@ -179,6 +200,16 @@ ENTRIES = [
         "hf_reference.md §6.1 (rotate_half)",
         TextRotaryAdjacentPairs,
         cases="model_image",
+    ),
+    Mistake(
+        "text_rotary_dim_64",
+        "text.layer.{i}",
+        "text rotary over the first 64 channels of each head only (a partial rotary_dim 64), the rest unrotated",
+        "port_bugs_2026-12.md §2 (NVIDIA-NeMo/Automodel#3643: a rotary_dim lost)",
+        TextRotaryDim64,
+        cases="model_image",
+        blind_spot="the tiny checkpoints' head_dim is 8, all of it inside 64 channels; "
+        "`qwen25vl fixtures --real-dims` (head_dim 128) shows it at text.layer.0",
     ),
     Mistake(
         "rotary_first_row_only",
