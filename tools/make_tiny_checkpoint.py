@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,29 +110,14 @@ def real_dims_config() -> Qwen25VLConfig:
     heads on 2 KV heads, 4 vision blocks of 4 heads) except the MLPs, which keep the real 3B widths (11008,
     3420: not a multiple of 64), and the vocabulary, which is the 3B's (151936, tied as in the 3B).
     """
-    return Qwen25VLConfig(
+    tiny = tiny_config(tied=True)
+    return replace(
+        tiny,
         vocab_size=151936,
-        hidden_size=512,
+        hidden_size=512,  # 4 heads of 128
         intermediate_size=11008,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         mrope_section=(16, 24, 24),
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-        vision=VisionConfig(
-            depth=4,
-            hidden_size=320,
-            num_heads=4,
-            intermediate_size=3420,
-            fullatt_block_indexes=(1, 3),
-            window_size=112,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=512,
-            tokens_per_second=2,
-        ),
+        vision=replace(tiny.vision, hidden_size=320, intermediate_size=3420, out_hidden_size=512),  # 4 heads of 80
     )
 
 
