@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError, CheckpointError) as e:
         print(f"qwen25vl fixtures: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written, a full disk: nothing is left half-written
+        print(f"qwen25vl fixtures: cannot write --out {args.out!r}: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {len(names)} cases under {args.out}: {', '.join(names)}")
     return 0
 

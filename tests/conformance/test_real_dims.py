@@ -118,6 +118,17 @@ def test_real_dims_refuses_a_checkpoint_beside_it(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_an_unwritable_out_is_a_clear_error(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: no folder can refuse it
+        locked = tmp_path / "a_file"
+        locked.write_text("not a folder")
+    assert ffc.main(["--real-dims", "--out", str(locked / "rd"), "--cases", "model_image"]) == 2
+    assert "qwen25vl fixtures: cannot write --out" in capsys.readouterr().err
+    assert not (locked.is_dir() and any(locked.iterdir()))
+
+
 def test_the_uniform_draw_is_refused_by_name():
     with pytest.raises(ValueError, match="draw must be one of"):
         make_random_params(real_dims_config(), draw="uniform", prefixes=("model.norm",))
