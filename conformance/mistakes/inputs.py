@@ -164,7 +164,16 @@ def _swapped(img, size):
     return resize.resize_bicubic(img, (size[1], size[0]))
 
 
-class _ImageResample(Patched):
+class _ImagePixels(Patched):
+    """preprocess_image made under the same input_patches as build_inputs: the fn.preprocess_image stage and
+    the model cases' pixels see one mistake."""
+
+    def preprocess_image(self, image_, **kwargs):
+        with self._patched(self.input_patches(None, None)):
+            return image.preprocess_image(image_, **kwargs)
+
+
+class _ImageResample(_ImagePixels):
     """preprocess_image (and build_inputs) with image.resize_bicubic replaced by `resample`."""
 
     resample = None
@@ -172,9 +181,32 @@ class _ImageResample(Patched):
     def input_patches(self, images, options):
         return [(image, "resize_bicubic", type(self).resample)]
 
-    def preprocess_image(self, image_, **kwargs):
-        with self._patched(self.input_patches(None, None)):
-            return image.preprocess_image(image_, **kwargs)
+
+class _Normalization(_ImagePixels):
+    """Pixels (images and video frames) normalised with another model family's mean and std, whatever the
+    caller passes: the constants of the processor the port was written from, not preprocessor_config.json's."""
+
+    mean = std = None
+
+    def input_patches(self, images, options):
+        real, mean, std = image.normalize, self.mean, self.std
+
+        def normalize(frames, **_caller_stats):
+            return real(frames, image_mean=mean, image_std=std)
+
+        return [(image, "normalize", normalize), (video, "normalize", normalize)]
+
+
+class NormalizationHalf(_Normalization):
+    """Mean and std 0.5 (Qwen3-VL's and SigLIP's preprocessor_config.json) instead of the OpenAI CLIP values."""
+
+    mean = std = (0.5, 0.5, 0.5)
+
+
+class NormalizationImagenet(_Normalization):
+    """ImageNet's mean and std (torchvision's, InternVL's processor) instead of the OpenAI CLIP values."""
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Letterbox(_ImageResample):
@@ -459,6 +491,22 @@ ENTRIES = [
         "llama.cpp img_tool::resize (ports.md §2.3); ggml-org/llama.cpp#16334",
         Letterbox,
         model_case="model_resize_tie",
+    ),
+    Mistake(
+        "normalize_mean_std_half",
+        "fn.preprocess_image",
+        "pixels normalised with mean = std = 0.5 (Qwen3-VL's preprocessor config) instead of the OpenAI CLIP values",
+        "apple/coreai-models#82 (CLIP and 0.5 stats mixed up between Qwen VL generations)",
+        NormalizationHalf,
+        model_case="model_image",
+    ),
+    Mistake(
+        "normalize_mean_std_imagenet",
+        "fn.preprocess_image",
+        "pixels normalised with ImageNet's mean and std (a parent processor's constants) instead of the CLIP values",
+        "vllm-project/vllm#37978 (ImageNet stats inherited from a parent processor)",
+        NormalizationImagenet,
+        model_case="model_image",
     ),
     Mistake(
         "resize_hw_swapped",

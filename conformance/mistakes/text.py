@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import torch
@@ -132,6 +133,15 @@ class CausalMaskByPosition(Patched):
         return [(spec_forward, "decoder_stack", stack), (text, "attention_allowed", allowed)]
 
 
+class TextQkvBiasDropped(SpecAdapter):
+    """The decoder's q/k/v projection biases left out (a Llama-style loader or attention_bias read as false)."""
+
+    def prepare(self, checkpoint, *, dtype, device):
+        super().prepare(checkpoint, dtype=dtype, device=device)
+        biases = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
+        self.params = {k: torch.zeros_like(v) if biases.fullmatch(k) else v for k, v in self.params.items()}
+
+
 class LmHeadTied(SpecAdapter):
     """lm_head taken from embed_tokens although the checkpoint has tie_word_embeddings = false."""
 
@@ -210,6 +220,14 @@ ENTRIES = [
         cases="model_image",
         blind_spot="the tiny checkpoints' head_dim is 8, all of it inside 64 channels; "
         "`qwen25vl fixtures --real-dims` (head_dim 128) shows it at text.layer.0",
+    ),
+    Mistake(
+        "text_qkv_bias_dropped",
+        "text.layer.{i}",
+        "the decoder's q/k/v projection biases left out (a Llama-style loader, or attention_bias read as false)",
+        "sbryngelson/ANEForge#253; EricLBuehler/candle-vllm#167",
+        TextQkvBiasDropped,
+        cases="model_image",
     ),
     Mistake(
         "rotary_first_row_only",
