@@ -252,8 +252,8 @@ def shard_checkpoint(folder: str | os.PathLike, shards: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="qwen25vl fixtures",
-        description="Golden model cases (float64 spec, streamed weights) from your own Qwen2.5-VL checkpoint, "
-        "for `qwen25vl conform --fixtures OUT` (docs/own-checkpoint.md).",
+        description="Golden model cases (float64 spec, streamed weights) from your own Qwen2.5-VL checkpoint, or "
+        "from a random one at the real head dims, for `qwen25vl conform --fixtures OUT` (docs/own-checkpoint.md).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="Hugging Face model folder: config.json, tokenizer, safetensors")
@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError, CheckpointError) as e:
         print(f"qwen25vl fixtures: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a folder that cannot be written, a full disk: nothing is left half-written
-        print(f"qwen25vl fixtures: cannot write --out {args.out!r}: {e}", file=sys.stderr)
+    except OSError as e:  # a folder that cannot be written, a full disk, a file gone while it was read
+        print(f"qwen25vl fixtures: {e} (nothing was written to --out {args.out!r})", file=sys.stderr)
         return 2
     print(f"wrote {len(names)} cases under {args.out}: {', '.join(names)}")
     return 0
