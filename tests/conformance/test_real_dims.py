@@ -30,7 +30,10 @@ CASES = ("model_image", "model_video")  # windowed vision at head_dim 80, then t
 @pytest.fixture(scope="module")
 def real_dims(tmp_path_factory):
     """The fixtures folder `qwen25vl fixtures --real-dims --cases model_image model_video` writes."""
-    shared = tmp_path_factory.getbasetemp().parent  # one folder for all xdist workers of this session
+    # under xdist, the parent of a worker's basetemp is this session's, shared by all its workers; alone,
+    # basetemp is (its parent holds earlier sessions' folders)
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
     out = shared / "real_dims_fixtures"
     with FileLock(str(shared / "real_dims_fixtures.lock")):
         if not out.exists():
@@ -49,11 +52,13 @@ def test_the_checkpoint_has_the_real_head_dims(real_dims):
 
 
 _DRAW = """
-import hashlib, sys
+import hashlib, sys, torch
 from qwen25vl.tools.make_tiny_checkpoint import make_random_params, real_dims_config
 params = make_random_params(real_dims_config(), draw=sys.argv[1], prefixes=("visual.blocks.0.mlp.", "model.norm"))
-print(hashlib.sha256(b"".join(params[k].view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
-                              for k in sorted(params))).hexdigest())
+digest = hashlib.sha256()
+for key in sorted(params):
+    digest.update(params[key].contiguous().view(torch.uint8).numpy().tobytes())
+print(digest.hexdigest())
 """
 
 
