@@ -183,6 +183,21 @@ class VisionRopeTheta1e6(Patched):
         return [(vision, "VISION_ROPE_THETA", 1_000_000.0)]
 
 
+class VisionAttentionScaleInverted(Patched):
+    """Vision attention scores multiplied by sqrt(D) instead of by D^-0.5 (a refactor that lost the inverse).
+
+    The spec's vision_attention scales q @ k^T by D^-0.5 inline; q and k both scaled by sqrt(D) after the
+    rotary make that q @ k^T * D^-0.5 * D = q @ k^T * sqrt(D), and change nothing else (v is not rotated)."""
+
+    def model_patches(self, inputs):
+        real = vision.apply_vision_rotary
+
+        def rotary(x, cos, sin):
+            return real(x, cos, sin) * x.shape[-1] ** 0.5
+
+        return [(vision, "apply_vision_rotary", rotary)]
+
+
 # ---------------------------------------------------------------------------------------------- norms, MLP
 
 
@@ -402,6 +417,14 @@ ENTRIES = [
         "vision rotary with the text rope_theta 1e6 instead of the ViT's fixed 10000",
         "hf_reference.md §5",
         VisionRopeTheta1e6,
+        cases="model_image",
+    ),
+    Mistake(
+        "vision_attention_scale_inverted",
+        "vision.block.{i}",
+        "vision attention scores scaled by sqrt(head_dim) instead of 1/sqrt(head_dim)",
+        "huggingface/transformers#39043 (Qwen2-VL and Qwen2.5-VL vision, after a refactor)",
+        VisionAttentionScaleInverted,
         cases="model_image",
     ),
     Mistake(
