@@ -86,16 +86,24 @@ def test_the_integer_draw_gives_the_same_bits_on_another_cpu_path():
 def test_the_fast_path_and_transformers_pass_at_the_real_dims(real_dims, target, tmp_path, capsys):
     """impl's kernels at head_dim 128 and 80; transformers, an implementation nobody here wrote, agrees
     with the spec at the real dims too."""
+    # transformers' model_video differs from the spec in its text positions, at any size (its expectation)
+    cases = CASES if target == "impl" else ("model_image",)
     if target == "transformers":
         pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
     report = tmp_path / "report.json"
-    rc = conform(["--target", target, "--fixtures", str(real_dims), "--json", str(report)])
+    rc = conform(
+        ["--target", target, "--fixtures", str(real_dims), "--cases", f"^({'|'.join(cases)})$", "--json", str(report)]
+    )
     assert rc == 0, capsys.readouterr().out[-3000:]
     results = json.loads(report.read_text("utf-8"))["results"]
-    judged = {(r["case"], r["stage"]) for r in results if r["status"] in ("pass", "pass/drift")}
-    for case in CASES:
-        assert (case, "text.layer.0") in judged or target == "transformers" and case == "model_video"
-        assert (case, "vision.block.0") in judged and (case, "vision.merger") in judged
+    assert {r["case"] for r in results} == set(cases)
+    assert all(r["status"] == "pass" for r in results), [
+        (r["case"], r["stage"], r["status"]) for r in results if r["status"] != "pass"
+    ]
+    for case in cases:
+        assert {(case, s) for s in ("vision.block.0", "vision.merger", "text.layer.0", "logits")} <= {
+            (r["case"], r["stage"]) for r in results
+        }
 
 
 def test_a_mistake_the_bundled_fixtures_cannot_show_is_caught_and_named(real_dims):
