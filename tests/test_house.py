@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.simd_independent  # source text only: nothing is computed
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "qwen25vl"  # the name the repository folder has once installed (pyproject.toml, package-dir)
 FOLDERS = ("spec", "impl", "conformance", "tools")  # mapped to qwen25vl.<folder>
