@@ -826,6 +826,27 @@ MODEL_CASES = {
         "images": [],
         **_clip(frames=6, fps=0.0025),  # model_video_fps's frames: only the rate differs
     },
+    "model_video_image": {
+        "description": "a 4-frame clip at 2 fps, then an image, in one turn (40 video tokens, then 15 image tokens): "
+        "features go to their own kind's pads, images into image pads and videos into video pads, each in order, so "
+        "a port that stacks images before videos and fills every vision pad in prompt order swaps the two blocks, "
+        "and one that encodes only one kind leaves the other's pads as token embeddings",
+        "conversations": [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video"},
+                        {"type": "text", "text": "then"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Is the square of the clip in the picture?"},
+                    ],
+                }
+            ]
+        ],
+        "images": [(84, 140, 6)],  # seed 6: every greedy step is picked by >= 0.082 logit
+        **_clip(frames=4, fps=2.0),
+    },
     "model_outliers": {
         "description": "one 112x168 image on the tied checkpoint, whose vision tower carries 20480 in one residual "
         "channel of every patch from block 0's MLP on (the real 3B carries 2.3e4 by block 31), undone by the later "

@@ -174,9 +174,9 @@ class MlxVlmAdapter(ChunkedGeneration):
         return {k: _to_torch(v) for k, v in out.items() if k in INPUT_KEYS}
 
     def _call_kwargs(self, inputs: dict) -> dict:
-        """The canonical model-inputs dict as mlx-vlm's Model.__call__ takes it."""
-        if inputs.get("pixel_values") is not None and inputs.get("pixel_values_videos") is not None:
-            raise NotCovered("images and videos in one request: mlx-vlm's get_input_embeddings takes one grid")
+        """The canonical model-inputs dict as mlx-vlm's Model.__call__ takes it. Images and videos in one
+        request are handed over both, as mlx-vlm's own generate does: its get_input_embeddings then encodes
+        the images alone (one grid, pixel_values first), and the report shows what that does to the videos."""
         kw = {
             "pixel_values": _to_mlx(inputs.get("pixel_values")),
             "mask": _to_mlx(inputs.get("attention_mask")),

@@ -270,33 +270,25 @@ class TransformersAdapter(ChunkedGeneration):
         vis, lm = m.model.visual, m.model.language_model
         got: dict = {}
         hooks = []
-        grid = (
-            torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
-            if any(inputs.get(k) is not None for k in ("image_grid_thw", "video_grid_thw"))
-            else None
-        )
-        restore = None
-        if grid is not None:
-            from transformers.vision_utils import get_vision_window_index
-
-            from ...spec.windows import window_row_order
-
-            v = m.config.vision_config
-            wi, _ = get_vision_window_index(
-                grid, spatial_merge_size=v.spatial_merge_size, window_size=v.window_size, patch_size=v.patch_size
-            )
-            restore = torch.argsort(window_row_order(wi, v.spatial_merge_size))  # window order -> row order
+        grids = [inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
+        calls: dict = {}  # vision stage -> its output of each tower call, in window order for the blocks
         merged: list = []
 
-        def keep(name, fn=lambda o: o):
+        def keep(name):
             def hook(mod, args, out):
-                got[name] = fn(out[0] if isinstance(out, tuple) else out).detach().float().cpu()
+                got[name] = (out[0] if isinstance(out, tuple) else out).detach().float().cpu()
 
             return hook
 
-        hooks.append(vis.patch_embed.register_forward_hook(keep("vision.patch_embed")))
+        def keep_call(name):
+            def hook(mod, args, out):
+                calls.setdefault(name, []).append((out[0] if isinstance(out, tuple) else out).detach().float().cpu())
+
+            return hook
+
+        hooks.append(vis.patch_embed.register_forward_hook(keep_call("vision.patch_embed")))
         for i, blk in enumerate(vis.blocks):
-            hooks.append(blk.register_forward_hook(keep(f"vision.block.{i}", lambda o: o[restore])))
+            hooks.append(blk.register_forward_hook(keep_call(f"vision.block.{i}")))
         hooks.append(vis.register_forward_hook(lambda mod, a, out: merged.append(out.pooler_output.detach().float())))
 
         def pre(mod, args, kwargs):
@@ -317,6 +309,7 @@ class TransformersAdapter(ChunkedGeneration):
             for h in hooks:
                 h.remove()
         got["logits"] = out.logits.detach().float().cpu()
+        got.update(self._vision_rows(calls, grids))
         if merged:
             got["vision.merger"] = torch.cat(merged).cpu()
         if m.model.rope_deltas is not None:
@@ -330,6 +323,34 @@ class TransformersAdapter(ChunkedGeneration):
         ):
             got["text.position_ids"] = got["text.position_ids"][1:]  # v5 prepends the text positions row
         return {k: v for k, v in got.items() if k in capture}
+
+    def _vision_rows(self, calls: dict, grids: list) -> dict:
+        """The vision stages in pixel_values row order, from the tower's calls: transformers encodes the images
+        in one call and the videos in another (one grid each), and runs the blocks in window order."""
+        from transformers.vision_utils import get_vision_window_index
+
+        from ...spec.windows import window_row_order
+
+        v = self.model.config.vision_config
+        n_calls = len(calls.get("vision.patch_embed", []))
+        per_call = grids if n_calls == len(grids) else [torch.cat(grids)] if grids and n_calls == 1 else None
+        if per_call is None:
+            return {}  # a tower call this adapter cannot pair with a grid: the vision stages are not captured
+        out = {}
+        for name, outs in calls.items():
+            if name.startswith("vision.block."):
+                restored = []
+                for rows, grid in zip(outs, per_call):
+                    wi, _ = get_vision_window_index(
+                        grid,
+                        spatial_merge_size=v.spatial_merge_size,
+                        window_size=v.window_size,
+                        patch_size=v.patch_size,
+                    )
+                    restored.append(rows[torch.argsort(window_row_order(wi, v.spatial_merge_size))])
+                outs = restored
+            out[name] = torch.cat(outs)
+        return out
 
     def _model_inputs(self, inputs: dict) -> dict:
         """The model-inputs dict as transformers' forward and generate take it: seconds per grid as a list,

@@ -32,6 +32,41 @@ class ScatterTransposed(Patched):
         return [(text, "scatter_vision_features", scatter)]
 
 
+class VisionFeaturesImagesFirst(Patched):
+    """Image and video features stacked images first and written over every vision pad in prompt order,
+    one pooled mask for both kinds: right only when the images come before the videos in the prompt."""
+
+    def model_patches(self, inputs):
+        real = text.scatter_vision_features
+
+        def scatter(inputs_embeds, input_ids, image_feats, video_feats, config):
+            real(inputs_embeds, input_ids, image_feats, video_feats, config)  # the spec's checks: counts, widths
+            feats = [f for f in (image_feats, video_feats) if f is not None]
+            out = inputs_embeds.clone()
+            if feats:
+                pads = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+                out[pads] = torch.cat(feats).to(out.dtype)
+            return out
+
+        return [(text, "scatter_vision_features", scatter)]
+
+
+class VideosUnencodedWithImages(Patched):
+    """With images and videos in one request, only the images are encoded: the video pads keep the embedding
+    of their placeholder token."""
+
+    def model_patches(self, inputs):
+        real = text.scatter_vision_features
+
+        def scatter(inputs_embeds, input_ids, image_feats, video_feats, config):
+            if image_feats is None or video_feats is None:
+                return real(inputs_embeds, input_ids, image_feats, video_feats, config)
+            no_video_pads = input_ids.masked_fill(input_ids == config.video_token_id, -1)
+            return real(inputs_embeds, no_video_pads, image_feats, None, config)
+
+        return [(text, "scatter_vision_features", scatter)]
+
+
 class TextRopeTheta1e4(SpecAdapter):
     """Text rotary with theta 10000 (the Llama default) instead of the config's rope_theta 1e6."""
 
@@ -194,6 +229,22 @@ ENTRIES = [
         "alibaba/Pai-Megatron-Patch#649",
         ScatterTransposed,
         cases="model_batch",
+    ),
+    Mistake(
+        "vision_features_images_first",
+        "text.inputs_embeds",
+        "image and video features stacked images first over every vision pad in prompt order: a video before an image swaps them",
+        "osaurus-ai/vmlx-swift#404 (#298); NVIDIA/TensorRT-LLM#15852 (mixed requests in prompt order)",
+        VisionFeaturesImagesFirst,
+        cases="model_video_image",
+    ),
+    Mistake(
+        "videos_unencoded_with_images",
+        "text.inputs_embeds",
+        "with images and videos in one request only the images are encoded: video pads keep their token embedding",
+        "mlx-vlm 0.7.10 get_input_embeddings, found here (docs/ports.md §2 mlx-vlm); NVIDIA/TensorRT-LLM#15852",
+        VideosUnencodedWithImages,
+        cases="model_video_image",
     ),
     Mistake(
         "text_rope_theta_1e4",
