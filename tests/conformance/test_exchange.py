@@ -102,6 +102,7 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(ported, tmp_
         "model_video_file",
         "model_video_budget",
         "model_outliers",
+        "model_video_image",
     }
     assert all(r["status"] == "pass" for r in model), [(r["case"], r["stage"], r["metric"]) for r in model]
     stages = {r["stage"] for r in model}

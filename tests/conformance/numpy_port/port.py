@@ -129,15 +129,15 @@ class Model:
 
     def positions(self, ids, items):
         """MRoPE positions of one row [3, L]: text counts up; a vision run takes (t, row, col) from its
-        start, t in seconds for video; text after it starts at 1 + the largest so far."""
-        pos, cur, i, items = [], 0, 0, list(items)
-        vision_ids = (self.cfg["image_token_id"], self.cfg["video_token_id"])
+        start, t in seconds for video; text after it starts at 1 + the largest so far. items: token id ->
+        that kind's ((t, h, w), seconds) in prompt order (images and videos are counted apart)."""
+        pos, cur, i, items = [], 0, 0, {kind: list(queue) for kind, queue in items.items()}
         while i < len(ids):
-            if ids[i] not in vision_ids:
+            if ids[i] not in items:
                 pos.append([cur] * 3)
                 cur, i = cur + 1, i + 1
                 continue
-            (t, h, w), seconds = items.pop(0)
+            (t, h, w), seconds = items[ids[i]].pop(0)
             lh, lw = h // self.m, w // self.m
             tt = np.floor(
                 np.arange(t, dtype=np.float32) * np.float32(seconds) * np.float32(self.v["tokens_per_second"])
@@ -201,12 +201,17 @@ class Model:
         prompt's embeddings and positions at its own offset; its stages are then not written."""
         out, w = {}, self.w
         x = w["model.embed_tokens.weight"][ids]  # [L, C]
+        image_id, video_id = self.cfg["image_token_id"], self.cfg["video_token_id"]
+        items = {image_id: [], video_id: []}  # grids holds the row's images, then its videos
+        for grid, seconds in zip(grids, video_seconds):
+            items[image_id if seconds is None else video_id].append((grid, seconds))
         if len(grids):
             feats = self.vision(pixels, grids, out)
-            vis = np.isin(ids, (self.cfg["image_token_id"], self.cfg["video_token_id"]))
-            x[vis] = feats  # in token order: a row holds images or videos (run_case refuses both)
+            n_image = sum(t * h * w for (t, h, w), _ in items[image_id]) // self.m**2
+            x[ids == image_id] = feats[:n_image]  # each kind into its own pads, in order
+            x[ids == video_id] = feats[n_image:]
         out["text.inputs_embeds"] = x
-        pos = self.positions(ids, zip(grids, video_seconds))
+        pos = self.positions(ids, items)
         delta = int(pos.max()) + 1 - len(ids)  # against this row's own length ("unpadded")
         out["text.position_ids"] = np.concatenate([pos, np.zeros((1, len(ids)), np.int64)])  # llama.cpp: t, y, x, 0
         out["text.rope_deltas"] = np.array([delta], np.int64)
@@ -265,8 +270,6 @@ def run_case(model: Model, in_dir: Path, out_dir: Path, case: str) -> None:
                 item, row = item + 1, row + t * h * w
             kinds[kind][2:] = [item, row]
         pixels = np.concatenate(pix).astype(np.float64) if pix else None
-        if any(s is not None for s in secs) and any(s is None for s in secs):
-            raise NotImplementedError("rows with both images and videos (the fixtures have none)")
         chunk = info.get("prefill_chunk")  # a <case>@chunked folder: generate.tokens only
         stages, toks, topk = model.run_row(
             ids, pixels, grids, secs, info["max_new_tokens"], info["eos_token_id"], chunk
