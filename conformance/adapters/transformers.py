@@ -333,9 +333,12 @@ class TransformersAdapter(ChunkedGeneration):
 
         v = self.model.config.vision_config
         n_calls = len(calls.get("vision.patch_embed", []))
-        per_call = grids if n_calls == len(grids) else [torch.cat(grids)] if grids and n_calls == 1 else None
-        if per_call is None:
-            return {}  # a tower call this adapter cannot pair with a grid: the vision stages are not captured
+        if n_calls == len(grids):
+            per_call = grids  # one call per kind (transformers 5.x), or no vision at all
+        elif n_calls == 1:
+            per_call = [torch.cat(grids)]  # one call over every item
+        else:
+            return {}  # tower calls this adapter cannot pair with grids: the vision stages are not captured
         out = {}
         for name, outs in calls.items():
             if name.startswith("vision.block."):
