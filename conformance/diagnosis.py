@@ -15,7 +15,8 @@ stage's precision (the port's profile, precision.py). Then, per stage:
 A stage that is itself wrong is then compared with the spec at other precisions (a port that rounds
 its patch inputs to float16 on purpose is told to declare it) and with the catalogue of known
 mistakes run on the same inputs (mistakes.py). Both numbers go into the result (`local`,
-`end_to_end`) and the report.
+`end_to_end`) and the report. A failing stage the port's own upstream value cannot feed (an error, absent,
+not finite) gets the catalogue run on the spec's golden upstream value: a match is a hint in its note.
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ class Diagnosis:
                 continue
             prev = self.previous(stage)
             if prev is not None and prev in by_stage and by_stage[prev].status == "error":
-                r.note = _join(r.note, f"local error not measured: {prev} is an error")
+                r.note = _join(
+                    r.note,
+                    f"local error not measured: {prev} is an error",
+                    self._on_golden(r, stage, inputs, golden, captured),
+                )
                 continue
             self.one(r, stage, captured, inputs, golden, by_stage, upstream_bad)
             if r.status == "fail" and upstream_bad is None:
@@ -129,7 +134,9 @@ class Diagnosis:
         r.end_to_end = _summary(r)  # a StageResult carries a verdict's fields
         feeds, fed = self.feeds(stage, inputs, golden, captured)
         if feeds is None:
-            r.note = _join(r.note, f"local error not measured: {fed}")
+            r.note = _join(
+                r.note, f"local error not measured: {fed}", self._on_golden(r, stage, inputs, golden, captured)
+            )
             return
         try:
             ref = self.reference.stage(stage, feeds)
@@ -154,6 +161,21 @@ class Diagnosis:
             self._signature(stage, feeds, captured[stage], ref, local, precision),
             self._mistake(stage, feeds, captured[stage], local, precision),
         )
+
+    def _on_golden(self, r: StageResult, stage: str, inputs: dict, golden: dict, captured: dict) -> str:
+        """For a failing stage whose own input the port cannot give (its previous stage is an error, absent
+        or not finite): the catalogue's entries run on the spec's golden previous output. Only a match is
+        said, as a hint, and the verdict stays: the port's stage ran on its own input, not on this one."""
+        prev = self.previous(stage)
+        got = captured.get(stage)
+        if r.status != "fail" or prev is None or not isinstance(golden.get(prev), torch.Tensor) or got is None:
+            return ""
+        feeds = {**inputs, "position_ids": golden.get("text.position_ids"), "hidden": golden[prev].double()}
+        precision = r.precision or self.profile(stage)
+        named = self._mistake(stage, feeds, got, None, precision)
+        if not named.startswith("likely mistake"):
+            return ""
+        return f"run on the spec's own {prev} instead, the catalogue says: {named}"
 
     def _inherited(self, r: StageResult, stage: str, local: compare.Verdict, by_stage: dict) -> None:
         prev = self.previous(stage)

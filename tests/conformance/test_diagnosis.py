@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from qwen25vl.conformance import runner
+from qwen25vl.conformance.mistakes import CATALOGUE
+from qwen25vl.conformance.mistakes.text import VideosUnencodedWithImages
 from qwen25vl.conformance.precision import Profile
 from qwen25vl.tools import cli
 from safetensors.torch import load_file, save_file
@@ -13,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from .mixed import PROFILE, MixedPrecisionPort, MixedPrecisionPortFixed
 
 MIXED = "tests.conformance.mixed:"
+ROOT = Path(__file__).resolve().parents[2]
+DESCRIPTION = next(m.description for m in CATALOGUE if m.name == "videos_unencoded_with_images")
 
 
 def conform(capsys, tmp_path, *argv):
@@ -119,3 +124,36 @@ def test_profiles_pick_the_most_specific_pattern_and_refuse_unknown_precisions(c
     assert "'float8' is not a precision" in capsys.readouterr().err
     assert cli.main(["conform", "--profile", "{not json"]) == 2
     assert "--profile: not a JSON object" in capsys.readouterr().err
+
+
+class _VideoNeverEncoded(VideosUnencodedWithImages):
+    """Like mlx-vlm 0.7.10 given an image and a video: the tower encodes the image alone, so every vision
+    stage is short of rows (an error), and the video pads keep their token embedding."""
+
+    def run(self, inputs, *, capture):
+        captured = super().run(inputs, capture=capture)
+        return {k: v[1:] if k.startswith("vision.") else v for k, v in captured.items()}
+
+
+class _VideoNeverEncodedNoisy(_VideoNeverEncoded):
+    """The same short vision stages, and inputs_embeds wrong in a way no catalogue entry describes."""
+
+    def run(self, inputs, *, capture):
+        captured = super().run(inputs, capture=capture)
+        embeds = captured["text.inputs_embeds"]
+        return {**captured, "text.inputs_embeds": embeds + 0.5 * embeds.abs().max()}
+
+
+@pytest.mark.parametrize("port, named", [(_VideoNeverEncoded, True), (_VideoNeverEncodedNoisy, False)])
+def test_a_stage_fed_by_an_error_is_matched_to_the_catalogue_on_the_spec_input(port, named):
+    # the port's own vision.merger cannot feed text.inputs_embeds (wrong shape): the catalogue runs on the
+    # spec's vision.merger instead and names the mistake, as a hint; the stage's verdict is its own
+    paths = runner.select_cases(ROOT / "fixtures", "model_video_image$")
+    opts = runner.SuiteOptions(only_stages=r"^(vision\..*|text\.inputs_embeds)$")
+    _, results = runner.run_suite(paths, opts, adapter=port("float32"))
+    by = {r.stage: r for r in results if r.mode == "e2e"}
+    assert by["vision.merger"].status == "error", by["vision.merger"]
+    embeds = by["text.inputs_embeds"]
+    assert embeds.status == "fail" and "local error not measured: vision.merger is an error" in embeds.note
+    said = "run on the spec's own vision.merger instead, the catalogue says: likely mistake: " + DESCRIPTION
+    assert (said in embeds.note) == named, embeds.note
