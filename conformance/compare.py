@@ -373,6 +373,13 @@ def _weighed(golden: torch.Tensor, got: torch.Tensor, mask, channels: bool):
     return g, x, w, *((g, x) if w is None else (g * w, x * w))
 
 
+def row_errors(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The squared error of each row (every index but the last) of hidden states [..., C], on the channel
+    weights float_errors uses: [...]; a row the mask ([B, L]) leaves out is 0."""
+    _, _, _, gw, xw = _weighed(golden, got, mask, channels=True)
+    return (xw - gw).pow(2).sum(-1)
+
+
 def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None = None) -> dict | None:
     """Where the error of hidden states [..., C] sits, by row (every index but the last), on the channel
     weights float_errors uses; None for a tensor with no rows.
@@ -388,7 +395,7 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | Non
     _, _, _, gw, xw = _weighed(golden, got, mask, channels=True)
     shape = tuple(golden.shape[:-1])
     g, x = gw.reshape(-1, golden.shape[-1]), xw.reshape(-1, golden.shape[-1])
-    per_row = (x - g).pow(2).sum(-1)
+    per_row = row_errors(golden, got, mask).reshape(-1)
     total = per_row.sum().item()
     out = {"rows": [], "share": 0.0, "of": 0, "total": per_row.numel(), "zero_rows": [], "zero_count": 0, "batch": None}
     out["spans"] = loud_spans(per_row.reshape(shape), _valid(mask, shape)) if len(shape) == 2 else []

@@ -8,7 +8,7 @@ import torch
 
 from ..spec.config import Qwen25VLConfig
 from ..spec.windows import vision_rotary_positions
-from .compare import QUIET
+from .compare import QUIET, row_errors
 
 
 def locate(stage: str, values: dict, inputs: dict, config: Qwen25VLConfig) -> str:
@@ -162,3 +162,44 @@ def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLCon
     except (IndexError, KeyError, ValueError, RuntimeError):
         return out
     return out
+
+
+def locate_kinds(stage: str, golden, got, mask, inputs: dict, config: Qwen25VLConfig) -> str:
+    """Which kinds of token (image pads, video pads, text) a failing text hidden state [B, L, C] has its error
+    on, when the other kinds are quiet: '; the error is on the video pads (40 of 89 tokens): the 15 image pads
+    and 34 text tokens are quiet (...)'. Vision features written to the wrong pads, or one kind never encoded,
+    shows so at text.inputs_embeds, however the pads lie in the prompt. '' when no kind is quiet, when the
+    prompt has one kind, or when the shapes are not the golden prompt's."""
+    try:
+        ids = inputs["input_ids"]
+        if not _by_token(stage) or stage == "logits" or got.shape != golden.shape or golden.shape[:2] != ids.shape:
+            return ""
+        per_row = row_errors(golden, got, mask)
+        valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool().reshape(ids.shape)
+        kind_of = {config.image_token_id: "image", config.video_token_id: "video"}
+        kinds = [kind_of.get(int(t), "text") for t in ids[valid].tolist()]
+        errors = per_row[valid].tolist()
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError):
+        return ""
+    by_kind: dict[str, list[float]] = {}
+    for k, e in zip(kinds, errors):
+        by_kind.setdefault(k, []).append(e)
+    mean = sorted(((sum(v) / len(v), k) for k, v in by_kind.items()), reverse=True)
+    # the loud kinds: the first QUIET-fold step down in the kinds' mean errors
+    split = next((j for j in range(1, len(mean)) if mean[j][0] * QUIET <= mean[j - 1][0]), None)
+    if split is None or mean[0][0] == 0:
+        return ""
+    order = list(_KINDS)  # said in one order: image, video, text
+    loud, quiet = (sorted((k for _, k in part), key=order.index) for part in (mean[:split], mean[split:]))
+
+    def named(k: str) -> str:
+        n = len(by_kind[k])
+        return f"{n} {_KINDS[k][n > 1]}"
+
+    n_loud = sum(len(by_kind[k]) for k in loud)
+    said = " and ".join(f"the {_KINDS[k][1]}" for k in loud)
+    return (
+        f"; the error is on {said} ({n_loud} of {len(kinds)} tokens): the {' and '.join(named(k) for k in quiet)} "
+        f"{'is' if len(quiet) == 1 and len(by_kind[quiet[0]]) == 1 else 'are'} quiet (mean squared error <= "
+        f"{1 / QUIET:.0%} of the loud ones')"
+    )

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from qwen25vl.conformance import compare, runner
 from qwen25vl.conformance.fixtures import load_case
-from qwen25vl.conformance.locate import locate_rows
+from qwen25vl.conformance.locate import locate_kinds, locate_rows
 from qwen25vl.conformance.mistakes import by_name
 from qwen25vl.tools.make_tiny_checkpoint import tiny_config
 
@@ -152,3 +152,58 @@ def test_a_mask_built_from_positions_is_located_at_the_image_pads():
     assert layer0.status == "fail"
     assert f"sits in token {pads[0]} (id 151655, an image pad) to {pads[-2]} (id 151655, an image pad)" in layer0.where
     assert f"the {pads[0]} tokens before and the {len(ids) - 1 - pads[-2]} after are quiet" in layer0.where
+
+
+VID = CONFIG.video_token_id
+
+
+def _two_kinds(L=60):
+    """A prompt with a video's pads (10 to 29), then an image's (40 to 47), text around them."""
+    ids = torch.arange(1000, 1000 + L).reshape(1, L)
+    ids[0, 10:30], ids[0, 40:48] = VID, IMG
+    return ids
+
+
+def test_the_kinds_of_token_that_hold_the_error_are_said_when_the_others_are_quiet():
+    ids = _two_kinds()
+    g = _hidden(1, 60, 16)
+    noise = 1e-5 * _hidden(1, 60, 16, seed=7)
+    x = g + noise
+    x[0, 10:30] += 1.0  # the video's pads only (one kind never encoded)
+    said = locate_kinds("text.inputs_embeds", g, x, None, {"input_ids": ids}, CONFIG)
+    assert said == (
+        "; the error is on the video pads (20 of 60 tokens): the 8 image pads and 32 text tokens are quiet "
+        "(mean squared error <= 1% of the loud ones')"
+    )
+    x = g + noise
+    x[0, 10:30] += 1.0
+    x[0, 40:48] -= 1.0  # both blocks of features swapped: two spans apart, text between them quiet
+    said = locate_kinds("text.inputs_embeds", g, x, None, {"input_ids": ids}, CONFIG)
+    assert "on the image pads and the video pads (28 of 60 tokens): the 32 text tokens are quiet" in said
+
+
+def test_no_kind_is_named_when_every_kind_is_loud_or_the_prompt_has_one_kind():
+    ids = _two_kinds()
+    g = _hidden(1, 60, 16)
+    x = g + 1e-2 * _hidden(1, 60, 16, seed=8)  # precision noise everywhere
+    assert locate_kinds("text.layer.1", g, x, None, {"input_ids": ids}, CONFIG) == ""
+    x[0, 20:] += 1.0  # from a video pad on, text after it too: the text kind is loud as well
+    assert locate_kinds("text.layer.1", g, x, None, {"input_ids": ids}, CONFIG) == ""
+    text_only = torch.arange(1000, 1060).reshape(1, 60)
+    x = g.clone()
+    x[0, 30:] += 1.0
+    assert locate_kinds("text.layer.1", g, x, None, {"input_ids": text_only}, CONFIG) == ""
+    # not a hidden state of the golden prompt: nothing is claimed
+    assert locate_kinds("text.layer.1", g, x[:, :50], None, {"input_ids": ids}, CONFIG) == ""
+    assert locate_kinds("vision.merger", g[0], x[0], None, {"input_ids": ids}, CONFIG) == ""
+
+
+def test_a_masked_token_is_no_quiet_kind():
+    ids = _two_kinds()
+    g = _hidden(1, 60, 16)
+    x = g.clone()
+    x[0, 10:30] += 1.0
+    mask = torch.ones(1, 60, dtype=torch.int64)
+    mask[0, 40:] = 0  # the image pads and the text after them are padding: not judged
+    said = locate_kinds("text.inputs_embeds", g, x, mask, {"input_ids": ids}, CONFIG)
+    assert "on the video pads (20 of 40 tokens): the 20 text tokens are quiet" in said

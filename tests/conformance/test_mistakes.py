@@ -9,6 +9,8 @@ import pytest
 from qwen25vl.conformance import runner, stages
 from qwen25vl.conformance.mistakes import CATALOGUE, for_stage, markdown_table, model_stages_fed_by
 
+pytestmark = pytest.mark.whole_runs  # .ci/run: not rerun on the scalar path (docs/testing.md)
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
 

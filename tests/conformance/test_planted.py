@@ -7,6 +7,8 @@ from qwen25vl.conformance import runner
 
 from .planted import IN_MODEL_CASES, PLANTED
 
+pytestmark = pytest.mark.whole_runs  # .ci/run: not rerun on the scalar path (docs/testing.md)
+
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
 

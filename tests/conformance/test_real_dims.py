@@ -24,6 +24,8 @@ from qwen25vl.tools.make_tiny_checkpoint import make_random_params, real_dims_co
 
 from .test_mistakes import up_to
 
+pytestmark = pytest.mark.whole_runs  # .ci/run: not rerun on the scalar path (docs/testing.md)
+
 CASES = ("model_image", "model_video")  # windowed vision at head_dim 80, then temporal MRoPE sections
 
 

@@ -8,6 +8,8 @@ import json
 import pytest
 from qwen25vl.tools import cli
 
+pytestmark = pytest.mark.whole_runs  # .ci/run: not rerun on the scalar path (docs/testing.md)
+
 MODEL = "model_(image|image_swap|video|batch|text)$"  # model_text runs on the other (tied) checkpoint
 
 

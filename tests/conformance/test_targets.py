@@ -2,8 +2,11 @@
 
 from pathlib import Path
 
+import pytest
 from qwen25vl.conformance import runner
 from qwen25vl.tools import cli
+
+pytestmark = pytest.mark.whole_runs  # .ci/run: not rerun on the scalar path (docs/testing.md)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
