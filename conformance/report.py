@@ -99,7 +99,7 @@ def explain(r: StageResult) -> str:
     if r.local:
         out.append(f"  local      {r.local['metric']} (budget {r.local['tolerance']}; fed {r.local['fed']})")
     if r.where:
-        out.append(f"  where      {_cut(r.where, 300)}")
+        out.append(f"  where      {_cut(r.where, 600)}")
     if r.note:
         out.append(f"  note       {r.note}")
     out += [f"  meaning    {meaning}", f"  read       {read}"]
