@@ -77,6 +77,9 @@ def test_conform_mlx_vlm_matches_its_expectations(capsys, tmp_path):
     assert status[("model_video_budget", "preprocess.input_ids")] == "xfail"
     assert status[("model_video_budget", "preprocess.video_grid_thw")] == "xfail"
     assert status[("model_video_budget", "logits")] == "pass"  # one temporal patch: its time rule is not reached
+    # an image and a video in one request: only the image is encoded, and the report says which pads are wrong
+    embeds = next(r for r in results if (r["case"], r["stage"]) == ("model_video_image", "text.inputs_embeds"))
+    assert embeds["status"] == "xfail" and "the error is on the video pads (40 of 89 tokens)" in embeds["where"]
     assert json.loads(EXPECTATIONS.read_text())["port"] == "mlx-vlm"
 
 
