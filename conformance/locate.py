@@ -174,10 +174,9 @@ def locate_kinds(stage: str, golden, got, mask, inputs: dict, config: Qwen25VLCo
         ids = inputs["input_ids"]
         if not _by_token(stage) or stage == "logits" or got.shape != golden.shape or golden.shape[:2] != ids.shape:
             return ""
-        per_row = row_errors(golden, got, mask)
+        per_row = row_errors(golden, torch.as_tensor(got), mask)  # a port may hand back a numpy array
         valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool().reshape(ids.shape)
-        kind_of = {config.image_token_id: "image", config.video_token_id: "video"}
-        kinds = [kind_of.get(int(t), "text") for t in ids[valid].tolist()]
+        kinds = [_kind(t, config) for t in ids[valid].tolist()]
         errors = per_row[valid].tolist()
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError):
         return ""

@@ -175,6 +175,7 @@ def test_the_kinds_of_token_that_hold_the_error_are_said_when_the_others_are_qui
         "; the error is on the video pads (20 of 60 tokens): the 8 image pads and 32 text tokens are quiet "
         "(mean squared error <= 1% of the loud ones')"
     )
+    assert locate_kinds("text.inputs_embeds", g, x.float().numpy(), None, {"input_ids": ids}, CONFIG) == said
     x = g + noise
     x[0, 10:30] += 1.0
     x[0, 40:48] -= 1.0  # both blocks of features swapped: two spans apart, text between them quiet
