@@ -159,7 +159,7 @@ class Diagnosis:
         r.note = _join(
             f"{stage} is itself wrong: local {local.metric} (budget {local.tolerance}, fed {fed}); {upstream}",
             self._signature(stage, feeds, captured[stage], ref, local, precision),
-            self._mistake(stage, feeds, captured[stage], local, precision),
+            self._mistake(stage, feeds, captured[stage], precision),
         )
 
     def _on_golden(self, r: StageResult, stage: str, inputs: dict, golden: dict, captured: dict) -> str:
@@ -168,11 +168,10 @@ class Diagnosis:
         said, as a hint, and the verdict stays: the port's stage ran on its own input, not on this one."""
         prev = self.previous(stage)
         got = captured.get(stage)
-        if r.status != "fail" or prev is None or not isinstance(golden.get(prev), torch.Tensor) or got is None:
+        if r.status != "fail" or prev is None or got is None:
             return ""
-        feeds = {**inputs, "position_ids": golden.get("text.position_ids"), "hidden": golden[prev].double()}
-        precision = r.precision or self.profile(stage)
-        named = self._mistake(stage, feeds, got, None, precision)
+        feeds, _ = self.feeds(stage, inputs, golden, {prev: golden.get(prev)})  # as if the port had given it
+        named = self._mistake(stage, feeds, got, r.precision or self.profile(stage)) if feeds is not None else ""
         if not named.startswith("likely mistake"):
             return ""
         return f"run on the spec's own {prev} instead, the catalogue says: {named}"
@@ -225,7 +224,7 @@ class Diagnosis:
             f'{{"{stage}": "{p}"}} in your profile if intended'
         )
 
-    def _mistake(self, stage, feeds, got, local, precision) -> str:
+    def _mistake(self, stage, feeds, got, precision) -> str:
         def answer(m):
             return self._variants.setdefault(m.name, self.reference.variant(m.adapter)).stage(stage, feeds)
 
