@@ -46,6 +46,8 @@ FEEDS = {
     # the decoder layers rotate with the MRoPE tables: a wrong table (RotaryTableMistake) first shows there
     # in a port that exposes no fn.mrope_cos_sin (a serving engine, llama.cpp)
     "text.layer.{i}": ("fn.mrope_cos_sin",),
+    # the vision blocks attend inside window_partition's segments
+    "vision.block.{i}": ("fn.window_partition",),
     "generate.tokens": ("fn.decode_positions",),
 }
 

@@ -72,6 +72,17 @@ class Positions1D(SpecAdapter):
         return pos[None].expand(3, -1, -1).clone().to(input_ids.device), deltas
 
 
+class HeightWidthSwapped(SpecAdapter):
+    """The height and width rows of the positions exchanged: a vision token at (row r, column c) placed at
+    height c and width r. Text tokens carry the same value on all three rows, so only vision spans change."""
+
+    def rope_rule(self, input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, *, config):
+        pos, deltas = super().rope_rule(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, config=config
+        )
+        return pos[[0, 2, 1]], deltas
+
+
 class TextAfterSpanMaxSide(SpecAdapter):
     """transformers >= 5.3: text after a span resumes at start + max(h, w)/2, ignoring a video's time extent."""
 
@@ -288,6 +299,14 @@ ENTRIES = [
         "port_bugs_2026-12.md §4; hf_reference.md §6.4",
         TextAfterSpanMaxSide,
         model_case="model_video",
+    ),
+    Mistake(
+        "positions_height_width_swapped",
+        "fn.rope_index",
+        "MRoPE height and width rows exchanged for vision tokens (column index as height, row index as width)",
+        "hf_reference.md §6.2 (rows t, h, w); EricLBuehler/mistral.rs#1881 (width and height swapped in Qwen VL)",
+        HeightWidthSwapped,
+        model_case="model_image",
     ),
     Mistake(
         "video_time_unscaled",

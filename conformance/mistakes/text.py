@@ -168,6 +168,22 @@ class CausalMaskByPosition(Patched):
         return [(spec_forward, "decoder_stack", stack), (text, "attention_allowed", allowed)]
 
 
+class MlpReadsLayerInput(Patched):
+    """The MLP branch fed the layer's input instead of the attention's residual: x + attn(norm1(x)) +
+    mlp(norm2(x)), a parallel block (GPT-J style) where Qwen2 runs the two branches in sequence."""
+
+    def model_patches(self, inputs):
+        def layer(params, config, i, x, cos, sin, attention_mask, cache=None):
+            p, eps = f"model.layers.{i}.", config.rms_norm_eps
+            normed = text.rms_norm(x, params[p + "input_layernorm.weight"], eps)
+            h, cache = text.attention(params, config, i, normed, cos, sin, attention_mask, cache)
+            return x + h + text.mlp(
+                params, i, text.rms_norm(x, params[p + "post_attention_layernorm.weight"], eps)
+            ), cache
+
+        return [(text, "decoder_layer", layer)]
+
+
 class TextQkvBiasDropped(SpecAdapter):
     """The decoder's q/k/v projection biases left out (a Llama-style loader or attention_bias read as false)."""
 
@@ -303,6 +319,14 @@ ENTRIES = [
         "ggml-org/llama.cpp#13694",
         CausalMaskByPosition,
         cases="model_image",
+    ),
+    Mistake(
+        "mlp_reads_layer_input",
+        "text.layer.{i}",
+        "the decoder MLP fed the layer's input, not the attention residual (a parallel block, GPT-J style)",
+        "Ginjing-Yuan/QWen2-from_ground_up#2 (post_attention_layernorm applied to the layer's input)",
+        MlpReadsLayerInput,
+        cases="model_text",
     ),
     Mistake(
         "lm_head_tied",

@@ -58,6 +58,24 @@ class WindowNoDedup(SpecAdapter):
         return wi, cw, cu
 
 
+class WindowEightMergedTokens(Patched):
+    """Windows of 8x8 merged tokens (window_size // patch_size) instead of 4x4 (window_size // patch_size //
+    merge_size): the blog's "8x8 window" read in merged tokens, when it counts patches."""
+
+    def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
+        return super().window_partition(
+            grid_thw, window_size=window_size * merge_size, patch_size=patch_size, merge_size=merge_size
+        )
+
+    def model_patches(self, inputs):
+        real = windows.window_partition
+
+        def partition(grid_thw, *, window_size, patch_size, merge_size):
+            return real(grid_thw, window_size=window_size * merge_size, patch_size=patch_size, merge_size=merge_size)
+
+        return [(windows, "window_partition", partition), (vision, "window_partition", partition)]
+
+
 class FullAttentionShifted(SpecAdapter):
     """Full attention in the wrong blocks (every index shifted down by one)."""
 
@@ -149,6 +167,52 @@ class WindowInverseIsPermutation(Patched):
         return [(vision, "patch_merger", merger)]
 
 
+# ---------------------------------------------------------------------------------------------- attention
+
+
+class VisionQkvSplitPerHead(Patched):
+    """The fused qkv output split per head ([N, 3, D]: q, k, v of head 0, then of head 1, ...) instead of
+    [3, N, D] (all of q, then k, then v), as a port does that reads the checkpoint's qkv rows in the layout
+    its own fused kernel wants without re-laying them."""
+
+    def model_patches(self, inputs):
+        real = vision.vision_attention
+
+        def attention(params, config, i, x, cos, sin, cu_seqlens):
+            b = f"visual.blocks.{i}.attn.qkv"
+            N, D = config.vision.num_heads, config.vision.head_dim
+            # row (s, n, d) of the spec's [3, N, D] split is row (n, s, d) of the port's [N, 3, D] split
+            rows = torch.arange(3 * N * D).view(N, 3, D).transpose(0, 1).reshape(-1)
+            relaid = {**params, f"{b}.weight": params[f"{b}.weight"][rows], f"{b}.bias": params[f"{b}.bias"][rows]}
+            return real(relaid, config, i, x, cos, sin, cu_seqlens)
+
+        return [(vision, "vision_attention", attention)]
+
+
+class VisionAttentionCausal(Patched):
+    """Vision attention run causal inside each segment (a decoder's attention kernel reused with its
+    causal flag on) instead of bidirectional."""
+
+    def model_patches(self, inputs):
+        def attention(params, config, i, x, cos, sin, cu_seqlens):
+            v = config.vision
+            P, N, D = x.shape[0], v.num_heads, v.head_dim
+            b = f"visual.blocks.{i}.attn"
+            q, k, val = F.linear(x, params[f"{b}.qkv.weight"], params[f"{b}.qkv.bias"]).view(P, 3, N, D).unbind(1)
+            q, k = vision.apply_vision_rotary(q, cos, sin), vision.apply_vision_rotary(k, cos, sin)
+            bounds = cu_seqlens.tolist()
+            out = [
+                F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, val)), is_causal=True)
+                .transpose(0, 1)
+                .reshape(e - s, N * D)
+                for s, e in zip(bounds[:-1], bounds[1:])
+            ]
+            attn = torch.cat(out) if out else x.new_zeros(0, N * D)
+            return F.linear(attn, params[f"{b}.proj.weight"], params[f"{b}.proj.bias"])
+
+        return [(vision, "vision_attention", attention)]
+
+
 # ---------------------------------------------------------------------------------------------- rotary
 
 
@@ -181,6 +245,19 @@ class VisionRopeTheta1e6(Patched):
 
     def model_patches(self, inputs):
         return [(vision, "VISION_ROPE_THETA", 1_000_000.0)]
+
+
+class VisionRotaryColumnsFirst(Patched):
+    """Vision rotary angles [col * inv_freq | row * inv_freq] instead of [row | col]: each patch rotated
+    as if the image were transposed."""
+
+    def model_patches(self, inputs):
+        real = vision.vision_rotary_cos_sin
+
+        def cos_sin(positions, *args, **kwargs):
+            return real(torch.as_tensor(positions).flip(-1), *args, **kwargs)
+
+        return [(vision, "vision_rotary_cos_sin", cos_sin)]
 
 
 class VisionAttentionScaleInverted(Patched):
@@ -263,6 +340,19 @@ class RmsNormEpsOutsideSqrt(Patched):
         return [(vision, "rms_norm", norm), (text, "rms_norm", norm)]
 
 
+class RmsNormWeightOffsetOne(Patched):
+    """RMSNorm scaled by (1 + weight), the zero-centred convention of Gemma and Qwen3.5, on a checkpoint that
+    stores the gain itself (vision and text)."""
+
+    def model_patches(self, inputs):
+        def norm(x, weight, eps):
+            return _rms(x, 1 + weight, eps)
+
+        from ...spec import text
+
+        return [(vision, "rms_norm", norm), (text, "rms_norm", norm)]
+
+
 class RmsNormSquaresInFloat16(Patched):
     """RMSNorm whose sum of squares is taken in float16 (vision and text): a row with a channel past 256
     overflows to inf and comes out zero."""
@@ -296,6 +386,34 @@ class VisionMlpQuickGelu(Patched):
             return F.linear(act * up, params[f"{b}.down_proj.weight"], params[f"{b}.down_proj.bias"])
 
         return [(vision, "vision_mlp", mlp)]
+
+
+def _gate_up_swapped(params, prefix):
+    """params with the SwiGLU's gate_proj and up_proj tensors under `prefix` exchanged."""
+    out = dict(params)
+    for suffix in ("weight", "bias"):
+        gate, up = f"{prefix}.gate_proj.{suffix}", f"{prefix}.up_proj.{suffix}"
+        if gate in params:
+            out[gate], out[up] = params[up], params[gate]
+    return out
+
+
+class MlpGateUpSwapped(Patched):
+    """The SwiGLU's gate and up projections exchanged, silu(up(x)) * gate(x) (a fused gate_up weight
+    concatenated in the other order), in the vision blocks and the decoder layers."""
+
+    def model_patches(self, inputs):
+        from ...spec import text
+
+        vision_mlp, text_mlp = vision.vision_mlp, text.mlp
+
+        def vision_swapped(params, i, x):
+            return vision_mlp(_gate_up_swapped(params, f"visual.blocks.{i}.mlp"), i, x)
+
+        def text_swapped(params, i, x):
+            return text_mlp(_gate_up_swapped(params, f"model.layers.{i}.mlp"), i, x)
+
+        return [(vision, "vision_mlp", vision_swapped), (text, "mlp", text_swapped)]
 
 
 # ---------------------------------------------------------------------------------------------- merger
@@ -348,6 +466,14 @@ ENTRIES = [
         model_blind_spot="an empty window segment attends to nothing: the spec's attention, and so the variant's model, are unchanged; only a kernel that mishandles empty segments shows it",
     ),
     Mistake(
+        "window_eight_merged_tokens",
+        "fn.window_partition",
+        "windows of 8x8 merged tokens (112 // 14) instead of 4x4 (112 // 14 // 2): 16x16 patches, not 8x8",
+        "QwenLM/Qwen3-VL#783; hf_reference.md §9 (pitfall 4)",
+        WindowEightMergedTokens,
+        model_case="model_image",
+    ),
+    Mistake(
         "full_attention_shifted",
         "vision.block.{i}",
         "full attention in the wrong blocks (fullatt_block_indexes shifted by one)",
@@ -396,6 +522,22 @@ ENTRIES = [
         cases="model_image",
     ),
     Mistake(
+        "vision_qkv_split_per_head",
+        "vision.block.{i}",
+        "the vision qkv output split per head [heads, 3, head_dim] instead of [3, heads, head_dim]",
+        "hf_reference.md §5 (qkv rows [q | k | v], each head-major); vllm-project/vllm#11719 (qkv re-laid per head)",
+        VisionQkvSplitPerHead,
+        cases="model_image",
+    ),
+    Mistake(
+        "vision_attention_causal",
+        "vision.block.{i}",
+        "vision attention causal inside each window (a decoder kernel's causal flag left on), not bidirectional",
+        "huggingface/transformers#39554 (flash attention ran causal whatever is_causal said); #39095",
+        VisionAttentionCausal,
+        cases="model_image",
+    ),
+    Mistake(
         "rotary_not_reordered",
         "vision.block.{i}",
         "patches permuted into window order but their 2D rotary tables not",
@@ -417,6 +559,14 @@ ENTRIES = [
         "vision rotary with the text rope_theta 1e6 instead of the ViT's fixed 10000",
         "hf_reference.md §5",
         VisionRopeTheta1e6,
+        cases="model_image",
+    ),
+    Mistake(
+        "vision_rotary_columns_first",
+        "vision.block.{i}",
+        "vision rotary angles [col | row] instead of [row | col] (each patch rotated as in the transposed image)",
+        "hf_reference.md §5 (angles [r * inv_freq | c * inv_freq])",
+        VisionRotaryColumnsFirst,
         cases="model_image",
     ),
     Mistake(
@@ -482,12 +632,30 @@ ENTRIES = [
         also=("text.norm",),
     ),
     Mistake(
+        "rmsnorm_weight_offset_one",
+        "vision.block.{i}",
+        "RMSNorm scaled by (1 + weight), Gemma's and Qwen3.5's zero-centred gain, instead of weight (vision and text)",
+        "Blaizzy/mlx-vlm#2041 (the (1 + w) norm on checkpoints storing the gain); llmmanorg/llmman#151",
+        RmsNormWeightOffsetOne,
+        cases="model_image",
+        also=("vision.merger", "text.layer.{i}", "text.norm"),
+    ),
+    Mistake(
         "vision_mlp_quick_gelu",
         "vision.block.{i}",
         "quick-GELU (Qwen2-VL's vision activation) instead of SiLU in the vision SwiGLU",
         "vllm-project/vllm#8408",
         VisionMlpQuickGelu,
         cases="model_image",
+    ),
+    Mistake(
+        "mlp_gate_up_swapped",
+        "vision.block.{i}",
+        "SwiGLU gate and up projections exchanged, silu(up(x)) * gate(x) (vision and text)",
+        "hf_reference.md §5 (down(silu(gate(x)) * up(x))); sgl-project/sglang#9661 (a wrong gate_up mapping)",
+        MlpGateUpSwapped,
+        cases="model_image",
+        also=("text.layer.{i}",),
     ),
     Mistake(
         "merger_tanh_gelu",
