@@ -24,7 +24,7 @@ from .chunked import STAGE as STAGE_CHUNKED
 from .chunked import applies as chunked_applies
 from .chunked import chunked_result
 from .conversions import GIVEN
-from .diagnosis import Diagnosis, name_mistakes
+from .diagnosis import Diagnosis, join_notes, name_mistakes
 from .fixtures import FixtureError, load_case, request_media
 from .golden import Checkpoint
 from .locate import locate, locate_kinds
@@ -47,6 +47,22 @@ def _resolve(obj, tensors):
     if isinstance(obj, list):
         return [_resolve(v, tensors) for v in obj]
     return obj
+
+
+def _other_inputs(stage: str) -> str:
+    """What a stage that is right alone but wrong in its full run most likely took there: inputs other than
+    those it reported (its previous stage) and is given alone (positions, mask, grid)."""
+    if stage.startswith("text."):
+        return (
+            "in its full run it took other inputs than it reported: its positions (text.position_ids), "
+            "attention mask or rotary tables, or a hidden state other than the one it captured"
+        )
+    if stage == "vision.patch_embed":
+        return "in its full run it took other pixels than the model inputs or its own build_inputs"
+    return (
+        "in its full run it took other inputs than it reported: its grid, window segments or rotary tables, "
+        "or a hidden state other than the one it captured"
+    )
 
 
 class CaseRunner:
@@ -289,7 +305,7 @@ class CaseRunner:
             if captured and not failure and self.diagnose:
                 self._diagnose(case, out, captured, inputs, golden, mask, ck)
                 self._name_position_mistakes(out, captured, inputs, mask, ck)
-            self._teacher_forced(case, out, inputs, golden, mask, ck)
+            self._teacher_forced(case, out, inputs, golden, mask, ck, crashed=bool(failure) and failure[0] == "error")
 
         result, tokens = None, None
         if "generate.tokens" in names:
@@ -436,7 +452,7 @@ class CaseRunner:
                 return tol.tensor(theirs, captured[stage], mask=m3).status == "pass"
 
             named = self._name_mistakes(r.stage, answer, same)
-            r.note = "; ".join(n for n in (r.note, named) if n)
+            r.note = join_notes(r.note, named)
 
     def _variant(self, ck: Checkpoint, m):
         """The catalogue entry `m` as one spec adapter per runner and checkpoint, kept across cases (a
@@ -515,60 +531,96 @@ class CaseRunner:
         except Exception as e:  # a fault of the harness's own diagnosis must not cost the port its report
             for r in out:
                 if r.mode == "e2e" and stages.is_known(r.stage) and stages.info(r.stage).tolerance.scaled:
-                    r.note = "; ".join(n for n in (r.note, f"diagnosis failed: {type(e).__name__}: {e}") if n)
+                    r.note = join_notes(r.note, f"diagnosis failed: {type(e).__name__}: {e}")
 
-    def _teacher_forced(self, case, out, inputs, golden, mask, ck) -> None:
+    def _teacher_forced(self, case, out, inputs, golden, mask, ck, *, crashed: bool = False) -> None:
+        """Runs stages alone (run_stage) on the golden input of each: every stage (teacher "all"), or
+        the first failing float stage ("first"), or, when the whole run raised (`crashed`), stage after
+        stage until one fails alone, which is where the run's fault lies."""
         if self.teacher == "none":
             return
-        depth = int(case.manifest["depth"]["vision"])
-        layers = int(case.manifest["depth"]["text"])
-        float_bad = sorted(
+        model = sorted(
             (
                 r
                 for r in out
                 if r.mode == "e2e"
-                and r.status in BAD
+                and r.stage in case.stages
                 and stages.is_known(r.stage)
                 and stages.info(r.stage).tolerance.scaled
             ),
             key=lambda r: stages.order_key(r.stage),
         )
-        todo = (
-            [r for r in out if r.mode == "e2e" and r.stage in case.stages and stages.info(r.stage).tolerance.scaled]
-            if self.teacher == "all"
-            else float_bad[:1]
-        )
-        for r in todo:
-            prev = stages.previous(r.stage, depth, layers, vision=case.has_vision)
-            feeds = dict(inputs)
-            if prev is not None:
-                feeds["hidden"] = golden[prev]
-            feeds["position_ids"] = golden.get("text.position_ids")
-            try:
-                got = call_with_timeout(lambda: self.adapter.run_stage(r.stage, feeds), self.timeout)
-            except NotCovered:
-                if self.teacher == "all":
+        if self.teacher == "all":
+            for r in model:
+                v = self._forced(case, r.stage, inputs, golden, mask, ck)
+                if v is None:
                     out.append(StageResult(case.name, r.stage, "not_covered", "run_stage", mode="teacher"))
-                continue
-            except BaseException as e:
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                v = compare.Verdict("error", describe_failure(e))
-            else:
-                v = self._judge(case, r.stage, golden, got, mask, ck, control_key="control_teacher")
-            if self.teacher == "all":
-                out.append(
-                    StageResult(
-                        case.name, r.stage, v.status, v.metric, v.tolerance, v.where, "teacher", values=v.values
+                else:
+                    out.append(
+                        StageResult(
+                            case.name, r.stage, v.status, v.metric, v.tolerance, v.where, "teacher", values=v.values
+                        )
                     )
-                )
+            return
+        bad = [r for r in model if r.status in BAD]
+        if crashed and bad:
+            self._find_the_crash(case, bad, inputs, golden, mask, ck)
+            return
+        for r in bad[:1]:
+            v = self._forced(case, r.stage, inputs, golden, mask, ck)
+            if v is None:
+                continue
+            if v.status in BAD:
+                verdict = "the stage itself is wrong: it fails fed with the golden input too"
+            elif r.local.get("status") == "fail":  # right alone, wrong on what it reported it was fed
+                verdict = f"fed the golden input it passes, yet the spec disagrees with it on {r.local['fed']}: {_other_inputs(r.stage)}"
             else:
-                verdict = (
-                    "the stage itself is wrong: it fails fed with the golden input too"
-                    if v.status in BAD
-                    else "drift from upstream: fed the golden input it passes"
-                )
-                r.note = "; ".join(n for n in (r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}") if n)
+                verdict = "drift from upstream: fed the golden input it passes"
+            r.note = join_notes(r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}")
+
+    def _forced(self, case, stage, inputs, golden, mask, ck) -> compare.Verdict | None:
+        """The port's run_stage on the golden input of `stage`, judged; None where it is not covered."""
+        prev = stages.previous(
+            stage, int(case.manifest["depth"]["vision"]), int(case.manifest["depth"]["text"]), vision=case.has_vision
+        )
+        feeds = dict(inputs)
+        if prev is not None:
+            feeds["hidden"] = golden[prev]
+        feeds["position_ids"] = golden.get("text.position_ids")
+        try:
+            got = call_with_timeout(lambda: self.adapter.run_stage(stage, feeds), self.timeout)
+        except NotCovered:
+            return None
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            return compare.Verdict("error", describe_failure(e))
+        return self._judge(case, stage, golden, got, mask, ck, control_key="control_teacher")
+
+    def _find_the_crash(self, case, bad, inputs, golden, mask, ck) -> None:
+        """The run raised, so no stage was captured: each stage alone, in data-flow order, until one fails."""
+        first, passed = bad[0], []
+        for r in bad:
+            v = self._forced(case, r.stage, inputs, golden, mask, ck)
+            if v is None:
+                why = f"teacher-forced: {r.stage} is not covered by run_stage, so the stage that raised is not found"
+                first.note = join_notes(first.note, why)
+                return
+            if v.status in BAD:
+                r.note = join_notes(r.note, f"teacher-forced: {v.status} ({v.metric})")
+                if r is not first:
+                    alone = f"{', '.join(passed)} pass{'es' if len(passed) == 1 else ''}, and "
+                    how = "raises" if v.status == "error" else "fails"
+                    first.note = join_notes(
+                        first.note,
+                        f"the run raised before any stage was captured; run alone on the golden inputs, "
+                        f"{alone}{r.stage} {how}: the fault lies in {r.stage}",
+                    )
+                return
+            passed.append(r.stage)
+        first.note = join_notes(
+            first.note, "the run raised, yet every stage passes alone on the golden inputs: the fault lies between them"
+        )
 
     def _generate(self, case, request, inputs, ck) -> tuple[StageResult, object]:
         s = "generate.tokens"

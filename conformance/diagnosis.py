@@ -1,8 +1,8 @@
 """Diagnosis of a model run: is a stage itself wrong, or does it only inherit drift from upstream?
 
 For every float stage k the port captured, the harness runs the spec's stage k in float64 on the
-port's OWN output of stage k-1 (golden positions and mask for the text layers) and compares it with
-the port's stage k: the local error, judged against the spec's teacher-forced control at the
+port's OWN output of stage k-1 (for the text layers: its own positions where it gives them, else the
+golden ones, and the golden mask) and compares it with the port's stage k: the local error, judged against the spec's teacher-forced control at the
 stage's precision (the port's profile, precision.py). Then, per stage:
 
   local in budget, end to end in budget   pass
@@ -62,6 +62,19 @@ def _growth(control: dict | None, control_prev: dict | None, precision: str) -> 
     return max(1.0, c / p)
 
 
+def _positions(golden, own) -> tuple[torch.Tensor | None, str]:
+    """The positions a port's decoder layers ran on: its own text.position_ids where it gave them (so that
+    a layer is not blamed for the positions it was handed, which text.position_ids judges), else golden."""
+    if (
+        isinstance(own, torch.Tensor)
+        and isinstance(golden, torch.Tensor)
+        and own.shape == golden.shape
+        and bool(torch.isfinite(own.double()).all())
+    ):
+        return own.to(golden.dtype), "its own"
+    return golden, "golden"
+
+
 class Diagnosis:
     """Local judgement of one model run. judge(stage, golden, got, precision, control_key) -> Verdict
     is the case runner's own judge, so local and end-to-end use the same tolerance objects."""
@@ -79,16 +92,21 @@ class Diagnosis:
         """The stage whose output feeds `stage` (None: the model inputs)."""
         return stages.previous(stage, *self.depth, vision=self.case.has_vision)
 
-    def feeds(self, stage: str, inputs: dict, golden: dict, captured: dict) -> tuple[dict | None, str]:
-        """The spec's inputs for `stage` from the port's own previous output; (None, why) when absent."""
+    def feeds(
+        self, stage: str, inputs: dict, golden: dict, captured: dict, *, own_pixels: bool = True
+    ) -> tuple[dict | None, str]:
+        """The spec's inputs for `stage` from the port's own previous output; (None, why) when absent.
+
+        own_pixels: a patch embedding is fed the port's own preprocessing (build_inputs) where it gave
+        pixels on the same grid, for a port that preprocesses by itself whatever it is given (llama.cpp);
+        False for a port whose patch embedding matched the given pixels end to end."""
         prev = self.previous(stage)
-        feeds = {**inputs, "position_ids": golden.get("text.position_ids")}
+        positions, whose = _positions(golden.get("text.position_ids"), captured.get("text.position_ids"))
+        feeds = {**inputs, "position_ids": positions}
         if prev is None:
-            # the port's own preprocessing (its build_inputs) where it gave pixels on the same grid: a
-            # patch embedding fed other pixels than the port's own would blame it for its resize
             own = captured.get("preprocess.pixel_values")
             golden_pixels = inputs.get("pixel_values")
-            if stage == "vision.patch_embed" and own is not None and golden_pixels is not None:
+            if stage == "vision.patch_embed" and own_pixels and own is not None and golden_pixels is not None:
                 if own.shape == golden_pixels.shape and bool(torch.isfinite(own).all()):
                     return {
                         **feeds,
@@ -102,7 +120,7 @@ class Diagnosis:
             return None, f"the port's {prev} is not finite"
         what = f"the port's own {prev}"
         if stage.startswith("text."):
-            what += ", golden positions and mask"
+            what += f", {whose} positions and golden mask"
         return {**feeds, "hidden": got.detach().double()}, what
 
     def run(self, results: list[StageResult], captured: dict, inputs: dict, golden: dict) -> None:
@@ -118,7 +136,7 @@ class Diagnosis:
                 continue
             prev = self.previous(stage)
             if prev is not None and prev in by_stage and by_stage[prev].status == "error":
-                r.note = _join(
+                r.note = join_notes(
                     r.note,
                     f"local error not measured: {prev} is an error",
                     self._on_golden(r, stage, inputs, golden, captured),
@@ -132,16 +150,19 @@ class Diagnosis:
         precision = self.profile(stage)
         r.precision = precision
         r.end_to_end = _summary(r)  # a StageResult carries a verdict's fields
-        feeds, fed = self.feeds(stage, inputs, golden, captured)
+        # a patch embedding that matched the model inputs ran on them, whatever its own preprocessing gives
+        feeds, fed = self.feeds(stage, inputs, golden, captured, own_pixels=r.status != "pass")
         if feeds is None:
-            r.note = _join(
+            r.note = join_notes(
                 r.note, f"local error not measured: {fed}", self._on_golden(r, stage, inputs, golden, captured)
             )
             return
         try:
             ref = self.reference.stage(stage, feeds)
         except Exception as e:  # the spec refuses the port's value (a shape the spec cannot take)
-            r.note = _join(r.note, f"local error not measured: the spec cannot run on {fed} ({type(e).__name__}: {e})")
+            r.note = join_notes(
+                r.note, f"local error not measured: the spec cannot run on {fed} ({type(e).__name__}: {e})"
+            )
             return
         local = self.judge(stage, ref, captured[stage], precision, "control_teacher")
         r.local = {**_summary(local), "fed": fed}
@@ -156,7 +177,7 @@ class Diagnosis:
         upstream = "upstream drift explains none of it (measured on the port's own input)"
         if upstream_bad is not None:
             upstream += f"; upstream, {upstream_bad} fails too"
-        r.note = _join(
+        r.note = join_notes(
             f"{stage} is itself wrong: local {local.metric} (budget {local.tolerance}, fed {fed}); {upstream}",
             self._signature(stage, feeds, captured[stage], ref, local, precision),
             self._mistake(stage, feeds, captured[stage], precision),
@@ -189,14 +210,14 @@ class Diagnosis:
             allowed = ALPHA * grow * up_value + budget
         if allowed is None or value <= allowed:
             r.status = "pass"
-            r.note = _join(
+            r.note = join_notes(
                 r.note,
                 f"drift inherited from upstream: end to end {r.end_to_end['metric'].split(' max_abs')[0]} is over its "
                 f"{r.precision} budget, but fed {r.local['fed']} the stage is within budget (local "
                 f"{local.metric.split(' max_abs')[0]})",
             )
         else:
-            r.note = _join(
+            r.note = join_notes(
                 r.note,
                 f"end-to-end error {value:.2e} grows faster than upstream drift explains (allowed {allowed:.2e}: "
                 f"{ALPHA:g} x growth x {prev} {up_value:.2e} + local budget), though the stage is locally within budget",
@@ -252,5 +273,6 @@ def name_mistakes(entries: list, answer_of: Callable, same: Callable[[object], b
     return ("likely mistake: " + "; or ".join(found)) if found else "no known mistake matches"
 
 
-def _join(*parts: str) -> str:
+def join_notes(*parts: str) -> str:
+    """Notes joined with "; ", the empty ones left out."""
     return "; ".join(p for p in parts if p)

@@ -2,7 +2,7 @@
 
 The goldens say what the whole model computes from the inputs; they cannot say whether a stage is
 wrong or only inherits drift from the stages before it. For that the harness runs the spec's stage
-k on the port's OWN output of stage k-1 (golden positions and mask for text layers) and compares it
+k on the port's OWN output of stage k-1 (its own positions where it gives them) and compares it
 with the port's stage k: the local error. The same call at another precision gives the precision
 signatures (precision.py), and the mistakes catalogue runs its variants the same way. It needs
 nothing from the port beyond its captured stages, so it works for every target, files included.

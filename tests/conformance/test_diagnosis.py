@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from qwen25vl.conformance import runner
-from qwen25vl.conformance.mistakes import CATALOGUE
+from qwen25vl.conformance.mistakes import CATALOGUE, Patched, by_name
+from qwen25vl.conformance.mistakes.positions import HeightWidthSwapped
 from qwen25vl.conformance.mistakes.text import VideosUnencodedWithImages
 from qwen25vl.conformance.precision import Profile
+from qwen25vl.spec import vision as vision_spec
 from qwen25vl.tools import cli
 from safetensors.torch import load_file, save_file
 
@@ -38,7 +40,7 @@ def assert_blames_the_text_layer(code, text, report, by):
     layer = by["text.layer.0"]
     assert layer["local"]["value"] > layer["local"]["budget"]  # itself wrong ...
     assert layer["end_to_end"]["value"] > 10 * layer["local"]["value"]  # ... under a larger inherited drift
-    assert "golden positions and mask" in layer["local"]["fed"]
+    assert "positions and golden mask" in layer["local"]["fed"]
     bad = [s for s, r in by.items() if r["status"] in ("fail", "error")]
     assert bad == ["text.layer.0"], bad
 
@@ -157,3 +159,62 @@ def test_a_stage_fed_by_an_error_is_matched_to_the_catalogue_on_the_spec_input(p
     assert embeds.status == "fail" and "local error not measured: vision.merger is an error" in embeds.note
     said = "run on the spec's own vision.merger instead, the catalogue says: likely mistake: " + DESCRIPTION
     assert (said in embeds.note) == named, embeds.note
+
+
+# ---- a stage is judged on the inputs it ran on (the blind audit of 2026-12-07)
+
+
+def _model_image(port, only=None):
+    paths = runner.select_cases(ROOT / "fixtures", "model_image$")
+    opts = runner.SuiteOptions(only_stages=only)
+    _, results = runner.run_suite(paths, opts, adapter=port("float32"))
+    return results, {r.stage: r for r in results if r.mode == "e2e"}
+
+
+def test_a_right_patch_embedding_is_not_blamed_for_the_ports_own_preprocessing():
+    # the port preprocesses wrongly (build_inputs) but its model runs on the pixels it is given: its patch
+    # embedding matched them end to end, so its own pixels are not what it is judged on
+    results, by = _model_image(by_name("normalize_mean_std_half").adapter, r"^(preprocess\..*|vision\.patch_embed)$")
+    assert by["preprocess.pixel_values"].status == "fail"
+    assert by["vision.patch_embed"].status == "pass", by["vision.patch_embed"]
+    assert runner.first_divergence(results).stage == "preprocess.pixel_values"
+
+
+class _PositionsUncaptured(HeightWidthSwapped):
+    """Wrong positions (height and width exchanged) that the port does not expose."""
+
+    def run(self, inputs, *, capture):
+        hidden = ("text.position_ids", "text.rope_deltas")
+        return {k: v for k, v in super().run(inputs, capture=capture).items() if k not in hidden}
+
+
+@pytest.mark.parametrize("port", [HeightWidthSwapped, _PositionsUncaptured])
+def test_a_decoder_layer_is_judged_on_the_positions_it_ran_on(port):
+    results, by = _model_image(port, r"^(text\.position_ids|text\.rope_deltas|vision\.merger|text\..*)$")
+    layer = by["text.layer.0"]
+    assert layer.status == "fail"
+    if port is HeightWidthSwapped:  # positions given: text.position_ids is the first divergence, not the layer
+        assert runner.first_divergence(results).stage == "text.position_ids"
+        assert "its own positions" in layer.local["fed"] and "is itself wrong" not in layer.note, layer.note
+    else:  # right alone, wrong on its own input: the side inputs it took are named
+        assert "golden positions" in layer.local["fed"]
+        assert "fed the golden input it passes, yet the spec disagrees" in layer.note, layer.note
+        assert "its positions (text.position_ids)" in layer.note
+
+
+class _MergerRaises(Patched):
+    """A port whose merger raises: its one run captures nothing, its run_stage raises at the merger."""
+
+    def model_patches(self, inputs):
+        def merger(params, config, x):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+        return [(vision_spec, "patch_merger", merger)]
+
+
+def test_a_run_that_raises_is_traced_to_the_stage_that_raises_alone():
+    results, by = _model_image(_MergerRaises, r"^(vision\..*|text\.inputs_embeds)$")
+    first = runner.first_divergence(results)
+    assert first.stage == "vision.patch_embed" and first.status == "error"
+    assert "vision.block.3 pass, and vision.merger raises: the fault lies in vision.merger" in first.note, first.note
+    assert "teacher-forced: error" in by["vision.merger"].note
