@@ -65,6 +65,26 @@ def _other_inputs(stage: str) -> str:
     )
 
 
+def _tokens_context(before, step: int | None) -> str:
+    """Where wrong tokens come from, read off the stages judged before them (`before`, this case's results)."""
+    model = [r for r in before if r.mode == "e2e" and stages.is_known(r.stage) and not r.stage.startswith("generate.")]
+    bad = [r.stage for r in model if r.status in BAD]
+    if bad:
+        return f"upstream, {bad[0]} fails: the tokens follow from it"
+    judged = [r.stage for r in model if r.status == "pass"]
+    if "logits" not in judged:
+        return ""
+    if step == 0:
+        return (
+            "every stage the run captured passes, the logits included, yet step 0 differs: generate does not pick "
+            "the first token from those logits (another row or position, or a prefill unlike the run's)"
+        )
+    return (
+        f"every stage the run captured passes, the logits included: the prefill is right and the fault is in the "
+        f"decode steps (from step {step}): the positions of the new tokens (rope_deltas), the KV cache, or the mask"
+    )
+
+
 class CaseRunner:
     """Runs cases against one adapter. Checkpoints are read once per runner (`checkpoint`), and the
     adapter is prepared once per checkpoint. timeout: per port call, enforced here by SIGALRM or a
@@ -309,7 +329,7 @@ class CaseRunner:
 
         result, tokens = None, None
         if "generate.tokens" in names:
-            result, tokens = self._generate(case, request, inputs, ck)
+            result, tokens = self._generate(case, request, inputs, ck, before=out)
             out.append(result)
         if chunked and not case.stage_problem("generate.tokens"):
             out.append(chunked_result(self, case, inputs, ck, result, tokens))
@@ -622,7 +642,7 @@ class CaseRunner:
             first.note, "the run raised, yet every stage passes alone on the golden inputs: the fault lies between them"
         )
 
-    def _generate(self, case, request, inputs, ck) -> tuple[StageResult, object]:
+    def _generate(self, case, request, inputs, ck, *, before=()) -> tuple[StageResult, object]:
         s = "generate.tokens"
         problem = case.stage_problem(s)
         if problem:
@@ -663,6 +683,8 @@ class CaseRunner:
                 return tol.same_answer(theirs, got, precision=precision, logit_noise=noise)
 
             note = self._name_mistakes(s, answer, same)
+            if not note.startswith("likely mistake"):
+                note = join_notes(note, _tokens_context(before, v.values.get("first_step")))
         return StageResult(
             case.name,
             s,

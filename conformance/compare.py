@@ -623,14 +623,15 @@ def tokens(
             )
     got_topk = None if got_topk is None else torch.as_tensor(got_topk)
     eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
-    notes, failed = [], []
+    notes, failed, steps = [], [], []  # steps: where each failing row first goes wrong
     for b in range(golden.shape[0]):
         diff = (golden[b] != got[b]).nonzero()
         s = int(diff[0]) if len(diff) else golden.shape[1]
         if got_logprobs is not None and golden_logprobs is not None and noise is not None:
             lp_bad = logprob_difference(golden_topk[b, :s], golden_logprobs[b, :s], got_topk, got_logprobs, b, noise)
             if lp_bad:
-                failed.append(f"row {b}: {lp_bad}")
+                failed.append(f"row {b}: {lp_bad[1]}")
+                steps.append(lp_bad[0])
                 continue
         if s == golden.shape[1]:
             continue
@@ -643,6 +644,7 @@ def tokens(
             on = [t for t in on if int(got[b, t]) not in eos_ids]
             if on:
                 t = on[0]
+                steps.append(t)
                 failed.append(
                     f"row {b} goes on after eos at step {ended[0]}: step {t} golden {int(golden[b, t])} "
                     f"(padding), got {int(got[b, t])}"
@@ -660,14 +662,17 @@ def tokens(
         (notes if ok else failed).append(
             f"row {b} diverges at step {s}: golden {g_tok}, got {p_tok}" + (f" ({why})" if why else "")
         )
+        if not ok:
+            steps.append(s)
     if failed:
-        return Verdict("fail", failed[0], tol, where="; ".join(failed), values={"failed": len(failed)})
+        values = {"failed": len(failed), "first_step": min(steps)}
+        return Verdict("fail", failed[0], tol, where="; ".join(failed), values=values)
     metric = "identical" if not notes else f"{len(notes)} row(s) diverge at a near tie"
     return Verdict("pass", metric, tol, where="; ".join(notes))
 
 
-def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str | None:
-    """First step where a log-prob the port gives for an id in the golden top-k is off by > noise."""
+def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tuple[int, str] | None:
+    """First step where a log-prob the port gives for an id in the golden top-k is off by > noise: (step, why)."""
     if got_ids is None:
         return None
     got_lp = torch.as_tensor(got_lp, dtype=torch.float64)
@@ -675,7 +680,7 @@ def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> str 
         ours = dict(zip(got_ids[b, t].tolist(), got_lp[b, t].tolist()))
         for tok, lp in zip(golden_ids[t].tolist(), golden_lp[t].tolist()):
             if tok in ours and abs(ours[tok] - lp) > noise:
-                return (
+                return t, (
                     f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} (off by {abs(ours[tok] - lp):.2g} "
                     f"> noise {noise:.2g})"
                 )

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 from qwen25vl.conformance import runner
+from qwen25vl.conformance.adapters.spec import SpecAdapter
 from qwen25vl.conformance.mistakes import CATALOGUE, Patched, by_name
-from qwen25vl.conformance.mistakes.positions import HeightWidthSwapped
+from qwen25vl.conformance.mistakes.positions import HeightWidthSwapped, _Decode
 from qwen25vl.conformance.mistakes.text import VideosUnencodedWithImages
 from qwen25vl.conformance.precision import Profile
+from qwen25vl.spec import generate as spec_generate
+from qwen25vl.spec import mrope
 from qwen25vl.spec import vision as vision_spec
 from qwen25vl.tools import cli
 from safetensors.torch import load_file, save_file
@@ -218,3 +221,40 @@ def test_a_run_that_raises_is_traced_to_the_stage_that_raises_alone():
     assert first.stage == "vision.patch_embed" and first.status == "error"
     assert "vision.block.3 pass, and vision.merger raises: the fault lies in vision.merger" in first.note, first.note
     assert "teacher-forced: error" in by["vision.merger"].note
+
+
+class _DecodePlusTwo(_Decode):
+    """Decode positions two past the right ones (no catalogue entry makes this one)."""
+
+    @staticmethod
+    def positions(rope_deltas, start, steps):
+        return mrope.decode_positions(rope_deltas + 2, start, steps)
+
+
+class _FirstTokenFromTheLastButOne(SpecAdapter):
+    """The run is right; generate picks its first token from the last-but-one prompt position."""
+
+    def generate_chunked(self, inputs, **kwargs):
+        real = spec_generate.prefill
+
+        def prefill(*args, **kw):
+            hidden, captured, cache, deltas = real(*args, **kw)
+            return hidden.roll(1, dims=1), captured, cache, deltas
+
+        with Patched._patched(self, [(spec_generate, "prefill", prefill)]):
+            return super().generate_chunked(inputs, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "port, said",
+    [
+        (_DecodePlusTwo, "the prefill is right and the fault is in the decode steps (from step 1)"),
+        (_FirstTokenFromTheLastButOne, "yet step 0 differs: generate does not pick the first token from those logits"),
+        (by_name("gqa_heads_tiled").adapter, "upstream, text.layer.0 fails: the tokens follow from it"),
+    ],
+)
+def test_wrong_tokens_no_entry_explains_are_traced_through_the_stages_judged_before(port, said):
+    results, by = _model_image(port)
+    tokens = by["generate.tokens"]
+    assert tokens.status == "fail" and "no known mistake matches" in tokens.note
+    assert said in tokens.note, tokens.note
