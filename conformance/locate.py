@@ -27,6 +27,9 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
             return f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid" + (
                 ", on a window edge" if edge else ", inside a window"
             )
+        if stage == "vision.merger":
+            item, frame, row, col, h, w = _merged(worst[0], inputs, config)
+            return f" = item {item} frame {frame} merged token (row {row}, col {col}) of a {h}x{w} merged grid"
         if _by_token(stage):
             return " = " + _token(worst[0], worst[1], inputs, config, batch_named=True)
     except (IndexError, KeyError, ValueError, RuntimeError):
@@ -48,6 +51,21 @@ def _patch(p: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int,
     row, col = vision_rotary_positions(grid[item : item + 1])[p - start].tolist()
     edge = row % window in (0, window - 1) or col % window in (0, window - 1) or row == h - 1 or col == w - 1
     return item, frame, row, col, h, w, edge
+
+
+def _merged(m: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int, int, int, int]:
+    """Merged token m of vision.merger's rows (item order, each item frame by frame, row-major): (item,
+    frame, row, col, merged grid h, merged grid w)."""
+    merge = config.vision.spatial_merge_size
+    grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
+    sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2] // merge**2).tolist()
+    item, start = 0, 0
+    while m >= start + sizes[item]:
+        start += sizes[item]
+        item += 1
+    _, h, w = (grid[item] // torch.tensor([1, merge, merge])).tolist()
+    frame, at = divmod(m - start, h * w)
+    return item, frame, at // w, at % w, h, w
 
 
 def _by_token(stage: str) -> bool:
@@ -100,7 +118,8 @@ def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VL
     elif _by_token(stage):
         names = ", ".join(f"row {r[0]} token {r[1]}" for r in rows)
     elif stage == "vision.merger":
-        names = f"{unit} " + ", ".join(str(r[0]) for r in rows)
+        places = [_merged(r[0], inputs, config) for r in rows]
+        names = f"{unit} " + ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))
     else:
         places = [_patch(r[0], inputs, config) for r in rows]
         names = f"{unit} " + ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))

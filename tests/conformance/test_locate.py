@@ -208,3 +208,16 @@ def test_a_masked_token_is_no_quiet_kind():
     mask[0, 40:] = 0  # the image pads and the text after them are padding: not judged
     said = locate_kinds("text.inputs_embeds", g, x, mask, {"input_ids": ids}, CONFIG)
     assert "on the video pads (20 of 40 tokens): the 20 text tokens are quiet" in said
+
+
+def test_a_merged_token_is_named_by_its_item_frame_and_place_in_the_merged_grid():
+    from qwen25vl.conformance.locate import locate_worst
+
+    # an image of 4x6 patches (2x3 merged), then a video of 2 frames of 4x4 patches (2x2 merged each)
+    inputs = {"image_grid_thw": torch.tensor([[1, 4, 6]]), "video_grid_thw": torch.tensor([[2, 4, 4]])}
+    assert locate_worst("vision.merger", [4, 7], inputs, CONFIG) == (
+        " = item 0 frame 0 merged token (row 1, col 1) of a 2x3 merged grid"
+    )
+    assert locate_worst("vision.merger", [6 + 4 + 3, 0], inputs, CONFIG) == (
+        " = item 1 frame 1 merged token (row 1, col 1) of a 2x2 merged grid"
+    )
