@@ -418,6 +418,14 @@ class CaseRunner:
                             "fail",
                             f"the port's prompt differs: {compare.token_difference(g, self._port_ids)}",
                         )
+                mask = _as_ids(x) if key == "attention_mask" and v.status == "error" else None
+                ids = _as_ids(got.get("input_ids"))
+                if mask is not None and ids is not None and mask.shape == ids.shape:
+                    # the mask of the port's own prompt, another length than the golden one: the same disagreement
+                    v.status, v.where = (
+                        "fail",
+                        "the mask of the port's own prompt, whose length differs (preprocess.input_ids)",
+                    )
             note = ""
             if v.status == "fail":
                 tol = stages.info(s).tolerance

@@ -42,6 +42,8 @@ def test_a_longer_prompt_is_reported_and_the_text_stages_are_still_judged():
     by = {r.stage: r for r in results if r.mode == "e2e"}
     ids = by["preprocess.input_ids"]
     assert ids.status == "fail" and f"2 inserted at 5 [{NEWLINE}, {NEWLINE}]" in ids.where, ids.where
+    mask = by["preprocess.attention_mask"]  # the mask of that prompt: the same disagreement, not a malformed answer
+    assert mask.status == "fail" and "the mask of the port's own prompt" in mask.where, (mask.status, mask.where)
     emb = by["text.inputs_embeds"]
     assert emb.status == "pass" and "judged on the" in emb.where and "tokens the port's prompt" in emb.where
     for s in ("text.position_ids", "text.layer.0", "text.layer.1", "text.norm", "logits"):
