@@ -65,8 +65,14 @@ def _other_inputs(stage: str) -> str:
     )
 
 
-def _tokens_context(before, step: int | None) -> str:
-    """Where wrong tokens come from, read off the stages judged before them (`before`, this case's results)."""
+# log-probs off by less than this many times the spec's noise, every stage passing: read as drift that adds up
+DRIFT_OVER_NOISE = 2.0
+
+
+def _tokens_context(before, values: dict) -> str:
+    """Where wrong tokens come from, read off the stages judged before them (`before`, this case's results)
+    and the tokens' verdict values (compare.tokens: first_step, logprobs_over_noise)."""
+    step, over = values.get("first_step"), values.get("logprobs_over_noise")
     model = [r for r in before if r.mode == "e2e" and stages.is_known(r.stage) and not r.stage.startswith("generate.")]
     bad = [r.stage for r in model if r.status in BAD]
     if bad:
@@ -78,6 +84,12 @@ def _tokens_context(before, step: int | None) -> str:
         return (
             "every stage the run captured passes, the logits included, yet step 0 differs: generate does not pick "
             "the first token from those logits (another row or position, or a prefill unlike the run's)"
+        )
+    if over is not None and over < DRIFT_OVER_NOISE:
+        return (
+            f"every stage the run captured passes, and the log-probs are off by only {over:.1f}x the spec's own "
+            f"noise at this precision: the drift each stage's budget allows, added up over the decode, more likely "
+            f"than a decode bug (run it in float32: a bug stays, drift goes)"
         )
     return (
         f"every stage the run captured passes, the logits included: the prefill is right and the fault is in the "
@@ -692,7 +704,7 @@ class CaseRunner:
 
             note = self._name_mistakes(s, answer, same)
             if not note.startswith("likely mistake"):
-                note = join_notes(note, _tokens_context(before, v.values.get("first_step")))
+                note = join_notes(note, _tokens_context(before, v.values))
         return StageResult(
             case.name,
             s,

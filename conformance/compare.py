@@ -623,7 +623,8 @@ def tokens(
             )
     got_topk = None if got_topk is None else torch.as_tensor(got_topk)
     eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
-    notes, failed, steps = [], [], []  # steps: where each failing row first goes wrong
+    # steps: where each failing row first goes wrong; over: by how many times the noise its log-probs are off
+    notes, failed, steps, over = [], [], [], []
     for b in range(golden.shape[0]):
         diff = (golden[b] != got[b]).nonzero()
         s = int(diff[0]) if len(diff) else golden.shape[1]
@@ -632,6 +633,7 @@ def tokens(
             if lp_bad:
                 failed.append(f"row {b}: {lp_bad[1]}")
                 steps.append(lp_bad[0])
+                over.append(lp_bad[2])
                 continue
         if s == golden.shape[1]:
             continue
@@ -666,13 +668,16 @@ def tokens(
             steps.append(s)
     if failed:
         values = {"failed": len(failed), "first_step": min(steps)}
+        if len(over) == len(failed):  # every row off in its log-probs alone, its tokens the golden ones
+            values["logprobs_over_noise"] = max(over)
         return Verdict("fail", failed[0], tol, where="; ".join(failed), values=values)
     metric = "identical" if not notes else f"{len(notes)} row(s) diverge at a near tie"
     return Verdict("pass", metric, tol, where="; ".join(notes))
 
 
-def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tuple[int, str] | None:
-    """First step where a log-prob the port gives for an id in the golden top-k is off by > noise: (step, why)."""
+def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tuple[int, str, float] | None:
+    """First step where a log-prob the port gives for an id in the golden top-k is off by > noise: (step, why,
+    how many times the noise it is off)."""
     if got_ids is None:
         return None
     got_lp = torch.as_tensor(got_lp, dtype=torch.float64)
@@ -680,10 +685,9 @@ def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tupl
         ours = dict(zip(got_ids[b, t].tolist(), got_lp[b, t].tolist()))
         for tok, lp in zip(golden_ids[t].tolist(), golden_lp[t].tolist()):
             if tok in ours and abs(ours[tok] - lp) > noise:
-                return t, (
-                    f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} (off by {abs(ours[tok] - lp):.2g} "
-                    f"> noise {noise:.2g})"
-                )
+                off = abs(ours[tok] - lp)
+                why = f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} (off by {off:.2g} > noise {noise:.2g})"
+                return t, why, off / noise
     return None
 
 

@@ -79,7 +79,7 @@ class Tokens(Tolerance):
         or {"tokens", "topk", "topk_logprobs"}); precision: what the port decodes at; logit_noise: the
         manifest's measured noise per precision (None: the top-5 rule of older fixtures)."""
         tokens, topk, logprobs = answer_parts(got)
-        noise = _noise_at(logit_noise, precision)
+        noise = noise_at(logit_noise, precision)
         f64 = torch.float64
         return compare.tokens(
             torch.tensor(gen["tokens"], dtype=torch.int64),
@@ -100,7 +100,7 @@ class Tokens(Tolerance):
         (ta, ka, la), (tb, kb, lb) = answer_parts(a), answer_parts(b)
         if ta is None or tb is None or not torch.equal(torch.as_tensor(ta), torch.as_tensor(tb)):
             return False
-        noise = _noise_at(logit_noise, precision)
+        noise = noise_at(logit_noise, precision)
         if noise is None or la is None or lb is None or ka is None or kb is None:
             return True
         ka, kb, la = torch.as_tensor(ka), torch.as_tensor(kb), torch.as_tensor(la, dtype=torch.float64)
@@ -116,7 +116,7 @@ def answer_parts(got) -> tuple:
     return got, None, None
 
 
-def _noise_at(logit_noise: dict | None, precision: str) -> float | None:
+def noise_at(logit_noise: dict | None, precision: str) -> float | None:
     """The logit noise a port at `precision` is allowed (the manifest's measurement, at least the precision's
     floor), None for old fixtures."""
     if not logit_noise:

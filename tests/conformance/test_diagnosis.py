@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from qwen25vl.conformance import runner
 from qwen25vl.conformance.adapters.spec import SpecAdapter
+from qwen25vl.conformance.fixtures import load_case
 from qwen25vl.conformance.mistakes import CATALOGUE, Patched, by_name
 from qwen25vl.conformance.mistakes.positions import HeightWidthSwapped, _Decode
 from qwen25vl.conformance.mistakes.text import VideosUnencodedWithImages
 from qwen25vl.conformance.precision import Profile
+from qwen25vl.conformance.tolerances import noise_at
 from qwen25vl.spec import generate as spec_generate
 from qwen25vl.spec import mrope
 from qwen25vl.spec import vision as vision_spec
@@ -258,3 +260,27 @@ def test_wrong_tokens_no_entry_explains_are_traced_through_the_stages_judged_bef
     tokens = by["generate.tokens"]
     assert tokens.status == "fail" and "no known mistake matches" in tokens.note
     assert said in tokens.note, tokens.note
+
+
+def _logprobs_off_by(times: float) -> type:
+    """A port whose decode log-probs, from step 1 on, are off by `times` the spec's own float32 noise."""
+    measured = load_case(ROOT / "fixtures" / "model_image").stages["generate.tokens"]["logit_noise"]
+    noise = noise_at(measured, "float32")  # what the judge allows: the measurement, at least the floor
+
+    class Port(SpecAdapter):
+        def generate_chunked(self, inputs, **kwargs):
+            out = super().generate_chunked(inputs, **kwargs)
+            lp = out["topk_logprobs"].clone()
+            lp[:, 1:] += times * noise
+            return {**out, "topk_logprobs": lp}
+
+    return Port
+
+
+@pytest.mark.parametrize(
+    "times, said", [(1.5, "off by only 1.5x the spec's own noise"), (10, "decode steps (from step 1)")]
+)
+def test_log_probs_just_past_the_noise_are_read_as_drift_and_far_past_it_as_a_decode_fault(times, said):
+    _, by = _model_image(_logprobs_off_by(times))
+    tokens = by["generate.tokens"]
+    assert tokens.status == "fail" and said in tokens.note, tokens.note
