@@ -355,6 +355,23 @@ def loud_spans(per_row: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
     return out
 
 
+def future_signature(per_row: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether row errors [B, L] look like attention that sees later tokens: in every sequence the last
+    valid token is quiet (it sees every token either way) while the first half of the sequence is loud,
+    louder on average than the second half (a token sees more of what it should not the earlier it is)."""
+    seen = False
+    for b in range(per_row.shape[0]):
+        e = per_row[b, valid[b].nonzero().flatten()]
+        n = e.numel()
+        if n < 4 or not bool((e > 0).any()):
+            continue
+        first, second = e[: n // 2].mean(), e[n // 2 : -1].mean()
+        if not (e[-1] * QUIET <= e.mean() and first >= second and first > 0):
+            return False
+        seen = True
+    return seen
+
+
 def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
     return [int(i) for i in np.unravel_index(flat, shape)]
 
@@ -389,7 +406,8 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | Non
     "of": how many rows they are (possibly more than listed); "total": rows; "zero_rows": rows (at most
     ROWS_LISTED) that are all zero in `got` and not in `golden`, a row erased; "zero_count": how many;
     "batch": [b, share] when golden is [B, L, C] with B > 1 and batch row b holds CONCENTRATED of the
-    error (a bug of one row of a padded batch), else None; "spans": loud_spans of a [B, L, C] sequence}."""
+    error (a bug of one row of a padded batch), else None; "spans": loud_spans of a [B, L, C] sequence;
+    "sees_ahead": future_signature of a [B, L, C] sequence}."""
     if golden.dim() < 2 or golden.numel() == 0:
         return None
     _, _, _, gw, xw = _weighed(golden, got, mask, channels=True)
@@ -399,6 +417,7 @@ def error_rows(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | Non
     total = per_row.sum().item()
     out = {"rows": [], "share": 0.0, "of": 0, "total": per_row.numel(), "zero_rows": [], "zero_count": 0, "batch": None}
     out["spans"] = loud_spans(per_row.reshape(shape), _valid(mask, shape)) if len(shape) == 2 else []
+    out["sees_ahead"] = future_signature(per_row.reshape(shape), _valid(mask, shape)) if len(shape) == 2 else False
     erased = ((x == 0).all(-1) & (g != 0).any(-1)).nonzero().flatten()
     out["zero_count"] = erased.numel()
     out["zero_rows"] = [_index(int(r), shape) for r in erased[:ROWS_LISTED]]

@@ -169,6 +169,11 @@ def locate_rows(stage: str, rows: dict | None, inputs: dict, config: Qwen25VLCon
         unit = _row_unit(stage)[1]
         if rows.get("spans") and _by_token(stage):
             out += _spans(stage, rows["spans"], inputs, config)
+        if rows.get("sees_ahead") and stage.startswith("text.layer."):
+            out += (
+                "; the last token of each row is quiet and the error falls along the sequence toward it: the last "
+                "token sees every token either way, so the others see tokens after them (a causal mask missing)"
+            )
         if rows.get("zero_count"):
             listed = _name_rows(stage, rows["zero_rows"], inputs, config, of=rows["zero_count"])
             out += f"; {rows['zero_count']} of {rows['total']} {unit} come out all zero where the golden's are not: {listed}"

@@ -221,3 +221,17 @@ def test_a_merged_token_is_named_by_its_item_frame_and_place_in_the_merged_grid(
     assert locate_worst("vision.merger", [6 + 4 + 3, 0], inputs, CONFIG) == (
         " = item 1 frame 1 merged token (row 1, col 1) of a 2x2 merged grid"
     )
+
+
+def test_attention_that_sees_later_tokens_is_told_by_its_quiet_last_token():
+    g = _hidden(2, 30, 16)
+    falling = torch.linspace(1.0, 0.0, 30)[None, :, None]  # loud at the start, nothing at the last token
+    x = g + falling * _hidden(2, 30, 16, seed=4)
+    rows = compare.error_rows(g, x)
+    said = locate_rows("text.layer.0", rows, {"input_ids": _ids(2, 30)}, CONFIG)
+    assert rows["sees_ahead"] and "the others see tokens after them (a causal mask missing)" in said
+    assert locate_rows("vision.block.0", rows, {"input_ids": _ids(2, 30)}, CONFIG).find("causal") == -1
+    loud_last = g + 0.1 * _hidden(2, 30, 16, seed=5)  # the last token as wrong as the rest: no such signature
+    assert not compare.error_rows(g, loud_last)["sees_ahead"]
+    rising = g + torch.linspace(0.0, 1.0, 30)[None, :, None] * _hidden(2, 30, 16, seed=6)
+    assert not compare.error_rows(g, rising)["sees_ahead"]
