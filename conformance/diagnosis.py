@@ -119,7 +119,7 @@ class Diagnosis:
         if not bool(torch.isfinite(got).all()):
             return None, f"the port's {prev} is not finite"
         what = f"the port's own {prev}"
-        if stage.startswith("text."):
+        if stage.startswith("text.layer."):  # the stages that take positions and the mask
             what += f", {whose} positions and golden mask"
         return {**feeds, "hidden": got.detach().double()}, what
 
