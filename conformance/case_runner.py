@@ -73,7 +73,12 @@ def _tokens_context(before, values: dict) -> str:
     """Where wrong tokens come from, read off the stages judged before them (`before`, this case's results)
     and the tokens' verdict values (compare.tokens: first_step, logprobs_over_noise)."""
     step, over = values.get("first_step"), values.get("logprobs_over_noise")
-    model = [r for r in before if r.mode == "e2e" and stages.is_known(r.stage) and not r.stage.startswith("generate.")]
+    # the model stages: generate runs on the same model inputs (the fixture's), not on the port's preprocessing
+    model = [
+        r
+        for r in before
+        if r.mode == "e2e" and stages.is_known(r.stage) and not r.stage.startswith(("fn.", "preprocess.", "generate."))
+    ]
     bad = [r.stage for r in model if r.status in BAD]
     if bad:
         return f"upstream, {bad[0]} fails: the tokens follow from it"
