@@ -2,8 +2,9 @@
 
 For every float stage k the port captured, the harness runs the spec's stage k in float64 on the
 port's OWN output of stage k-1 (for the text layers: its own positions where it gives them, else the
-golden ones, and the golden mask) and compares it with the port's stage k: the local error, judged against the spec's teacher-forced control at the
-stage's precision (the port's profile, precision.py). Then, per stage:
+golden ones, and the golden mask) and compares it with the port's stage k: the local error, judged
+against the spec's teacher-forced control at the stage's precision (the port's profile, precision.py).
+Then, per stage:
 
   local in budget, end to end in budget   pass
   local in budget, end to end not         "drift inherited from upstream": pass when the end-to-end
