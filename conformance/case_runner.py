@@ -618,7 +618,10 @@ class CaseRunner:
             if v.status in BAD:
                 verdict = "the stage itself is wrong: it fails fed with the golden input too"
             elif r.local.get("status") == "fail":  # right alone, wrong on what it reported it was fed
-                verdict = f"fed the golden input it passes, yet the spec disagrees with it on {r.local['fed']}: {_other_inputs(r.stage)}"
+                verdict = (
+                    f"fed the golden input it passes, yet the spec disagrees with it on {r.local['fed']}: "
+                    f"{_other_inputs(r.stage)}"
+                )
             else:
                 verdict = "drift from upstream: fed the golden input it passes"
             r.note = join_notes(r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}")

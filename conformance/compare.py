@@ -705,7 +705,10 @@ def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tupl
         for tok, lp in zip(golden_ids[t].tolist(), golden_lp[t].tolist()):
             if tok in ours and abs(ours[tok] - lp) > noise:
                 off = abs(ours[tok] - lp)
-                why = f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} (off by {off:.2g} > noise {noise:.2g})"
+                why = (
+                    f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} "
+                    f"(off by {off:.2g} > noise {noise:.2g})"
+                )
                 return t, why, off / noise
     return None
 
