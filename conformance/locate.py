@@ -37,18 +37,25 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
     return ""
 
 
+def _item_of(r: int, inputs: dict, merge: int) -> tuple[int, int, torch.Tensor]:
+    """Row r of a vision stage whose rows are the items' patches (merge 1) or merged tokens (merge 2), the
+    images first: (item, r's index inside it, the grid of every item [k, 3])."""
+    grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
+    sizes = (grid.prod(-1) // merge**2).tolist()
+    item, start = 0, 0
+    while r >= start + sizes[item]:
+        start += sizes[item]
+        item += 1
+    return item, r - start, grid
+
+
 def _patch(p: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int, int, int, int, bool]:
     """Patch p of a vision stage's rows: (item, frame, row, col, grid h, grid w, on a window edge)."""
     window = config.vision.window_size // config.vision.patch_size  # patches per window side
-    grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
-    sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2]).tolist()
-    item, start = 0, 0
-    while p >= start + sizes[item]:
-        start += sizes[item]
-        item += 1
+    item, at, grid = _item_of(p, inputs, 1)
     t, h, w = grid[item].tolist()
-    frame = (p - start) // (h * w)
-    row, col = vision_rotary_positions(grid[item : item + 1])[p - start].tolist()
+    frame = at // (h * w)
+    row, col = vision_rotary_positions(grid[item : item + 1])[at].tolist()
     edge = row % window in (0, window - 1) or col % window in (0, window - 1) or row == h - 1 or col == w - 1
     return item, frame, row, col, h, w, edge
 
@@ -57,14 +64,10 @@ def _merged(m: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int
     """Merged token m of vision.merger's rows (item order, each item frame by frame, row-major): (item,
     frame, row, col, merged grid h, merged grid w)."""
     merge = config.vision.spatial_merge_size
-    grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
-    sizes = (grid[:, 0] * grid[:, 1] * grid[:, 2] // merge**2).tolist()
-    item, start = 0, 0
-    while m >= start + sizes[item]:
-        start += sizes[item]
-        item += 1
-    _, h, w = (grid[item] // torch.tensor([1, merge, merge])).tolist()
-    frame, at = divmod(m - start, h * w)
+    item, at, grid = _item_of(m, inputs, merge)
+    _, h, w = grid[item].tolist()
+    h, w = h // merge, w // merge
+    frame, at = divmod(at, h * w)
     return item, frame, at // w, at % w, h, w
 
 

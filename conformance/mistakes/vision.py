@@ -58,7 +58,7 @@ class WindowNoDedup(SpecAdapter):
         return wi, cw, cu
 
 
-class WindowEightMergedTokens(Patched):
+class WindowEightMergedTokens(SpecAdapter):
     """Windows of 8x8 merged tokens (window_size // patch_size) instead of 4x4 (window_size // patch_size //
     merge_size): the blog's "8x8 window" read in merged tokens, when it counts patches."""
 
@@ -67,13 +67,9 @@ class WindowEightMergedTokens(Patched):
             grid_thw, window_size=window_size * merge_size, patch_size=patch_size, merge_size=merge_size
         )
 
-    def model_patches(self, inputs):
-        real = windows.window_partition
-
-        def partition(grid_thw, *, window_size, patch_size, merge_size):
-            return real(grid_thw, window_size=window_size * merge_size, patch_size=patch_size, merge_size=merge_size)
-
-        return [(windows, "window_partition", partition), (vision, "window_partition", partition)]
+    def model_config(self, config):  # the model's windows, from the same wider window_size
+        v = config.vision
+        return replace(config, vision=replace(v, window_size=v.window_size * v.spatial_merge_size))
 
 
 class FullAttentionShifted(SpecAdapter):
