@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 
 from . import stages
-from .results import BAD, StageResult, first_divergence
+from .results import BAD, HARNESS_SAID, StageResult, first_divergence
 
 ORDER = ("pass", "fail", "error", "not_covered", "xfail", "xpass")
 
@@ -66,9 +66,8 @@ def table(results: list[StageResult], *, verbose: bool = False) -> str:
                     if text and (label != "metric" or len(str(text)) > 46):
                         lines.append(f"{'':<27}{label}: {text}")
             elif r.note and r.status != "pass":  # the diagnosis in full: it is what a port author reads
-                lines += textwrap.wrap(
-                    " ".join(r.note.split()), 150, initial_indent=" " * 27, subsequent_indent=" " * 29
-                )
+                note = r.note.split(HARNESS_SAID)[0] if r.status == "xfail" else r.note  # -v has the rest
+                lines += textwrap.wrap(" ".join(note.split()), 150, initial_indent=" " * 27, subsequent_indent=" " * 29)
     return "\n".join(lines)
 
 

@@ -8,6 +8,9 @@ from . import stages
 
 BAD = ("fail", "error")
 
+# joins an expectation's reason and the harness's own diagnosis in an xfail's note (the table shows the reason)
+HARNESS_SAID = " | the harness: "
+
 
 @dataclass
 class StageResult:
