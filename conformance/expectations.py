@@ -11,11 +11,11 @@ from .results import BAD, HARNESS_SAID, StageResult
 
 def load_expectations(path: str | Path | None) -> list[dict]:
     """An expectations file: {"port": ..., "expectations": [{"case": regex, "stage": regex,
-    "status": "fail"|"error"|"not_covered" or a list of them, "reason": ..., "rel_at_most": x}]}; regexes
+    "status": "fail"|"error"|"not_covered" or a list of them, "reason": ..., "at_most": x}]}; regexes
     match the whole name. "pass" in the list marks a divergence that sits at its budget's edge, where another
     CPU's rounding decides: a pass there keeps its status and notes the reason, where otherwise it is xpass
-    (stale). rel_at_most (optional, float stages) bounds the known divergence: a failure past it stays a
-    failure, since a new bug hides behind a known one at the same stage."""
+    (stale). at_most (optional, float and logit stages) bounds the known divergence: a failure past it stays
+    a failure, since a new bug hides behind a known one at the same stage."""
     if not path:
         return []
     try:
@@ -30,9 +30,9 @@ def load_expectations(path: str | Path | None) -> list[dict]:
         for key in ("case", "stage", "reason"):
             if key not in e:
                 raise ValueError(f"{path}: expectation {k} lacks {key!r}")
-        bound = e.get("rel_at_most")
+        bound = e.get("at_most")
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
-            raise ValueError(f"{path}: expectation {k}: rel_at_most must be a positive number, not {bound!r}")
+            raise ValueError(f"{path}: expectation {k}: at_most must be a positive number, not {bound!r}")
     return out
 
 
@@ -43,7 +43,7 @@ def apply_expectations(results: list[StageResult], expectations: list[dict]) -> 
             if re.fullmatch(e["case"], r.case) and re.fullmatch(e["stage"], r.stage):
                 want = e.get("status", "fail")
                 want = [want] if isinstance(want, str) else want
-                past = _past_bound(r, e.get("rel_at_most"))
+                past = _past_bound(r, e.get("at_most"))
                 if r.status in BAD and r.status in want and past:
                     r.note = f"worse than expected: {past}; known: {e['reason']}" + (
                         HARNESS_SAID + r.note if r.note else ""
@@ -61,9 +61,16 @@ def apply_expectations(results: list[StageResult], expectations: list[dict]) -> 
 
 
 def _past_bound(r: StageResult, bound: float | None) -> str:
-    """'' when the result's relative error is within the expectation's bound (or either is absent), else what
-    was measured against what was allowed."""
-    rel = r.values.get("rel") if isinstance(r.values, dict) else None
-    if bound is None or not isinstance(rel, (int, float)) or rel <= bound:
+    """'' when the stage's own error is within the expectation's bound (or either is absent), else what was
+    measured against what was allowed. Its own error: the local one where the harness fed it the port's own
+    upstream value (diagnosis.py), since an upstream divergence is judged at its own stage; else end to end.
+    The number is the one the stage is judged on: rel for float stages, mean KL for logits."""
+    local = (r.local or {}).get("value")
+    if isinstance(local, (int, float)) and local == local:
+        value, said = local, "local "
+    else:
+        values = r.values if isinstance(r.values, dict) else {}
+        value, said = values.get("rel", values.get("mean_kl")), ""
+    if bound is None or not isinstance(value, (int, float)) or value <= bound:
         return ""
-    return f"rel {rel:.2e} > rel_at_most {bound:.2e}"
+    return f"{said}{'KL' if r.stage == 'logits' else 'rel'} {value:.2e} > at_most {bound:.2e}"
