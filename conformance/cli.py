@@ -9,6 +9,7 @@ qwen25vl conform --export-inputs DIR     inputs of every case, for a port in ano
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from . import chunked, report, runner, stages
+from .expectations import draft_expectations
 from .precision import PRECISIONS, Profile
 from .repeat import REPEAT_STAGE
 
@@ -116,6 +118,12 @@ def conform_parser() -> argparse.ArgumentParser:
         help="known divergences (default: conformance/expectations/<target>.json when it exists)",
     )
     p.add_argument("--no-expectations", action="store_true", help="report known divergences as failures")
+    p.add_argument(
+        "--draft-expectations",
+        default=None,
+        metavar="FILE",
+        help="write the expectations in use plus one entry per new failure (reason to write, at_most measured)",
+    )
     p.add_argument("--json", default=None, help="write the report as JSON")
     p.add_argument("--junit", default=None, help="write the report as JUnit XML")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per stage, passing ones too")
@@ -229,7 +237,7 @@ def _tp_adapter(args):
     adapter, rank = ImplAdapter.under_torchrun(args.tp, dtype=args.dtype, device=args.device)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - every rank judges the same stages; one reports
-        args.json = args.junit = None
+        args.json = args.junit = args.draft_expectations = None
     return adapter
 
 
@@ -250,6 +258,7 @@ def conform(argv: list[str]) -> int:
         _check_tp(args)
         _check_output_path("--json", args.json)
         _check_output_path("--junit", args.junit)
+        _check_output_path("--draft-expectations", args.draft_expectations)
         _check_device(args.device)
         profile = (
             None if args.profile is None else Profile.parse(args.profile, args.dtype or "float32", source="--profile")
@@ -326,6 +335,13 @@ def conform(argv: list[str]) -> int:
         _write_atomically(args.json, report.to_json(desc, results, secs))
     if args.junit:
         _write_atomically(args.junit, report.to_junit(desc, results))
+    if args.draft_expectations:
+        draft = draft_expectations(results, desc.get("name") or args.target, previous=expectations)
+        _write_atomically(args.draft_expectations, json.dumps(draft, indent=1, ensure_ascii=False) + "\n")
+        new = len(draft["expectations"]) - len(expectations)
+        print(
+            f"wrote {args.draft_expectations}: {len(expectations)} expectations kept, {new} drafted (write their reasons)"
+        )
     return report.exit_code(results)
 
 

@@ -1,6 +1,7 @@
 """The console command, the file exchange for ports in other languages, and the pytest plugin."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -57,6 +58,31 @@ def test_python_adapter_target_module_class(tmp_path, capsys):
     assert status == {"fn.smart_resize": "fail", "fn.resize_bicubic": "pass"}
     assert cli.main(["conform", "--target", "tests.conformance.planted:NoSuchAdapter"]) == 2
     assert "cannot import tests.conformance.planted.NoSuchAdapter" in capsys.readouterr().err
+
+
+def test_draft_expectations_turn_a_run_into_a_file_to_explain(tmp_path, capsys):
+    """--draft-expectations: one entry per case and stage family that failed, the harness's diagnosis quoted
+    in a reason to write, at_most measured where the stage has a relative error; the draft, used as the
+    expectations file, makes the same run pass, and a worse bug behind it fails."""
+    draft = tmp_path / "draft.json"
+    argv = ["conform", "--target", "tests.conformance.planted:RoundHalfUp", "--cases", "exact_resize"]
+    assert cli.main([*argv, "--draft-expectations", str(draft)]) == 1
+    assert "0 expectations kept, 1 drafted" in capsys.readouterr().out
+    entries = json.loads(draft.read_text())["expectations"]
+    assert [(e["case"], e["stage"], e["status"]) for e in entries] == [("exact_resize", r"fn\.smart_resize", ["fail"])]
+    assert entries[0]["reason"].startswith("TO EXPLAIN") and "at_most" not in entries[0]  # an exact stage
+    assert cli.main([*argv, "--expectations", str(draft)]) == 0
+    capsys.readouterr()
+    from qwen25vl.conformance.expectations import draft_expectations
+    from qwen25vl.conformance.results import StageResult
+
+    rows = [
+        StageResult("model_image", f"text.layer.{i}", "fail", note="n", values={"rel": rel}, local=local)
+        for i, rel, local in ((0, 0.5, {"value": 2.3e-4}), (1, 0.5, {"value": 1.1e-4}))
+    ]
+    (entry,) = draft_expectations(rows, "p")["expectations"]
+    assert entry["stage"] == r"text\.layer\.\d+" and entry["at_most"] == 3e-3  # 10 x 2.3e-4, rounded up
+    assert re.fullmatch(entry["stage"], "text.layer.17")
 
 
 def test_list_cases(capsys):
