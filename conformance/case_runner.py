@@ -27,7 +27,7 @@ from .conversions import GIVEN
 from .diagnosis import Diagnosis, join_notes, name_mistakes
 from .fixtures import FixtureError, load_case, request_media
 from .golden import Checkpoint
-from .locate import locate, locate_kinds
+from .locate import locate, locate_frames, locate_kinds
 from .mistakes import LOCK as MISTAKES_LOCK
 from .mistakes import for_stage
 from .precision import Profile
@@ -333,6 +333,7 @@ class CaseRunner:
                     if v.status in BAD and v.values.get("worst") is not None:
                         where += locate(s, v.values, inputs, ck.config)
                         where += locate_kinds(s, golden.get(s), captured[s], mask, inputs, ck.config)
+                        where += locate_frames(s, golden.get(s), captured[s], mask, inputs, ck.config)
                     out.append(
                         StageResult(
                             name, s, v.status, v.metric, v.tolerance, where, "e2e", seconds=secs, values=v.values

@@ -229,3 +229,69 @@ def locate_kinds(stage: str, golden, got, mask, inputs: dict, config: Qwen25VLCo
         f"{'is' if len(quiet) == 1 and len(by_kind[quiet[0]]) == 1 else 'are'} quiet (mean squared error <= "
         f"{1 / QUIET:.0%} of the loud ones')"
     )
+
+
+def _video_frames(stage: str, ids: torch.Tensor, valid: torch.Tensor, inputs: dict, config: Qwen25VLConfig) -> list:
+    """Which video frame each row of `stage` belongs to: a list of (video, frame) or None, one per row the
+    stage's error rows are listed in (patches or merged tokens for vision stages, the valid tokens of the
+    prompt, row-major, for text ones). A frame is one temporal patch (temporal_patch_size frames)."""
+    merge = config.vision.spatial_merge_size
+    videos = inputs["video_grid_thw"].tolist()
+    if _by_token(stage):
+        per_token = [None] * int(valid.sum())
+        pads = [k for k, t in enumerate(ids[valid].tolist()) if t == config.video_token_id]
+        frames = [(v, f) for v, (t, h, w) in enumerate(videos) for f in range(t) for _ in range(h * w // merge**2)]
+        for k, vf in zip(pads, frames):
+            per_token[k] = vf
+        return per_token
+    unit = merge**2 if stage == "vision.merger" else 1
+    images = inputs.get("image_grid_thw")
+    before = 0 if images is None else int(images.prod(-1).sum()) // unit
+    return [None] * before + [
+        (v, f) for v, (t, h, w) in enumerate(videos) for f in range(t) for _ in range(h * w // unit)
+    ]
+
+
+def locate_frames(stage: str, golden, got, mask, inputs: dict, config: Qwen25VLConfig) -> str:
+    """Which frames of a video a failing stage [.., C] has its error in, when its other frames are quiet:
+    '; in video 0 (3 frames) the error is in frames 1, 2: frame 0 is quiet (...)'. A bug of the time axis
+    (time positions, the pairing of frames into temporal patches) leaves some frames alone, where a bug of
+    space is in every frame. '' when every frame is loud, for images, and when the shapes are not the
+    golden's."""
+    try:
+        if inputs.get("video_grid_thw") is None or stage == "logits" or got.shape != golden.shape:
+            return ""
+        ids = inputs["input_ids"]
+        per_row = row_errors(golden, torch.as_tensor(got), mask if _by_token(stage) else None)
+        if _by_token(stage):
+            if golden.shape[:2] != ids.shape:
+                return ""
+            valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool().reshape(ids.shape)
+            errors = per_row[valid].tolist()
+        else:
+            valid, errors = None, per_row.reshape(-1).tolist()
+        frames = _video_frames(stage, ids, valid, inputs, config)
+        if len(frames) != len(errors):
+            return ""
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError):
+        return ""
+    by_frame: dict[tuple[int, int], list[float]] = {}
+    for vf, e in zip(frames, errors):
+        if vf is not None:
+            by_frame.setdefault(vf, []).append(e)
+    out = ""
+    for v in sorted({vf[0] for vf in by_frame}):
+        means = {f: sum(e) / len(e) for (w, f), e in sorted(by_frame.items()) if w == v}
+        loudest = max(means.values())
+        quiet = [f for f, m in means.items() if m * QUIET <= loudest]
+        if len(means) < 2 or not quiet or loudest == 0:
+            continue
+        loud = [f for f in means if f not in quiet]
+        out += (
+            f"; in video {v} ({len(means)} frames) the error is in frame{'s' * (len(loud) > 1)} "
+            f"{', '.join(map(str, loud))}: frame{'s' * (len(quiet) > 1)} {', '.join(map(str, quiet))} "
+            f"{'are' if len(quiet) > 1 else 'is'} quiet (mean squared error <= {1 / QUIET:.0%} of the loudest frame's)"
+        )
+        if _by_token(stage) and quiet == [0]:
+            out += ", so what differs is nothing at time 0 and something after it, as a time position is"
+    return out

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from qwen25vl.conformance import compare, runner
 from qwen25vl.conformance.fixtures import load_case
-from qwen25vl.conformance.locate import locate_kinds, locate_rows
+from qwen25vl.conformance.locate import locate_frames, locate_kinds, locate_rows
 from qwen25vl.conformance.mistakes import by_name
 from qwen25vl.tools.make_tiny_checkpoint import tiny_config
 
@@ -235,3 +235,31 @@ def test_attention_that_sees_later_tokens_is_told_by_its_quiet_last_token():
     assert not compare.error_rows(g, loud_last)["sees_ahead"]
     rising = g + torch.linspace(0.0, 1.0, 30)[None, :, None] * _hidden(2, 30, 16, seed=6)
     assert not compare.error_rows(g, rising)["sees_ahead"]
+
+
+def test_the_frames_of_a_video_that_hold_the_error_are_said_when_the_others_are_quiet():
+    """A bug of the time axis leaves some frames alone: said for text stages (by the video's pads, frame by
+    frame) and vision ones (patches after the images'), with the time-position hint when only frame 0 is quiet."""
+    vid = CONFIG.video_token_id
+    m2 = CONFIG.vision.spatial_merge_size**2
+    grid = torch.tensor([[3, 4, 4]])  # 3 frames of 4 merged tokens each
+    ids = torch.arange(1000, 1030)[None]
+    ids[0, 5:17] = vid
+    inputs = {"input_ids": ids, "video_grid_thw": grid}
+    g = _hidden(1, 30, 16)
+    x = g + 1e-6 * _hidden(1, 30, 16, seed=3)
+    x[0, 9:] += 0.5  # frames 1 and 2 of the video's pads, and every token after them
+    said = locate_frames("text.layer.0", g, x, None, inputs, CONFIG)
+    assert said.startswith("; in video 0 (3 frames) the error is in frames 1, 2: frame 0 is quiet")
+    assert "as a time position is" in said
+    patches = _hidden(2 * 4 * m2 + 3 * 4 * m2, 8)  # an image of 2x4 merged tokens first, then the video
+    got = patches.clone()
+    got[8 * m2 + 4 * m2 : 8 * m2 + 8 * m2] += 1.0  # the video's frame 1 only
+    inputs_v = {**inputs, "image_grid_thw": torch.tensor([[1, 4, 2 * m2]])}
+    said = locate_frames("vision.block.0", patches, got, None, inputs_v, CONFIG)
+    assert said.startswith("; in video 0 (3 frames) the error is in frame 1: frames 0, 2 are quiet")
+    assert "time position" not in said  # the vision tower has no time positions
+    x = g + 1e-2 * _hidden(1, 30, 16, seed=4)  # every frame loud: nothing said
+    assert locate_frames("text.layer.0", g, x, None, inputs, CONFIG) == ""
+    assert locate_frames("text.layer.0", g, x, None, {"input_ids": ids}, CONFIG) == ""  # no video
+    assert locate_frames("text.layer.0", g, x[:, :20], None, inputs, CONFIG) == ""  # not the golden's shape
