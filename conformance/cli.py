@@ -189,6 +189,9 @@ def _write_atomically(path: str, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a report."""
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as an open() would have made it: mkstemp makes it private
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -249,6 +249,9 @@ def check_tensor(golden: torch.Tensor, got, *, floating: bool) -> tuple[torch.Te
         got = torch.from_numpy(got)
     if not isinstance(got, torch.Tensor):
         return None, f"expected a tensor, got {type(got).__name__}"
+    kind = not_dense(got)
+    if kind:
+        return None, f"expected a dense tensor with values, got {kind}"
     if tuple(got.shape) != tuple(golden.shape):
         return None, f"wrong shape: expected {list(golden.shape)}, got {list(got.shape)}"
     if floating and not got.is_floating_point():
@@ -261,6 +264,18 @@ def check_tensor(golden: torch.Tensor, got, *, floating: bool) -> tuple[torch.Te
             idx = tuple(int(i) for i in bad.nonzero()[0])
             return None, f"{int(bad.sum())} non-finite values (NaN/Inf), first at {list(idx)}"
     return got, None
+
+
+def not_dense(t: torch.Tensor) -> str:
+    """'' for a strided tensor whose values can be read, else what it is: a nested, sparse or meta tensor has
+    no shape or no values to compare (their .shape or .item() raise deep inside torch)."""
+    if t.is_nested:
+        return "a nested tensor"
+    if t.layout != torch.strided:
+        return f"a tensor of layout {t.layout}"
+    if t.device.type == "meta":
+        return "a tensor on the meta device (a shape without values)"
+    return ""
 
 
 def _masked(golden: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None):

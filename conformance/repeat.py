@@ -151,19 +151,35 @@ def _answered_like_a_twin(runs: list[ModelRun], run: ModelRun) -> str | None:
     return None
 
 
+def _non_finite_change(a: torch.Tensor, b: torch.Tensor) -> str:
+    """'' when a and b hold the same NaN and infinities in the same places (the same answer twice: a NaN is
+    an error of its own stage, not a leak between requests), else what changed."""
+    for name, where in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        wa, wb = where(a), where(b)
+        if not torch.equal(wa, wb):
+            return f"{name} at {int((wa != wb).sum())} places in one run and not the other"
+    return ""
+
+
 def _first_change(runner, run: ModelRun, again, tokens) -> str | None:
     """The first stage (data-flow order) whose value differs between the two runs, or None."""
     if not isinstance(again, dict):
         return f"the second run returned {type(again).__name__}"
     for stage in sorted((k for k in run.captured if stages.is_known(k)), key=stages.order_key):
         a, b = run.captured[stage], again.get(stage)
-        if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(a.shape):
-            return f"{stage} comes back {'missing' if b is None else 'with another shape'}"
+        if not isinstance(a, torch.Tensor) or compare.not_dense(a):
+            continue  # no value to repeat: an error of its own stage already
+        if not isinstance(b, torch.Tensor) or compare.not_dense(b) or tuple(b.shape) != tuple(a.shape):
+            return f"{stage} comes back {'missing' if b is None else 'with another shape or kind'}"
         if a.is_floating_point():
+            odd = _non_finite_change(a, b)
+            if odd:
+                return f"{stage} differs ({odd})"
+            a, b = (torch.where(torch.isfinite(a), a, 0.0), torch.where(torch.isfinite(b), b, 0.0))
             hidden = stages.info(stage).tolerance.name == "float"  # weighed as the judge weighs it
             rel = compare.float_errors(a.double(), b.double(), channels=hidden)["rel"]
             limit = compare.FLOOR.get(compute_dtype(runner.profile(stage)), compare.FLOOR["bfloat16"])
-            if not rel <= limit:  # NaN counts as a change
+            if not rel <= limit:
                 return f"{stage} differs (rel {rel:.2e} > {limit:.0e})"
         elif not torch.equal(a, b):
             return f"{stage} differs ({int((a != b).sum())} values)"

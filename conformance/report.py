@@ -112,6 +112,8 @@ def render(desc: dict, results: list[StageResult], *, verbose: bool = False, sec
         f"dtype {desc.get('dtype', '?')} device {desc.get('device', '?')}"
         + (f" tensor-parallel {desc['tp']} ranks" if desc.get("tp") else "")
     )
+    if desc.get("error"):  # describe() failed or answered garbage: said once, at the top
+        head += f"\n(the port's description: {desc['error']})"
     lines = [head, table(results, verbose=verbose), ""]
     first = first_divergence(results)
     if first:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,10 +95,10 @@ def _run_supervised(paths: list[Path], opts: SuiteOptions, jobs: int) -> tuple[d
                     if not queue:
                         break
                     k, path = queue.pop(0)
-                rows[k] = runner.run(path)
+                rows[k] = run_case(runner, path)
                 mine.append(k)
             if opts.repeat and mine:  # the same worker, the same adapter: its model cases once more
-                rows[mine[-1]] = rows[mine[-1]] + runner.repeat()
+                rows[mine[-1]] = rows[mine[-1]] + run_case(runner, None)
 
         threads = [threading.Thread(target=work, args=(a,), daemon=True) for a in adapters]
         for t in threads:
@@ -110,6 +111,29 @@ def _run_supervised(paths: list[Path], opts: SuiteOptions, jobs: int) -> tuple[d
             a.close()
     desc = {**desc, "workers": n, "worker_restarts": restarts}
     return desc, [r for k in sorted(rows) for r in rows[k]]
+
+
+def run_case(runner: CaseRunner, path: Path | None) -> list[StageResult]:
+    """runner.run(path) (runner.repeat() for None), or, should the harness itself fail on what a port
+    returned, one error row that says so: the case is still in the report and the run is not a pass (a lost
+    case must never read as success)."""
+    try:
+        return runner.repeat() if path is None else runner.run(path)
+    except Exception as e:  # a harness bug: reported, never swallowed into a shorter, passing report
+        return [
+            StageResult(
+                "state.repeat" if path is None else Path(path).name,
+                "harness",
+                "error",
+                note=f"the harness failed while judging this case ({traceback.format_exception_only(e)[-1].strip()} "
+                f"at {_innermost(e)}); the port's answers were not judged: please report it, with this case",
+            )
+        ]
+
+
+def _innermost(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
 
 
 def run_suite(
@@ -136,9 +160,9 @@ def run_suite(
             profile=opts.profile,
             diagnose=opts.diagnose,
         )
-        results = [r for p in paths for r in runner.run(p)]
+        results = [r for p in paths for r in run_case(runner, p)]
         if opts.repeat:
-            results += runner.repeat()
+            results += run_case(runner, None)
         desc = adapter.describe()
     apply_expectations(results, expectations or [])
     return desc, results

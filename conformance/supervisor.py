@@ -190,7 +190,15 @@ class SupervisedAdapter:
 
     def describe(self) -> dict:
         if self._description is None:
-            self._description = self._call("describe", (), {}, what="describe")
+            got = self._call("describe", (), {}, what="describe")
+            if not isinstance(got, dict):  # the report still needs a name, a dtype and a device
+                got = {
+                    "name": self.target,
+                    "dtype": self.dtype_arg or "float32",
+                    "device": self.device_arg or "cpu",
+                    "error": f"describe() returned {type(got).__name__}, not a dict; the target's name stands in",
+                }
+            self._description = got
         return self._description
 
     def prepare(self, checkpoint, *, dtype, device):

@@ -396,3 +396,17 @@ def test_every_stage_the_spec_captures_has_a_tolerance_class_and_a_meaning():
     for name in names:
         assert stages.is_known(name), name
         assert stages.info(name).tolerance.name in ("exact", "float", "logits"), name
+
+
+def test_a_harness_failure_on_a_case_is_an_error_row_not_a_lost_case(tmp_path, monkeypatch):
+    """Should the harness raise while judging a case, the case stays in the report as an error that says so,
+    and the run fails: a case that vanished would leave a shorter report that passes."""
+
+    def broken(self, path):
+        raise RuntimeError("judging went wrong")
+
+    monkeypatch.setattr(case_runner.CaseRunner, "run", broken)
+    res = run(Toy(), [toy_case(tmp_path)])
+    assert [(r.case, r.stage, r.status) for r in res] == [("toy", "harness", "error")]
+    assert "the harness failed while judging this case (RuntimeError: judging went wrong" in res[0].note
+    assert report.exit_code(res) == 1

@@ -91,6 +91,20 @@ class NaNVision(SpecAdapter):
         return out
 
 
+class OddTensorsNoDescription(SpecAdapter):
+    """A port whose describe() answers None and whose text.norm is a tensor without values (meta device) and
+    whose final norm is sparse: torch raises deep inside on .item() or .shape of such tensors."""
+
+    def describe(self):
+        return None
+
+    def run(self, inputs, *, capture):
+        out = super().run(inputs, capture=capture)
+        out["text.norm"] = torch.empty(out["text.norm"].shape, device="meta")
+        out["vision.merger"] = out["vision.merger"].to_sparse()
+        return out
+
+
 class AbortOnLoad(SpecAdapter):
     """A port that aborts as soon as it is built: every stage errors, the report is still written."""
 
