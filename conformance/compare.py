@@ -646,6 +646,20 @@ def tokens(
         if noise is not None
         else (f"equal until a divergence where each pick is in the other's top-{TOPK}")
     )
+    eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
+    if isinstance(got, np.ndarray):
+        got = torch.from_numpy(got)
+    if (
+        isinstance(got, torch.Tensor)
+        and not not_dense(got)
+        and got.dim() == 2
+        and got.shape[0] == golden.shape[0]
+        and got.shape[1] != golden.shape[1]
+        and min(got.shape[1], golden.shape[1]) > 0
+    ):
+        return _other_length(
+            golden, golden_topk, got, got_topk, golden_logits, golden_logprobs, got_logprobs, noise, eos_ids
+        )
     got, why = check_tensor(golden, got, floating=False)
     if why:
         return _error(why, tol)
@@ -655,8 +669,10 @@ def tokens(
                 f"wrong {name} shape: expected {list(golden.shape)} + [k], got {list(torch.as_tensor(extra).shape)}",
                 tol,
             )
+    why = _not_token_ids(got, "") or _bad_topk(got, got_topk, got_logprobs)
+    if why:
+        return _error(why, tol)
     got_topk = None if got_topk is None else torch.as_tensor(got_topk)
-    eos_ids = set() if eos is None else ({int(eos)} if isinstance(eos, int) else {int(e) for e in eos})
     # steps: where each failing row first goes wrong; over: by how many times the noise its log-probs are off
     notes, failed, steps, over = [], [], [], []
     for b in range(golden.shape[0]):
@@ -709,6 +725,95 @@ def tokens(
     return Verdict("pass", metric, tol, where="; ".join(notes))
 
 
+def _not_token_ids(ids: torch.Tensor, what: str) -> str:
+    """'' when every id is >= 0, else where the first negative one is (an id past the vocabulary is caught where
+    the vocabulary is known: the file exchange's reader, the golden top-k's comparison)."""
+    neg = (ids < 0).nonzero()
+    if len(neg):
+        b, t = (int(i) for i in neg[0][:2])
+        return f"{what}row {b} step {t}: {int(ids[tuple(neg[0])])} is not a token id (ids are >= 0)"
+    return ""
+
+
+def _bad_topk(got: torch.Tensor, got_topk, got_logprobs) -> str:
+    """'' for a top-k the port gives that can be judged, else why not: integer ids >= 0 that hold the port's
+    own pick at every step (a greedy pick is its top-1, so it is in any top-k: without it the top-k is not the
+    port's and its log-probs would never meet the golden ids), and log-probs with no NaN."""
+    if got_topk is not None:
+        ids = torch.as_tensor(got_topk)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            return f"wrong top-k dtype: expected integer ids, got {ids.dtype}"
+        why = _not_token_ids(ids, "top-k ")
+        if why:
+            return why
+        missing = ~(ids == got.unsqueeze(-1)).any(-1)
+        if missing.any():
+            b, t = (int(i) for i in missing.nonzero()[0])
+            return (
+                f"row {b} step {t}: the port's top-k {ids[b, t].tolist()[:TOPK]} does not hold its own pick "
+                f"{int(got[b, t])}: a greedy pick is the top-1, so these are not the port's top-k"
+            )
+    if got_logprobs is not None:
+        lp = torch.as_tensor(got_logprobs)
+        if not lp.is_floating_point():
+            return f"wrong top-k log-prob dtype: expected floats, got {lp.dtype}"
+        nan = torch.isnan(lp).nonzero()
+        if len(nan):
+            b, t = (int(i) for i in nan[0][:2])
+            return f"row {b} step {t}: the port's top-k log-probs hold NaN ({int(torch.isnan(lp).sum())} in all)"
+    return ""
+
+
+def _other_length(golden, golden_topk, got, got_topk, golden_logits, golden_logprobs, got_logprobs, noise, eos_ids):
+    """Tokens [B, m] against a golden [B, n], m != n: the steps both have are judged as usual (a divergence
+    there is the first thing wrong), then the length itself, row by row: the golden stops where every row has
+    ended with an eos or at max_new_tokens, so a port that stops sooner stopped a row that had not ended (or
+    the whole batch when one row ended), and one that goes on generated past an end."""
+    k = min(golden.shape[1], got.shape[1])
+
+    def cut(t):
+        return None if t is None else torch.as_tensor(t)[:, :k]
+
+    common = tokens(
+        golden[:, :k], golden_topk[:, :k], got[:, :k], cut(got_topk), golden_logits=cut(golden_logits),
+        golden_logprobs=cut(golden_logprobs), got_logprobs=cut(got_logprobs), noise=noise, eos=sorted(eos_ids),
+    )  # fmt: skip
+    n, m = golden.shape[1], got.shape[1]
+    said = f"{m} steps where the golden has {n}"
+    if common.status == "error":
+        return _error(f"{said}; {common.metric}", common.tolerance)
+    if common.status == "fail":
+        return Verdict(
+            "fail", common.metric, common.tolerance, where=f"{common.where}; and {said}", values=common.values
+        )
+    ended = {b: next((t for t in range(n) if int(golden[b, t]) in eos_ids), None) for b in range(golden.shape[0])}
+    rows = []
+    if m < n:
+        for b, end in ended.items():
+            if end is None or end >= m:
+                nxt = int(golden[b, m])
+                rows.append(f"row {b} had not ended (golden step {m}: {nxt})")
+        done = [f"row {b} ended with eos at step {t}" for b, t in ended.items() if t is not None and t < m]
+        why = f"the port stopped after {m} steps" + (": " + "; ".join(rows) if rows else "")
+        if done and rows:
+            why += f", while {'; '.join(done)}: the batch stopped when one row ended (stop when every row has)"
+        first = m
+    else:
+        if all(t is not None for t in ended.values()):
+            why = f"every golden row ended with an eos by step {n - 1}, yet the port goes on to {m} steps"
+        else:
+            why = f"the golden stops at max_new_tokens = {n} steps, the port goes on to {m} ({m - n} more)"
+        first = n
+    tol = common.tolerance
+    return Verdict(
+        "fail",
+        f"{said}: {why}"[:300],
+        tol,
+        where=f"the first {k} steps agree; {why}",
+        values={"failed": 1, "first_step": first},
+    )
+
+
 def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tuple[int, str, float] | None:
     """First step where a log-prob the port gives for an id in the golden top-k is off by > noise: (step, why,
     how many times the noise it is off)."""
@@ -718,7 +823,7 @@ def logprob_difference(golden_ids, golden_lp, got_ids, got_lp, b, noise) -> tupl
     for t in range(golden_ids.shape[0]):
         ours = dict(zip(got_ids[b, t].tolist(), got_lp[b, t].tolist()))
         for tok, lp in zip(golden_ids[t].tolist(), golden_lp[t].tolist()):
-            if tok in ours and abs(ours[tok] - lp) > noise:
+            if tok in ours and not abs(ours[tok] - lp) <= noise:  # NaN is off too
                 off = abs(ours[tok] - lp)
                 why = (
                     f"step {t}: log-prob of {tok} is {ours[tok]:.6g}, golden {lp:.6g} "

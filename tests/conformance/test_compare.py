@@ -197,6 +197,40 @@ def test_tokens_near_tie_rule_eos_and_log_probs():
     assert bad.status == "fail" and "step 2: log-prob of 7" in bad.metric
 
 
+def test_tokens_of_another_length_are_judged_on_the_steps_both_have_then_by_their_length():
+    """A wrong stop is a failure that says which row had not ended, not a shape error: the batch that stops
+    when its first row ends, and the port that goes one step past max_new_tokens."""
+    gold = torch.tensor([[5, 6, 7, 8], [5, 2, 0, 0]])  # row 1 ends with eos 2 at step 1, then padding
+    topk = torch.stack([torch.arange(k, k + 5) for k in range(100)])[gold]  # each pick its own top-1
+    stopped = compare.tokens(gold, topk, gold[:, :2], eos=2)
+    assert stopped.status == "fail" and stopped.values["first_step"] == 2
+    assert (
+        "row 0 had not ended (golden step 2: 7)" in stopped.metric
+        and "row 1 ended with eos at step 1" in stopped.metric
+    )
+    assert "the batch stopped when one row ended" in stopped.metric
+    longer = compare.tokens(gold[:1], topk[:1], torch.tensor([[5, 6, 7, 8, 9]]), eos=2)
+    assert longer.status == "fail" and "max_new_tokens = 4 steps, the port goes on to 5" in longer.metric
+    wrong_early = compare.tokens(gold, topk, torch.tensor([[5, 99], [5, 2]]), eos=2)  # the divergence comes first
+    assert wrong_early.status == "fail" and "golden 6, got 99" in wrong_early.metric
+
+
+def test_top_k_the_port_gives_is_checked_before_it_is_trusted():
+    """NaN log-probs, ids that are not token ids, and a top-k without the port's own pick (so its log-probs would
+    never meet the golden ids) are errors, not passes."""
+    gold = torch.tensor([[5, 6]])
+    topk = torch.tensor([[[5, 1, 2, 3, 4], [6, 9, 10, 11, 12]]])
+    lp = torch.log_softmax(torch.randn(1, 2, 5, dtype=torch.float64), -1)
+    kw = dict(golden_logprobs=lp, noise=0.05)
+    assert compare.tokens(gold, topk, gold, topk, got_logprobs=lp, **kw).status == "pass"
+    nan = compare.tokens(gold, topk, gold, topk, got_logprobs=torch.full_like(lp, float("nan")), **kw)
+    assert nan.status == "error" and "hold NaN" in nan.metric
+    garbage = compare.tokens(gold, topk, gold, torch.full_like(topk, 3), got_logprobs=lp, **kw)
+    assert garbage.status == "error" and "does not hold its own pick 5" in garbage.metric
+    negative = compare.tokens(gold, topk, torch.tensor([[5, -6]]))
+    assert negative.status == "error" and "row 0 step 1: -6 is not a token id" in negative.metric
+
+
 def test_same_answer_needs_equal_tokens_and_log_probs_within_the_noise():
     """How the catalogue matches a port at generate.tokens: tokens alone would name every entry whose tokens
     happen to equal the golden ones for a port that diverges in log-probs only."""
