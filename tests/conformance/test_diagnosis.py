@@ -207,6 +207,26 @@ def test_a_decoder_layer_is_judged_on_the_positions_it_ran_on(port):
         assert "its positions (text.position_ids)" in layer.note
 
 
+class _ReportsWhatItDidNotRunOn(SpecAdapter):
+    """A right port whose captures are not what its stages ran on: text.layer.1 is reported rounded to
+    bfloat16 (a dump in a coarser dtype), and its positions as floats (an error of text.position_ids)."""
+
+    def run(self, inputs, *, capture):
+        out = super().run(inputs, capture=capture)
+        out["text.layer.1"] = out["text.layer.1"].bfloat16()
+        out["text.position_ids"] = out["text.position_ids"].float()
+        return out
+
+
+def test_a_right_stage_is_not_blamed_for_the_upstream_value_the_port_reports():
+    results, by = _model_image(_ReportsWhatItDidNotRunOn, r"^text\..*$")
+    assert by["text.position_ids"].status == "error" and by["text.layer.1"].status == "fail"
+    norm = by["text.norm"]  # fed the rounded layer.1 it is off locally, yet right end to end and on the golden
+    assert norm.status == "pass" and "is not what this stage ran on" in norm.note, norm.note
+    assert "golden" in by["text.layer.0"].local["fed"]  # positions that are an error are not fed
+    assert by["text.layer.0"].status == "pass"
+
+
 class _MergerRaises(Patched):
     """A port whose merger raises: its one run captures nothing, its run_stage raises at the merger."""
 
