@@ -11,6 +11,7 @@ The parts, one concern each (as onnx's backend test loader / runner / case split
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 import traceback
@@ -131,6 +132,25 @@ def run_case(runner: CaseRunner, path: Path | None) -> list[StageResult]:
         ]
 
 
+class OnCopies:
+    """An adapter called in the harness's own process, on copies of what it is handed: a port that writes into
+    its input tensors would otherwise change the fixtures' inputs and the feeds the harness judges other
+    stages on (a supervised worker gets copies anyway, by pickling). Everything else passes through."""
+
+    def __init__(self, adapter: Adapter):
+        self._adapter = adapter
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._adapter, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def on_copies(*args, **kwargs):
+            return attr(*copy.deepcopy(args), **copy.deepcopy(kwargs))
+
+        return on_copies
+
+
 def _innermost(e: BaseException) -> str:
     tb = traceback.extract_tb(e.__traceback__)
     return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
@@ -151,7 +171,7 @@ def run_suite(
     if adapter is None and not opts.in_process:
         desc, results = _run_supervised(paths, opts, jobs)
     else:
-        adapter = adapter or make_adapter(opts.target, dtype=opts.dtype, device=opts.device)
+        adapter = OnCopies(adapter or make_adapter(opts.target, dtype=opts.dtype, device=opts.device))
         runner = CaseRunner(
             adapter,
             timeout=opts.timeout,

@@ -148,3 +148,12 @@ def test_tensors_without_values_and_a_garbage_description_are_errors_not_a_lost_
         assert r["status"] == "error" and kind in r["metric"], r
     assert by_stage[("model_image", "vision.block.0")]["status"] == "pass"
     assert by_stage[("model_image", "state.repeat")]["status"] == "pass"
+
+
+def test_a_port_that_writes_into_its_inputs_changes_nothing_in_process(capsys, tmp_path):
+    """In process the port is handed copies: scribbling over its input tensors after computing leaves the
+    fixtures' inputs and the diagnosis's feeds as they were (supervised, pickling copies them anyway)."""
+    code, text, report, by_stage = conform(
+        capsys, tmp_path, "ScribblesOverItsInputs", "model_image$", 1, "--in-process"
+    )
+    assert code == 0 and {r["status"] for r in by_stage.values()} == {"pass"}, text

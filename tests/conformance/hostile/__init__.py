@@ -105,6 +105,26 @@ class OddTensorsNoDescription(SpecAdapter):
         return out
 
 
+class ScribblesOverItsInputs(SpecAdapter):
+    """A right port that, once done, writes over every tensor it was handed (its inputs, the stage feeds)."""
+
+    @staticmethod
+    def _scribble(values):
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                v.add_(7) if not v.is_floating_point() else v.mul_(3.0)
+
+    def run(self, inputs, *, capture):
+        out = {k: v.clone() for k, v in super().run(inputs, capture=capture).items()}
+        self._scribble(inputs.values())
+        return out
+
+    def run_stage(self, stage, feeds):
+        out = super().run_stage(stage, feeds).clone()
+        self._scribble(feeds.values())
+        return out
+
+
 class AbortOnLoad(SpecAdapter):
     """A port that aborts as soon as it is built: every stage errors, the report is still written."""
 
