@@ -12,6 +12,7 @@ expectations file later turns known divergences into xfail / xpass (expectations
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from pathlib import Path
@@ -47,6 +48,14 @@ def _resolve(obj, tensors):
     if isinstance(obj, list):
         return [_resolve(v, tensors) for v in obj]
     return obj
+
+
+def _misspelt(stage: str, captured: dict) -> str | None:
+    """The port's key that is `stage` misspelt ('vision.blocks.0' for vision.block.0), else None: a key that
+    names no stage is otherwise ignored, and the stage it meant would read as merely not covered."""
+    unknown = [k for k in captured if isinstance(k, str) and not stages.is_known(k) and not k.endswith(GIVEN)]
+    close = difflib.get_close_matches(stage, unknown, n=1, cutoff=0.9)
+    return close[0] if close else None
 
 
 def _other_inputs(stage: str) -> str:
@@ -237,8 +246,9 @@ class CaseRunner:
         return out
 
     def _item_mistakes(self, stage, inputs, got, verdict, tokenizer_dir) -> str:
-        """The catalogue's mistakes for a failing fn.* stage that give the port's answers on the items it
-        got wrong: 'likely mistake: ...'."""
+        """The catalogue's mistakes for a failing fn.* stage that give the port's answers on every item, those
+        it got wrong and those it got right (a rule that agrees with the port only where it fails is not the
+        port's): 'likely mistake: ...'."""
         bad = verdict.values.get("bad_items") or []
         if not bad or not isinstance(got, list):
             return ""
@@ -248,7 +258,9 @@ class CaseRunner:
             return m.adapter("float64").run_items(stage, inputs, tokenizer_dir=tokenizer_dir)
 
         def same(theirs):
-            return all(compare.item_difference(theirs[k], got[k], limit) is None for k in bad)
+            return len(theirs) == len(got) and all(
+                compare.item_difference(t, g, limit) is None for t, g in zip(theirs, got)
+            )
 
         return self._name_mistakes(stage, answer, same)
 
@@ -310,7 +322,7 @@ class CaseRunner:
                 if not isinstance(captured, dict):
                     failure = ("error", f"run returned {type(captured).__name__}, not a dict of stage tensors")
                 else:
-                    self._given = {k[: -len(GIVEN)]: v for k, v in captured.items() if k.endswith(GIVEN)}
+                    self._given = {k[: -len(GIVEN)]: v for k, v in captured.items() if str(k).endswith(GIVEN)}
             except NotCovered as e:
                 failure = ("not_covered", f"run: {e}")
             except BaseException as e:
@@ -325,6 +337,10 @@ class CaseRunner:
                 problem = case.stage_problem(s)
                 if problem:
                     out.append(StageResult(name, s, "error", problem, mode="e2e"))
+                elif s not in captured and (typo := _misspelt(s, captured)):
+                    out.append(
+                        StageResult(name, s, "error", f"not captured under its name, but as {typo!r}", mode="e2e")
+                    )
                 elif s not in captured or captured[s] is None:
                     out.append(StageResult(name, s, "not_covered", "the port does not capture this stage", mode="e2e"))
                 else:
@@ -623,9 +639,18 @@ class CaseRunner:
                     f"fed the golden input it passes, yet the spec disagrees with it on {r.local['fed']}: "
                     f"{_other_inputs(r.stage)}"
                 )
+            elif r.status == "error":  # nothing to drift: what the full run handed back is the fault
+                verdict = f"alone it is right, so what its full run handed back is what is wrong ({r.metric[:100]})"
+            elif not self._has_upstream(case, r.stage):
+                verdict = "alone on the model inputs it passes: in its full run it took other inputs than those"
             else:
                 verdict = "drift from upstream: fed the golden input it passes"
             r.note = join_notes(r.note, f"teacher-forced: {v.status} ({v.metric}); {verdict}")
+
+    @staticmethod
+    def _has_upstream(case, stage: str) -> bool:
+        depth = case.manifest["depth"]
+        return stages.previous(stage, int(depth["vision"]), int(depth["text"]), vision=case.has_vision) is not None
 
     def _forced(self, case, stage, inputs, golden, mask, ck) -> compare.Verdict | None:
         """The port's run_stage on the golden input of `stage`, judged; None where it is not covered."""

@@ -248,8 +248,31 @@ _TABLE = [
     ),
 ]
 
+# Data flow inside preprocessing, which the table's rows (the spec's INPUT_KEYS order) do not follow: the resize
+# and the frame sampling decide each grid, and the grid decides the pixel rows and the number of vision pads in
+# the prompt. A wrong grid is the cause of a wrong input_ids (and of its mask), so it is the first divergence.
+_PREPROCESS_FLOW = (
+    "preprocess.image_grid_thw",
+    "preprocess.pixel_values",
+    "preprocess.video_grid_thw",
+    "preprocess.pixel_values_videos",
+    "preprocess.second_per_grid_ts",
+    "preprocess.input_ids",
+    "preprocess.attention_mask",
+)
+
+
+def _flow(rows: list[Stage]) -> list[str]:
+    """The stage names in data-flow order: the table's, with the preprocess rows in _PREPROCESS_FLOW's order."""
+    names = [s.name for s in rows]
+    pre = [n for n in names if n.startswith("preprocess.")]
+    assert sorted(pre) == sorted(_PREPROCESS_FLOW), f"_PREPROCESS_FLOW must list {pre}"
+    flow = iter(_PREPROCESS_FLOW)
+    return [next(flow) if n.startswith("preprocess.") else n for n in names]
+
+
 STAGES = {s.name: s for s in _TABLE}
-_ORDER = {s.name: k for k, s in enumerate(_TABLE)}
+_ORDER = {name: k for k, name in enumerate(_flow(_TABLE))}
 _INDEXED = re.compile(r"^(vision\.block|text\.layer)\.(\d+)$")
 
 FN_STAGES = [s.name for s in _TABLE if s.name.startswith("fn.")]
@@ -301,7 +324,8 @@ def info(name: str) -> Stage:
 
 
 def is_known(name: str) -> bool:
-    return template(name) in STAGES
+    """Whether `name` is a stage (a port's answer may carry keys of any type: those are not)."""
+    return isinstance(name, str) and template(name) in STAGES
 
 
 def order_key(name: str) -> tuple[int, int]:

@@ -157,3 +157,10 @@ def test_a_port_that_writes_into_its_inputs_changes_nothing_in_process(capsys, t
         capsys, tmp_path, "ScribblesOverItsInputs", "model_image$", 1, "--in-process"
     )
     assert code == 0 and {r["status"] for r in by_stage.values()} == {"pass"}, text
+
+
+def test_a_misspelt_stage_key_is_an_error_of_the_stage_it_meant(capsys, tmp_path):
+    code, text, report, by_stage = conform(capsys, tmp_path, "MisspeltKeys", "model_image$", 1, "--stages", "vision")
+    r = by_stage[("model_image", "vision.block.0")]
+    assert r["status"] == "error" and "not captured under its name, but as 'vision.blocks.0'" in r["metric"]
+    assert by_stage[("model_image", "vision.block.1")]["status"] == "pass" and code == 1

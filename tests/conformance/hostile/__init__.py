@@ -125,6 +125,16 @@ class ScribblesOverItsInputs(SpecAdapter):
         return out
 
 
+class MisspeltKeys(SpecAdapter):
+    """A right port that hands back vision.block.0 as 'vision.blocks.0', plus keys of other types and names."""
+
+    def run(self, inputs, *, capture):
+        out = super().run(inputs, capture=capture)
+        out["vision.blocks.0"] = out.pop("vision.block.0")
+        out[42], out["debug.scratch"] = torch.zeros(1), "not a tensor"
+        return out
+
+
 class AbortOnLoad(SpecAdapter):
     """A port that aborts as soon as it is built: every stage errors, the report is still written."""
 
