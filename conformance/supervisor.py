@@ -86,13 +86,46 @@ def default_memory_limit() -> int | None:
     return int(kb * 1024 * 0.8)
 
 
+# the processes of each worker's group, found again at most every GROUP_SCAN seconds (a scan of /proc costs ~1 ms)
+GROUP_SCAN = 1.0
+_groups: dict[int, tuple[float, list[int]]] = {}
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The other processes of process group pgid (Linux /proc), rescanned at most every GROUP_SCAN seconds."""
+    at, members = _groups.get(pgid, (-GROUP_SCAN, []))
+    if time.monotonic() - at < GROUP_SCAN:
+        return members
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            if int(fields[2]) == pgid:
+                members.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    _groups[pgid] = (time.monotonic(), members)
+    return members
+
+
 def _rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process (Linux), None where /proc is not there."""
+    """Resident memory of a process and of the rest of its process group (Linux: the worker leads its own
+    session, so the helper processes a port starts count against its limit too), None without /proc."""
     try:
         with open(f"/proc/{pid}/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            total = int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return None
+    for member in _group_members(pid):
+        try:
+            with open(f"/proc/{member}/statm", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total * os.sysconf("SC_PAGE_SIZE")
 
 
 def _signal_name(code: int) -> str:

@@ -117,6 +117,15 @@ def test_a_memory_hog_is_stopped_by_the_limit(capsys, tmp_path, jobs):
     assert "exceeded the memory limit" in by_stage[key]["metric"] and "1.50 GiB" in by_stage[key]["metric"]
 
 
+def test_the_memory_of_the_ports_helper_processes_counts_against_the_limit(capsys, tmp_path):
+    code, text, report, by_stage = conform(
+        capsys, tmp_path, "ChildMemoryHogInWindows", "exact_(windows|resize)", 1, "--memory-limit", "1.5"
+    )
+    key = ("exact_windows", "fn.window_partition")
+    assert_only(by_stage, key)
+    assert "exceeded the memory limit" in by_stage[key]["metric"]
+
+
 @JOBS
 def test_nan_from_the_model_is_an_error_of_that_stage(capsys, tmp_path, jobs):
     code, text, report, by_stage = conform(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -80,6 +81,15 @@ class MemoryHogInWindows(SpecAdapter):
         hog = b"x" * (3 << 30)
         time.sleep(60)
         return hog
+
+
+class ChildMemoryHogInWindows(SpecAdapter):
+    """A port whose helper process (a serving engine, a native runner) takes the memory: it counts too."""
+
+    def window_partition(self, grid_thw, *, window_size, patch_size, merge_size):
+        code = "import time; hog = b'x' * (3 << 30); time.sleep(60)"
+        subprocess.run([sys.executable, "-c", code], check=False)
+        return super().window_partition(grid_thw, window_size=window_size, patch_size=patch_size, merge_size=merge_size)
 
 
 class NaNVision(SpecAdapter):
