@@ -332,6 +332,12 @@ def conform(argv: list[str]) -> int:
         desc, results = runner.run_suite(paths, opts, jobs=args.jobs, expectations=expectations, adapter=adapter)
     except ValueError as e:
         return _fail(str(e))
+    except KeyboardInterrupt:  # the workers are gone (run_suite closes them); no report is half written
+        print("qwen25vl conform: interrupted; no report written", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the judging threads may still be inside torch: leave now, as a normal exit would abort over them
+        os._exit(130)
     secs = time.perf_counter() - t0
     print(report.render(desc, results, verbose=args.verbose, seconds=secs))
     if args.json:

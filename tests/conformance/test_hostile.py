@@ -173,3 +173,22 @@ def test_a_misspelt_stage_key_is_an_error_of_the_stage_it_meant(capsys, tmp_path
     r = by_stage[("model_image", "vision.block.0")]
     assert r["status"] == "error" and "not captured under its name, but as 'vision.blocks.0'" in r["metric"]
     assert by_stage[("model_image", "vision.block.1")]["status"] == "pass" and code == 1
+
+
+def test_ctrl_c_stops_the_run_cleanly_and_writes_no_report(tmp_path):
+    """SIGINT to the harness while a port hangs: exit 130 with one line, no traceback, no report half written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out_json = tmp_path / "r.json"
+    argv = [sys.executable, "-m", "qwen25vl.tools.cli", "conform", "--target", HOSTILE + "NativeHangInWindows"]
+    argv += ["--cases", "exact_windows", "--timeout", "60", "--json", str(out_json)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # the worker is up and hanging in fn.window_partition
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; no report written" in err and "Traceback" not in err
+    assert not out_json.exists() and not list(tmp_path.iterdir())
