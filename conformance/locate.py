@@ -24,9 +24,10 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
     try:
         if stage.startswith("vision.") and stage != "vision.merger":
             item, frame, row, col, h, w, edge = _patch(worst[0], inputs, config)
-            return f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid" + (
-                ", on a window edge" if edge else ", inside a window"
-            )
+            said = f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid"
+            if stage == "vision.patch_embed":  # before any attention: windows mean nothing yet
+                return said
+            return said + (", on a window edge" if edge else ", inside a window")
         if stage == "vision.merger":
             item, frame, row, col, h, w = _merged(worst[0], inputs, config)
             return f" = item {item} frame {frame} merged token (row {row}, col {col}) of a {h}x{w} merged grid"
@@ -126,7 +127,8 @@ def _name_rows(stage: str, rows: list[list[int]], inputs: dict, config: Qwen25VL
     else:
         places = [_patch(r[0], inputs, config) for r in rows]
         names = f"{unit} " + ", ".join(f"{r[0]} (row {p[2]}, col {p[3]})" for r, p in zip(rows, places))
-        names += f" ({sum(p[6] for p in places)} of {len(rows)} on a window edge)"
+        if stage != "vision.patch_embed":
+            names += f" ({sum(p[6] for p in places)} of {len(rows)} on a window edge)"
     if _by_token(stage):
         tids = [int(inputs["input_ids"][r[0], r[1]]) for r in rows]
         if len(set(tids)) == 1:

@@ -82,6 +82,9 @@ def test_vision_rows_are_patches():
         "1 of 64 patches come out all zero where the golden's are not: patch 5 (row 0, col 3) (1 of 1 on a window edge)"
         in said
     )
+    # the patch embedding runs before any window attention: no window is named there
+    embed = locate_rows("vision.patch_embed", rows, grid, CONFIG)
+    assert "patch 5 (row 0, col 3)" in embed and "window" not in embed
 
 
 def test_an_error_that_enters_at_one_token_says_where_it_starts():
