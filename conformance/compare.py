@@ -357,12 +357,18 @@ def loud_span(e: torch.Tensor) -> tuple[int, int]:
 
 def loud_spans(per_row: torch.Tensor, valid: torch.Tensor) -> list[list[int]]:
     """For each sequence b of per-row errors [B, L] whose error starts after its first valid token or ends
-    before its last: [b, first loud token, last loud token, quiet valid tokens before, quiet ones after]."""
+    before its last: [b, first loud token, last loud token, quiet valid tokens before, quiet ones after]. A
+    sequence that is quiet as a whole (its mean error QUIET times below the loudest sequence's) holds no
+    error to place: its spans would be the shape of its noise."""
     out = []
+    means = [
+        per_row[b, valid[b].bool()].mean() if valid[b].any() else per_row.new_zeros(()) for b in range(per_row.shape[0])
+    ]
+    loudest = max(means) if means else 0
     for b in range(per_row.shape[0]):
         idx = valid[b].nonzero().flatten()
         e = per_row[b, idx]
-        if idx.numel() < 2 or not bool((e > 0).any()):
+        if idx.numel() < 2 or not bool((e > 0).any()) or means[b] * QUIET <= loudest:
             continue
         s, t = loud_span(e)
         if s > 0 or t < idx.numel():
