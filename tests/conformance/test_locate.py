@@ -266,3 +266,12 @@ def test_the_frames_of_a_video_that_hold_the_error_are_said_when_the_others_are_
     assert locate_frames("text.layer.0", g, x, None, inputs, CONFIG) == ""
     assert locate_frames("text.layer.0", g, x, None, {"input_ids": ids}, CONFIG) == ""  # no video
     assert locate_frames("text.layer.0", g, x[:, :20], None, inputs, CONFIG) == ""  # not the golden's shape
+
+
+def test_a_batch_row_at_noise_is_given_no_span():
+    """Row 0 right (noise only), row 1 wrong on tokens 10 to 20: only row 1's span is said."""
+    g = _hidden(2, 40, 16)
+    x = g + 1e-7 * _hidden(2, 40, 16, seed=5)
+    x[1, 10:21] += 1.0
+    said = locate_rows("text.inputs_embeds", compare.error_rows(g, x), {"input_ids": _ids(2, 40)}, CONFIG)
+    assert "the error in row 1 sits in token 10" in said and "in row 0" not in said
