@@ -129,6 +129,44 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def image_file_bytes(h: int, w: int, seed: int, form: str = "rgb") -> bytes:
+    """A PNG of synthetic_image(h, w, seed) as displayed, in one of the forms a user's file comes in (the spec
+    reads each to uint8 [h, w, 3], spec/image.py):
+      rgb      plain RGB;
+      rgba     RGBA, alpha 0 on the left quarter, a ramp 0..255 across the middle half, opaque on the right:
+               composited over white, so a port that drops alpha sees the hidden colour;
+      palette  'P' with a transparency key (tRNS): 16 colours, index 3 transparent (a dark red, white when
+               composited) on a band of rows;
+      exif6    RGB stored rotated, w x h, with EXIF orientation 6 (an eXIf chunk): turned upright it is h x w,
+               so a port that ignores EXIF sees a w x h image, another grid."""
+    from PIL import Image
+
+    img = synthetic_image(h, w, seed)
+    if form == "rgb":
+        return png_bytes(img)
+    buf = io.BytesIO()
+    if form == "rgba":
+        alpha = np.clip((np.arange(w) - w / 4) * 255.0 / (w / 2), 0, 255).round().astype(np.uint8)
+        rgba = np.concatenate([img, np.broadcast_to(alpha[None, :, None], (h, w, 1))], -1)
+        Image.fromarray(np.ascontiguousarray(rgba), "RGBA").save(buf, format="PNG", compress_level=0)
+    elif form == "palette":
+        palette = rng(seed).integers(0, 256, size=(16, 3)).astype(np.uint8)
+        palette[3] = (120, 0, 0)  # the transparent entry: far from white
+        index = (img.astype(np.int64).sum(-1) * 16 // (3 * 256)).astype(np.uint8)
+        index[h // 3 : h // 3 + max(h // 4, 1)] = 3
+        pal = Image.fromarray(index, "P")
+        pal.putpalette(palette.reshape(-1).tolist())
+        pal.save(buf, format="PNG", compress_level=0, transparency=3)
+    elif form == "exif6":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+        stored = np.ascontiguousarray(np.rot90(img, k=1))  # [w, h, 3]: the display turned back
+        Image.fromarray(stored).save(buf, format="PNG", compress_level=0, exif=exif.tobytes())
+    else:
+        raise ValueError(f"image form {form!r} is not one of rgb, rgba, palette, exif6")
+    return buf.getvalue()
+
+
 def ref(name: str) -> dict:
     return {"$tensor": name}
 
@@ -400,6 +438,20 @@ CONVERSATIONS = [
     ),
     ("no generation prompt", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], False, False),
     ("typed pad token", [{"role": "user", "content": "the text <|image_pad|> is not an image"}], True, False),
+    (
+        # the ids count over the whole conversation: Picture 2 and 3 in the third message, not Picture 1 and 2
+        "vision ids over several messages",
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "First."}]},
+            {"role": "assistant", "content": "Seen."},
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}, {"type": "video"}],
+            },
+        ],
+        True,
+        True,
+    ),
 ]
 
 
@@ -456,7 +508,8 @@ def case_exact_prompt(spec: SpecAdapter, tokenizer_dir: str):
         for k, t in enumerate(texts)
     ]
     return {
-        "description": "chat template renderings, vision pad expansion and token ids",
+        "description": "chat template renderings (vision ids counted over several messages), vision pad expansion "
+        "and token ids",
         "stages": {"fn.render_chat": chats, "fn.expand_vision_tokens": expand, "fn.tokenize": toks},
         "tensors": {},
         "tokenizer": f"../{CHECKPOINT}",
@@ -536,6 +589,14 @@ def case_exact_positions(spec: SpecAdapter):
         None,
     )
     add("beyond 16k positions", [_text(16500) + _span(IMG, (1, 8, 8)) + _text(20)], [[1, 8, 8]], None, None)
+    # the padded row has no image: its rope_deltas are minus its padding (-6), not 0
+    add(
+        "left-padded batch, the padded row text only",
+        [_text(3) + _span(IMG, (1, 4, 4)) + _text(2), _text(5)],
+        [[1, 4, 4]],
+        None,
+        None,
+    )
     items = []
     for k, (label, ids, mask, ig, vg, spg) in enumerate(rows):
         pos, deltas = spec.rope_index(
@@ -614,7 +675,8 @@ def case_exact_positions(spec: SpecAdapter):
         )
     return {
         "description": "MRoPE position ids and rope_deltas (images, mid-prompt, videos at several rates, "
-        "multi-turn, left-padded batches, > 16k positions), decode positions, rotary tables",
+        "multi-turn, left-padded batches, the padded row with an image and text only, > 16k positions), decode "
+        "positions, rotary tables",
         "stages": {"fn.rope_index": items, "fn.decode_positions": dec, "fn.mrope_cos_sin": cs},
         "tensors": tensors,
     }
@@ -847,6 +909,51 @@ MODEL_CASES = {
         "images": [(84, 140, 6)],  # seed 6: every greedy step is picked by >= 0.082 logit
         **_clip(frames=4, fps=2.0),
     },
+    "model_media_forms": {
+        "description": "a left-padded batch of 2: row 0 holds three image files in the forms users send, an RGBA "
+        "PNG with partly transparent pixels and a palette PNG with a transparency key (both composited over white: "
+        "a port that drops alpha sees the hidden colours) and a PNG stored 56x140 with EXIF orientation 6 (upright "
+        "140x56, grid 10x4: a port that ignores EXIF gets grid 4x10); row 1 is text only and the shorter, so its "
+        "padding sits before a row with no image (rope_deltas minus its padding, not 0); the case's eos list is "
+        "[151645, 104399, 138093], the tokens rows 0 and 1 pick at step 2, neither the pad id 151643: each row keeps "
+        "its eos and the run ends there, 3 tokens (a port that stops only on 151643/151645, drops the eos, returns "
+        "the pad in its place or stops one step late fails)",
+        "conversations": [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Three pictures:"},
+                        {"type": "image"},
+                        {"type": "image"},
+                        {"type": "image"},
+                        {"type": "text", "text": "Which one is turned?"},
+                    ],
+                }
+            ],
+            [{"role": "user", "content": "Say hi."}],
+        ],
+        # seed 31 (of 31 to 37 searched): each step up to the eos is picked by >= 0.093 logit. Both rows stop at
+        # the same step: a row padded after a non-pad eos fails compare._bad_topk (its top-k lacks the pad)
+        "images": [(84, 112, 31, "rgba"), (56, 84, 32, "palette"), (140, 56, 33, "exif6")],
+        "videos": [],
+        "options": {},
+        "eos_token_id": [151645, 104399, 138093],
+    },
+    "model_large_image": {
+        "description": "one 1008x1120 image (1.13 Mpx, grid 72x80, 1440 image tokens) and no pixel budget in the "
+        "request: the preprocessor config's default (3136..12845056) keeps its size; a port whose default "
+        "max_pixels is 1280 x 28 x 28 = 1003520 shrinks it to 924x1036 (grid 66x74)",
+        # not bundled (python -m qwen25vl.tools.generate_fixtures --out DIR --only model_large_image): its
+        # pixel_values alone are 27 MB, past the bundled fixtures' 63 MB cap
+        "bundled": False,
+        "conversations": [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}]
+        ],
+        "images": [(1008, 1120, 41)],
+        "videos": [],
+        "options": {},
+    },
     "model_outliers": {
         "description": "one 112x168 image on the tied checkpoint, whose vision tower carries 20480 in one residual "
         "channel of every patch from block 0's MLP on (the real 3B carries 2.3e4 by block 31), undone by the later "
@@ -948,8 +1055,8 @@ def write_model(
     ref = Reference(str(ck), loaded=loaded)
     files: dict = {}
     images, videos = [], []
-    for k, (h, w, seed) in enumerate(spec_case["images"]):
-        files[f"media/image{k}.png"] = png_bytes(synthetic_image(h, w, seed))
+    for k, (h, w, seed, *form) in enumerate(spec_case["images"]):
+        files[f"media/image{k}.png"] = image_file_bytes(h, w, seed, *form)
         images.append(f"media/image{k}.png")
     for v, vid in enumerate(spec_case["videos"]):
         if "file" in vid:
@@ -1002,7 +1109,8 @@ def write_model(
     top = logits.topk(TOPK_STORED, dim=-1)
     files["logits_topk.safetensors"] = {"values": top.values.to(torch.float32), "indices": top.indices}
 
-    eos = stop_token_ids(ck)  # generation_config.json's list: [151645, 151643]
+    # generation_config.json's list, [151645, 151643], unless the case names its own
+    eos = spec_case.get("eos_token_id") or stop_token_ids(ck)
     new = generate_greedy(gold.params, gold.config, inputs, MAX_NEW_TOKENS, eos_token_id=eos)
     step = gold.step_logits(inputs, new).double()  # [B, n, V]
     step_top = step.topk(compare.TOPK, dim=-1)
@@ -1113,12 +1221,14 @@ def generate(out: str | Path, only: str | None = None) -> list[str]:
 
 
 def _generate(out: Path, only: str | None) -> list[str]:
-    names = list(EXACT_CASES) + list(MODEL_CASES)
+    bundled = [n for n in MODEL_CASES if MODEL_CASES[n].get("bundled", True)]  # the others only by name
+    names = list(EXACT_CASES) + bundled
     if only == "exact":
         names = list(EXACT_CASES)
     elif only == "model":
-        names = list(MODEL_CASES)
+        names = bundled
     elif only:
+        names = list(EXACT_CASES) + list(MODEL_CASES)
         names = [n for n in names if re.fullmatch(only, n)]
         if not names:
             raise ValueError(f"--only {only!r} matches no case; cases are {list(EXACT_CASES) + list(MODEL_CASES)}")

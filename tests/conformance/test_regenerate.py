@@ -45,8 +45,9 @@ def test_exact_cases_regenerate(tmp_path):
     assert not problems, "\n".join(problems)
 
 
-# an image, text only on the tied checkpoint, and a video file (compared by its decoded frames)
-@pytest.mark.parametrize("case", ["model_image", "model_text", "model_video_file"])
+# an image, text only on the tied checkpoint, a video file (compared by its decoded frames), and image files
+# with alpha, a transparency key and EXIF (PNG bytes, compared byte for byte)
+@pytest.mark.parametrize("case", ["model_image", "model_text", "model_video_file", "model_media_forms"])
 def test_numeric_case_regenerates(tmp_path, case):
     out = _regenerate(tmp_path, case)
     problems = _differences(out / case, FIXTURES / case)
@@ -151,3 +152,29 @@ def test_a_video_is_compared_by_its_decoded_frames_and_rate(tmp_path):
     assert content_difference(_clip(tmp_path / "moved.mov", moved, 5), committed) == "clip.mov: decoded frame 3 differs"
     assert "frames per second" in content_difference(_clip(tmp_path / "slow.mov", frames, 4), committed)
     assert "frames [4, 28, 42, 3]" in content_difference(_clip(tmp_path / "short.mov", frames[:4], 5), committed)
+
+
+def test_the_image_file_forms_hold_what_they_claim():
+    """Each form of generate_fixtures.image_file_bytes, read by the spec, is the displayed image; read the naive way
+    (Pillow's convert("RGB"), no EXIF) it is not: the fixture tells the two apart."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from qwen25vl.spec.image import load_image
+
+    shown = generate_fixtures.synthetic_image(140, 56, 5)
+    naive = {}
+    for form in ("rgb", "rgba", "palette", "exif6"):
+        data = generate_fixtures.image_file_bytes(140, 56, 5, form)
+        assert load_image(data).shape == (140, 56, 3), form
+        naive[form] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert (load_image(generate_fixtures.image_file_bytes(140, 56, 5, "rgb")) == shown).all()
+    assert (load_image(generate_fixtures.image_file_bytes(140, 56, 5, "exif6")) == shown).all()
+    assert naive["exif6"].shape == (56, 140, 3)  # stored turned: EXIF ignored, another grid
+    rgba = load_image(generate_fixtures.image_file_bytes(140, 56, 5, "rgba"))
+    assert (rgba[:, :14] == 255).all() and (rgba[:, -14:] == shown[:, -14:]).all()  # alpha 0 -> white; opaque kept
+    assert (naive["rgba"][:, :14] == shown[:, :14]).all()  # alpha dropped: the hidden colour
+    palette = load_image(generate_fixtures.image_file_bytes(140, 56, 5, "palette"))
+    band = slice(140 // 3, 140 // 3 + 35)
+    assert (palette[band] == 255).all() and (naive["palette"][band] == (120, 0, 0)).all()  # the tRNS key
