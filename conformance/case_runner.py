@@ -28,7 +28,7 @@ from .conversions import GIVEN
 from .diagnosis import Diagnosis, join_notes, name_mistakes
 from .fixtures import FixtureError, load_case, request_media
 from .golden import Checkpoint
-from .locate import locate, locate_frames, locate_kinds
+from .locate import locate, locate_channels, locate_frames, locate_kinds, locate_worst
 from .mistakes import LOCK as MISTAKES_LOCK
 from .mistakes import for_stage
 from .precision import Profile
@@ -295,7 +295,7 @@ class CaseRunner:
         # preprocessing, from the request (conversation + media files)
         pre = [s for s in names if s.startswith("preprocess.")]
         if pre:
-            out += self._preprocess(case, request, inputs, pre)
+            out += self._preprocess(case, request, inputs, pre, ck.config)
 
         # the model, end to end
         model_names = [s for s in names if not s.startswith("preprocess.") and s != "generate.tokens"]
@@ -393,7 +393,7 @@ class CaseRunner:
             )
             self._prepared = str(ck.folder)
 
-    def _preprocess(self, case, request, inputs, names) -> list[StageResult]:
+    def _preprocess(self, case, request, inputs, names, config) -> list[StageResult]:
         built: dict = {}  # catalogue entry -> its build_inputs, made when a stage fails
         t0 = time.perf_counter()
         try:
@@ -442,6 +442,8 @@ class CaseRunner:
                 continue
             else:
                 v = stages.info(s).tolerance.tensor(g, x, control=None, dtype=self.dtype)
+                if v.status == "fail" and v.values.get("worst") is not None:  # the patch, channel and pixel
+                    v.where += locate_worst(s, v.values["worst"], inputs, config) + locate_channels(s, g, x, config)
                 if key == "pixel_values" and isinstance(x, torch.Tensor) and x.is_floating_point():
                     self._port_pixels = x
                 if key == "input_ids":

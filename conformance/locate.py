@@ -22,6 +22,8 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
     whether it sits on a window edge; for a text stage the token and whether it is a vision pad.
     config: the checkpoint's (window size in patches, the pad token ids)."""
     try:
+        if stage in _PIXEL_GRIDS:
+            return _pixel(worst, inputs, config, _PIXEL_GRIDS[stage])
         if stage.startswith("vision.") and stage != "vision.merger":
             item, frame, row, col, h, w, edge = _patch(worst[0], inputs, config)
             said = f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid"
@@ -38,10 +40,30 @@ def locate_worst(stage: str, worst: list[int], inputs: dict, config: Qwen25VLCon
     return ""
 
 
-def _item_of(r: int, inputs: dict, merge: int) -> tuple[int, int, torch.Tensor]:
+# the preprocessed pixels: their rows are one kind's patches, in the vision stages' order
+_PIXEL_GRIDS = {"preprocess.pixel_values": ("image_grid_thw",), "preprocess.pixel_values_videos": ("video_grid_thw",)}
+
+
+def _pixel(worst: list[int], inputs: dict, config: Qwen25VLConfig, grids: tuple[str, ...]) -> str:
+    """' = item 0 frame 1 patch (row 4, col 3) of a 8x10 grid: channel 2 (blue) of its frame 1, pixel (5, 9)':
+    a pixel_values row is one patch, its columns [channel, temporal frame, y, x] (spec/image.py patchify)."""
+    v = config.vision
+    item, frame, row, col, h, w, _ = _patch(worst[0], inputs, config, grids)
+    ch, rest = divmod(worst[1], v.temporal_patch_size * v.patch_size**2)
+    t, rest = divmod(rest, v.patch_size**2)
+    colour = f" ({('red', 'green', 'blue')[ch]})" if v.in_chans == 3 else ""
+    return (
+        f" = item {item} frame {frame} patch (row {row}, col {col}) of a {h}x{w} grid: channel {ch}{colour} of its "
+        f"frame {t}, pixel {divmod(rest, v.patch_size)}"
+    )
+
+
+def _item_of(
+    r: int, inputs: dict, merge: int, grids: tuple[str, ...] = ("image_grid_thw", "video_grid_thw")
+) -> tuple[int, int, torch.Tensor]:
     """Row r of a vision stage whose rows are the items' patches (merge 1) or merged tokens (merge 2), the
-    images first: (item, r's index inside it, the grid of every item [k, 3])."""
-    grid = torch.cat([inputs[k] for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None])
+    images first: (item, r's index inside it, the grid of every item [k, 3]). grids: the kinds the rows hold."""
+    grid = torch.cat([inputs[k] for k in grids if inputs.get(k) is not None])
     sizes = (grid.prod(-1) // merge**2).tolist()
     item, start = 0, 0
     while r >= start + sizes[item]:
@@ -50,10 +72,12 @@ def _item_of(r: int, inputs: dict, merge: int) -> tuple[int, int, torch.Tensor]:
     return item, r - start, grid
 
 
-def _patch(p: int, inputs: dict, config: Qwen25VLConfig) -> tuple[int, int, int, int, int, int, bool]:
+def _patch(
+    p: int, inputs: dict, config: Qwen25VLConfig, grids: tuple[str, ...] = ("image_grid_thw", "video_grid_thw")
+) -> tuple[int, int, int, int, int, int, bool]:
     """Patch p of a vision stage's rows: (item, frame, row, col, grid h, grid w, on a window edge)."""
     window = config.vision.window_size // config.vision.patch_size  # patches per window side
-    item, at, grid = _item_of(p, inputs, 1)
+    item, at, grid = _item_of(p, inputs, 1, grids)
     t, h, w = grid[item].tolist()
     frame = at // (h * w)
     row, col = vision_rotary_positions(grid[item : item + 1])[at].tolist()
@@ -297,3 +321,31 @@ def locate_frames(stage: str, golden, got, mask, inputs: dict, config: Qwen25VLC
         if _by_token(stage) and quiet == [0]:
             out += ", so what differs is nothing at time 0 and something after it, as a time position is"
     return out
+
+
+def locate_channels(stage: str, golden, got, config: Qwen25VLConfig) -> str:
+    """For failing pixels [P, C*T*p*p]: the colour channels that hold the error when the others are quiet,
+    '; the error is in channels 0 (red), 2 (blue): channel 1 (green) is quiet (...)', the mark of swapped
+    channels (BGR) or one channel's mean and std. '' when every channel is loud or the shapes differ."""
+    try:
+        c = config.vision.in_chans
+        if stage not in _PIXEL_GRIDS or tuple(got.shape) != tuple(golden.shape) or golden.shape[-1] % c:
+            return ""
+        diff = (torch.as_tensor(got).double() - golden.double()).reshape(golden.shape[0], c, -1)
+    except (AttributeError, RuntimeError, TypeError):
+        return ""
+    per = diff.pow(2).mean((0, 2)).tolist()
+    loud = max(per)
+    quiet = [k for k, e in enumerate(per) if e * QUIET <= loud]
+    if not quiet or loud == 0:
+        return ""
+    names = ("red", "green", "blue") if c == 3 else tuple(str(k) for k in range(c))
+
+    def said(ks):
+        return ", ".join(f"{k} ({names[k]})" for k in ks)
+
+    loud_ks = [k for k in range(c) if k not in quiet]
+    return (
+        f"; the error is in channel{'s' * (len(loud_ks) > 1)} {said(loud_ks)}: channel{'s' * (len(quiet) > 1)} "
+        f"{said(quiet)} {'are' if len(quiet) > 1 else 'is'} quiet (mean squared error <= {1 / QUIET:.0%} of the loudest's)"
+    )

@@ -275,3 +275,23 @@ def test_a_batch_row_at_noise_is_given_no_span():
     x[1, 10:21] += 1.0
     said = locate_rows("text.inputs_embeds", compare.error_rows(g, x), {"input_ids": _ids(2, 40)}, CONFIG)
     assert "the error in row 1 sits in token 10" in said and "in row 0" not in said
+
+
+def test_a_pixel_is_named_by_patch_channel_and_place_and_swapped_channels_are_said():
+    """preprocess.pixel_values rows are patches, columns [channel, frame, y, x]: a BGR port shows its error in
+    channels 0 and 2 with channel 1 quiet."""
+    from qwen25vl.conformance.locate import locate_channels, locate_worst
+
+    v = CONFIG.vision
+    width = v.in_chans * v.temporal_patch_size * v.patch_size**2
+    inputs = {"image_grid_thw": torch.tensor([[1, 4, 4]])}
+    col = (2 * v.temporal_patch_size + 1) * v.patch_size**2 + 3 * v.patch_size + 5  # blue, frame 1, (3, 5)
+    said = locate_worst("preprocess.pixel_values", [6, col], inputs, CONFIG)
+    assert said.endswith(": channel 2 (blue) of its frame 1, pixel (3, 5)") and "of a 4x4 grid" in said
+    g = _hidden(16, width)
+    bgr = g.reshape(16, v.in_chans, -1).flip(1).reshape(16, width)
+    assert locate_channels("preprocess.pixel_values", g, bgr, CONFIG) == (
+        "; the error is in channels 0 (red), 2 (blue): channel 1 (green) is quiet (mean squared error <= 1% of the "
+        "loudest's)"
+    )
+    assert locate_channels("preprocess.pixel_values", g, g + 0.1 * _hidden(16, width, seed=2), CONFIG) == ""
