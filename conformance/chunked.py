@@ -117,6 +117,12 @@ def chunked_result(runner, case, inputs: dict, ck, unchunked: StageResult | None
     if v.status == "fail":
         if unchunked is not None and unchunked.status == "pass":
             note = "the same prompt prefilled at once passes: the chunking changes the answer"
+        if not vision_spans(inputs["input_ids"], ck.config):  # text only: no vision feature, no vision position
+            text_only = (
+                "the prompt is text only, so neither vision features nor vision positions are involved: what "
+                "is left is each chunk's attention to the earlier chunks' cache, its mask, or its positions' offset"
+            )
+            note = f"{note}; {text_only}" if note else text_only
         found = runner._name_mistakes(
             STAGE,
             lambda m: answer(runner._variant(ck, m)),

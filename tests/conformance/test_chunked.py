@@ -103,3 +103,11 @@ def test_state_chunked_is_a_stage_the_command_line_selects(tmp_path, capsys):
     argv = ["conform", "--target", "spec", "--cases", "model_thin", "--stages", "state.chunked", "--json", str(out)]
     assert cli.main(argv) == 0, capsys.readouterr().err
     assert {r["stage"] for r in json.loads(out.read_text())["results"]} == {"state.chunked"}
+
+
+def test_a_chunk_bug_on_a_text_only_prompt_rules_out_vision():
+    """On model_text the chunking cannot touch vision features or positions: the note says what is left."""
+    r = run(ChunkPositionsFromStart("float32"), "model_text$")[("model_text", "state.chunked")]
+    assert r.status == "fail" and "the prompt is text only" in r.note and "earlier chunks' cache" in r.note, r
+    image = run(ChunkPositionsFromStart("float32"), "model_image$")[("model_image", "state.chunked")]
+    assert "text only" not in image.note
