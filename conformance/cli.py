@@ -262,6 +262,12 @@ def conform(argv: list[str]) -> int:
         _check_output_path("--json", args.json)
         _check_output_path("--junit", args.junit)
         _check_output_path("--draft-expectations", args.draft_expectations)
+        outputs = [(k, os.path.realpath(v)) for k, v in (("--json", args.json), ("--junit", args.junit),
+                   ("--draft-expectations", args.draft_expectations)) if v]  # fmt: skip
+        for i, (k, path) in enumerate(outputs):
+            same = next((k2 for k2, p2 in outputs[i + 1 :] if p2 == path), None)
+            if same:
+                raise ValueError(f"{k} and {same} name the same file {path}: one would overwrite the other")
         _check_device(args.device)
         profile = (
             None if args.profile is None else Profile.parse(args.profile, args.dtype or "float32", source="--profile")

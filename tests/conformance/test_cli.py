@@ -223,6 +223,7 @@ def test_pytest_plugin_holds_the_chunked_prefill_of_a_model_case(tmp_path):
         (["--tp", "2", "--target", "spec"], "--tp 2 shards qwen25vl.impl; target 'spec' is not impl"),
         (["--tp", "2", "--jobs", "2"], "--tp 2 runs the cases in the ranks' own processes: drop --jobs"),
         (["--tp", "2"], "--tp 2 must run under `torchrun --nproc-per-node 2` (WORLD_SIZE is 1)"),
+        (["--json", "r.out", "--junit", "./r.out"], "--json and --junit name the same file"),
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(capsys, argv, says):
