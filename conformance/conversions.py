@@ -12,6 +12,8 @@ videos; positions [3, B, L]; rope_deltas [B, 1] against the padded length.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..spec.windows import window_partition, window_row_order
@@ -70,16 +72,25 @@ def row_lengths(attention_mask: torch.Tensor) -> list[int]:
     return [int(n) for n in attention_mask.sum(-1)]
 
 
-def place_rows(rows: list[torch.Tensor], attention_mask: torch.Tensor, where: list[str]) -> torch.Tensor:
+def place_rows(
+    rows: list[torch.Tensor], attention_mask: torch.Tensor, where: list[str], *, width=None, meaning: str = ""
+) -> torch.Tensor:
     """Per-row values [L_i, ...] over each row's real tokens -> [B, L, ...] at the mask's real positions
-    (left padding: the last L_i slots of row i); padded slots are 0 (masked out when judged)."""
+    (left padding: the last L_i slots of row i); padded slots are 0 (masked out when judged).
+    width: the size(s) of the trailing axes when known (C, V), so a wrong one is named against them;
+    None: the first row's trailing axes, and every row must have the same."""
     B, L = attention_mask.shape
     if len(rows) != B:
         raise ConversionError(f"{where[0] if where else 'rows'}: {len(rows)} rows given, the batch has {B}")
-    tail = rows[0].shape[1:]
-    out = rows[0].new_zeros((B, L, *tail))
+    tail = (width,) if isinstance(width, int) else tuple(width) if width is not None else None
     for i, (r, n) in enumerate(zip(rows, row_lengths(attention_mask))):
-        _expect_shape(r, (n, *tail), where[i], f"row {i}'s {n} real tokens, no padding")
+        want = (n, *(tail if tail is not None else (None,) * max(r.dim() - 1, 0)))
+        _expect_shape(r, want, where[i], f"row {i}'s {n} real tokens, no padding{meaning}")
+    tail = tail if tail is not None else tuple(rows[0].shape[1:])
+    for i, r in enumerate(rows):
+        _expect_shape(r, (r.shape[0], *tail), where[i], f"the trailing axes of row 0, {list(tail)}")
+    out = rows[0].new_zeros((B, L, *tail))
+    for i, r in enumerate(rows):
         out[i, attention_mask[i].bool()] = r
     return out
 
@@ -113,12 +124,21 @@ def vision_row_items(input_ids: torch.Tensor, grid_thw, token_id: int, merge_siz
 
 
 def place_vision_rows(
-    rows: list[torch.Tensor | None], image_items, video_items, image_grid, video_grid, where: list[str], *, per: int
+    rows: list[torch.Tensor | None],
+    image_items,
+    video_items,
+    image_grid,
+    video_grid,
+    where: list[str],
+    *,
+    per: int,
+    width: int | None = None,
+    meaning: str = "",
 ) -> torch.Tensor:
     """Per-row vision values (row i: its images' rows, then its videos', in pixel_values order) ->
     [P, ...] in the canonical order (the images of every row, then the videos). image_items /
     video_items: vision_row_items. `per`: grid cells per row of the value (1 for patch rows, m² for
-    vision.merger's tokens)."""
+    vision.merger's tokens). width: the row width when known (Cv, C), named in a wrong shape."""
     sizes = {
         kind: [g[0] * g[1] * g[2] // per for g in ([] if grid is None else grid.tolist())]
         for kind, grid in (("image", image_grid), ("video", video_grid))
@@ -131,18 +151,23 @@ def place_vision_rows(
             if n_img + n_vid:
                 raise ConversionError(f"{where[i]}: absent, but row {i} has {n_img + n_vid} vision rows")
             continue
-        _expect_shape(r, (n_img + n_vid, None), where[i], f"row {i}'s {n_img} image + {n_vid} video rows")
+        want = (n_img + n_vid, width)
+        _expect_shape(r, want, where[i], f"row {i}'s {n_img} image + {n_vid} video rows{meaning}")
         images.append(r[:n_img])
         videos.append(r[n_img:])
+    if not images:
+        raise ConversionError(f"{where[0]}: no row gives a value")
     return torch.cat(images + videos)
 
 
-def unpermute_windows(x: torch.Tensor, grid_thw, *, window_size: int, patch_size: int, merge_size: int, where: str):
+def unpermute_windows(
+    x: torch.Tensor, grid_thw, *, window_size: int, patch_size: int, merge_size: int, where: str, width=None
+):
     """Vision rows [P, C] in window order (the order the encoder runs its blocks in: spec
     window_partition's window_index, in units of m² patch rows) -> pixel_values row order."""
     index, _, _ = window_partition(grid_thw, window_size=window_size, patch_size=patch_size, merge_size=merge_size)
     order = window_row_order(index, merge_size)  # [P]: place i holds pixel row order[i]
-    _expect_shape(x, (len(order), None), where, "patch rows of grid_thw in window order")
+    _expect_shape(x, (len(order), width), where, "patch rows of grid_thw in window order")
     return x[torch.argsort(order)]
 
 
@@ -206,22 +231,72 @@ def place_last_logits(last: torch.Tensor, attention_mask: torch.Tensor, where: s
     return full, given
 
 
-def pad_generated(rows: list, eos_ids, pad_id: int, where: str, *, fill=None) -> torch.Tensor:
-    """Generated rows of different lengths -> [B, n]. A row shorter than the longest must end in one of
-    eos_ids (it stopped); it is filled with pad_id after it, as the reference does. `fill` given:
-    rows are per-step lists (top-k ids or log-probs, [n_i, k]), extended with steps of k x `fill`."""
+def _token_id(x, where: str, at: str, vocab_size: int | None) -> int:
+    """A JSON integer that is a token id (0 <= id < vocab_size), else ConversionError saying which."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise ConversionError(f"{where}: {at}: {_short(x)} is not an integer token id (a JSON integer, no fraction)")
+    x = int(x)
+    if x < 0 or (vocab_size is not None and x >= vocab_size):
+        limit = f"0 <= id < vocab_size {vocab_size}" if vocab_size is not None else "ids are >= 0"
+        raise ConversionError(f"{where}: {at}: id {x} is not a token id ({limit})")
+    return x
+
+
+def _short(x) -> str:
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _step_table(r, where: str, at: str, k: int | None, check) -> list:
+    """One row of a per-step table ([n_i, k]): each step a list of k values, each checked."""
+    if not isinstance(r, list):
+        raise ConversionError(f"{where}: {at} is {type(r).__name__}, expected a list of steps")
+    out = []
+    for t, step in enumerate(r):
+        if not isinstance(step, list) or (k is not None and len(step) != k):
+            want = f"a list of {k} values" if k is not None else "a list"
+            raise ConversionError(f"{where}: {at} step {t}: expected {want}, got {_short(step)}")
+        out.append([check(x, f"{at} step {t}") for x in step])
+    return out
+
+
+def _log_prob(x, where: str, at: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ConversionError(f"{where}: {at}: {_short(x)} is not a number")
+    return float(x)
+
+
+def pad_generated(rows: list, eos_ids, pad_id: int, where: str, *, fill=None, vocab_size: int | None = None):
+    """Generated rows of different lengths -> [B, n], n the longest row: the reference's own layout
+    (spec generate_greedy stops when every row has stopped or after max_new_tokens, and fills a row
+    with pad_id after its eos). A row shorter than the longest must end in one of eos_ids (it stopped).
+    Token ids must be JSON integers in 0 <= id < vocab_size (when given); a float, even 39784.0, is
+    refused, naming the row and step. `fill` given: rows are per-step tables (top-k ids or log-probs,
+    [n_i, k]), extended with steps of k x `fill`; ids are checked as tokens, log-probs as numbers."""
     if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
         raise ConversionError(f"{where}: expected a list of rows, each a list")
     n = max((len(r) for r in rows), default=0)
     if fill is not None:
-        k = next((len(r[0]) for r in rows if r), 0)
-        return torch.tensor([r + [[fill] * k] * (n - len(r)) for r in rows])
+        k = next((len(r[0]) for r in rows if r and isinstance(r[0], list)), 0)
+        if isinstance(fill, numbers.Integral) and not isinstance(fill, bool):
+
+            def check(x, at):
+                return _token_id(x, where, at, vocab_size)
+
+        else:
+
+            def check(x, at):
+                return _log_prob(x, where, at)
+
+        tables = [_step_table(r, where, f"row {i}", k, check) for i, r in enumerate(rows)]
+        return torch.tensor([r + [[fill] * k] * (n - len(r)) for r in tables]).reshape(len(rows), n, k)
     out = []
     for i, r in enumerate(rows):
-        if len(r) < n and (not r or int(r[-1]) not in set(eos_ids)):
+        ids = [_token_id(x, where, f"row {i} step {t}", vocab_size) for t, x in enumerate(r)]
+        if len(ids) < n and (not ids or ids[-1] not in set(eos_ids)):
             raise ConversionError(
-                f"{where}: row {i} has {len(r)} tokens and does not end in an eos id {list(eos_ids)}; "
+                f"{where}: row {i} has {len(ids)} tokens and does not end in an eos id {list(eos_ids)}; "
                 f"the longest row has {n} (only a row that stopped may be shorter)"
             )
-        out.append([int(x) for x in r] + [pad_id] * (n - len(r)))
-    return torch.tensor(out, dtype=torch.int64)
+        out.append(ids + [pad_id] * (n - len(ids)))
+    return torch.tensor(out, dtype=torch.int64).reshape(len(rows), n)

@@ -3,6 +3,8 @@ port written from the document alone (numpy_port/port.py) judged through the fil
 
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,6 +105,7 @@ def test_numpy_port_passes_every_model_case_through_the_conversions(ported, tmp_
         "model_video_budget",
         "model_outliers",
         "model_video_image",
+        "model_media_forms",
     }
     assert all(r["status"] == "pass" for r in model), [(r["case"], r["stage"], r["metric"]) for r in model]
     stages = {r["stage"] for r in model}
@@ -132,6 +135,8 @@ def test_a_chunked_generation_is_read_from_its_own_folder(ported, exported, tmp_
     tokens = out / "model_image@chunked" / "generate.tokens.json"
     answer = json.loads(tokens.read_text())
     answer["tokens"][0][1] = 17
+    answer.pop("topk", None)  # a top-k without the port's own pick is an error, not a divergence
+    answer.pop("topk_logprobs", None)
     tokens.write_text(json.dumps(answer))
     shutil.rmtree(out / "model_thin@chunked")
     code = cli.main(
@@ -203,8 +208,17 @@ def test_rows_are_placed_at_the_real_tokens_of_a_left_padded_batch():
     rows = [torch.tensor([[7.0]]), torch.tensor([[1.0], [2.0], [3.0]])]
     got = conversions.place_rows(rows, mask, ["r0", "r1"])
     assert got.tolist() == [[[0.0], [0.0], [7.0]], [[1.0], [2.0], [3.0]]]
-    with pytest.raises(ConversionError, match=r"r0: expected shape \[1, 1\] \(row 0's 1 real tokens, no padding\)"):
+    # the expected shape claims only what is known: the row's tokens, and the width when it is given
+    with pytest.raises(ConversionError, match=r"^r0: expected shape \[1, \*\] \(row 0's 1 real tokens, no padding\)"):
         conversions.place_rows([torch.ones(3, 1), rows[1]], mask, ["r0", "r1"])
+    with pytest.raises(
+        ConversionError, match=r"^r0: expected shape \[1, 1\] \(row 0's 1 real tokens, no padding\), got \[1, 3\]"
+    ):
+        conversions.place_rows([torch.ones(1, 3), rows[1]], mask, ["r0", "r1"], width=1)
+    with pytest.raises(
+        ConversionError, match=r"^r1: expected shape \[3, 1\] \(the trailing axes of row 0, \[1\]\), got \[3, 2\]"
+    ):
+        conversions.place_rows([rows[0], torch.ones(3, 2)], mask, ["r0", "r1"])
 
 
 def test_window_order_is_undone_exactly():
@@ -288,7 +302,7 @@ def test_port_json_declarations_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"port.json key 'positions': positions = 'yxt' is not a known convention"):
         FilesAdapter(str(tmp_path))
     (tmp_path / "port.json").write_text(json.dumps({"name": "p", "logit": "last"}))
-    with pytest.raises(ValueError, match=r"port.json: unknown key\(s\) \['logit'\]"):
+    with pytest.raises(ValueError, match=r"port.json: unknown key 'logit' \(did you mean logits\?\)"):
         read_port_json(tmp_path / "port.json")
     assert kit().CONVENTIONS == conversions.CONVENTIONS  # the vendored kit declares what the harness accepts
 
@@ -305,10 +319,13 @@ def test_a_row_that_does_not_fit_names_its_file_and_key(exported, tmp_path):
         )  # row 1: one too many
     adapter = FilesAdapter(str(tmp_path))
     adapter.begin_case(case)
-    with pytest.raises(
-        ConversionError, match=rf"rows/1\.safetensors key 'text\.norm': expected shape \[{lengths[1]}, 32\]"
-    ):
-        adapter.run(dict(inputs), capture=["text.norm"])
+    got = adapter.run(dict(inputs), capture=["text.norm"])["text.norm"]
+    assert isinstance(got, ConversionError)  # a value: the error of this stage alone
+    assert re.fullmatch(
+        rf"model_batch/rows/1\.safetensors key 'text\.norm': expected shape \[{lengths[1]}, 32\] "
+        rf"\(row 1's {lengths[1]} real tokens, no padding; C, hidden_size 32\), got \[{lengths[1] + 1}, 32\]",
+        str(got),
+    )
 
 
 # ---------------------------------------------------------------- the export and the numpy-only kit
@@ -381,3 +398,221 @@ def test_port_kit_round_trips_against_the_safetensors_package(tmp_path):
     (tmp_path / "short.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(ValueError, match="short.safetensors: too short"):
         qx.load_safetensors(tmp_path / "short.safetensors")
+
+
+# ---------------------------------------------------------------- a port's files that do not fit
+
+
+def _conform(out: Path, cases: str, report: Path, *extra) -> tuple[int, dict]:
+    argv = ["conform", "--target", f"files:{out}", "--cases", cases, "--no-diagnosis", "--json", str(report), *extra]
+    code = cli.main(argv)
+    return code, {(r["case"], r["stage"]): r for r in json.loads(report.read_text())["results"]}
+
+
+def test_each_key_of_a_row_file_is_judged_on_its_own(ported, tmp_path):
+    """Three bad keys in rows/0: each is the error of its own stage, named with the file, the key and the
+    shape the case asks for (L_i and C from case.json / config.json); every other stage passes."""
+    qx = kit()
+    out = tmp_path / "out"
+    shutil.copytree(ported, out)
+    row = out / "model_image" / "rows" / "0.safetensors"
+    d = qx.load_safetensors(row)
+    n, c = d["text.norm"].shape
+    p, cv = d["vision.block.2"].shape
+    d["text.norm"] = d["text.norm"].T.copy()  # [C, L_i]
+    d["vision.block.2"] = d["vision.block.2"][:-4].copy()
+    d["text.layer.1"] = d["text.layer.1"][None].copy()
+    d["vision.merger"] = np.round(d["vision.merger"]).astype(np.int64)
+    qx.save_safetensors(row, d)
+
+    case = load_case(FIXTURES / "model_image")
+    adapter = FilesAdapter(str(out))
+    adapter.begin_case(case)
+    capture = [s for s in case.stages if not s.startswith(("preprocess.", "generate."))]
+    got = adapter.run(dict(case.tensors("inputs.safetensors")), capture=capture)
+    at = "model_image/rows/0.safetensors key"
+    assert str(got["text.norm"]) == (
+        f"{at} 'text.norm': expected shape [{n}, {c}] (row 0's {n} real tokens, no padding; C, hidden_size {c}), "
+        f"got [{c}, {n}]"
+    )
+    assert str(got["text.layer.1"]).endswith(f"expected shape [{n}, {c}] (row 0's {n} real tokens, no padding; "
+                                              f"C, hidden_size {c}), got [1, {n}, {c}]")  # fmt: skip
+    assert str(got["vision.block.2"]).startswith(f"{at} 'vision.block.2': expected shape [{p}, {cv}]")
+    assert str(got["vision.merger"]) == f"{at} 'vision.merger': expected a floating-point tensor, got torch.int64"
+    bad = {"text.norm", "text.layer.1", "vision.block.2", "vision.merger"}
+    assert all(isinstance(v, torch.Tensor) for k, v in got.items() if k.split("@")[0] not in bad)
+
+    code, results = _conform(out, "model_image$", tmp_path / "r.json")
+    status = {s: r["status"] for (case_name, s), r in results.items() if case_name == "model_image"}
+    assert code == 1
+    assert {s for s, v in status.items() if v == "error"} == bad
+    assert {s for s, v in status.items() if v == "pass"} >= {"vision.block.0", "vision.block.3", "text.layer.0",
+                                                              "logits", "text.position_ids", "generate.tokens"}  # fmt: skip
+
+
+def test_a_misnamed_key_is_the_error_of_the_stage_it_meant(ported, tmp_path):
+    qx = kit()
+    out = tmp_path / "out"
+    shutil.copytree(ported, out)
+    row = out / "model_image" / "rows" / "0.safetensors"
+    d = qx.load_safetensors(row)
+    d["vision.blocks.0"] = d.pop("vision.block.0")
+    d["not.a.stage"] = np.zeros(3, np.float32)
+    qx.save_safetensors(row, d)
+    case = load_case(FIXTURES / "model_image")
+    adapter = FilesAdapter(str(out))
+    adapter.begin_case(case)
+    capture = [s for s in case.stages if not s.startswith(("preprocess.", "generate."))]
+    got = adapter.run(dict(case.tensors("inputs.safetensors")), capture=capture)
+    assert str(got["vision.block.0"]) == (
+        "unknown stage key 'vision.blocks.0' in model_image/rows/0.safetensors (did you mean vision.block.0?)"
+    )
+    said = [str(v) for v in got.values() if isinstance(v, ConversionError) and "'not.a.stage'" in str(v)]
+    assert len(said) == 1 and "no stage of this case is named so" in said[0]
+    code, results = _conform(out, "model_image$", tmp_path / "r.json", "--stages", "vision")
+    assert code == 1 and results[("model_image", "vision.block.0")]["status"] == "error"
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (b'{"tokens": [[32810, 39784,', r"not valid JSON: Expecting value at line 1 column 27 \(the file ends there"),
+        (b'{"tokens": [[1, 2]], "\xff\xfe": 1}', r"not UTF-8 text \(byte 22 is b'\\xff'\)"),
+        (b'{"tokens": ' + b"[" * 100000 + b"]" * 100000 + b"}", "JSON nested too deep to read"),
+        (b'{"tokens": [["a", null]]}', r"key 'tokens': row 0 step 0: 'a' is not an integer token id"),
+        (b'{"tokens": [[32810, null]]}', r"key 'tokens': row 0 step 1: None is not an integer token id"),
+        (b'{"tokens": [[1e999999, 32810]]}', r"key 'tokens': row 0 step 0: inf is not an integer token id"),
+        (b'{"tokens": [[32810, 39784.5]]}', r"key 'tokens': row 0 step 1: 39784.5 is not an integer token id"),
+        (b'{"tokens": [[32810, 39784.0]]}', r"key 'tokens': row 0 step 1: 39784.0 is not an integer token id"),
+        (b'{"tokens": [[32810, 39784, -5]]}', r"row 0 step 2: id -5 is not a token id \(0 <= id < vocab_size 152064\)"),
+        (b'{"tokens": [[152064]]}', r"row 0 step 0: id 152064 is not a token id \(0 <= id < vocab_size 152064\)"),
+        (b'{"tokens": [[1, 2]], "topk": [[[1, 2], [3, 4.5]]]}', r"key 'topk': row 0 step 1: 4.5 is not an integer"),
+        (b'{"tokens": [[1, 2]], "topk_logprobs": [[["x"], [0.0]]]}', r"key 'topk_logprobs': row 0 step 0: 'x' is not"),
+        (b'{"tokens": [[1, 2]], "topk_ids": []}', r"unknown key 'topk_ids' \(did you mean topk\?\)"),
+        (b'{"tokens": [[1, 2], [3]]}', r"key 'tokens': 2 rows, the batch has 1"),
+    ],
+)
+def test_a_malformed_tokens_file_is_named_with_what_is_wrong(tmp_path, content, said):
+    case = load_case(FIXTURES / "model_image")
+    (tmp_path / "model_image").mkdir()
+    (tmp_path / "model_image" / "generate.tokens.json").write_bytes(content)
+    adapter = FilesAdapter(str(tmp_path))
+    adapter.begin_case(case)
+    with pytest.raises(ConversionError, match=r"^model_image/generate\.tokens\.json:? .*" + said):
+        adapter.generate(dict(case.tensors("inputs.safetensors")), max_new_tokens=6, eos_token_id=[151645, 151643])
+
+
+def test_a_tokens_file_that_is_no_plain_file_or_too_large_is_refused(tmp_path, monkeypatch):
+    from qwen25vl.conformance.adapters import files
+
+    case = load_case(FIXTURES / "model_image")
+    inputs = dict(case.tensors("inputs.safetensors"))
+    folder = tmp_path / "model_image"
+    folder.mkdir()
+    adapter = FilesAdapter(str(tmp_path))
+    adapter.begin_case(case)
+    tokens = folder / "generate.tokens.json"
+
+    def refused(match):
+        with pytest.raises(ConversionError, match=match):
+            adapter.generate(inputs, max_new_tokens=6, eos_token_id=[151645])
+
+    tokens.mkdir()
+    refused(r"^model_image/generate\.tokens\.json: is a folder, not a file$")
+    tokens.rmdir()
+    os.mkfifo(tokens)  # opened, it would wait for a writer forever
+    refused(r"^model_image/generate\.tokens\.json: is not a regular file")
+    tokens.unlink()
+    tokens.write_text('{"tokens": [[1, 2, 3]]}')
+    monkeypatch.setattr(files, "MAX_JSON_BYTES", 10)
+    adapter = FilesAdapter(str(tmp_path))
+    adapter.begin_case(case)
+    refused(r"^model_image/generate\.tokens\.json: 23 bytes, more than the 10 a JSON file of the exchange may hold")
+
+
+def test_rows_that_stopped_at_an_eos_are_padded_as_the_golden_is(tmp_path):
+    """model_batch's golden row 1 stopped at 151643 (an eos) at step 4 and is padded with the pad id
+    151643: a port that writes the row up to its eos gives exactly the golden [2, 6]."""
+    case = load_case(FIXTURES / "model_batch")
+    golden = case.json("generate.json")["tokens"]
+    assert golden[1][4:] == [151643, 151643]
+    (tmp_path / "model_batch").mkdir()
+    written = {"tokens": [golden[0], golden[1][:5]]}
+    (tmp_path / "model_batch" / "generate.tokens.json").write_text(json.dumps(written))
+    adapter = FilesAdapter(str(tmp_path))
+    adapter.begin_case(case)
+    got = adapter.generate(dict(case.tensors("inputs.safetensors")), max_new_tokens=6, eos_token_id=[151645, 151643])
+    assert got["tokens"].tolist() == golden and got["tokens"].dtype == torch.int64
+
+
+def test_a_port_that_stops_too_early_diverges_where_it_stopped(ported, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(ported, out)
+    tokens = out / "model_image" / "generate.tokens.json"
+    written = json.loads(tokens.read_text())["tokens"][0]
+    tokens.write_text(json.dumps({"tokens": [written[:2] + [151645]]}))  # an eos at step 2; the golden goes on
+    code, results = _conform(out, "model_image$", tmp_path / "r.json", "--stages", "generate")
+    r = results[("model_image", "generate.tokens")]
+    assert code == 1 and r["status"] == "fail", r
+    assert r["metric"].startswith(
+        f"row 0 diverges at step 2: golden {load_case(FIXTURES / 'model_image').json('generate.json')['tokens'][0][2]}, got 151645"
+    )
+
+
+def test_port_json_that_cannot_be_read_or_holds_a_bad_value_is_refused(tmp_path):
+    pj = tmp_path / "port.json"
+    pj.mkdir()
+    with pytest.raises(ValueError, match=r"^port.json: is a folder, not a file$"):
+        FilesAdapter(str(tmp_path))
+    pj.rmdir()
+    for meta, said in (
+        ({"exchange": "two"}, r"port.json key 'exchange': 'two' is not 2 \(the integer version\)"),
+        ({"exchange": 2.0}, r"port.json key 'exchange': 2.0 is not 2"),
+        ({"name": ["x"]}, r"port.json key 'name': expected a string, got \['x'\]"),
+        ({"dtype": "float128"}, r"port.json key 'dtype': 'float128' is not a precision"),
+        ({"outputs": "columns"}, r"port.json key 'outputs': outputs = 'columns' is not a known convention"),
+    ):
+        pj.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=said):
+            FilesAdapter(str(tmp_path))
+    pj.write_bytes(b'{"name": "x", "dtype": ')
+    with pytest.raises(ValueError, match=r"^port.json: not valid JSON: .*cut short"):
+        FilesAdapter(str(tmp_path))
+    pj.write_text(json.dumps({"name": "x", "exchange": 2, "dtype": "bfloat16"}))
+    assert FilesAdapter(str(tmp_path)).dtype == "bfloat16"
+    with pytest.raises(ValueError, match="files target: no folder given"):
+        FilesAdapter("")
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    from qwen25vl.conformance.adapters import files
+
+    conflict = tmp_path / "conflict"
+    (conflict / "model_image").mkdir(parents=True)
+    (conflict / "model_image" / "media").write_text("x")  # a file where the export needs a folder
+    before = _tree(conflict)
+    assert cli.main(["conform", "--export-inputs", str(conflict), "--cases", "exact_windows$|model_image$"]) == 2
+    assert _tree(conflict) == before  # no exact_windows, no case folder without case.json, no order.json
+
+    good = tmp_path / "good"
+    assert cli.main(["conform", "--export-inputs", str(good), "--cases", "exact_windows$|model_image$"]) == 0
+    (good / "model_image" / "port_notes.txt").write_text("the port's own")
+    before = _tree(good)
+    real, calls = files._write_case, []
+
+    def fails_on_the_third(case, info, d):
+        calls.append(d)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(d / "inputs.safetensors"))
+        real(case, info, d)
+
+    monkeypatch.setattr(files, "_write_case", fails_on_the_third)
+    assert cli.main(["conform", "--export-inputs", str(good), "--cases", "exact_windows$|model_image$"]) == 2
+    assert _tree(good) == before  # the two cases already staged were not renamed in either
+    monkeypatch.setattr(files, "_write_case", real)
+    assert cli.main(["conform", "--export-inputs", str(good), "--cases", "exact_windows$|model_image$"]) == 0
+    assert _tree(good) == before
