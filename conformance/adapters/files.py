@@ -244,8 +244,8 @@ class FilesAdapter(Adapter):
                         continue
                     stage = near[0]
                     why = f"no stage of this case is named so; reported on the nearest, {stage}, which is not judged"
-                errors.setdefault(stage, Error(f"unknown stage key {key!r} in {name} ({why})"))
-        return errors
+                errors.setdefault(stage, []).append(f"unknown stage key {key!r} in {name} ({why})")
+        return {stage: Error("; ".join(said)) for stage, said in errors.items()}
 
     def _from_batch(self, inputs, capture) -> dict:
         """outputs.safetensors: every stage already in the batch layout, up to the declared conventions."""
