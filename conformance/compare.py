@@ -247,6 +247,8 @@ def check_tensor(golden: torch.Tensor, got, *, floating: bool) -> tuple[torch.Te
     """Kind, shape, dtype class, NaN/Inf. Returns (got as a tensor, None) or (None, why it is bad)."""
     if isinstance(got, np.ndarray):
         got = torch.from_numpy(got)
+    if isinstance(got, Exception):  # the file exchange's reader put why it could not read this stage in its place
+        return None, str(got)
     if not isinstance(got, torch.Tensor):
         return None, f"expected a tensor, got {type(got).__name__}"
     kind = not_dense(got)

@@ -35,6 +35,8 @@ GIVEN = "@positions"
 class ConversionError(ValueError):
     """A port's value that does not fit the convention it declared."""
 
+    said_in_full = True  # its text names the file, the key and what is wrong: reported as it is
+
 
 def check_convention(key: str, value, where: str) -> str:
     """`value` if it is an accepted convention for `key`, else ConversionError naming both."""

@@ -71,6 +71,8 @@ class BadTarget(ValueError):
 
 def describe_exception(e: BaseException) -> str:
     """'port raised ValueError: text at file.py:12' (the innermost frame is the port's own code)."""
+    if getattr(e, "said_in_full", False):  # the file exchange's reader: the file, the key and what is wrong
+        return str(e)[:2000]
     tb = traceback.extract_tb(e.__traceback__)
     at = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
     return f"port raised {type(e).__name__}: {str(e)[:2000]}{at}"
