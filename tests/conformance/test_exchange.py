@@ -446,6 +446,7 @@ def test_each_key_of_a_row_file_is_judged_on_its_own(ported, tmp_path):
     status = {s: r["status"] for (case_name, s), r in results.items() if case_name == "model_image"}
     assert code == 1
     assert {s for s, v in status.items() if v == "error"} == bad
+    assert results[("model_image", "text.norm")]["metric"].startswith(f"{at} 'text.norm': expected shape")  # as said
     assert {s for s, v in status.items() if v == "pass"} >= {"vision.block.0", "vision.block.3", "text.layer.0",
                                                               "logits", "text.position_ids", "generate.tokens"}  # fmt: skip
 
