@@ -22,6 +22,7 @@ from .adapters.base import Adapter
 from .case_runner import CaseRunner
 from .expectations import apply_expectations, load_expectations  # noqa: F401  (the suite's API)
 from .fixtures import find_cases
+from .mistakes.agreement import reconcile
 from .results import BAD, StageResult, first_divergence  # noqa: F401  (the suite's API)
 from .supervisor import PortCrashed, PortFailed, SupervisedAdapter, default_memory_limit
 from .targets import make_adapter
@@ -184,5 +185,7 @@ def run_suite(
         if opts.repeat:
             results += run_case(runner, None)
         desc = adapter.describe()
+    if opts.diagnose:  # a name one case's coincidence made, and the rest of the run rules out, is not said
+        reconcile(results, paths)
     apply_expectations(results, expectations or [])
     return desc, results

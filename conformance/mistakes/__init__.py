@@ -5,7 +5,8 @@ hf_reference.md).
 
 When a stage fails, the harness runs the entries of that stage on the same inputs (the port's own
 upstream output for a model stage, the same items for a fn.* stage) and names those that reproduce
-the port's output within tolerance (diagnosis.py). tests/conformance/test_mistakes.py checks that
+the port's output within tolerance (diagnosis.py); before the report, a name the rest of the run rules
+out is said as such (agreement.py). tests/conformance/test_mistakes.py checks that
 the harness's first divergence for each entry's adapter is the entry's stage, on the fixture cases
 the entry names; an entry with a `blind_spot` must pass today instead (the fixtures cannot show it).
 

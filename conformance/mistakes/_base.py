@@ -34,6 +34,9 @@ class Mistake:
     # that names it at a model stage the function feeds (FEEDS), or why no bundled model case can
     model_case: str = ""
     model_blind_spot: str = ""
+    # a rule with no entry of its own that gives the same answer on the entry's case, said beside the name
+    # (agreement.py): "a per-frame image budget ... gives the same frame size on model_video_budget's clip"
+    alike: str = ""
 
 
 # The spec functions build_inputs runs, by the protocol method that stands for each. A port has one

@@ -518,11 +518,12 @@ ENTRIES = [
     ),
     Mistake(
         "images_resized_to_largest",
-        "preprocess.input_ids",
+        "preprocess.image_grid_thw",
         "every image of a request resized to the largest image's size instead of its own",
         "EricLBuehler/mistral.rs#1950",
         ImagesResizedToLargest,
         cases="model_batch",
+        also=("preprocess.pixel_values", "preprocess.input_ids", "preprocess.attention_mask"),
     ),
     Mistake(
         "right_padding",
@@ -542,12 +543,14 @@ ENTRIES = [
     ),
     Mistake(
         "video_budget_whole_clip",
-        "preprocess.input_ids",
+        "preprocess.video_grid_thw",
         "video frames sized by Qwen3-VL's rule (the whole clip's t*h*w in one budget), not by the per-frame budget",
         "mlx-vlm 0.7.10, found here (docs/ports.md); QwenLM/Qwen3-VL#1924 asks which of the two a budget means",
         VideoBudgetWholeClip,
         cases="model_video_budget",
-        also=("preprocess.pixel_values_videos", "preprocess.video_grid_thw"),
+        also=("preprocess.pixel_values_videos", "preprocess.input_ids", "preprocess.attention_mask"),
+        alike="the image budget per frame (min 3136 px, no video minimum of 128 tokens a frame) gives the same "
+        "112x140 frames on model_video_budget's clip",
     ),
     Mistake(
         "video_seconds_from_requested_fps",

@@ -18,7 +18,7 @@ FIXTURES = ROOT / "fixtures"
 def up_to(stage: str) -> str:
     """A regex of every stage up to `stage` in data-flow order: the stages after it (generation
     above all) need not run to find the first divergence."""
-    names = [s.name for s in stages._TABLE]
+    names = sorted((s.name for s in stages._TABLE), key=lambda n: stages.order_key(n.replace("{i}", "0")))
     upto = names[: names.index(stage) + 1]
     return "^(" + "|".join(re.escape(n).replace(re.escape("{i}"), r"\d+") for n in upto) + ")$"
 
@@ -95,8 +95,7 @@ FUNCTION_ENTRIES = [m for m in CATALOGUE if m.stage.startswith("fn.")]
 
 def _model_bound(m) -> str:
     """The last model stage (data-flow order) that m's function feeds: where a model run may stop."""
-    order = [s.name for s in stages._TABLE]
-    return max(model_stages_fed_by(m.stage), key=order.index)
+    return max(model_stages_fed_by(m.stage), key=lambda n: stages.order_key(n.replace("{i}", "0")))
 
 
 def test_every_function_entry_says_which_model_case_shows_it():
