@@ -677,7 +677,7 @@ def tokens(
                 f"wrong {name} shape: expected {list(golden.shape)} + [k], got {list(torch.as_tensor(extra).shape)}",
                 tol,
             )
-    why = _not_token_ids(got, "") or _bad_topk(got, got_topk, got_logprobs)
+    why = _not_token_ids(got, "") or _bad_topk(got, got_topk, got_logprobs, eos_ids)
     if why:
         return _error(why, tol)
     got_topk = None if got_topk is None else torch.as_tensor(got_topk)
@@ -743,10 +743,11 @@ def _not_token_ids(ids: torch.Tensor, what: str) -> str:
     return ""
 
 
-def _bad_topk(got: torch.Tensor, got_topk, got_logprobs) -> str:
+def _bad_topk(got: torch.Tensor, got_topk, got_logprobs, eos_ids: set) -> str:
     """'' for a top-k the port gives that can be judged, else why not: integer ids >= 0 that hold the port's
-    own pick at every step (a greedy pick is its top-1, so it is in any top-k: without it the top-k is not the
-    port's and its log-probs would never meet the golden ids), and log-probs with no NaN."""
+    own pick at every step up to its row's eos (a greedy pick is its top-1, so it is in any top-k: without it
+    the top-k is not the port's and its log-probs would never meet the golden ids; after the eos the row is
+    padding), and log-probs with no NaN."""
     if got_topk is not None:
         ids = torch.as_tensor(got_topk)
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -755,6 +756,10 @@ def _bad_topk(got: torch.Tensor, got_topk, got_logprobs) -> str:
         if why:
             return why
         missing = ~(ids == got.unsqueeze(-1)).any(-1)
+        is_eos = torch.zeros_like(got, dtype=torch.bool)
+        for e in eos_ids:
+            is_eos |= got == e
+        missing &= (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # up to and with the row's first eos
         if missing.any():
             b, t = (int(i) for i in missing.nonzero()[0])
             return (
