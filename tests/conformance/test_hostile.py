@@ -185,7 +185,14 @@ def test_ctrl_c_stops_the_run_cleanly_and_writes_no_report(tmp_path):
     out_json = tmp_path / "r.json"
     argv = [sys.executable, "-m", "qwen25vl.tools.cli", "conform", "--target", HOSTILE + "NativeHangInWindows"]
     argv += ["--cases", "exact_windows", "--timeout", "60", "--json", str(out_json)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a shell: SIGINT at its default (a pytest-xdist worker ignores it, and a child would inherit that)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     time.sleep(8)  # the worker is up and hanging in fn.window_partition
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
